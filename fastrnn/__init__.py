@@ -1,0 +1,11 @@
+"""fastrnn: fused Triton GPU kernels for RNN, GRU and LSTM, as drop-in ``torch.nn`` layers."""
+
+from fastrnn.backend import get_backend, set_backend, use_backend
+from fastrnn.cells import GRUCell, LSTMCell, RNNCell
+from fastrnn.layers import GRU, LSTM, RNN
+
+__all__ = [
+    "RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell",
+    "get_backend", "set_backend", "use_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,93 @@
+"""Which implementation runs a layer: the Triton kernels, PyTorch's native CPU kernels, or the reference.
+
+The choice comes from ``FASTRNN_BACKEND`` (read on every call, so tests can set it with monkeypatch)
+unless a Python override is active (:func:`set_backend`, :func:`use_backend`).
+
+========== ================================================================================
+backend    what runs
+========== ================================================================================
+auto       CUDA tensors: the Triton kernels. Anything else: PyTorch's native RNN kernels
+           (``torch._VF``, what ``torch.nn`` runs), or the reference loop while
+           ``torch.compile`` is tracing (inductor cannot lower the native CPU RNN op).
+triton     The Triton kernels. On CPU tensors only under ``TRITON_INTERPRET=1``; otherwise a
+           ``RuntimeError`` names what is missing. Never falls back silently.
+reference  The plain PyTorch loop of :mod:`fastrnn.reference` (the test oracle), on any device.
+========== ================================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "FASTRNN_BACKEND"
+
+_override: str | None = None
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastrnn backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend asked for: the active override, else ``$FASTRNN_BACKEND``, else ``"auto"``."""
+    if _override is not None:
+        return _override
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for the whole process; ``None`` goes back to ``$FASTRNN_BACKEND``."""
+    global _override
+    _override = None if name is None else _check(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed block with ``name`` as the backend, then restore the previous choice."""
+    global _override
+    previous = _override
+    _override = _check(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def triton_interpreting() -> bool:
+    """True when Triton's interpreter is on (it must be set before ``triton`` is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve(device: torch.device) -> str:
+    """The path that serves a tensor on ``device``: ``"triton"``, ``"native"`` or ``"reference"``."""
+    asked = get_backend()
+    if asked == "reference":
+        return "reference"
+    on_cuda = device.type == "cuda"
+    if asked == "triton":
+        if not triton_available():
+            raise RuntimeError("FASTRNN_BACKEND=triton, but the triton package is not installed")
+        if not on_cuda and not triton_interpreting():
+            raise RuntimeError(
+                f"FASTRNN_BACKEND=triton needs CUDA tensors (got a tensor on {device}); set "
+                "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
+                "through Triton's interpreter"
+            )
+        return "triton"
+    if on_cuda and triton_available():
+        return "triton"
+    if torch.compiler.is_compiling():
+        return "reference"
+    return "native"
