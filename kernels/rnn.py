@@ -1,0 +1,271 @@
+"""Elman RNN kernels: ``h_t = act(gx_t + h_{t-1} W_hh^T)`` over a whole sequence in one launch.
+
+``gx = x W_ih^T + b_ih + b_hh`` (every step, every direction) is one GEMM before the launch.
+
+Layouts (contiguous; ``D`` directions, ``G*H`` = ``H`` here):
+
+* ``gx``, ``dgx``: ``(T, B, D*H)``, the output of one ``F.linear`` with the directions' ``W_ih``
+  stacked, so the GEMM's output and input gradient need no reshuffle.
+* ``y``, ``dy``: ``(T, B, D*H)``, the layer's output (direction ``d`` in features ``d*H:(d+1)*H``).
+* ``w_hh``: ``(D, H, H)``, ``w_hh[d, n, k]`` weighs input unit ``k`` into output unit ``n``.
+* ``h0``, ``h_n``, ``dh_n``, ``dh0``: ``(D, B, H)``. ``lengths``: ``(B,)`` int32.
+
+Grid: ``(cdiv(B, BLOCK_B), D)``; program ``(i, d)`` owns batch rows ``i*BLOCK_B ...`` of
+direction ``d``. Direction 1 walks time backwards; a row past its length keeps its state and
+writes zero output, so the reverse direction starts each row at its own last valid step.
+
+Two strategies (chosen by the launcher, ``fastrnn.ops.rnn``):
+
+* ``*_resident``: all of ``W_hh`` is loaded on chip once (``BLOCK_H >= H``) and the state stays
+  in fp32 registers for the whole sequence.
+* ``*_tiled``: ``W_hh`` is re-read per step in ``BLOCK_H x BLOCK_H`` tiles (from L2); the fp32
+  state lives in a ping-pong scratch buffer ``(2, D, B, H)`` in global memory, with a barrier
+  between steps (all threads of the one program that owns the rows).
+"""
+
+import triton
+import triton.language as tl
+
+from fastrnn.kernels.activations import elman_activation, elman_activation_grad
+
+
+@triton.jit
+def _step_time(s, T, direction):
+    """Position of step ``s`` in time: forward walks ``0..T-1``, reverse ``T-1..0``."""
+    return s + direction * (T - 1 - 2 * s)
+
+
+@triton.jit
+def elman_step(gx, h, w_t, NONLINEARITY: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One Elman step on a tile: ``act(gx + h @ w_t)``; ``h`` fp32 ``(BB, K)``, ``w_t`` ``(K, N)``."""
+    pre = gx + tl.dot(h.to(w_t.dtype), w_t, input_precision=INPUT_PRECISION)
+    return elman_activation(pre, NONLINEARITY)
+
+
+@triton.jit(do_not_specialize=["T"])
+def rnn_fwd_resident_kernel(
+    gx_ptr, w_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr,
+    T, B, H, D,
+    NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward, ``W_hh`` on chip. Writes ``y (T, B, D*H)`` and ``h_n (D, B, H)``."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok = rows < B
+    col_ok = cols < H
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+
+    # w_t[k, n] = W_hh[d, n, k]: the recurrent product is h @ w_t.
+    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
+    w_t = tl.load(w_base + cols[None, :] * H + cols[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
+    h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    row_stride = D * H  # elements between consecutive batch rows of gx / y
+    for s in range(T):
+        t = _step_time(s, T, direction).to(tl.int64)
+        offs = (t * B + rows64)[:, None] * row_stride + direction * H + cols[None, :]
+        gx = tl.load(gx_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        h_new = elman_step(gx, h, w_t, NONLINEARITY, INPUT_PRECISION)
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+            h = tl.where(valid, h_new, h)
+            out = tl.where(valid, h_new, 0.0)
+        else:
+            h = h_new
+            out = h_new
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def rnn_bwd_resident_kernel(
+    dy_ptr, dh_n_ptr, y_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dh0_ptr,
+    T, B, H, D,
+    NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward through time, ``W_hh`` on chip.
+
+    ``g_t = (dy_t + dh_t) * act'(h_t)`` is written to ``dgx``; ``dh_{t-1} = g_t @ W_hh``;
+    the carried ``dh`` (fp32 registers) ends in ``dh0``. Steps past a row's length pass ``dh``
+    through unchanged and write ``g = 0``.
+    """
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok = rows < B
+    col_ok = cols < H
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+
+    # w[n, k] = W_hh[d, n, k]: the gradient to the previous state is g @ w.
+    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
+    w = tl.load(w_base + cols[:, None] * H + cols[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
+    dh = tl.load(dh_n_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    row_stride = D * H
+    for s in range(T):
+        # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
+        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        offs = (t * B + rows64)[:, None] * row_stride + direction * H + cols[None, :]
+        h = tl.load(y_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        g = (dy + dh) * elman_activation_grad(h, NONLINEARITY)
+        dh_prev = tl.dot(g.to(w.dtype), w, input_precision=INPUT_PRECISION)
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+            g = tl.where(valid, g, 0.0)
+            dh = tl.where(valid, dh_prev, dh)
+        else:
+            dh = dh_prev
+        tl.store(dgx_ptr + offs, g.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def rnn_fwd_tiled_kernel(
+    gx_ptr, w_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, state_ptr,
+    T, B, H, D,
+    NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward for any ``H``: ``W_hh`` re-read per step in ``BLOCK_H`` tiles.
+
+    ``state``: fp32 scratch ``(2, D, B, H)``; step ``s`` reads slot ``s % 2`` and writes the other.
+    """
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
+    slot = D * B * H  # elements per ping-pong slot
+    state_rows = (direction * B + rows64)[:, None] * H
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for n0 in range(0, H, BLOCK_H):  # slot 0 <- h0
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        h0 = tl.load(h0_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(state_ptr + state_rows + cols[None, :], h0, mask=ok)
+    tl.debug_barrier()
+
+    row_stride = D * H
+    for s in range(T):
+        t = _step_time(s, T, direction).to(tl.int64)
+        read = state_ptr + (s % 2) * slot + state_rows
+        write = state_ptr + ((s + 1) % 2) * slot + state_rows
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+        for n0 in range(0, H, BLOCK_H):
+            cols_n = n0 + tl.arange(0, BLOCK_H)
+            n_ok = cols_n < H
+            ok = row_ok[:, None] & n_ok[None, :]
+            offs = (t * B + rows64)[:, None] * row_stride + direction * H + cols_n[None, :]
+            pre = tl.load(gx_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            for k0 in range(0, H, BLOCK_H):
+                cols_k = k0 + tl.arange(0, BLOCK_H)
+                k_ok = cols_k < H
+                h_k = tl.load(read + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w_t = tl.load(w_base + cols_n[None, :] * H + cols_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                pre += tl.dot(h_k.to(w_t.dtype), w_t, input_precision=INPUT_PRECISION)
+            h_new = elman_activation(pre, NONLINEARITY)
+            if HAS_LENGTHS:
+                h_old = tl.load(read + cols_n[None, :], mask=ok, other=0.0)
+                h_keep = tl.where(valid, h_new, h_old)
+                out = tl.where(valid, h_new, 0.0)
+            else:
+                h_keep = h_new
+                out = h_new
+            tl.store(write + cols_n[None, :], h_keep, mask=ok)
+            tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()
+
+    final = state_ptr + (T % 2) * slot + state_rows
+    for n0 in range(0, H, BLOCK_H):
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        h = tl.load(final + cols[None, :], mask=ok, other=0.0)
+        tl.store(h_n_ptr + state_rows + cols[None, :], h.to(h_n_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def rnn_bwd_tiled_kernel(
+    dy_ptr, dh_n_ptr, y_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dh0_ptr, state_ptr,
+    T, B, H, D,
+    NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward for any ``H``. Per step: ``g`` for every tile into ``dgx``, a barrier, then
+    ``dh_{t-1} = g @ W_hh`` tile by tile into the other slot of ``state`` (fp32 ``(2, D, B, H)``)."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
+    slot = D * B * H
+    state_rows = (direction * B + rows64)[:, None] * H
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for n0 in range(0, H, BLOCK_H):  # slot 0 <- dh_n
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        dh = tl.load(dh_n_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(state_ptr + state_rows + cols[None, :], dh, mask=ok)
+    tl.debug_barrier()
+
+    row_stride = D * H
+    for s in range(T):
+        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        read = state_ptr + (s % 2) * slot + state_rows
+        write = state_ptr + ((s + 1) % 2) * slot + state_rows
+        step_rows = (t * B + rows64)[:, None] * row_stride + direction * H
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+        for n0 in range(0, H, BLOCK_H):
+            cols = n0 + tl.arange(0, BLOCK_H)
+            ok = row_ok[:, None] & (cols < H)[None, :]
+            h = tl.load(y_ptr + step_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + step_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            dh = tl.load(read + cols[None, :], mask=ok, other=0.0)
+            g = (dy + dh) * elman_activation_grad(h, NONLINEARITY)
+            if HAS_LENGTHS:
+                g = tl.where(valid, g, 0.0)
+            tl.store(dgx_ptr + step_rows + cols[None, :], g.to(dgx_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()
+        for k0 in range(0, H, BLOCK_H):
+            cols_k = k0 + tl.arange(0, BLOCK_H)
+            k_ok = cols_k < H
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for n0 in range(0, H, BLOCK_H):
+                cols_n = n0 + tl.arange(0, BLOCK_H)
+                n_ok = cols_n < H
+                g = tl.load(dgx_ptr + step_rows + cols_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+                w = tl.load(w_base + cols_n[:, None] * H + cols_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += tl.dot(g.to(w.dtype), w, input_precision=INPUT_PRECISION)
+            ok = row_ok[:, None] & k_ok[None, :]
+            if HAS_LENGTHS:
+                acc = tl.where(valid, acc, tl.load(read + cols_k[None, :], mask=ok, other=0.0))
+            tl.store(write + cols_k[None, :], acc, mask=ok)
+        tl.debug_barrier()
+
+    final = state_ptr + (T % 2) * slot + state_rows
+    for n0 in range(0, H, BLOCK_H):
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        dh = tl.load(final + cols[None, :], mask=ok, other=0.0)
+        tl.store(dh0_ptr + state_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=ok)
