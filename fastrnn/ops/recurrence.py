@@ -2,21 +2,26 @@
 
 Strategy table (``plan``): the recurrent weights of one direction are ``G*H x H_out`` (G gates).
 
-============ =========================================== ======================================
-strategy     when                                         what the kernel does
-============ =========================================== ======================================
-resident     ``G * BLOCK_H**2 * itemsize <= 128 KiB``      ``W_hh`` loaded on chip once, state in
-             (bf16/fp16: RNN H<=256, GRU/LSTM H<=128;      fp32 registers for the whole sequence
-             fp32: RNN H<=128, GRU/LSTM H<=64)
-tiled        anything larger                              ``W_hh`` re-read from L2 per step in
-                                                          ``TILE x TILE`` tiles; fp32 state in a
-                                                          global ping-pong buffer, a barrier per
-                                                          step (one program per batch tile)
-============ =========================================== ======================================
+============ ============================================ =====================================
+strategy     when (``BLOCK_H`` = H rounded up to a power   what the kernel does
+             of two, at least 16)
+============ ============================================ =====================================
+resident     ``BLOCK_H <= RESIDENT_MAX_BLOCK_H[G, fp32]``   ``W_hh`` loaded on chip once, state in
+                                                           fp32 registers for the whole sequence
+tiled        anything larger                               ``W_hh`` re-read from L2 per step in
+                                                           ``TILE x TILE`` tiles; fp32 state in a
+                                                           global ping-pong buffer, a barrier per
+                                                           step (one program per batch tile)
+============ ============================================ =====================================
 
-Both are one launch for the whole sequence, forward and backward. The 128 KiB budget is checked
-by the ahead-of-time compile test (``tests/test_kernel_compile.py``): no spills, shared memory
-within an H100's 227 KiB, at the largest size each strategy serves.
+Both are one launch for the whole sequence, forward and backward. The limits come from
+ahead-of-time compiles for sm_90 (``python -m fastrnn.ops.aot``, checked by
+``tests/test_kernel_compile.py``): the largest block that compiles without spills. Measured
+(triton 3.9, 16-row batch tiles, with lengths): the Elman kernels at BLOCK_H 256 bf16 spill
+(255 registers + 56-176 bytes of stack at 8 or 16 warps) while 128 bf16 uses 128 registers at
+8 warps; an fp32 ``ieee`` dot runs on FMA units and replicates ``W`` across threads, so fp32 stops
+at 64 (197 registers forward at 8 warps). Tiled: 64-wide tiles need 8 warps and
+``num_stages=1`` to stay under 255 registers (4 warps spill).
 """
 
 from __future__ import annotations
@@ -33,7 +38,12 @@ from fastrnn import backend
 #: Kernel launches by kernel name, so tests can prove the kernels ran.
 LAUNCHES: collections.Counter[str] = collections.Counter()
 
-RESIDENT_BYTES = 128 * 1024
+#: Largest BLOCK_H kept resident, by (gates, fp32?), and the warps it runs with.
+RESIDENT_MAX_BLOCK_H = {
+    (1, False): (128, 8), (1, True): (64, 8),
+    (3, False): (64, 8), (3, True): (32, 4),
+    (4, False): (64, 8), (4, True): (32, 4),
+}
 TILE = 64
 BLOCK_B = 16  # tl.dot needs tiles of at least 16 rows
 
@@ -44,16 +54,16 @@ class Plan:
     block_b: int
     block_h: int
     num_warps: int
+    num_stages: int
 
 
 def plan(gates: int, hidden: int, dtype: torch.dtype) -> Plan:
     """Pick the strategy and block sizes for ``gates`` stacked ``hidden``-wide gate blocks."""
     block_h = max(16, triton_next_power_of_2(hidden))
-    itemsize = 4 if dtype == torch.float32 else 2
-    if gates * block_h * block_h * itemsize <= RESIDENT_BYTES:
-        warps = 4 if gates * block_h * block_h * itemsize <= 32 * 1024 else 8
-        return Plan("resident", BLOCK_B, block_h, warps)
-    return Plan("tiled", BLOCK_B, min(TILE, block_h), 4)
+    max_block, warps = RESIDENT_MAX_BLOCK_H[gates, dtype == torch.float32]
+    if block_h <= max_block:
+        return Plan("resident", BLOCK_B, block_h, warps if block_h == max_block else 4, 3)
+    return Plan("tiled", BLOCK_B, TILE, 8, 1)
 
 
 def triton_next_power_of_2(n: int) -> int:

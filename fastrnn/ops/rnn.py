@@ -32,7 +32,7 @@ def _launch(name: str, resident_kernel, tiled_kernel, args: list, scratch_like: 
     meta = dict(
         T=T, B=B, H=H, D=D,
         NONLINEARITY=NONLINEARITIES[nonlinearity], HAS_LENGTHS=has_lengths, INPUT_PRECISION=input_precision(dtype),
-        BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps,
+        BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages,
     )
     if p.strategy == "resident":
         resident_kernel[grid](*args, **meta)

@@ -1,0 +1,167 @@
+"""Ahead-of-time compilation of the kernels for a GPU architecture, on a machine without a GPU.
+
+Triton compiles for a target without a driver, with the ``ptxas`` it ships; ``cuobjdump`` from the
+same folder reports the resources. Used by ``tests/test_kernel_compile.py`` and
+``python -m fastrnn.ops.aot`` (a table of every kernel at every size class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+#: Shared memory one block may use: H100/H200 (sm_90) and A100 (sm_80).
+SHARED_LIMIT = {90: 232_448, 80: 166_912}
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    registers: int
+    stack: int  # bytes of stack frame per thread (spilled values live here)
+    local: int  # bytes of local memory per thread
+    shared: int  # bytes of shared memory per block, static plus dynamic
+    tensor_core_ops: int  # HMMA/HGMMA instructions in the SASS
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0 or self.local > 0
+
+
+def signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
+    """A signature from the argument names: ``*_ptr`` are tensors of ``dtype`` except ``lengths_ptr``
+    (int32) and ``*state_ptr`` (fp32 scratch); other non-constexpr arguments are int32."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "lengths_ptr":
+            sig[name] = "*i32"
+        elif name.endswith("state_ptr") or name.startswith("fp32_"):
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + _TRITON_TYPES[dtype]
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_kernel(kernel, dtype: torch.dtype, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3) -> Resources:
+    """Compile ``kernel`` (a ``@triton.jit`` function) for ``sm_{arch}`` and read its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), cubin.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return Resources(
+        registers=int(fields["REG"]),
+        stack=int(fields["STACK"]),
+        local=int(fields["LOCAL"]),
+        shared=int(fields["SHARED"]) + int(compiled.metadata.shared),
+        tensor_core_ops=len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel at one size class, as the launcher would run it (``kernel`` names a
+    ``@triton.jit`` function in ``fastrnn.kernels.<cell>``)."""
+
+    cell: str
+    kernel: str
+    dtype: torch.dtype
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    hidden: int  # the largest H this variant serves
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel}-{_TRITON_TYPES[self.dtype]}-H{self.hidden}"
+
+    def jit_function(self):
+        module = importlib.import_module(f"fastrnn.kernels.{self.cell}")
+        return getattr(module, self.kernel)
+
+
+def variants() -> list[Variant]:
+    """Every kernel at the largest size its resident strategy serves and at one tiled size,
+    in fp32 and bf16, with lengths on (the heavier form)."""
+    from fastrnn.ops.recurrence import RESIDENT_MAX_BLOCK_H, TILE, plan
+
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        largest_resident = RESIDENT_MAX_BLOCK_H[1, dtype == torch.float32][0]
+        for hidden in (largest_resident, 4 * TILE):
+            p = plan(1, hidden, dtype)
+            constexprs = dict(NONLINEARITY=0, HAS_LENGTHS=True, INPUT_PRECISION="ieee", BLOCK_B=p.block_b, BLOCK_H=p.block_h)
+            for direction in ("fwd", "bwd"):
+                kernel = f"rnn_{direction}_{p.strategy}_kernel"
+                out.append(Variant("rnn", kernel, dtype, constexprs, p.num_warps, p.num_stages, hidden))
+    return out
+
+
+def report(arches: list[int]) -> list[dict]:
+    """Compile every variant for every arch; one row of resources each."""
+    rows = []
+    for arch in arches:
+        for v in variants():
+            r = compile_kernel(v.jit_function(), v.dtype, v.constexprs, arch, v.num_warps, v.num_stages)
+            rows.append(dict(arch=arch, variant=v.name, num_warps=v.num_warps, num_stages=v.num_stages, **dataclasses.asdict(r)))
+    return rows
+
+
+def main() -> None:
+    """Print registers, spills and shared memory of every variant; optionally write a report."""
+    import argparse
+    import datetime
+    import json
+
+    import triton
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--markdown", help="write a markdown table here (e.g. bench/results/aot-compile.md)")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    args = parser.parse_args()
+    rows = report(args.arch)
+    header = "| arch | variant | warps | stages | registers | stack B | local B | shared B | tensor-core ops |"
+    table = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(
+            f"| sm_{r['arch']} | {r['variant']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+            f"{r['stack']} | {r['local']} | {r['shared']} | {r['tensor_core_ops']} |"
+        )
+    print("\n".join(table))
+    if args.markdown:
+        intro = [
+            f"# Ahead-of-time compile report ({datetime.date.today()}, triton {triton.__version__}, compiled on a CPU)",
+            "",
+            "Written by `python -m fastrnn.ops.aot --markdown <this file>`. Shared memory limit per block: "
+            "sm_90 232,448 B, sm_80 166,912 B. Stack or local bytes above 0 mean spills.",
+            "",
+        ]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(intro + table) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
