@@ -23,24 +23,48 @@ def tanh(x):
     return tl.where(x >= 0, magnitude, -magnitude)
 
 
-# Elman nonlinearities by code (the launcher maps names to these codes).
-TANH: tl.constexpr = 0
-RELU: tl.constexpr = 1
+# Elman nonlinearities by code (``fastrnn.ops.rnn.NONLINEARITIES`` maps names to codes):
+# 0 tanh, 1 relu, 2 sigmoid, 3 hardtanh, 4 silu, 5 gelu (tanh approximation).
+# Codes below NEEDS_PRE have a derivative that is a function of the output h; silu and gelu need
+# the pre-activation, which the forward kernel then saves.
+NEEDS_PRE = tl.constexpr(4)
+GELU_K = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_C = tl.constexpr(0.044715)
 
 
 @triton.jit
 def elman_activation(pre, NONLINEARITY: tl.constexpr):
-    """The Elman cell's nonlinearity of the pre-activation ``pre``."""
+    """The Elman cell's nonlinearity of the pre-activation ``pre``. NaN stays NaN, as in torch."""
     if NONLINEARITY == 0:
         return tanh(pre)
+    elif NONLINEARITY == 1:
+        return tl.where(pre < 0, 0.0, pre)
+    elif NONLINEARITY == 2:
+        return sigmoid(pre)
+    elif NONLINEARITY == 3:
+        return tl.where(pre < -1.0, -1.0, tl.where(pre > 1.0, 1.0, pre))
+    elif NONLINEARITY == 4:
+        return pre * sigmoid(pre)
     else:
-        return tl.where(pre < 0, 0.0, pre)  # NaN stays NaN, like torch.relu
+        return 0.5 * pre * (1.0 + tanh(GELU_K * (pre + GELU_C * pre * pre * pre)))
 
 
 @triton.jit
-def elman_activation_grad(h, NONLINEARITY: tl.constexpr):
-    """Derivative of the nonlinearity, written in terms of its output ``h``."""
+def elman_activation_grad(h, pre, NONLINEARITY: tl.constexpr):
+    """Derivative of the nonlinearity at ``pre``, from the output ``h`` where that suffices
+    (``pre`` is then unused and may be anything)."""
     if NONLINEARITY == 0:
         return 1.0 - h * h
-    else:
+    elif NONLINEARITY == 1:
         return tl.where(h <= 0, 0.0, 1.0)  # torch's threshold_backward
+    elif NONLINEARITY == 2:
+        return h * (1.0 - h)
+    elif NONLINEARITY == 3:
+        return tl.where((h > -1.0) & (h < 1.0), 1.0, 0.0)  # torch's hardtanh_backward
+    elif NONLINEARITY == 4:
+        s = sigmoid(pre)
+        return s * (1.0 + pre * (1.0 - s))
+    else:
+        inner = GELU_K * (pre + GELU_C * pre * pre * pre)
+        t = tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * pre * pre)

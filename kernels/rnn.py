@@ -9,6 +9,13 @@ Layouts (contiguous; ``D`` directions, ``G*H`` = ``H`` here):
 * ``y``, ``dy``: ``(T, B, D*H)``, the layer's output (direction ``d`` in features ``d*H:(d+1)*H``).
 * ``w_hh``: ``(D, H, H)``, ``w_hh[d, n, k]`` weighs input unit ``k`` into output unit ``n``.
 * ``h0``, ``h_n``, ``dh_n``, ``dh0``: ``(D, B, H)``. ``lengths``: ``(B,)`` int32.
+* ``pre``: ``(T, B, D*H)`` pre-activations, written by the forward and read by the backward only
+  for nonlinearities whose derivative needs them (silu, gelu); otherwise never touched.
+* ``flow``: ``(D, T, B)`` fp32, written by the backward when ``RECORD_FLOW``: per row and step,
+  ``||dL/dh_t||^2`` (the gradient reaching the state: ``dy_t`` plus the carried ``dh``), zero at
+  steps past a row's length.
+* ``grad_clip``: with ``CLIP``, the pre-activation gradient ``g_t`` is clamped to
+  ``[-grad_clip, grad_clip]`` before it flows to ``h_{t-1}`` and into the weight gradients.
 
 Grid: ``(cdiv(B, BLOCK_B), D)``; program ``(i, d)`` owns batch rows ``i*BLOCK_B ...`` of
 direction ``d``. Direction 1 walks time backwards; a row past its length keeps its state and
@@ -26,7 +33,7 @@ Two strategies (chosen by the launcher, ``fastrnn.ops.rnn``):
 import triton
 import triton.language as tl
 
-from fastrnn.kernels.activations import elman_activation, elman_activation_grad
+from fastrnn.kernels.activations import NEEDS_PRE, elman_activation, elman_activation_grad
 
 
 @triton.jit
@@ -37,14 +44,27 @@ def _step_time(s, T, direction):
 
 @triton.jit
 def elman_step(gx, h, w_t, NONLINEARITY: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One Elman step on a tile: ``act(gx + h @ w_t)``; ``h`` fp32 ``(BB, K)``, ``w_t`` ``(K, N)``."""
+    """One Elman step on a tile: ``pre = gx + h @ w_t`` and ``act(pre)``; ``h`` fp32 ``(BB, K)``,
+    ``w_t`` ``(K, N)``. Returns ``(h_new, pre)``."""
     pre = gx + tl.dot(h.to(w_t.dtype), w_t, input_precision=INPUT_PRECISION)
-    return elman_activation(pre, NONLINEARITY)
+    return elman_activation(pre, NONLINEARITY), pre
+
+
+@triton.jit
+def elman_step_grad(dy, dh, h, pre, valid, grad_clip, NONLINEARITY: tl.constexpr, CLIP: tl.constexpr):
+    """Backward of one step on a tile: the pre-activation gradient ``g`` (zero where not
+    ``valid``, clipped with ``CLIP``) and the squared norm per row of ``dL/dh_t = dy + dh``."""
+    d_state = dy + dh
+    flow = tl.sum(tl.where(valid, d_state * d_state, 0.0), axis=1)
+    g = tl.where(valid, d_state * elman_activation_grad(h, pre, NONLINEARITY), 0.0)
+    if CLIP:
+        g = tl.where(g > grad_clip, grad_clip, tl.where(g < -grad_clip, -grad_clip, g))
+    return g, flow
 
 
 @triton.jit(do_not_specialize=["T"])
 def rnn_fwd_resident_kernel(
-    gx_ptr, w_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr,
+    gx_ptr, w_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, pre_ptr,
     T, B, H, D,
     NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -72,7 +92,9 @@ def rnn_fwd_resident_kernel(
         t = _step_time(s, T, direction).to(tl.int64)
         offs = (t * B + rows64)[:, None] * row_stride + direction * H + cols[None, :]
         gx = tl.load(gx_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-        h_new = elman_step(gx, h, w_t, NONLINEARITY, INPUT_PRECISION)
+        h_new, pre = elman_step(gx, h, w_t, NONLINEARITY, INPUT_PRECISION)
+        if NONLINEARITY >= NEEDS_PRE:
+            tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=tile_ok)
         if HAS_LENGTHS:
             valid = (t < length)[:, None]
             h = tl.where(valid, h_new, h)
@@ -86,9 +108,10 @@ def rnn_fwd_resident_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def rnn_bwd_resident_kernel(
-    dy_ptr, dh_n_ptr, y_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dh0_ptr,
-    T, B, H, D,
+    dy_ptr, dh_n_ptr, y_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dh0_ptr, pre_ptr, flow_ptr,
+    T, B, H, D, grad_clip,
     NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Backward through time, ``W_hh`` on chip.
@@ -121,21 +144,24 @@ def rnn_bwd_resident_kernel(
         offs = (t * B + rows64)[:, None] * row_stride + direction * H + cols[None, :]
         h = tl.load(y_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-        g = (dy + dh) * elman_activation_grad(h, NONLINEARITY)
-        dh_prev = tl.dot(g.to(w.dtype), w, input_precision=INPUT_PRECISION)
+        pre = h
+        if NONLINEARITY >= NEEDS_PRE:
+            pre = tl.load(pre_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
         if HAS_LENGTHS:
             valid = (t < length)[:, None]
-            g = tl.where(valid, g, 0.0)
-            dh = tl.where(valid, dh_prev, dh)
         else:
-            dh = dh_prev
+            valid = row_ok[:, None]
+        g, flow = elman_step_grad(dy, dh, h, pre, valid, grad_clip, NONLINEARITY, CLIP)
+        if RECORD_FLOW:
+            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
+        dh = tl.where(valid, tl.dot(g.to(w.dtype), w, input_precision=INPUT_PRECISION), dh)
         tl.store(dgx_ptr + offs, g.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit(do_not_specialize=["T"])
 def rnn_fwd_tiled_kernel(
-    gx_ptr, w_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, state_ptr,
+    gx_ptr, w_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, pre_ptr, state_ptr,
     T, B, H, D,
     NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -182,6 +208,8 @@ def rnn_fwd_tiled_kernel(
                 w_t = tl.load(w_base + cols_n[None, :] * H + cols_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 pre += tl.dot(h_k.to(w_t.dtype), w_t, input_precision=INPUT_PRECISION)
             h_new = elman_activation(pre, NONLINEARITY)
+            if NONLINEARITY >= NEEDS_PRE:
+                tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=ok)
             if HAS_LENGTHS:
                 h_old = tl.load(read + cols_n[None, :], mask=ok, other=0.0)
                 h_keep = tl.where(valid, h_new, h_old)
@@ -203,9 +231,10 @@ def rnn_fwd_tiled_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def rnn_bwd_tiled_kernel(
-    dy_ptr, dh_n_ptr, y_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dh0_ptr, state_ptr,
-    T, B, H, D,
+    dy_ptr, dh_n_ptr, y_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dh0_ptr, pre_ptr, flow_ptr, state_ptr,
+    T, B, H, D, grad_clip,
     NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Backward for any ``H``. Per step: ``g`` for every tile into ``dgx``, a barrier, then
@@ -236,16 +265,23 @@ def rnn_bwd_tiled_kernel(
         step_rows = (t * B + rows64)[:, None] * row_stride + direction * H
         if HAS_LENGTHS:
             valid = (t < length)[:, None]
+        else:
+            valid = row_ok[:, None]
+        flow = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for n0 in range(0, H, BLOCK_H):
             cols = n0 + tl.arange(0, BLOCK_H)
             ok = row_ok[:, None] & (cols < H)[None, :]
             h = tl.load(y_ptr + step_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + step_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             dh = tl.load(read + cols[None, :], mask=ok, other=0.0)
-            g = (dy + dh) * elman_activation_grad(h, NONLINEARITY)
-            if HAS_LENGTHS:
-                g = tl.where(valid, g, 0.0)
+            pre = h
+            if NONLINEARITY >= NEEDS_PRE:
+                pre = tl.load(pre_ptr + step_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            g, flow_part = elman_step_grad(dy, dh, h, pre, valid, grad_clip, NONLINEARITY, CLIP)
+            flow += flow_part
             tl.store(dgx_ptr + step_rows + cols[None, :], g.to(dgx_ptr.dtype.element_ty), mask=ok)
+        if RECORD_FLOW:
+            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
         tl.debug_barrier()
         for k0 in range(0, H, BLOCK_H):
             cols_k = k0 + tl.arange(0, BLOCK_H)
@@ -258,8 +294,7 @@ def rnn_bwd_tiled_kernel(
                 w = tl.load(w_base + cols_n[:, None] * H + cols_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 acc += tl.dot(g.to(w.dtype), w, input_precision=INPUT_PRECISION)
             ok = row_ok[:, None] & k_ok[None, :]
-            if HAS_LENGTHS:
-                acc = tl.where(valid, acc, tl.load(read + cols_k[None, :], mask=ok, other=0.0))
+            acc = tl.where(valid, acc, tl.load(read + cols_k[None, :], mask=ok, other=0.0))
             tl.store(write + cols_k[None, :], acc, mask=ok)
         tl.debug_barrier()
 

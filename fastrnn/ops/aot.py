@@ -37,15 +37,17 @@ class Resources:
 
 def signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
     """A signature from the argument names: ``*_ptr`` are tensors of ``dtype`` except ``lengths_ptr``
-    (int32) and ``*state_ptr`` (fp32 scratch); other non-constexpr arguments are int32."""
+    (int32), ``state_ptr`` and ``flow_ptr`` (fp32); ``grad_clip`` is fp32, other scalars int32."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name == "lengths_ptr":
             sig[name] = "*i32"
-        elif name.endswith("state_ptr") or name.startswith("fp32_"):
+        elif name in ("state_ptr", "flow_ptr"):
             sig[name] = "*fp32"
+        elif name == "grad_clip":
+            sig[name] = "fp32"
         elif name.endswith("_ptr"):
             sig[name] = "*" + _TRITON_TYPES[dtype]
         else:
@@ -109,8 +111,10 @@ def variants() -> list[Variant]:
         largest_resident = RESIDENT_MAX_BLOCK_H[1, dtype == torch.float32][0]
         for hidden in (largest_resident, 4 * TILE):
             p = plan(1, hidden, dtype)
-            constexprs = dict(NONLINEARITY=0, HAS_LENGTHS=True, INPUT_PRECISION="ieee", BLOCK_B=p.block_b, BLOCK_H=p.block_h)
-            for direction in ("fwd", "bwd"):
+            # gelu: the heaviest nonlinearity (reads and writes pre-activations); clip and flow on.
+            forward = dict(NONLINEARITY=5, HAS_LENGTHS=True, INPUT_PRECISION="ieee", BLOCK_B=p.block_b, BLOCK_H=p.block_h)
+            backward = dict(forward, CLIP=True, RECORD_FLOW=True)
+            for direction, constexprs in (("fwd", forward), ("bwd", backward)):
                 kernel = f"rnn_{direction}_{p.strategy}_kernel"
                 out.append(Variant("rnn", kernel, dtype, constexprs, p.num_warps, p.num_stages, hidden))
     return out

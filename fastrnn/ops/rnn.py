@@ -1,6 +1,9 @@
-"""Elman RNN (tanh, relu) on the fused kernels of ``fastrnn.kernels.rnn``.
+"""Elman RNN on the fused kernels of ``fastrnn.kernels.rnn``.
 
-Read top to bottom: forward launcher, backward launcher, ``RNNFunction``, ``rnn_layer``.
+Read top to bottom: the launch helper, forward launcher, backward launcher, ``RNNFunction``,
+``rnn_layer``. Nonlinearities: torch.nn's tanh and relu, plus sigmoid, hardtanh, silu and gelu
+(tanh approximation). For silu and gelu the forward also saves the pre-activations (one more
+``(T, B, D*H)`` tensor), since their derivative is not a function of the output.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from torch import Tensor
 
 from fastrnn.kernels import rnn as kernels
 from fastrnn.ops.recurrence import (
-    LAUNCHES,
     compute_dtype,
+    count_launch,
     input_precision,
     input_projection,
     kernel_lengths,
@@ -23,55 +26,70 @@ from fastrnn.ops.recurrence import (
     stack_params,
 )
 
-NONLINEARITIES = {"tanh": 0, "relu": 1}
+#: Nonlinearity name -> the kernels' code (see ``fastrnn.kernels.activations``).
+NONLINEARITIES = {"tanh": 0, "relu": 1, "sigmoid": 2, "hardtanh": 3, "silu": 4, "gelu": 5}
+#: Nonlinearities whose derivative needs the pre-activation.
+NEEDS_PRE = {"silu", "gelu"}
 
 
-def _launch(name: str, resident_kernel, tiled_kernel, args: list, scratch_like: Tensor, *, B: int, H: int, D: int, T: int, nonlinearity: str, has_lengths: bool, dtype: torch.dtype):
+def _launch(name: str, kernel_pair: tuple, args: list, meta: dict, *, B: int, H: int, D: int, dtype: torch.dtype, device) -> None:
+    """Launch the resident or tiled kernel of ``kernel_pair`` as ``plan`` says (the tiled one
+    takes a trailing fp32 ping-pong state buffer)."""
     p = plan(1, H, dtype)
     grid = (triton.cdiv(B, p.block_b), D)
-    meta = dict(
-        T=T, B=B, H=H, D=D,
-        NONLINEARITY=NONLINEARITIES[nonlinearity], HAS_LENGTHS=has_lengths, INPUT_PRECISION=input_precision(dtype),
-        BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages,
-    )
+    meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
+    resident, tiled = kernel_pair
     if p.strategy == "resident":
-        resident_kernel[grid](*args, **meta)
+        resident[grid](*args, **meta)
     else:
-        scratch = torch.empty((2, D, B, H), device=scratch_like.device, dtype=torch.float32)
-        tiled_kernel[grid](*args, scratch, **meta)
-    LAUNCHES[f"{name}_{p.strategy}"] += 1
+        scratch = torch.empty((2, D, B, H), device=device, dtype=torch.float32)
+        tiled[grid](*args, scratch, **meta)
+    count_launch(f"{name}_{p.strategy}")
 
 
-def rnn_fwd(gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlinearity: str) -> tuple[Tensor, Tensor]:
-    """``gx (T, B, D*H)``, ``w_hh (D, H, H)``, ``h0 (D, B, H)`` -> ``y (T, B, D*H)``, ``h_n (D, B, H)``."""
+def rnn_fwd(gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlinearity: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``gx (T, B, D*H)``, ``w_hh (D, H, H)``, ``h0 (D, B, H)`` -> ``y (T, B, D*H)``, ``h_n (D, B, H)``,
+    and the pre-activations ``(T, B, D*H)`` when the nonlinearity's derivative needs them (else None)."""
     T, B, _ = gx.shape
     D, _, H = h0.shape
     y = torch.empty_like(gx)
     h_n = torch.empty_like(h0)
+    pre = torch.empty_like(gx) if nonlinearity in NEEDS_PRE else None
     if B == 0:
-        return y, h_n
+        return y, h_n, pre
     _launch(
-        "rnn_fwd", kernels.rnn_fwd_resident_kernel, kernels.rnn_fwd_tiled_kernel,
-        [gx.contiguous(), kernel_weight(w_hh), h0.contiguous(), kernel_lengths(lengths, gx), y, h_n], gx,
-        B=B, H=H, D=D, T=T, nonlinearity=nonlinearity, has_lengths=lengths is not None, dtype=gx.dtype,
+        "rnn_fwd", (kernels.rnn_fwd_resident_kernel, kernels.rnn_fwd_tiled_kernel),
+        [gx.contiguous(), kernel_weight(w_hh), h0.contiguous(), kernel_lengths(lengths, gx), y, h_n, y if pre is None else pre],
+        dict(T=T, B=B, H=H, D=D, NONLINEARITY=NONLINEARITIES[nonlinearity], HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
+        B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
     )
-    return y, h_n
+    return y, h_n, pre
 
 
-def rnn_bwd(dy: Tensor, dh_n: Tensor, y: Tensor, w_hh: Tensor, lengths: Tensor | None, nonlinearity: str) -> tuple[Tensor, Tensor]:
-    """Backward through time: ``dgx (T, B, D*H)`` (gradient of the pre-activations) and ``dh0 (D, B, H)``."""
+def rnn_bwd(
+    dy: Tensor, dh_n: Tensor, y: Tensor, pre: Tensor | None, w_hh: Tensor, lengths: Tensor | None, nonlinearity: str,
+    grad_clip: float | None = None, record_flow: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Backward through time: ``dgx (T, B, D*H)`` (gradient of the pre-activations, clipped to
+    ``[-grad_clip, grad_clip]`` when given), ``dh0 (D, B, H)``, and with ``record_flow`` the
+    squared norms ``||dL/dh_t||^2`` per direction, step and row ``(D, T, B)``."""
     T, B, _ = y.shape
     D, _, H = dh_n.shape
     dgx = torch.empty_like(y)
     dh0 = torch.empty_like(dh_n)
+    flow = torch.zeros((D, T, B), device=y.device, dtype=torch.float32) if record_flow else None
     if B == 0:
-        return dgx, dh0
+        return dgx, dh0, flow
     _launch(
-        "rnn_bwd", kernels.rnn_bwd_resident_kernel, kernels.rnn_bwd_tiled_kernel,
-        [dy.contiguous(), dh_n.contiguous(), y, kernel_weight(w_hh), kernel_lengths(lengths, y), dgx, dh0], y,
-        B=B, H=H, D=D, T=T, nonlinearity=nonlinearity, has_lengths=lengths is not None, dtype=y.dtype,
+        "rnn_bwd", (kernels.rnn_bwd_resident_kernel, kernels.rnn_bwd_tiled_kernel),
+        [dy.contiguous(), dh_n.contiguous(), y, kernel_weight(w_hh), kernel_lengths(lengths, y), dgx, dh0,
+         y if pre is None else pre, dh0 if flow is None else flow],
+        dict(T=T, B=B, H=H, D=D, grad_clip=float(grad_clip or 0.0),
+             NONLINEARITY=NONLINEARITIES[nonlinearity], HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(y.dtype),
+             CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
+        B=B, H=H, D=D, dtype=y.dtype, device=y.device,
     )
-    return dgx, dh0
+    return dgx, dh0, flow
 
 
 class RNNFunction(torch.autograd.Function):
@@ -79,29 +97,35 @@ class RNNFunction(torch.autograd.Function):
 
     The weight gradient ``dW_hh = sum_t g_t^T h_{t-1}`` is one batched GEMM after the backward
     kernel; ``dgx`` flows back through the input projection GEMM by ordinary autograd.
+    ``flow_record``, a ``(D, T)`` tensor, receives the per-step norms ``||dL/dh_t||`` in backward.
     """
 
     @staticmethod
-    def forward(ctx, gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlinearity: str):
-        y, h_n = rnn_fwd(gx, w_hh, h0, lengths, nonlinearity)
-        ctx.save_for_backward(y, w_hh, h0, lengths)
-        ctx.nonlinearity = nonlinearity
+    def forward(ctx, gx, w_hh, h0, lengths, nonlinearity, grad_clip, flow_record):
+        y, h_n, pre = rnn_fwd(gx, w_hh, h0, lengths, nonlinearity)
+        ctx.save_for_backward(y, pre, w_hh, h0, lengths)
+        ctx.nonlinearity, ctx.grad_clip, ctx.flow_record = nonlinearity, grad_clip, flow_record
         return y, h_n
 
     @staticmethod
-    def backward(ctx, dy: Tensor, dh_n: Tensor):
-        y, w_hh, h0, lengths = ctx.saved_tensors
-        dgx, dh0 = rnn_bwd(dy, dh_n, y, w_hh, lengths, ctx.nonlinearity)
+    def backward(ctx, dy, dh_n):
+        y, pre, w_hh, h0, lengths = ctx.saved_tensors
+        dgx, dh0, flow = rnn_bwd(dy, dh_n, y, pre, w_hh, lengths, ctx.nonlinearity, ctx.grad_clip, ctx.flow_record is not None)
+        if flow is not None:
+            ctx.flow_record.copy_(flow.sum(-1).sqrt())
         dw_hh = recurrent_weight_grad(dgx, previous_states(y, h0, lengths), h0.shape[0]) if ctx.needs_input_grad[1] else None
-        return dgx, dw_hh, dh0, None, None
+        return dgx, dw_hh, dh0, None, None, None, None
 
 
-def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, params: list[dict], lengths: Tensor | None, nonlinearity: str):
+def rnn_layer(
+    cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, params: list[dict], lengths: Tensor | None, nonlinearity: str,
+    grad_clip: float | None = None, flow_record: Tensor | None = None,
+):
     """One Elman layer, every direction in one launch; the signature of
     :func:`fastrnn.reference.reference_layer`. Returns ``y (T, B, D*H)``, ``h_n (D, B, H)``, None."""
     dtype = compute_dtype(x)
     gx = input_projection(x, params, dtype, fold_hidden_bias=True)
     w_hh = stack_params(params, "w_hh", dtype)
     with torch.autocast(x.device.type, enabled=False):
-        y, h_n = RNNFunction.apply(gx, w_hh, h0.to(dtype), lengths, nonlinearity)
+        y, h_n = RNNFunction.apply(gx, w_hh, h0.to(dtype), lengths, nonlinearity, grad_clip, flow_record)
     return y, h_n, None
