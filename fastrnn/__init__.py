@@ -2,10 +2,12 @@
 
 from fastrnn.backend import get_backend, set_backend, use_backend
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
+from fastrnn.gradient_flow import GradientFlow, plot_gradient_flow, record_gradient_flow
 from fastrnn.layers import GRU, LSTM, RNN
 
 __all__ = [
     "RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell",
     "get_backend", "set_backend", "use_backend",
+    "record_gradient_flow", "plot_gradient_flow", "GradientFlow",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastrnn import backend
+from fastrnn import backend, gradient_flow
 from fastrnn.reference import reference_layer
 
 #: The Triton implementation of one layer (every direction in one launch), by cell.
@@ -46,6 +46,11 @@ def run_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_
     else ``(T, B, I)`` or ``(B, T, I)`` by ``module.batch_first``; ``h0 (L*D, B, H_out)``, ``c0 (L*D, B, H)``
     already in the batch order of ``input``. Returns output in the form of ``input``, ``h_n``, ``c_n``."""
     path = backend.resolve(input.device)
+    grad_clip = getattr(module, "grad_clip", None)
+    recorder = gradient_flow.active() if torch.is_grad_enabled() else None
+    beyond_torch = grad_clip is not None or recorder is not None or nonlinearity not in (None, "tanh", "relu")
+    if path == "native" and beyond_torch:
+        path = "reference"  # torch's kernels can't clip, record or use other nonlinearities
     if path == "native":
         return _native_stack(module, cell, nonlinearity, input, batch_sizes, h0, c0)
 
@@ -63,7 +68,12 @@ def run_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_
         if index > 0 and module.dropout > 0 and module.training:
             x = F.dropout(x, module.dropout, training=True)
         rows = slice(index * directions, (index + 1) * directions)
-        x, h_n, c_n = layer(cell, x, h0[rows], None if c0 is None else c0[rows], params, lengths, nonlinearity)
+        options = {}
+        if grad_clip is not None:
+            options["grad_clip"] = grad_clip
+        if recorder is not None:
+            options["flow_record"] = recorder.new_record(module, index, directions, x.shape[0], x.device)
+        x, h_n, c_n = layer(cell, x, h0[rows], None if c0 is None else c0[rows], params, lengths, nonlinearity, **options)
         h_out.append(h_n)
         c_out.append(c_n)
 

@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import dispatch
-from fastrnn.reference import GATES
+from fastrnn.reference import ACTIVATIONS, GATES
 
-_MODES = {"RNN_TANH": ("rnn", "tanh"), "RNN_RELU": ("rnn", "relu"), "GRU": ("gru", None), "LSTM": ("lstm", None)}
+#: mode -> (cell, nonlinearity). torch.nn's modes, plus RNN_<NAME> for fastrnn's extra Elman
+#: nonlinearities (sigmoid, hardtanh, silu, gelu).
+_MODES = {f"RNN_{name.upper()}": ("rnn", name) for name in ACTIVATIONS} | {"GRU": ("gru", None), "LSTM": ("lstm", None)}
 
 
 def _permute(hx: Tensor, permutation: Tensor | None) -> Tensor:
@@ -43,6 +45,7 @@ class RecurrentBase(nn.Module):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        grad_clip: float | None = None,
     ) -> None:
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -76,6 +79,10 @@ class RecurrentBase(nn.Module):
             raise ValueError("proj_size has to be smaller than hidden_size")
         if mode not in _MODES:
             raise ValueError("Unrecognized RNN mode: " + mode)
+        if grad_clip is not None and (
+            isinstance(grad_clip, bool) or not isinstance(grad_clip, numbers.Real) or not grad_clip > 0
+        ):
+            raise ValueError(f"grad_clip should be a positive number or None, got {grad_clip!r}")
 
         self.mode = mode
         self.input_size = input_size
@@ -86,6 +93,9 @@ class RecurrentBase(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
+        #: fastrnn's extension: clamp each step's pre-activation gradient to [-grad_clip, grad_clip]
+        #: inside backpropagation through time (None: off, gradients bit-identical to torch.nn's).
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
 
         cell, _ = _MODES[mode]
         gate_size = GATES[cell] * hidden_size
@@ -171,6 +181,8 @@ class RecurrentBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if self.grad_clip is not None:
+            s += ", grad_clip={grad_clip}"
         return s.format(**self.__dict__)
 
     # ----------------------------------------------------------------------------------- checks
@@ -231,6 +243,17 @@ class RecurrentBase(nn.Module):
             is_batched = input.dim() == 3
             if not is_batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
+        if hx is not None and (is_lstm or not packed):
+            # Rank of the states first, as torch.nn does (before it checks the input).
+            want = 3 if is_batched else 2
+            form = "batched 3-D" if is_batched else "unbatched 2-D"
+            if is_lstm and (hx[0].dim() != want or hx[1].dim() != want):
+                raise RuntimeError(
+                    f"For {form} input, hx and cx should also be {want}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            if not is_lstm and hx.dim() != want:
+                raise RuntimeError(f"For {form} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
         self.check_input(input, batch_sizes)
         hidden_size, cell_size = self._expected_sizes(input, batch_sizes)
 
@@ -240,27 +263,13 @@ class RecurrentBase(nn.Module):
             c0 = torch.zeros(cell_size, **zeros) if is_lstm else None
         elif is_lstm:
             h0, c0 = hx
-            want = 3 if is_batched else 2
-            if h0.dim() != want or c0.dim() != want:
-                form = "batched 3-D" if is_batched else "unbatched 2-D"
-                raise RuntimeError(
-                    f"For {form} input, hx and cx should also be {want}-D but got "
-                    f"({h0.dim()}-D, {c0.dim()}-D) tensors"
-                )
             if not is_batched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             self._check_state(h0, hidden_size, input, "Expected hidden[0] size {}, got {}")
             self._check_state(c0, cell_size, input, "Expected hidden[1] size {}, got {}")
             h0, c0 = _permute(h0, sorted_indices), _permute(c0, sorted_indices)
         else:
-            h0, c0 = hx, None
-            if not packed:
-                want = 3 if is_batched else 2
-                if h0.dim() != want:
-                    form = "batched 3-D" if is_batched else "unbatched 2-D"
-                    raise RuntimeError(f"For {form} input, hx should also be {want}-D but got {h0.dim()}-D tensor")
-                if not is_batched:
-                    h0 = h0.unsqueeze(1)
+            h0, c0 = (hx if is_batched else hx.unsqueeze(1)), None
             self._check_state(h0, hidden_size, input, "Expected hidden size {}, got {}")
             h0 = _permute(h0, sorted_indices)
 
@@ -302,12 +311,10 @@ class RNN(RecurrentBase):
             args = args[:3] + args[4:]
         else:
             self_nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        if self_nonlinearity == "tanh":
-            mode = "RNN_TANH"
-        elif self_nonlinearity == "relu":
-            mode = "RNN_RELU"
-        else:
-            raise ValueError(f"Unknown nonlinearity '{self_nonlinearity}'. Select from 'tanh' or 'relu'.")
+        if self_nonlinearity not in ACTIVATIONS:
+            choices = ", ".join(f"'{name}'" for name in ACTIVATIONS)
+            raise ValueError(f"Unknown nonlinearity '{self_nonlinearity}'. Select from {choices}.")
+        mode = f"RNN_{self_nonlinearity.upper()}"
         super().__init__(mode, *args, **kwargs)
         self.nonlinearity = self_nonlinearity
 

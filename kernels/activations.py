@@ -28,8 +28,6 @@ def tanh(x):
 # Codes below NEEDS_PRE have a derivative that is a function of the output h; silu and gelu need
 # the pre-activation, which the forward kernel then saves.
 NEEDS_PRE = tl.constexpr(4)
-GELU_K = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
-GELU_C = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -46,7 +44,7 @@ def elman_activation(pre, NONLINEARITY: tl.constexpr):
     elif NONLINEARITY == 4:
         return pre * sigmoid(pre)
     else:
-        return 0.5 * pre * (1.0 + tanh(GELU_K * (pre + GELU_C * pre * pre * pre)))
+        return 0.5 * pre * (1.0 + tanh(0.7978845608028654 * (pre + 0.044715 * pre * pre * pre)))  # sqrt(2/pi)
 
 
 @triton.jit
@@ -65,6 +63,5 @@ def elman_activation_grad(h, pre, NONLINEARITY: tl.constexpr):
         s = sigmoid(pre)
         return s * (1.0 + pre * (1.0 - s))
     else:
-        inner = GELU_K * (pre + GELU_C * pre * pre * pre)
-        t = tanh(inner)
-        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * pre * pre)
+        t = tanh(0.7978845608028654 * (pre + 0.044715 * pre * pre * pre))
+        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * pre * pre)
