@@ -1,0 +1,428 @@
+"""GRU kernels: the whole sequence of one layer (every direction) in one launch, forward and backward.
+
+PyTorch's convention, gate order ``(r, z, n)``::
+
+    gx = x W_ih^T + b_ih                       (every step, every direction: one GEMM before the launch)
+    gh = h W_hh^T + b_hh                       (in the kernel, per step)
+    r  = sigmoid(gx_r + gh_r)
+    z  = sigmoid(gx_z + gh_z)
+    n  = tanh(gx_n + r * gh_n)                 (b_hn stays inside the reset product)
+    h' = (1 - z) * n + z * h
+
+Layouts (contiguous; ``D`` directions, direction ``d``'s gate ``g`` unit ``j`` at feature
+``d*G*H + g*H + j``):
+
+* ``gx``, ``dgx``, ``dgh``: ``(T, B, D*3H)``, ``gx`` the output of one ``F.linear`` with the
+  directions' ``W_ih`` stacked. ``dgx`` is the gradient of the pre-activations' input part
+  ``[dr_pre, dz_pre, dn_pre]``; ``dgh`` that of ``gh``: ``[dr_pre, dz_pre, dn_pre * r]`` (what
+  ``dW_hh = sum_t dgh_t^T h_{t-1}`` and ``db_hh`` are taken of, on the host).
+* ``y``, ``dy``: ``(T, B, D*H)``, the layer's output (direction ``d`` in features ``d*H:(d+1)*H``).
+* ``saved``: ``(T, B, D*4H)``, written by the forward for the backward: ``[r, z, n, gh_n]`` of
+  every step, ``gh_n = W_hn h + b_hn``, in the dtype of ``gx`` (``4H`` values per row per step and
+  direction: 16H bytes in fp32, 8H bytes in fp16/bf16). The state each step read is not saved:
+  the backward reads it from ``y`` at the neighbouring step (``h0`` where a row's walk starts).
+* ``w_hh``: ``(D, 3H, H)``, ``w_hh[d, g*H + n, k]`` weighs input unit ``k`` into gate ``g``'s unit ``n``.
+* ``b_hh``: ``(D, 3H)`` (only read when ``HAS_BIAS``; any pointer otherwise).
+* ``h0``, ``h_n``, ``dh_n``, ``dh0``: ``(D, B, H)``. ``lengths``: ``(B,)`` int32 (only read when
+  ``HAS_LENGTHS``).
+* ``state`` (tiled only): fp32 scratch ``(2, D, B, H)``, a ping-pong buffer.
+
+Grid: ``(cdiv(B, BLOCK_B), D)``; program ``(i, d)`` owns batch rows ``i*BLOCK_B ...`` of
+direction ``d``. Direction 1 walks time backwards; a row past its length keeps its state and
+writes zero output, so the reverse direction starts each row at its own last valid step. In the
+backward such steps pass ``dh`` through unchanged and write zero gradients.
+
+Two strategies (chosen by the launcher, ``fastrnn.ops.gru``, via ``plan(3, H, dtype)``):
+
+* ``*_resident``: the three ``H x H`` blocks of ``W_hh`` (r, z, n) are loaded on chip once
+  (``BLOCK_H >= H``) and the fp32 state stays in registers for the whole sequence.
+* ``*_tiled``: ``W_hh`` is re-read per step in ``BLOCK_H x BLOCK_H`` tiles; the fp32 state (or
+  state gradient) lives in the ping-pong buffer ``state``, with a barrier between phases.
+"""
+
+import triton
+import triton.language as tl
+
+from fastrnn.kernels.activations import sigmoid, tanh
+
+
+@triton.jit
+def _step_time(s, T, direction):
+    """Position of step ``s`` in time: forward walks ``0..T-1``, reverse ``T-1..0``."""
+    return s + direction * (T - 1 - 2 * s)
+
+
+@triton.jit
+def gru_gates(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h):
+    """One GRU step on fp32 tiles (``gh_*`` include ``b_hh``): returns ``r, z, n, h'``."""
+    r = sigmoid(gx_r + gh_r)
+    z = sigmoid(gx_z + gh_z)
+    n = tanh(gx_n + r * gh_n)
+    return r, z, n, (1.0 - z) * n + z * h
+
+
+@triton.jit
+def gru_gates_grad(dh, h_prev, r, z, n, gh_n):
+    """Backward of one GRU step given ``dh``, the total gradient into ``h'``.
+
+    Returns ``dr_pre, dz_pre, dn_pre`` (gradient of the gate pre-activations), ``dgh_n = dn_pre * r``
+    (of ``gh_n``) and ``dh * z``, the direct part of the gradient to ``h_prev``
+    (``dh_prev = dh * z + dgh @ W_hh``)."""
+    dn = dh * (1.0 - z)
+    dz = dh * (h_prev - n)
+    dn_pre = dn * (1.0 - n * n)
+    dr_pre = dn_pre * gh_n * r * (1.0 - r)
+    dz_pre = dz * z * (1.0 - z)
+    return dr_pre, dz_pre, dn_pre, dn_pre * r, dh * z
+
+
+@triton.jit
+def _previous_time(t, direction, T, length, HAS_LENGTHS: tl.constexpr):
+    """Where the state step ``t`` read sits in ``y``: ``(t_prev, start)``; ``start`` is True where
+    the step read ``h0`` instead (a row's first step: ``t == 0`` forward; ``t + 1 == length`` or
+    ``T`` reverse). ``t_prev`` is clamped into ``[0, T)`` so the load is always in bounds."""
+    t_prev = t - 1 + 2 * direction
+    if HAS_LENGTHS:
+        start = ((t_prev < 0) | (t_prev >= length))[:, None]
+    else:
+        start = (t_prev < 0) | (t_prev >= T)
+    t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
+    return t_prev, start
+
+
+@triton.jit(do_not_specialize=["T"])
+def gru_fwd_resident_kernel(
+    gx_ptr, w_hh_ptr, b_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, saved_ptr,
+    T, B, H, D,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward, ``W_hh`` on chip. Writes ``y (T, B, D*H)``, ``h_n (D, B, H)``, ``saved (T, B, D*4H)``."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok = rows < B
+    col_ok = cols < H
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+
+    # w_*_t[k, n] = W_hh[d, g*H + n, k]: gate g's recurrent product is h @ w_g_t.
+    w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
+    w_offs = cols[None, :] * H + cols[:, None]
+    w_ok = col_ok[:, None] & col_ok[None, :]
+    w_r_t = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
+    w_z_t = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
+    w_n_t = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    if HAS_BIAS:
+        b_base = b_hh_ptr + direction * 3 * H + cols
+        b_r = tl.load(b_base, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        b_z = tl.load(b_base + H, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        b_n = tl.load(b_base + 2 * H, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
+    h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for s in range(T):
+        t = _step_time(s, T, direction).to(tl.int64)
+        row_t = (t * B + rows64)[:, None]
+        gx_offs = row_t * (D * 3 * H) + direction * 3 * H + cols[None, :]
+        gx_r = tl.load(gx_ptr + gx_offs, mask=tile_ok, other=0.0).to(tl.float32)
+        gx_z = tl.load(gx_ptr + gx_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
+        gx_n = tl.load(gx_ptr + gx_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        h_w = h.to(w_r_t.dtype)
+        gh_r = tl.dot(h_w, w_r_t, input_precision=INPUT_PRECISION)
+        gh_z = tl.dot(h_w, w_z_t, input_precision=INPUT_PRECISION)
+        gh_n = tl.dot(h_w, w_n_t, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            gh_r += b_r
+            gh_z += b_z
+            gh_n += b_n
+        r, z, n, h_new = gru_gates(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h)
+
+        saved_offs = row_t * (D * 4 * H) + direction * 4 * H + cols[None, :]
+        tl.store(saved_ptr + saved_offs, r.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(saved_ptr + saved_offs + H, z.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(saved_ptr + saved_offs + 2 * H, n.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(saved_ptr + saved_offs + 3 * H, gh_n.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+            h = tl.where(valid, h_new, h)
+            out = tl.where(valid, h_new, 0.0)
+        else:
+            h = h_new
+            out = h_new
+        y_offs = row_t * (D * H) + direction * H + cols[None, :]
+        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def gru_bwd_resident_kernel(
+    dy_ptr, dh_n_ptr, y_ptr, h0_ptr, saved_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dgh_ptr, dh0_ptr,
+    T, B, H, D,
+    HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward through time, ``W_hh`` on chip. Writes ``dgx``, ``dgh (T, B, D*3H)`` and ``dh0 (D, B, H)``.
+
+    Per step: ``dh = dy_t + carried``; the gate gradients from ``saved``; the carried gradient
+    becomes ``dh * z + dgh @ W_hh`` (fp32 registers). Steps past a row's length pass the carried
+    gradient through unchanged and write zero gradients."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok = rows < B
+    col_ok = cols < H
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+
+    # w_g[n, k] = W_hh[d, g*H + n, k]: the gradient to the previous state is dgh_g @ w_g.
+    w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
+    w_offs = cols[:, None] * H + cols[None, :]
+    w_ok = col_ok[:, None] & col_ok[None, :]
+    w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
+    w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
+    w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+
+    state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
+    dh = tl.load(dh_n_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    h0 = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    length = T
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for s in range(T):
+        # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
+        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        row_t = (t * B + rows64)[:, None]
+        y_offs = row_t * (D * H) + direction * H + cols[None, :]
+        saved_offs = row_t * (D * 4 * H) + direction * 4 * H + cols[None, :]
+        g_offs = row_t * (D * 3 * H) + direction * 3 * H + cols[None, :]
+
+        t_prev, start = _previous_time(t, direction, T, length, HAS_LENGTHS)
+        prev_offs = (t_prev * B + rows64)[:, None] * (D * H) + direction * H + cols[None, :]
+        h_prev = tl.load(y_ptr + prev_offs, mask=tile_ok, other=0.0).to(tl.float32)
+        h_prev = tl.where(start, h0, h_prev)
+
+        dh_total = dh + tl.load(dy_ptr + y_offs, mask=tile_ok, other=0.0).to(tl.float32)
+        r = tl.load(saved_ptr + saved_offs, mask=tile_ok, other=0.0).to(tl.float32)
+        z = tl.load(saved_ptr + saved_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
+        n = tl.load(saved_ptr + saved_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        gh_n = tl.load(saved_ptr + saved_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n)
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+            dr_pre = tl.where(valid, dr_pre, 0.0)
+            dz_pre = tl.where(valid, dz_pre, 0.0)
+            dn_pre = tl.where(valid, dn_pre, 0.0)
+            dgh_n = tl.where(valid, dgh_n, 0.0)
+            direct = tl.where(valid, direct, dh)
+        dh = direct
+        dh += tl.dot(dr_pre.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
+        dh += tl.dot(dz_pre.to(w_z.dtype), w_z, input_precision=INPUT_PRECISION)
+        dh += tl.dot(dgh_n.to(w_n.dtype), w_n, input_precision=INPUT_PRECISION)
+
+        tl.store(dgx_ptr + g_offs, dr_pre.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dgx_ptr + g_offs + H, dz_pre.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dgx_ptr + g_offs + 2 * H, dn_pre.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dgh_ptr + g_offs, dr_pre.to(dgh_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dgh_ptr + g_offs + H, dz_pre.to(dgh_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dgh_ptr + g_offs + 2 * H, dgh_n.to(dgh_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _tiled_product(h_ptr, w_ptr, row_ok, cols_n, H, INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``h @ W[cols_n, :]^T`` for one gate, ``h`` (fp32 rows of ``H`` at ``h_ptr``) and that gate's
+    ``(H, H)`` block of ``W_hh`` (at ``w_ptr``) both read ``BLOCK_H`` columns at a time."""
+    n_ok = cols_n < H
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        cols_k = k0 + tl.arange(0, BLOCK_H)
+        k_ok = cols_k < H
+        h_k = tl.load(h_ptr + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(w_ptr + cols_n[None, :] * H + cols_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(h_k.to(w_t.dtype), w_t, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["T"])
+def gru_fwd_tiled_kernel(
+    gx_ptr, w_hh_ptr, b_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, saved_ptr, state_ptr,
+    T, B, H, D,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward for any ``H``: ``W_hh`` re-read per step in ``BLOCK_H`` tiles.
+
+    ``state``: fp32 scratch ``(2, D, B, H)``; step ``s`` reads slot ``s % 2`` and writes the other."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
+    slot = D * B * H  # elements per ping-pong slot
+    state_rows = (direction * B + rows64)[:, None] * H
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for n0 in range(0, H, BLOCK_H):  # slot 0 <- h0
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        h0 = tl.load(h0_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(state_ptr + state_rows + cols[None, :], h0, mask=ok)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = _step_time(s, T, direction).to(tl.int64)
+        row_t = (t * B + rows64)[:, None]
+        read = state_ptr + (s % 2) * slot + state_rows
+        write = state_ptr + ((s + 1) % 2) * slot + state_rows
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+        for n0 in range(0, H, BLOCK_H):
+            cols_n = n0 + tl.arange(0, BLOCK_H)
+            n_ok = cols_n < H
+            ok = row_ok[:, None] & n_ok[None, :]
+            # One gate at a time: a single W tile live (three at once spill in fp32).
+            gh_r = _tiled_product(read, w_base, row_ok, cols_n, H, INPUT_PRECISION, BLOCK_B, BLOCK_H)
+            gh_z = _tiled_product(read, w_base + H * H, row_ok, cols_n, H, INPUT_PRECISION, BLOCK_B, BLOCK_H)
+            gh_n = _tiled_product(read, w_base + 2 * H * H, row_ok, cols_n, H, INPUT_PRECISION, BLOCK_B, BLOCK_H)
+            if HAS_BIAS:
+                b_base = b_hh_ptr + direction * 3 * H + cols_n
+                gh_r += tl.load(b_base, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                gh_z += tl.load(b_base + H, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                gh_n += tl.load(b_base + 2 * H, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            gx_offs = row_t * (D * 3 * H) + direction * 3 * H + cols_n[None, :]
+            gx_r = tl.load(gx_ptr + gx_offs, mask=ok, other=0.0).to(tl.float32)
+            gx_z = tl.load(gx_ptr + gx_offs + H, mask=ok, other=0.0).to(tl.float32)
+            gx_n = tl.load(gx_ptr + gx_offs + 2 * H, mask=ok, other=0.0).to(tl.float32)
+            h_old = tl.load(read + cols_n[None, :], mask=ok, other=0.0)
+            r, z, n, h_new = gru_gates(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h_old)
+
+            saved_offs = row_t * (D * 4 * H) + direction * 4 * H + cols_n[None, :]
+            tl.store(saved_ptr + saved_offs, r.to(saved_ptr.dtype.element_ty), mask=ok)
+            tl.store(saved_ptr + saved_offs + H, z.to(saved_ptr.dtype.element_ty), mask=ok)
+            tl.store(saved_ptr + saved_offs + 2 * H, n.to(saved_ptr.dtype.element_ty), mask=ok)
+            tl.store(saved_ptr + saved_offs + 3 * H, gh_n.to(saved_ptr.dtype.element_ty), mask=ok)
+            if HAS_LENGTHS:
+                h_keep = tl.where(valid, h_new, h_old)
+                out = tl.where(valid, h_new, 0.0)
+            else:
+                h_keep = h_new
+                out = h_new
+            tl.store(write + cols_n[None, :], h_keep, mask=ok)
+            y_offs = row_t * (D * H) + direction * H + cols_n[None, :]
+            tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()
+
+    final = state_ptr + (T % 2) * slot + state_rows
+    for n0 in range(0, H, BLOCK_H):
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        h = tl.load(final + cols[None, :], mask=ok, other=0.0)
+        tl.store(h_n_ptr + state_rows + cols[None, :], h.to(h_n_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def gru_bwd_tiled_kernel(
+    dy_ptr, dh_n_ptr, y_ptr, h0_ptr, saved_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dgh_ptr, dh0_ptr, state_ptr,
+    T, B, H, D,
+    HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward for any ``H``; ``state`` is fp32 ``(2, D, B, H)``, the carried gradient ping-pong.
+
+    Per step, phase 1 (tile by tile): the gate gradients into ``dgx`` and ``dgh``, and the direct
+    part ``dh * z`` of the next carried gradient into the other slot (past a row's length: ``dh``
+    itself, with zero gate gradients). A barrier. Phase 2: that slot ``+= dgh @ W_hh``, tile by
+    tile. A barrier."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
+    slot = D * B * H
+    state_rows = (direction * B + rows64)[:, None] * H
+    length = T
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for n0 in range(0, H, BLOCK_H):  # slot 0 <- dh_n
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        dh = tl.load(dh_n_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(state_ptr + state_rows + cols[None, :], dh, mask=ok)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        row_t = (t * B + rows64)[:, None]
+        read = state_ptr + (s % 2) * slot + state_rows
+        write = state_ptr + ((s + 1) % 2) * slot + state_rows
+        y_rows = row_t * (D * H) + direction * H
+        saved_rows = row_t * (D * 4 * H) + direction * 4 * H
+        g_rows = row_t * (D * 3 * H) + direction * 3 * H
+        t_prev, start = _previous_time(t, direction, T, length, HAS_LENGTHS)
+        prev_rows = (t_prev * B + rows64)[:, None] * (D * H) + direction * H
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+        for n0 in range(0, H, BLOCK_H):
+            cols = n0 + tl.arange(0, BLOCK_H)
+            ok = row_ok[:, None] & (cols < H)[None, :]
+            h0 = tl.load(h0_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            h_prev = tl.load(y_ptr + prev_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            h_prev = tl.where(start, h0, h_prev)
+            dh = tl.load(read + cols[None, :], mask=ok, other=0.0)
+            dh_total = dh + tl.load(dy_ptr + y_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            saved = saved_ptr + saved_rows + cols[None, :]
+            r = tl.load(saved, mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(saved + H, mask=ok, other=0.0).to(tl.float32)
+            n = tl.load(saved + 2 * H, mask=ok, other=0.0).to(tl.float32)
+            gh_n = tl.load(saved + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n)
+            if HAS_LENGTHS:
+                dr_pre = tl.where(valid, dr_pre, 0.0)
+                dz_pre = tl.where(valid, dz_pre, 0.0)
+                dn_pre = tl.where(valid, dn_pre, 0.0)
+                dgh_n = tl.where(valid, dgh_n, 0.0)
+                direct = tl.where(valid, direct, dh)
+            g_offs = g_rows + cols[None, :]
+            tl.store(dgx_ptr + g_offs, dr_pre.to(dgx_ptr.dtype.element_ty), mask=ok)
+            tl.store(dgx_ptr + g_offs + H, dz_pre.to(dgx_ptr.dtype.element_ty), mask=ok)
+            tl.store(dgx_ptr + g_offs + 2 * H, dn_pre.to(dgx_ptr.dtype.element_ty), mask=ok)
+            tl.store(dgh_ptr + g_offs, dr_pre.to(dgh_ptr.dtype.element_ty), mask=ok)
+            tl.store(dgh_ptr + g_offs + H, dz_pre.to(dgh_ptr.dtype.element_ty), mask=ok)
+            tl.store(dgh_ptr + g_offs + 2 * H, dgh_n.to(dgh_ptr.dtype.element_ty), mask=ok)
+            tl.store(write + cols[None, :], direct, mask=ok)
+        tl.debug_barrier()
+        for k0 in range(0, H, BLOCK_H):
+            cols_k = k0 + tl.arange(0, BLOCK_H)
+            k_ok = cols_k < H
+            ok = row_ok[:, None] & k_ok[None, :]
+            acc = tl.load(write + cols_k[None, :], mask=ok, other=0.0)
+            for n0 in range(0, H, BLOCK_H):
+                cols_n = n0 + tl.arange(0, BLOCK_H)
+                n_ok = cols_n < H
+                g_ok = row_ok[:, None] & n_ok[None, :]
+                w_ok = n_ok[:, None] & k_ok[None, :]
+                w_offs = cols_n[:, None] * H + cols_k[None, :]
+                for gate in range(3):
+                    dgh = tl.load(dgh_ptr + g_rows + gate * H + cols_n[None, :], mask=g_ok, other=0.0)
+                    w = tl.load(w_base + gate * H * H + w_offs, mask=w_ok, other=0.0)
+                    acc += tl.dot(dgh.to(w.dtype), w, input_precision=INPUT_PRECISION)
+            tl.store(write + cols_k[None, :], acc, mask=ok)
+        tl.debug_barrier()
+
+    final = state_ptr + (T % 2) * slot + state_rows
+    for n0 in range(0, H, BLOCK_H):
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        dh = tl.load(final + cols[None, :], mask=ok, other=0.0)
+        tl.store(dh0_ptr + state_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=ok)
