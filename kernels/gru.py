@@ -26,6 +26,10 @@ Layouts (contiguous; ``D`` directions, direction ``d``'s gate ``g`` unit ``j`` a
 * ``h0``, ``h_n``, ``dh_n``, ``dh0``: ``(D, B, H)``. ``lengths``: ``(B,)`` int32 (only read when
   ``HAS_LENGTHS``).
 * ``state`` (tiled only): fp32 scratch ``(2, D, B, H)``, a ping-pong buffer.
+* ``flow``: ``(D, T, B)`` fp32, written by the backward when ``RECORD_FLOW``: per row and step,
+  ``||dL/dh_t||^2`` (``dy_t`` plus the carried gradient), zero past a row's length.
+* ``grad_clip``: with ``CLIP``, the gate pre-activation gradients ``dr_pre, dz_pre, dn_pre`` are
+  clamped to ``[-grad_clip, grad_clip]`` before they flow anywhere (``dgh_n = clamp(dn_pre) * r``).
 
 Grid: ``(cdiv(B, BLOCK_B), D)``; program ``(i, d)`` owns batch rows ``i*BLOCK_B ...`` of
 direction ``d``. Direction 1 walks time backwards; a row past its length keeps its state and
@@ -43,7 +47,7 @@ Two strategies (chosen by the launcher, ``fastrnn.ops.gru``, via ``plan(3, H, dt
 import triton
 import triton.language as tl
 
-from fastrnn.kernels.activations import sigmoid, tanh
+from fastrnn.kernels.activations import clamp_grad, sigmoid, squared_row_norm, tanh
 
 
 @triton.jit
@@ -62,17 +66,21 @@ def gru_gates(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h):
 
 
 @triton.jit
-def gru_gates_grad(dh, h_prev, r, z, n, gh_n):
-    """Backward of one GRU step given ``dh``, the total gradient into ``h'``.
+def gru_gates_grad(dh, h_prev, r, z, n, gh_n, grad_clip, CLIP: tl.constexpr):
+    """Backward of one GRU step given ``dh``, the total gradient into ``h'`` (gate gradients
+    clamped to ``[-grad_clip, grad_clip]`` with ``CLIP``).
 
     Returns ``dr_pre, dz_pre, dn_pre`` (gradient of the gate pre-activations), ``dgh_n = dn_pre * r``
     (of ``gh_n``) and ``dh * z``, the direct part of the gradient to ``h_prev``
     (``dh_prev = dh * z + dgh @ W_hh``)."""
-    dn = dh * (1.0 - z)
-    dz = dh * (h_prev - n)
-    dn_pre = dn * (1.0 - n * n)
+    dn_pre = dh * (1.0 - z) * (1.0 - n * n)
+    dz_pre = dh * (h_prev - n) * z * (1.0 - z)
+    if CLIP:  # dn_pre is clamped before it reaches r, as a hook on n's pre-activation does
+        dn_pre = clamp_grad(dn_pre, grad_clip)
+        dz_pre = clamp_grad(dz_pre, grad_clip)
     dr_pre = dn_pre * gh_n * r * (1.0 - r)
-    dz_pre = dz * z * (1.0 - z)
+    if CLIP:
+        dr_pre = clamp_grad(dr_pre, grad_clip)
     return dr_pre, dz_pre, dn_pre, dn_pre * r, dh * z
 
 
@@ -161,9 +169,9 @@ def gru_fwd_resident_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def gru_bwd_resident_kernel(
-    dy_ptr, dh_n_ptr, y_ptr, h0_ptr, saved_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dgh_ptr, dh0_ptr,
-    T, B, H, D,
-    HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dy_ptr, dh_n_ptr, y_ptr, h0_ptr, saved_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dgh_ptr, dh0_ptr, flow_ptr,
+    T, B, H, D, grad_clip,
+    HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Backward through time, ``W_hh`` on chip. Writes ``dgx``, ``dgh (T, B, D*3H)`` and ``dh0 (D, B, H)``.
@@ -213,7 +221,13 @@ def gru_bwd_resident_kernel(
         z = tl.load(saved_ptr + saved_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
         n = tl.load(saved_ptr + saved_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
         gh_n = tl.load(saved_ptr + saved_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
-        dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n)
+        dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
+        if RECORD_FLOW:
+            if HAS_LENGTHS:
+                flow = squared_row_norm(dh_total, (t < length)[:, None])
+            else:
+                flow = squared_row_norm(dh_total, row_ok[:, None])
+            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
         if HAS_LENGTHS:
             valid = (t < length)[:, None]
             dr_pre = tl.where(valid, dr_pre, 0.0)
@@ -331,9 +345,9 @@ def gru_fwd_tiled_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def gru_bwd_tiled_kernel(
-    dy_ptr, dh_n_ptr, y_ptr, h0_ptr, saved_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dgh_ptr, dh0_ptr, state_ptr,
-    T, B, H, D,
-    HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dy_ptr, dh_n_ptr, y_ptr, h0_ptr, saved_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dgh_ptr, dh0_ptr, flow_ptr, state_ptr,
+    T, B, H, D, grad_clip,
+    HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Backward for any ``H``; ``state`` is fp32 ``(2, D, B, H)``, the carried gradient ping-pong.
@@ -373,6 +387,9 @@ def gru_bwd_tiled_kernel(
         prev_rows = (t_prev * B + rows64)[:, None] * (D * H) + direction * H
         if HAS_LENGTHS:
             valid = (t < length)[:, None]
+        else:
+            valid = row_ok[:, None]
+        flow = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for n0 in range(0, H, BLOCK_H):
             cols = n0 + tl.arange(0, BLOCK_H)
             ok = row_ok[:, None] & (cols < H)[None, :]
@@ -386,7 +403,8 @@ def gru_bwd_tiled_kernel(
             z = tl.load(saved + H, mask=ok, other=0.0).to(tl.float32)
             n = tl.load(saved + 2 * H, mask=ok, other=0.0).to(tl.float32)
             gh_n = tl.load(saved + 3 * H, mask=ok, other=0.0).to(tl.float32)
-            dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n)
+            dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
+            flow += squared_row_norm(dh_total, valid)
             if HAS_LENGTHS:
                 dr_pre = tl.where(valid, dr_pre, 0.0)
                 dz_pre = tl.where(valid, dz_pre, 0.0)
@@ -401,6 +419,8 @@ def gru_bwd_tiled_kernel(
             tl.store(dgh_ptr + g_offs + H, dz_pre.to(dgh_ptr.dtype.element_ty), mask=ok)
             tl.store(dgh_ptr + g_offs + 2 * H, dgh_n.to(dgh_ptr.dtype.element_ty), mask=ok)
             tl.store(write + cols[None, :], direct, mask=ok)
+        if RECORD_FLOW:
+            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
         tl.debug_barrier()
         for k0 in range(0, H, BLOCK_H):
             cols_k = k0 + tl.arange(0, BLOCK_H)

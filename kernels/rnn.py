@@ -33,7 +33,7 @@ Two strategies (chosen by the launcher, ``fastrnn.ops.rnn``):
 import triton
 import triton.language as tl
 
-from fastrnn.kernels.activations import NEEDS_PRE, elman_activation, elman_activation_grad
+from fastrnn.kernels.activations import NEEDS_PRE, clamp_grad, elman_activation, elman_activation_grad, squared_row_norm
 
 
 @triton.jit
@@ -55,11 +55,10 @@ def elman_step_grad(dy, dh, h, pre, valid, grad_clip, NONLINEARITY: tl.constexpr
     """Backward of one step on a tile: the pre-activation gradient ``g`` (zero where not
     ``valid``, clipped with ``CLIP``) and the squared norm per row of ``dL/dh_t = dy + dh``."""
     d_state = dy + dh
-    flow = tl.sum(tl.where(valid, d_state * d_state, 0.0), axis=1)
     g = tl.where(valid, d_state * elman_activation_grad(h, pre, NONLINEARITY), 0.0)
     if CLIP:
-        g = tl.where(g > grad_clip, grad_clip, tl.where(g < -grad_clip, -grad_clip, g))
-    return g, flow
+        g = clamp_grad(g, grad_clip)
+    return g, squared_row_norm(d_state, valid)
 
 
 @triton.jit(do_not_specialize=["T"])

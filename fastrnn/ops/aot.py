@@ -101,22 +101,51 @@ class Variant:
         return getattr(module, self.kernel)
 
 
+#: Gates per cell; the cells whose kernels live in ``fastrnn.kernels.<cell>``.
+CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def heaviest_constexprs(kernel, block_b: int, block_h: int) -> dict:
+    """The kernel's constexprs set to its heaviest form: every optional feature on (``HAS_*``,
+    ``CLIP``, ``RECORD_FLOW``), gelu for the Elman nonlinearity (it reads and writes the
+    pre-activations), exact fp32 dots. An unknown constexpr is an error, so a new one is never
+    silently left out of the check."""
+    values = {}
+    for param in kernel.params:
+        if not param.is_constexpr:
+            continue
+        name = param.name
+        if name.startswith("HAS_") or name in ("CLIP", "RECORD_FLOW"):
+            values[name] = True
+        elif name == "NONLINEARITY":
+            values[name] = 5
+        elif name == "INPUT_PRECISION":
+            values[name] = "ieee"
+        elif name == "BLOCK_B":
+            values[name] = block_b
+        elif name == "BLOCK_H":
+            values[name] = block_h
+        else:
+            raise KeyError(f"{kernel.__name__}: no ahead-of-time value for constexpr {name}")
+    return values
+
+
 def variants() -> list[Variant]:
-    """Every kernel at the largest size its resident strategy serves and at one tiled size,
-    in fp32 and bf16, with lengths on (the heavier form)."""
+    """Every kernel of every cell at the largest size its resident strategy serves and at one
+    tiled size, in fp32 and bf16, in its heaviest form."""
     from fastrnn.ops.recurrence import RESIDENT_MAX_BLOCK_H, TILE, plan
 
     out = []
-    for dtype in (torch.bfloat16, torch.float32):
-        largest_resident = RESIDENT_MAX_BLOCK_H[1, dtype == torch.float32][0]
-        for hidden in (largest_resident, 4 * TILE):
-            p = plan(1, hidden, dtype)
-            # gelu: the heaviest nonlinearity (reads and writes pre-activations); clip and flow on.
-            forward = dict(NONLINEARITY=5, HAS_LENGTHS=True, INPUT_PRECISION="ieee", BLOCK_B=p.block_b, BLOCK_H=p.block_h)
-            backward = dict(forward, CLIP=True, RECORD_FLOW=True)
-            for direction, constexprs in (("fwd", forward), ("bwd", backward)):
-                kernel = f"rnn_{direction}_{p.strategy}_kernel"
-                out.append(Variant("rnn", kernel, dtype, constexprs, p.num_warps, p.num_stages, hidden))
+    for cell, gates in CELL_GATES.items():
+        module = importlib.import_module(f"fastrnn.kernels.{cell}")
+        for dtype in (torch.bfloat16, torch.float32):
+            largest_resident = RESIDENT_MAX_BLOCK_H[gates, dtype == torch.float32][0]
+            for hidden in (largest_resident, 4 * TILE):
+                p = plan(gates, hidden, dtype)
+                for direction in ("fwd", "bwd"):
+                    name = f"{cell}_{direction}_{p.strategy}_kernel"
+                    constexprs = heaviest_constexprs(getattr(module, name), p.block_b, p.block_h)
+                    out.append(Variant(cell, name, dtype, constexprs, p.num_warps, p.num_stages, hidden))
     return out
 
 

@@ -14,39 +14,22 @@ fp16/bf16). The backward allocates ``dgx`` and ``dgh`` (``3H`` values each); ``d
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from fastrnn.kernels import gru as kernels
 from fastrnn.ops.recurrence import (
     compute_dtype,
-    count_launch,
     input_precision,
     input_projection,
     kernel_lengths,
     kernel_weight,
-    plan,
+    launch,
     previous_states,
     recurrent_weight_grad,
     stack_params,
 )
 
 GATES = 3
-
-
-def _launch(name: str, resident_kernel, tiled_kernel, args: list, scratch_like: Tensor, *, B: int, H: int, D: int, T: int, dtype: torch.dtype, **constexprs):
-    p = plan(GATES, H, dtype)
-    grid = (triton.cdiv(B, p.block_b), D)
-    meta = dict(
-        T=T, B=B, H=H, D=D, INPUT_PRECISION=input_precision(dtype),
-        BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages, **constexprs,
-    )
-    if p.strategy == "resident":
-        resident_kernel[grid](*args, **meta)
-    else:
-        scratch = torch.empty((2, D, B, H), device=scratch_like.device, dtype=torch.float32)
-        tiled_kernel[grid](*args, scratch, **meta)
-    count_launch(f"{name}_{p.strategy}")
 
 
 def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,32 +43,41 @@ def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: 
     if B == 0:
         return y, h_n, saved
     gx = gx.contiguous()
-    _launch(
-        "gru_fwd", kernels.gru_fwd_resident_kernel, kernels.gru_fwd_tiled_kernel,
+    launch(
+        "gru_fwd", GATES, (kernels.gru_fwd_resident_kernel, kernels.gru_fwd_tiled_kernel),
         [gx, kernel_weight(w_hh), gx if b_hh is None else b_hh.contiguous(), h0.contiguous(),
-         kernel_lengths(lengths, gx), y, h_n, saved], gx,
-        B=B, H=H, D=D, T=T, dtype=gx.dtype, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
+         kernel_lengths(lengths, gx), y, h_n, saved],
+        dict(T=T, B=B, H=H, D=D, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
+        B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
     )
     return y, h_n, saved
 
 
-def gru_bwd(dy: Tensor, dh_n: Tensor, y: Tensor, h0: Tensor, saved: Tensor, w_hh: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def gru_bwd(
+    dy: Tensor, dh_n: Tensor, y: Tensor, h0: Tensor, saved: Tensor, w_hh: Tensor, lengths: Tensor | None,
+    grad_clip: float | None = None, record_flow: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Backward through time: ``dgx (T, B, D*3H)`` (gradient of ``gx``), ``dgh (T, B, D*3H)``
-    (gradient of ``h W_hh^T + b_hh``) and ``dh0 (D, B, H)``."""
+    (gradient of ``h W_hh^T + b_hh``), ``dh0 (D, B, H)``; gate gradients clamped to
+    ``[-grad_clip, grad_clip]`` when given; with ``record_flow`` the squared norms
+    ``||dL/dh_t||^2`` per direction, step and row ``(D, T, B)``."""
     T, B, _ = y.shape
     D, _, H = dh_n.shape
     dgx = y.new_empty((T, B, D * GATES * H))
     dgh = y.new_empty((T, B, D * GATES * H))
     dh0 = torch.empty_like(dh_n)
+    flow = torch.zeros((D, T, B), device=y.device, dtype=torch.float32) if record_flow else None
     if B == 0:
-        return dgx, dgh, dh0
-    _launch(
-        "gru_bwd", kernels.gru_bwd_resident_kernel, kernels.gru_bwd_tiled_kernel,
+        return dgx, dgh, dh0, flow
+    launch(
+        "gru_bwd", GATES, (kernels.gru_bwd_resident_kernel, kernels.gru_bwd_tiled_kernel),
         [dy.contiguous(), dh_n.contiguous(), y, h0.contiguous(), saved, kernel_weight(w_hh),
-         kernel_lengths(lengths, y), dgx, dgh, dh0], y,
-        B=B, H=H, D=D, T=T, dtype=y.dtype, HAS_LENGTHS=lengths is not None,
+         kernel_lengths(lengths, y), dgx, dgh, dh0, dh0 if flow is None else flow],
+        dict(T=T, B=B, H=H, D=D, grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
+             INPUT_PRECISION=input_precision(y.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
+        B=B, H=H, D=D, dtype=y.dtype, device=y.device,
     )
-    return dgx, dgh, dh0
+    return dgx, dgh, dh0, flow
 
 
 class GRUFunction(torch.autograd.Function):
@@ -96,26 +88,32 @@ class GRUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: Tensor | None):
+    def forward(ctx, gx, w_hh, b_hh, h0, lengths, grad_clip, flow_record):
         y, h_n, saved = gru_fwd(gx, w_hh, b_hh, h0, lengths)
         ctx.save_for_backward(y, saved, w_hh, h0, lengths)
         ctx.has_bias = b_hh is not None
+        ctx.grad_clip, ctx.flow_record = grad_clip, flow_record
         return y, h_n
 
     @staticmethod
     def backward(ctx, dy: Tensor, dh_n: Tensor):
         y, saved, w_hh, h0, lengths = ctx.saved_tensors
         directions = h0.shape[0]
-        dgx, dgh, dh0 = gru_bwd(dy, dh_n, y, h0, saved, w_hh, lengths)
+        dgx, dgh, dh0, flow = gru_bwd(dy, dh_n, y, h0, saved, w_hh, lengths, ctx.grad_clip, ctx.flow_record is not None)
+        if flow is not None:
+            ctx.flow_record.copy_(flow.sum(-1).sqrt())
         dw_hh = db_hh = None
         if ctx.needs_input_grad[1]:
             dw_hh = recurrent_weight_grad(dgh, previous_states(y, h0, lengths), directions)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db_hh = dgh.sum(dim=(0, 1)).view(directions, -1)
-        return dgx, dw_hh, db_hh, dh0, None
+        return dgx, dw_hh, db_hh, dh0, None, None, None
 
 
-def gru_layer(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, params: list[dict], lengths: Tensor | None, nonlinearity: str):
+def gru_layer(
+    cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, params: list[dict], lengths: Tensor | None, nonlinearity: str,
+    grad_clip: float | None = None, flow_record: Tensor | None = None,
+):
     """One GRU layer, every direction in one launch; the signature of
     :func:`fastrnn.reference.reference_layer`. Returns ``y (T, B, D*H)``, ``h_n (D, B, H)``, None."""
     dtype = compute_dtype(x)
@@ -123,5 +121,5 @@ def gru_layer(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, params: list[
     w_hh = stack_params(params, "w_hh", dtype)
     b_hh = stack_params(params, "b_hh", dtype) if params[0]["b_hh"] is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        y, h_n = GRUFunction.apply(gx, w_hh, b_hh, h0.to(dtype), lengths)
+        y, h_n = GRUFunction.apply(gx, w_hh, b_hh, h0.to(dtype), lengths, grad_clip, flow_record)
     return y, h_n, None

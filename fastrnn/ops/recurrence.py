@@ -31,6 +31,7 @@ import collections
 import dataclasses
 
 import torch
+import triton
 from einops import rearrange
 from torch import Tensor
 
@@ -74,6 +75,22 @@ def plan(gates: int, hidden: int, dtype: torch.dtype) -> Plan:
     if block_h <= max_block:
         return Plan("resident", BLOCK_B, block_h, warps if block_h == max_block else 4, 3)
     return Plan("tiled", BLOCK_B, TILE, 8, 2)
+
+
+def launch(name: str, gates: int, kernel_pair: tuple, args: list, meta: dict, *, B: int, H: int, D: int, dtype: torch.dtype, device) -> None:
+    """Launch the resident or the tiled kernel of ``kernel_pair`` as :func:`plan` says, on the
+    grid ``(cdiv(B, BLOCK_B), D)``; the tiled kernel takes a trailing fp32 ping-pong buffer
+    ``(2, D, B, H)``. ``meta`` holds the kernel's scalar and constexpr arguments."""
+    p = plan(gates, H, dtype)
+    grid = (triton.cdiv(B, p.block_b), D)
+    meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
+    resident, tiled = kernel_pair
+    if p.strategy == "resident":
+        resident[grid](*args, **meta)
+    else:
+        scratch = torch.empty((2, D, B, H), device=device, dtype=torch.float32)
+        tiled[grid](*args, scratch, **meta)
+    count_launch(f"{name}_{p.strategy}")
 
 
 def triton_next_power_of_2(n: int) -> int:

@@ -9,18 +9,16 @@ Read top to bottom: the launch helper, forward launcher, backward launcher, ``RN
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from fastrnn.kernels import rnn as kernels
 from fastrnn.ops.recurrence import (
     compute_dtype,
-    count_launch,
     input_precision,
     input_projection,
     kernel_lengths,
     kernel_weight,
-    plan,
+    launch,
     previous_states,
     recurrent_weight_grad,
     stack_params,
@@ -30,21 +28,6 @@ from fastrnn.ops.recurrence import (
 NONLINEARITIES = {"tanh": 0, "relu": 1, "sigmoid": 2, "hardtanh": 3, "silu": 4, "gelu": 5}
 #: Nonlinearities whose derivative needs the pre-activation.
 NEEDS_PRE = {"silu", "gelu"}
-
-
-def _launch(name: str, kernel_pair: tuple, args: list, meta: dict, *, B: int, H: int, D: int, dtype: torch.dtype, device) -> None:
-    """Launch the resident or tiled kernel of ``kernel_pair`` as ``plan`` says (the tiled one
-    takes a trailing fp32 ping-pong state buffer)."""
-    p = plan(1, H, dtype)
-    grid = (triton.cdiv(B, p.block_b), D)
-    meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
-    resident, tiled = kernel_pair
-    if p.strategy == "resident":
-        resident[grid](*args, **meta)
-    else:
-        scratch = torch.empty((2, D, B, H), device=device, dtype=torch.float32)
-        tiled[grid](*args, scratch, **meta)
-    count_launch(f"{name}_{p.strategy}")
 
 
 def rnn_fwd(gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlinearity: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -57,8 +40,8 @@ def rnn_fwd(gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlin
     pre = torch.empty_like(gx) if nonlinearity in NEEDS_PRE else None
     if B == 0:
         return y, h_n, pre
-    _launch(
-        "rnn_fwd", (kernels.rnn_fwd_resident_kernel, kernels.rnn_fwd_tiled_kernel),
+    launch(
+        "rnn_fwd", 1, (kernels.rnn_fwd_resident_kernel, kernels.rnn_fwd_tiled_kernel),
         [gx.contiguous(), kernel_weight(w_hh), h0.contiguous(), kernel_lengths(lengths, gx), y, h_n, y if pre is None else pre],
         dict(T=T, B=B, H=H, D=D, NONLINEARITY=NONLINEARITIES[nonlinearity], HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
@@ -80,8 +63,8 @@ def rnn_bwd(
     flow = torch.zeros((D, T, B), device=y.device, dtype=torch.float32) if record_flow else None
     if B == 0:
         return dgx, dh0, flow
-    _launch(
-        "rnn_bwd", (kernels.rnn_bwd_resident_kernel, kernels.rnn_bwd_tiled_kernel),
+    launch(
+        "rnn_bwd", 1, (kernels.rnn_bwd_resident_kernel, kernels.rnn_bwd_tiled_kernel),
         [dy.contiguous(), dh_n.contiguous(), y, kernel_weight(w_hh), kernel_lengths(lengths, y), dgx, dh0,
          y if pre is None else pre, dh0 if flow is None else flow],
         dict(T=T, B=B, H=H, D=D, grad_clip=float(grad_clip or 0.0),
