@@ -48,7 +48,9 @@ class RecurrentCellBase(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
-    def _prepare(self, input: Tensor, states: list[Tensor | None], names: list[str]) -> tuple[Tensor, list[Tensor], bool]:
+    def _prepare(
+        self, input: Tensor, states: list[Tensor | None], names: list[str], num_states: int = 1
+    ) -> tuple[Tensor, list[Tensor], bool]:
         """Check ranks and sizes as ``torch.nn`` does; return 2-D input, 2-D states, batched flag."""
         kind = type(self).__name__
         if input.dim() not in (1, 2):
@@ -56,6 +58,8 @@ class RecurrentCellBase(nn.Module):
         for name, state in zip(names, states):
             if state is not None and state.dim() not in (1, 2):
                 raise ValueError(f"{kind}: Expected {name} to be 1D or 2D, got {state.dim()}D instead")
+        if len(states) != num_states:
+            raise RuntimeError("lstm_cell expects two hidden states")
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
@@ -120,6 +124,7 @@ class LSTMCell(RecurrentCellBase):
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         states = [None, None] if hx is None else list(hx)
-        input, (h, c), is_batched = self._prepare(input, states, ["hx[0]", "hx[1]"])
+        names = [f"hx[{index}]" for index in range(len(states))]
+        input, (h, c), is_batched = self._prepare(input, states, names, num_states=2)
         h, c = lstm_step(F.linear(input, self.weight_ih, self.bias_ih), h, c, self.weight_hh, self.bias_hh)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

@@ -1,0 +1,216 @@
+"""Backend selection: ``FASTRNN_BACKEND``, ``set_backend`` / ``use_backend`` and ``backend.resolve``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import backend, dispatch
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")  # a device object only: no CUDA tensor is made
+ORIGINAL_EMPTY = torch.empty  # captured at import, before the NaN-poisoning fixture patches it
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return monkeypatch
+
+
+# ------------------------------------------------------------------------------ FASTRNN_BACKEND
+def test_default_is_auto(clean_env):
+    assert fastrnn.get_backend() == "auto"
+    assert backend.resolve(CPU) == "native"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", "auto"), ("reference", "reference"), ("triton", "triton"),
+    (" Reference ", "reference"), ("TRITON", "triton"), ("", "auto"),
+])
+def test_env_var_selects_backend(clean_env, value, expected):
+    clean_env.setenv("FASTRNN_BACKEND", value)
+    assert fastrnn.get_backend() == expected
+
+
+def test_env_var_read_on_every_call(clean_env):
+    clean_env.setenv("FASTRNN_BACKEND", "reference")
+    assert backend.resolve(CPU) == "reference"
+    clean_env.setenv("FASTRNN_BACKEND", "auto")
+    assert backend.resolve(CPU) == "native"
+
+
+@pytest.mark.parametrize("value", ["cuda", "native", "triton2", "ref"])
+def test_env_var_invalid_name(clean_env, value):
+    clean_env.setenv("FASTRNN_BACKEND", value)
+    with pytest.raises(ValueError, match="unknown fastrnn backend"):
+        fastrnn.get_backend()
+    with pytest.raises(ValueError, match="unknown fastrnn backend"):
+        backend.resolve(CPU)
+    layer = fastrnn.GRU(3, 4)
+    with pytest.raises(ValueError, match="unknown fastrnn backend"):
+        layer(torch.randn(2, 1, 3))
+
+
+# ------------------------------------------------------------------------- set_backend, use_backend
+def test_set_backend_overrides_env_and_none_restores(clean_env):
+    clean_env.setenv("FASTRNN_BACKEND", "triton")
+    fastrnn.set_backend("reference")
+    assert fastrnn.get_backend() == "reference"
+    assert backend.resolve(CPU) == "reference"
+    fastrnn.set_backend(None)
+    assert fastrnn.get_backend() == "triton"
+
+
+@pytest.mark.parametrize("name", ["cpu", "Reference", "", "none"])
+def test_set_backend_invalid_name(clean_env, name):
+    fastrnn.set_backend("reference")
+    with pytest.raises(ValueError, match="choose one of auto, triton, reference"):
+        fastrnn.set_backend(name)
+    assert fastrnn.get_backend() == "reference"  # a failed call changes nothing
+
+
+def test_use_backend_restores_previous(clean_env):
+    assert fastrnn.get_backend() == "auto"
+    with fastrnn.use_backend("reference"):
+        assert fastrnn.get_backend() == "reference"
+        with fastrnn.use_backend("triton"):
+            assert fastrnn.get_backend() == "triton"
+        assert fastrnn.get_backend() == "reference"
+    assert fastrnn.get_backend() == "auto"
+
+    fastrnn.set_backend("triton")
+    with fastrnn.use_backend("auto"):
+        assert fastrnn.get_backend() == "auto"
+    assert fastrnn.get_backend() == "triton"
+
+
+def test_use_backend_restores_on_exception(clean_env):
+    fastrnn.set_backend("triton")
+    with pytest.raises(KeyError, match="boom"):
+        with fastrnn.use_backend("reference"):
+            assert fastrnn.get_backend() == "reference"
+            raise KeyError("boom")
+    assert fastrnn.get_backend() == "triton"
+
+
+def test_use_backend_invalid_name_leaves_state(clean_env):
+    with fastrnn.use_backend("reference"):
+        with pytest.raises(ValueError):
+            with fastrnn.use_backend("gpu"):
+                pass  # pragma: no cover - never entered
+        assert fastrnn.get_backend() == "reference"
+    assert fastrnn.get_backend() == "auto"
+
+
+# -------------------------------------------------------------------------------------- resolve
+def test_resolve_cpu(clean_env):
+    with fastrnn.use_backend("auto"):
+        assert backend.resolve(CPU) == "native"
+    with fastrnn.use_backend("reference"):
+        assert backend.resolve(CPU) == "reference"
+        assert backend.resolve(CUDA) == "reference"
+
+
+def test_resolve_cuda_device_auto(clean_env):
+    with fastrnn.use_backend("auto"):
+        assert backend.resolve(CUDA) == "triton"
+        assert backend.resolve(CPU) == "native"
+    clean_env.setattr(backend, "triton_available", lambda: False)
+    with fastrnn.use_backend("auto"):
+        assert backend.resolve(CUDA) == "native"
+
+
+def test_resolve_auto_while_compiling_uses_reference(clean_env):
+    clean_env.setattr(torch.compiler, "is_compiling", lambda: True)
+    with fastrnn.use_backend("auto"):
+        assert backend.resolve(CPU) == "reference"
+
+
+def test_triton_on_cpu_without_interpreter_raises(clean_env):
+    """No silent fallback: the error says what to set."""
+    with fastrnn.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            backend.resolve(CPU)
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    with fastrnn.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            backend.resolve(CPU)
+
+
+def test_triton_on_cpu_without_interpreter_raises_in_forward(clean_env):
+    clean_env.setenv("FASTRNN_BACKEND", "triton")
+    layer = fastrnn.LSTM(3, 4, batch_first=True)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        layer(torch.randn(2, 5, 3))
+    with fastrnn.use_backend("reference"):  # override beats the env var
+        out, _ = layer(torch.randn(2, 5, 3))
+    assert out.shape == (2, 5, 4) and torch.isfinite(out).all()
+
+
+def test_triton_with_interpreter_resolves_to_triton(clean_env):
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    assert backend.triton_interpreting()
+    with fastrnn.use_backend("triton"):
+        assert backend.resolve(CPU) == "triton"
+        assert backend.resolve(CUDA) == "triton"
+
+
+def test_triton_not_installed(clean_env):
+    clean_env.setattr(backend, "triton_available", lambda: False)
+    with fastrnn.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="not installed"):
+            backend.resolve(CUDA)
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_triton_interpreting(clean_env, value, expected):
+    clean_env.setenv("TRITON_INTERPRET", value)
+    assert backend.triton_interpreting() is expected
+
+
+def test_triton_interpreting_unset(clean_env):
+    assert backend.triton_interpreting() is False
+
+
+# ------------------------------------------------------------------- which path a layer really runs
+@pytest.mark.parametrize("name, expected", [("auto", "native"), ("reference", "reference")])
+def test_layer_runs_selected_path(clean_env, name, expected):
+    calls: list[str] = []
+    native, reference_layer = dispatch._native_stack, dispatch.reference_layer
+
+    def spy_native(*args, **kwargs):
+        calls.append("native")
+        return native(*args, **kwargs)
+
+    def spy_reference(*args, **kwargs):
+        calls.append("reference")
+        return reference_layer(*args, **kwargs)
+
+    clean_env.setattr(dispatch, "_native_stack", spy_native)
+    clean_env.setattr(dispatch, "reference_layer", spy_reference)
+    clean_env.setenv("FASTRNN_BACKEND", name)
+    layer = fastrnn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    layer(torch.randn(5, 2, 3))
+    assert calls == ([expected] if expected == "native" else ["reference"] * 2)  # one call per layer
+
+
+# ----------------------------------------------------------------------------- the test harness
+def test_nan_poisoning_active():
+    """conftest fills fresh floating-point allocations with NaN."""
+    assert torch.isnan(torch.empty(4)).all()
+    assert torch.isnan(torch.empty(2, 3, dtype=torch.float64)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(3))).all()
+    assert torch.isnan(torch.empty_strided((2, 2), (1, 2))).all()
+    assert torch.isnan(torch.zeros(3).new_empty((5,))).all()
+    assert torch.empty(3, dtype=torch.int64).shape == (3,)  # integer tensors are left alone
+    t = torch.empty(3, requires_grad=True)  # leaves that require grad still work
+    assert t.requires_grad and t.is_leaf and torch.isnan(t).all()
+    assert torch.empty is not ORIGINAL_EMPTY
+
+
+@pytest.mark.no_nan_poison
+def test_nan_poisoning_opt_out():
+    assert torch.empty is ORIGINAL_EMPTY
