@@ -7,14 +7,22 @@
   ``@pytest.mark.no_nan_poison``.
 * Every test starts and ends with no backend override (``fastrnn.set_backend(None)``).
 * :func:`assert_close` compares with explicit tolerances and never treats NaN as equal.
+* Without a GPU, Triton's interpreter is switched on before anything imports ``triton`` (it is
+  read when ``@triton.jit`` decorates), so the kernel tests run the real kernels on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
-import pytest
 import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 import fastrnn
 

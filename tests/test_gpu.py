@@ -1,0 +1,95 @@
+"""Checks that only a GPU can make: compiled kernels under torch.compile, bf16 on tensor cores,
+bit-for-bit determinism on the device, and int64 addressing past 2**31 elements.
+
+Skipped without CUDA (CI has none); ``bench/gpu_check.sh`` runs them on a lent GPU.
+"""
+
+import pytest
+import torch
+
+import fastrnn
+from fastrnn.ops.recurrence import LAUNCHES
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+LAYERS = {
+    "rnn": lambda **kw: fastrnn.RNN(32, 64, **kw),
+    "gru": lambda **kw: fastrnn.GRU(32, 64, **kw),
+    "lstm": lambda **kw: fastrnn.LSTM(32, 64, **kw),
+    "lstm-proj": lambda **kw: fastrnn.LSTM(32, 64, proj_size=32, **kw),
+}
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_compiled_fullgraph_matches_eager(name):
+    """The kernels registered as autograd Functions compile with fullgraph=True, forward and backward."""
+    torch.manual_seed(0)
+    layer = LAYERS[name](num_layers=2, bidirectional=True, batch_first=True, device="cuda")
+    x = torch.randn(4, 9, 32, device="cuda", requires_grad=True)
+
+    def loss(inp):
+        y, _ = layer(inp)
+        return y.square().mean()
+
+    eager = loss(x)
+    (eager_grad,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(loss, fullgraph=True)
+    value = compiled(x)
+    (grad,) = torch.autograd.grad(value, x)
+    assert relative_error(value, eager) < 1e-5
+    assert relative_error(grad, eager_grad) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_on_tensor_cores(name, dtype):
+    torch.manual_seed(0)
+    layer = LAYERS[name](num_layers=2, bidirectional=True, device="cuda", dtype=dtype)
+    x = torch.randn(12, 5, 32, device="cuda", dtype=dtype)
+    before = sum(LAUNCHES.values())
+    y, _ = layer(x)
+    y.float().square().sum().backward()
+    assert sum(LAUNCHES.values()) - before == 4, "auto on CUDA runs the kernels, forward and backward per layer"
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer64 = layer.double()
+    layer64.zero_grad()
+    with fastrnn.use_backend("reference"):
+        y64, _ = layer64(x.double())
+    y64.square().sum().backward()
+    assert relative_error(y, y64) < 2e-2
+    for g, p in zip(grads, layer64.parameters()):
+        assert relative_error(g, p.grad) < 5e-2
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_bitwise_deterministic(name):
+    torch.manual_seed(0)
+    layer = LAYERS[name](num_layers=2, bidirectional=True, device="cuda")
+    x = torch.randn(16, 33, 32, device="cuda")
+    results = []
+    for _ in range(2):
+        layer.zero_grad()
+        y, _ = layer(x)
+        y.square().sum().backward()
+        results.append([y.detach().clone()] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_offsets_past_two_to_the_31():
+    """T*B*H > 2**31: the last steps are written where they belong (int64 offsets)."""
+    B, H = 256, 64
+    T = 2**31 // (B * H) + 2
+    torch.manual_seed(0)
+    layer = fastrnn.RNN(8, H, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, B, 8, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, h_n = layer(x)
+        gx = torch.nn.functional.linear(x[-1].float(), layer.weight_ih_l0.float(), (layer.bias_ih_l0 + layer.bias_hh_l0).float())
+        expected = torch.tanh(gx + y[-2].float() @ layer.weight_hh_l0.float().T)
+    assert relative_error(y[-1], expected) < 2e-2
+    assert torch.equal(y[-1], h_n[0])
