@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -105,16 +106,25 @@ class Variant:
 CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
+def constexpr_names(kernel) -> list[str]:
+    """Names of a ``@triton.jit`` function's ``tl.constexpr`` parameters (also under the
+    interpreter, whose functions carry no compiled parameter list)."""
+    import triton.language as tl
+
+    fn = getattr(kernel, "fn", kernel)
+    return [
+        name for name, param in inspect.signature(fn).parameters.items()
+        if param.annotation is tl.constexpr or str(param.annotation).endswith("constexpr")
+    ]
+
+
 def heaviest_constexprs(kernel, block_b: int, block_h: int) -> dict:
     """The kernel's constexprs set to its heaviest form: every optional feature on (``HAS_*``,
     ``CLIP``, ``RECORD_FLOW``), gelu for the Elman nonlinearity (it reads and writes the
     pre-activations), exact fp32 dots. An unknown constexpr is an error, so a new one is never
     silently left out of the check."""
     values = {}
-    for param in kernel.params:
-        if not param.is_constexpr:
-            continue
-        name = param.name
+    for name in constexpr_names(kernel):
         if name.startswith("HAS_") or name in ("CLIP", "RECORD_FLOW"):
             values[name] = True
         elif name == "NONLINEARITY":

@@ -1,0 +1,197 @@
+"""Benchmark fastrnn against torch.nn: ``python -m bench``.
+
+On a CUDA machine it runs the GPU matrix (rows L1..B1, see :mod:`bench.matrix`); on a CPU the CPU
+matrix plus a correctness pass of the Triton kernels through Triton's interpreter. Every row is
+checked against the float64 reference before it is timed. Progress goes to stderr, the table to
+stdout, and the results to ``<out>/<device>[-quick|-dry-run]-<YYYY-MM-DD>.json`` with a markdown
+report and PNG plots drawn from that JSON (:mod:`bench.report`).
+
+The JSON is rewritten after every row, so a run cut short leaves its finished rows behind.
+Exit status: 1 when a row failed its check, errored or found a kernel missing (the files are
+written either way); 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import environment, interpret, matrix, report
+from bench.runner import Plan, run_row, skipped_record
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", help="comma-separated row names to run (e.g. L1,G1); default all")
+    parser.add_argument("--quick", action="store_true", help="a subset of the rows at reduced size")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build every GPU-matrix row and run it on the CPU at reduced size (T/16, H/8, B/4)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference loop")
+    parser.add_argument("--compile", action="store_true", help="with --quick: time torch.compile too")
+    parser.add_argument("--compile-max-steps", type=int, help="compile the reference only up to this T*layers")
+    parser.add_argument("--eager-max-steps", type=int, help="time the eager reference only up to this T*layers")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
+    parser.add_argument("--no-interpret", action="store_true", help="skip the Triton interpreter pass (CPU)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
+                        help="fastrnn backend timed as 'fastrnn' (default auto)")
+    parser.add_argument("--time-failed", action="store_true",
+                        help="time rows that fail the float64 check too (they are still reported failed)")
+    parser.add_argument("--budget-s", type=float,
+                        help="start no new row after this many seconds (the rest are reported skipped)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's choice, or 1 when the machine is already busy)")
+    parser.add_argument("--allow-tf32", action="store_true",
+                        help="allow TF32 on GPU for torch matmuls and cuDNN (fp32 rows then get the 1e-2 tolerance)")
+    return parser.parse_args(argv)
+
+
+def choose_rows(args: argparse.Namespace, device: torch.device) -> tuple[str, tuple[matrix.Row, ...]]:
+    """The mode name and the rows it runs."""
+    if args.dry_run:
+        rows = tuple(r.scaled(**matrix.DRY_RUN_DIVISORS) for r in matrix.GPU_MATRIX)
+        return "dry-run", matrix.select(rows, args.rows)
+    on_gpu = device.type == "cuda"
+    rows = matrix.GPU_MATRIX if on_gpu else matrix.CPU_MATRIX
+    if args.quick:
+        keep = matrix.QUICK_GPU_ROWS if on_gpu else matrix.QUICK_CPU_ROWS
+        divisor = matrix.QUICK_GPU_STEPS_DIVISOR if on_gpu else matrix.QUICK_CPU_STEPS_DIVISOR
+        rows = tuple(r.scaled(steps=divisor) for r in rows if r.name in keep)
+        return "quick", matrix.select(rows, args.rows)
+    return "full", matrix.select(rows, args.rows)
+
+
+def make_plan(args: argparse.Namespace, device: torch.device, mode: str) -> Plan:
+    changes = {"backend": args.backend, "time_failed": args.time_failed}
+    if args.no_compile:
+        changes["compile"] = False
+    elif mode == "quick" and not args.compile:
+        changes.update(compile=False, compile_skip_reason="--quick (pass --compile to time it)")
+    if args.compile_max_steps is not None:
+        changes["compile_max_steps"] = args.compile_max_steps
+    if args.eager_max_steps is not None:
+        changes["eager_max_steps"] = args.eager_max_steps
+    return Plan.for_device(device, dry_run=mode == "dry-run", **changes)
+
+
+def choose_threads(requested: int | None, device: torch.device) -> str | None:
+    """Set torch's CPU threads: ``requested`` if given, else :func:`environment.calm_threads`
+    (CPU runs only). Returns a note saying what was chosen and why, or None."""
+    if requested:
+        torch.set_num_threads(requested)
+        return f"torch threads: {requested} (--threads)"
+    return environment.calm_threads() if device.type == "cpu" else None
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def private_inductor_cache() -> None:
+    """Give torch.compile a cache folder of this run's own (unless the user chose one): the
+    shared default under /tmp can be cleared by other processes mid-compile."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        path = tempfile.mkdtemp(prefix="fastrnn-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    private_inductor_cache()
+    started = time.perf_counter()
+    device = torch.device("cpu") if args.dry_run else environment.detect_device()
+    if device.type == "cuda":  # fp32 means fp32 for fastrnn and torch.nn (cuDNN) alike, unless asked
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    threads_note = choose_threads(args.threads, device)
+    mode, rows = choose_rows(args, device)
+    plan = make_plan(args, device, mode)
+    env = environment.describe(device)
+    env["threads_note"] = threads_note
+    if threads_note:
+        log(threads_note)
+    log(f"fastrnn bench: {mode} on {env['card'] or env['cpu_model']}; torch {env['torch']}, triton {env['triton']}; "
+        f"{len(rows)} rows")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    label = env["device"] + ("" if mode == "full" else f"-{mode}")
+    json_path = args.out / f"{label}-{env['date_utc'][:10]}.json"
+    data = {
+        "schema": 1,
+        "mode": mode,
+        "complete": False,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "environment": env,
+        "plan": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in dataclasses.asdict(plan).items()},
+        "rows": [],
+        "sweep": {"rows": []},
+        "interpreter": None,
+        "seconds": 0.0,
+    }
+
+    def save() -> None:
+        """Write what there is so far (a run cut short still leaves its rows behind)."""
+        data["seconds"] = round(time.perf_counter() - started, 1)
+        json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+    def run(row: matrix.Row, row_plan: Plan) -> dict:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            record = skipped_record(row, f"time budget of {args.budget_s:.0f} s spent")
+            log(f"    {row.name}: skipped (time budget)")
+            return record
+        return run_row(row, row_plan, log=lambda line: log(f"    {line}"))
+
+    for index, row in enumerate(rows, 1):
+        log(f"[{index}/{len(rows)}] {row.name} {row.describe()} ...")
+        data["rows"].append(run(row, plan))
+        save()
+
+    sweep = data["sweep"]
+    if not args.no_sweep:
+        sweep_rows = matrix.batch_sweep(device.type, dry_run=args.dry_run)
+        if mode == "quick":
+            sweep_rows = sweep_rows[::2]
+        sweep["shape"] = sweep_rows[0].describe().replace(f"B{sweep_rows[0].batch} ", "")
+        sweep_plan = dataclasses.replace(plan, references=False)
+        log(f"batch sweep: {sweep['shape']}, B in {[r.batch for r in sweep_rows]}")
+        for row in sweep_rows:
+            sweep["rows"].append(run(row, sweep_plan))
+            save()
+
+    if device.type == "cpu" and mode != "dry-run" and not args.no_interpret:
+        log("Triton kernels through the interpreter (child process) ...")
+        interpreter = data["interpreter"] = interpret.run_pass()
+        for case in interpreter.get("cases", []):
+            err = f" err {case['max_rel_err']:.1e}" if "max_rel_err" in case else ""
+            log(f"    {case['case']:<22} {case['status']}{err} {case.get('message', '')[:100]}")
+        if interpreter.get("error"):
+            log(f"    interpreter pass failed: {interpreter['error'][:300]}")
+
+    env["load_average_end"] = environment.load_average()
+    data["complete"] = True
+    save()
+    md_path = report.write_report(json_path)
+    print(report.text_table(data))
+    print(f"\nwrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    bad = [r["name"] for r in data["rows"] + sweep["rows"] if r["status"] in ("failed", "error", "missing")]
+    if bad:
+        log(f"rows not ok: {', '.join(bad)}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Turn a results JSON into a terminal table, a markdown report and PNG plots.
+
+Everything here reads the JSON file, never the live measurements, so a report can be redrawn
+from any results file:
+
+    python -m bench.report bench/results/cpu-2025-01-31.json [--out DIR]
+
+writes ``<stem>.md``, ``<stem>-speedup.png`` and ``<stem>-batch-sweep.png`` next to the JSON
+(or into ``--out``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODE_LABEL = {"forward": "fwd", "train": "fwd+bwd"}
+#: fastrnn must reach this fraction of torch.nn's speed (forward+backward) on the CPU matrix.
+CPU_REQUIREMENT = 0.9
+
+
+def load(path: Path | str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------ formatting
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _median(row: dict, variant: str | None, mode: str) -> float | None:
+    if not variant:
+        return None
+    return row["variants"].get(variant, {}).get(mode, {}).get("median_ms")
+
+
+def _variant_cell(row: dict, variant: str, mode: str) -> str:
+    entry = row["variants"].get(variant)
+    if entry is None:
+        return "-"
+    if "skipped" in entry:
+        return "skip"
+    if "error" in entry.get(mode, {}):
+        return "error"
+    return _ms(_median(row, variant, mode))
+
+
+def _speedup(row: dict, mode: str) -> str:
+    value = row.get("speedup", {}).get(mode)
+    paired = row.get("paired_speedup", {}).get(mode)
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" + ("" if paired is None else f" (paired {paired:.2f}x)")
+
+
+def _anchor_name(row: dict, mode: str) -> str:
+    anchor = row.get("anchor", {}).get(mode)
+    return anchor.removeprefix("torch_") if anchor else "-"
+
+
+def _bytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f} MiB"
+
+
+def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the results table (times in ms, medians)."""
+    header = ["row", "shape", "status", "rel err", "fastrnn fwd", "torch.nn fwd", "speedup fwd",
+              "fastrnn f+b", "torch.nn f+b", "speedup f+b", "compiled ref f+b", "eager ref f+b",
+              "us/step f+b", "TFLOP/s f+b", "peak mem f+b"]
+    cells = []
+    for row in data["rows"]:
+        check = row.get("check", {})
+        err = f"{check['max_rel_err']:.1e}" if "max_rel_err" in check else "-"
+        fast_train = row["variants"].get("fastrnn", {}).get("train", {})
+        line = [row["name"], row["description"], row["status"], err]
+        for mode in ("forward", "train"):
+            anchor = row.get("anchor", {}).get(mode)
+            torch_cell = "-" if not anchor else f"{_ms(_median(row, anchor, mode))} ({_anchor_name(row, mode)})"
+            line += [_variant_cell(row, "fastrnn", mode), torch_cell, _speedup(row, mode)]
+        line += [_variant_cell(row, "compiled_ref", "train"), _variant_cell(row, "eager_ref", "train")]
+        us = fast_train.get("us_per_step")
+        tflops = fast_train.get("tflops")
+        line += ["-" if us is None else f"{us:.3g}", "-" if tflops is None else f"{tflops:.3g}",
+                 _bytes(fast_train.get("peak_mem_bytes"))]
+        cells.append(line)
+    return header, cells
+
+
+def text_table(data: dict) -> str:
+    """The results table as aligned plain text (for the terminal)."""
+    header, cells = table_rows(data)
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *cells)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in cells]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ plots
+def _plotted_speedup(row: dict, mode: str) -> float | None:
+    """The paired estimate where there is one (CPU), else the ratio of medians."""
+    paired = row.get("paired_speedup", {}).get(mode)
+    return paired if paired is not None else row.get("speedup", {}).get(mode)
+
+
+def plot_speedup(data: dict, path: Path) -> Path:
+    """Bar chart: fastrnn's speedup over the torch.nn anchor per row, forward and forward+backward."""
+    rows = data["rows"]
+    names = [r["name"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4.2))
+    width = 0.38
+    for offset, mode, color in ((-width / 2, "forward", "#4C72B0"), (width / 2, "train", "#DD8452")):
+        values = [_plotted_speedup(r, mode) for r in rows]
+        xs = [i + offset for i in range(len(rows))]
+        bars = ax.bar(xs, [v or 0 for v in values], width, label=MODE_LABEL[mode], color=color)
+        for bar, value, row in zip(bars, values, rows):
+            label = f"{value:.2f}" if value is not None else row["status"]
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    if data["environment"]["device_type"] == "cpu" and data.get("mode") != "dry-run":
+        ax.axhline(CPU_REQUIREMENT, color="red", linewidth=0.8, linestyle="--", label=f"required {CPU_REQUIREMENT}x")
+    ax.set_xticks(range(len(rows)), names)
+    ax.set_ylabel("speedup over torch.nn (x)")
+    ax.set_title(f"fastrnn vs torch.nn: {data['environment']['device']} ({data.get('mode', 'full')})")
+    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    ax.set_ylim(0, max([1.35] + [1.3 * (_plotted_speedup(r, m) or 0) for r in rows for m in ("forward", "train")]))
+    if any(r.get("paired_speedup") for r in rows):
+        ax.set_ylabel("speedup over torch.nn (x), median of per-round ratios")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(data: dict, path: Path) -> Path | None:
+    """Microseconds per timestep against batch size (the batch sweep), fastrnn and torch.nn."""
+    sweep = data.get("sweep", {}).get("rows", [])
+    if not sweep:
+        return None
+    series = {
+        ("fastrnn", "train"): ("fastrnn fwd+bwd", "-o", "#DD8452"),
+        ("anchor", "train"): ("torch.nn fwd+bwd", "--o", "#55A868"),
+        ("fastrnn", "forward"): ("fastrnn fwd", "-s", "#4C72B0"),
+        ("anchor", "forward"): ("torch.nn fwd", "--s", "#8172B2"),
+    }
+    lines = {}
+    for (who, mode), style in series.items():
+        points = []
+        for row in sweep:
+            variant = "fastrnn" if who == "fastrnn" else row.get("anchor", {}).get(mode)
+            entry = row["variants"].get(variant or "", {}).get(mode, {})
+            if "us_per_step" in entry:
+                points.append((row["config"]["batch"], entry["us_per_step"]))
+        if points:
+            lines[style] = points
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for (label, style, color), points in lines.items():
+        ax.plot(*zip(*points), style, label=label, color=color, markersize=4)
+    ax.set_xscale("log", base=2)
+    batches = sorted({row["config"]["batch"] for row in sweep})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("microseconds per timestep (median)")
+    ax.set_title(f"batch sweep: {data['sweep'].get('shape', '')}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------ markdown
+def _environment_lines(env: dict) -> list[str]:
+    git = env.get("git", {})
+    commit = (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+    lines = [
+        f"- device: **{env.get('card') or env.get('device')}**"
+        + (f", driver {env['driver']}" if env.get("driver") else ""),
+        f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, triton {env.get('triton')}, "
+        f"python {env.get('python')}",
+        f"- CPU: {env.get('cpu_model')} ({env.get('cpu_count')} cores; torch threads {env.get('torch_threads')})",
+        f"- commit {commit}; measured {env.get('date_utc')}",
+    ]
+    if env.get("threads_note"):
+        lines.append(f"- {env['threads_note']}")
+    if env.get("load_average"):
+        lines.append(f"- load average (1/5/15 min) at the start: {', '.join(f'{x:.1f}' for x in env['load_average'])}"
+                     + (f"; at the end: {', '.join(f'{x:.1f}' for x in env['load_average_end'])}"
+                        if env.get("load_average_end") else ""))
+    if env.get("device_type") == "cuda":
+        tf32 = env.get("tf32", {})
+        lines.append(f"- TF32: matmul {tf32.get('matmul')}, cuDNN {tf32.get('cudnn')}")
+    return lines
+
+
+def _requirement_lines(data: dict) -> list[str]:
+    if data["environment"]["device_type"] != "cpu" or data.get("mode") == "dry-run":
+        return []
+    lines = ["", f"## Requirement: fastrnn at least {CPU_REQUIREMENT}x torch.nn forward+backward (CPU)", ""]
+    lines.append("torch.nn time / fastrnn time. fastrnn and torch.nn are timed in alternating rounds; the verdict "
+                 "uses the median of the per-round ratios (each pair saw the same load from the rest of the "
+                 "machine), the ratios of the medians and of the minimums are shown beside it.")
+    lines.append("")
+    for row in data["rows"]:
+        value = row.get("speedup", {}).get("train")
+        paired = row.get("paired_speedup", {}).get("train")
+        fastest = row.get("min_speedup", {}).get("train")
+        decisive = paired if paired is not None else value
+        verdict = "no measurement" if decisive is None else "pass" if decisive >= CPU_REQUIREMENT else "FAIL"
+        shown = "-" if decisive is None else f"**{decisive:.3f}x**"
+        extra = [f"{label} {v:.3f}x" for label, v in (("medians", value), ("minimums", fastest)) if v is not None]
+        lines.append(f"- {row['name']} {row['description']}: {shown} ({verdict}; {', '.join(extra)})")
+    return lines
+
+
+def _interpreter_lines(data: dict) -> list[str]:
+    interp = data.get("interpreter")
+    if not interp:
+        return []
+    lines = ["", "## Triton kernels through the interpreter (CPU, float64 reference)", ""]
+    if interp.get("error"):
+        return lines + [f"The interpreter pass did not run: `{interp['error']}`"]
+    lines += ["| case | shape | status | rel err | note |", "|---|---|---|---|---|"]
+    for case in interp["cases"]:
+        err = f"{case['max_rel_err']:.1e}" if "max_rel_err" in case else "-"
+        note = (case.get("message") or "").replace("|", "/").replace("\n", " ")[:120]
+        lines.append(f"| {case['case']} | {case['description']} | {case['status']} | {err} | {note} |")
+    lines.append(f"\n({interp.get('seconds', 0):.0f} s in a child process with "
+                 "TRITON_INTERPRET=1 FASTRNN_BACKEND=triton)")
+    return lines
+
+
+def _notes(data: dict) -> list[str]:
+    notes = []
+    for row in data["rows"] + data.get("sweep", {}).get("rows", []):
+        if row["status"] == "failed":
+            c = row["check"]
+            others = ", ".join(f"{k} {v:.1e}" for k, v in c.get("others", {}).items())
+            notes.append(f"- {row['name']}: check failed, {c['worst']} rel err {c['max_rel_err']:.2e} > "
+                         f"{c['tolerance']:.0e}" + (f" (torch.nn in the same dtype: {others})" if others else ""))
+        if row.get("error"):
+            kind = {"skipped": "skipped", "missing": "kernel missing"}.get(row["status"], "error")
+            notes.append(f"- {row['name']}: {kind}, `{row['error']}`")
+        for name, variant in row.get("variants", {}).items():
+            if "skipped" in variant and variant["skipped"] != "not measured for this row":
+                notes.append(f"- {row['name']} {name}: skipped, {variant['skipped']}")
+            for mode in ("forward", "train"):
+                if "error" in variant.get(mode, {}):
+                    notes.append(f"- {row['name']} {name} {MODE_LABEL[mode]}: `{variant[mode]['error'][:200]}`")
+    return ["", "## Notes", ""] + notes if notes else []
+
+
+def markdown(data: dict, plots: dict[str, Path | None]) -> str:
+    """The markdown report of ``data``; ``plots`` maps a title to a PNG path (relative links)."""
+    env = data["environment"]
+    plan = data.get("plan", {})
+    header, cells = table_rows(data)
+    title = f"# fastrnn benchmark: {env['device']}, {env['date_utc'][:10]} ({data.get('mode', 'full')})"
+    if not data.get("complete", True):
+        title += " -- INCOMPLETE: the run stopped before the end"
+    lines = [title, ""]
+    lines += _environment_lines(env)
+    lines += [
+        "",
+        "Medians in milliseconds; the JSON next to this file holds the 20/80 percentiles and every raw figure. "
+        "`fwd` is an inference forward (no_grad); `f+b` is forward and backward (input and weight gradients). "
+        "The torch.nn column names the dtype of the anchor (on GPU, the faster of fp16 and bf16 for half rows). "
+        "Each row is checked against float64 (output, final states, every gradient) before it is timed; a row "
+        "over its tolerance is reported failed and not timed. "
+        f"Skip rules: eager reference past T*layers {plan.get('eager_max_steps')}, compiled reference past "
+        f"{plan.get('compile_max_steps')}" + ("" if plan.get("compile", True) else " (compile disabled)") + ".",
+        "",
+        markdown_table(header, cells),
+    ]
+    lines += _requirement_lines(data)
+    for title, path in plots.items():
+        if path is not None:
+            lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
+    if data.get("sweep", {}).get("rows"):
+        sweep_header, sweep_cells = table_rows({"rows": data["sweep"]["rows"]})
+        lines += ["", "### Batch sweep figures", "", markdown_table(sweep_header, sweep_cells)]
+    lines += _interpreter_lines(data)
+    lines += _notes(data)
+    lines.append(f"\nTotal run time {data.get('seconds', 0):.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(json_path: Path | str, out_dir: Path | str | None = None) -> Path:
+    """Draw the plots and write the markdown report of the results file ``json_path``."""
+    json_path = Path(json_path)
+    out_dir = Path(out_dir) if out_dir else json_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load(json_path)
+    stem = json_path.stem
+    plots = {
+        "Speedup over torch.nn": plot_speedup(data, out_dir / f"{stem}-speedup.png"),
+        "Microseconds per step against batch size": plot_sweep(data, out_dir / f"{stem}-batch-sweep.png"),
+    }
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown(data, plots))
+    return md_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="a results JSON written by python -m bench")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: next to the JSON)")
+    args = parser.parse_args(argv)
+    md_path = write_report(args.results, args.out)
+    print(text_table(load(args.results)))
+    print(f"\nwrote {md_path}")
+
+
+if __name__ == "__main__":
+    main()
