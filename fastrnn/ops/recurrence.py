@@ -20,9 +20,11 @@ ahead-of-time compiles for sm_90 (``python -m fastrnn.ops.aot``, checked by
 (triton 3.9, 16-row batch tiles, with lengths): the Elman kernels at BLOCK_H 256 bf16 spill
 (255 registers + 56-176 bytes of stack at 8 or 16 warps) while 128 bf16 uses 128 registers at
 8 warps; an fp32 ``ieee`` dot runs on FMA units and replicates ``W`` across threads, so fp32 stops
-at 64 (199 registers forward at 8 warps). Tiled: 64-wide tiles need 8 warps and
-``num_stages=2``: 4 warps spill, and at one stage the fp32 backward keeps an 8-byte stack
-frame (a spill) even at 128 registers; two stages: 179 registers, no stack.
+at 64 (199 registers forward at 8 warps). Tiled (``TILED_CONFIG``): the Elman kernels need
+8 warps and ``num_stages=2`` at 64-wide tiles (4 warps spill; one stage leaves the fp32 backward an
+8-byte stack frame); the GRU kernels are clean on sm_90 only at 8 warps and one stage (two or
+three stages: 255 registers and 32-56 bytes of stack in fp32). On sm_80 a few tiled variants keep
+a small stack frame while using no local memory; ``python -m fastrnn.ops.aot`` lists them.
 """
 
 from __future__ import annotations
@@ -55,7 +57,13 @@ RESIDENT_MAX_BLOCK_H = {
     (3, False): (64, 8), (3, True): (32, 4),
     (4, False): (64, 8), (4, True): (32, 4),
 }
-TILE = 64
+#: The tiled strategy's (tile width, warps, pipeline stages), by (gates, fp32?).
+TILED_CONFIG = {
+    (1, False): (64, 8, 2), (1, True): (64, 8, 2),
+    (3, False): (64, 8, 1), (3, True): (64, 8, 1),
+    (4, False): (64, 8, 1), (4, True): (64, 8, 1),
+}
+TILE = 64  # the widest tile any cell uses (the compile check's tiled size is 4 * TILE)
 BLOCK_B = 16  # tl.dot needs tiles of at least 16 rows
 
 
@@ -74,7 +82,8 @@ def plan(gates: int, hidden: int, dtype: torch.dtype) -> Plan:
     max_block, warps = RESIDENT_MAX_BLOCK_H[gates, dtype == torch.float32]
     if block_h <= max_block:
         return Plan("resident", BLOCK_B, block_h, warps if block_h == max_block else 4, 3)
-    return Plan("tiled", BLOCK_B, TILE, 8, 2)
+    tile, warps, stages = TILED_CONFIG[gates, dtype == torch.float32]
+    return Plan("tiled", BLOCK_B, tile, warps, stages)
 
 
 def launch(name: str, gates: int, kernel_pair: tuple, args: list, meta: dict, *, B: int, H: int, D: int, dtype: torch.dtype, device) -> None:

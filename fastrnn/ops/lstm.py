@@ -1,0 +1,221 @@
+"""LSTM (with and without projection) on the fused kernels of ``fastrnn.kernels.lstm``.
+
+Read top to bottom: strategy choice, launch helper, forward launcher, backward launcher,
+``LSTMFunction``, ``lstm_layer``.
+
+Strategy (``lstm_plan``): ``plan(4, H, dtype)`` of :mod:`fastrnn.ops.recurrence` (resident for
+``BLOCK_H <= 32`` in fp32, ``<= 64`` in fp16/bf16; tiled beyond), warps and stages included. With
+projection the resident kernels pad ``h`` (``P`` units) to ``BLOCK_H`` and keep ``W_hr`` on chip as
+a fifth ``BLOCK_H x BLOCK_H`` block, so ``P`` does not change the choice. Ahead-of-time compiles
+(triton 3.9) of the heaviest form (projection, lengths, clip, flow record, ``ieee`` dots) as
+``tests/test_kernel_compile.py`` runs them, registers per thread (sm_90 / sm_80), no stack in any:
+
+======================================= =========== =========== ============
+kernel                                  fp32        bf16        warps/stages
+======================================= =========== =========== ============
+resident fwd (BLOCK_H fp32 32, bf16 64) 189 / 200   133 / 128   4/3, 8/3
+resident bwd (BLOCK_H fp32 32, bf16 64) 202 / 197   179 / 128   4/3, 8/3
+tiled fwd (64 wide, reduce 32)          222 / 250   226 / 212   8 / 1 or 2
+tiled bwd (64 wide, reduce 32)          244 / 173   233 / 250   8 / 1 or 2
+======================================= =========== =========== ============
+
+The tiled kernels' reduction loops run unpipelined (``tl.range(..., num_stages=1)``, so the
+launch's stage count does not matter) and reduce over ``REDUCE_TILE = 32``: pipelined, or 64 wide,
+the fp32 tiled kernels spill (24-136 B of stack). In some lighter forms (no projection, or no
+lengths) ptxas parks a few values of the resident kernels on the stack before the time loop and
+reloads them after it, for the final ``h_n`` / ``dh0`` / ``dc0`` stores (2-14 local-memory
+instructions per launch, none inside any loop).
+
+What the forward saves for the backward (besides the layer output ``y``, which the next layer or
+the loss holds anyway, the weights and the initial state):
+
+* ``gates (T, B, D*4H)``: the activated gates ``sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)``;
+* ``c (T, B, D*H)``: the cell state after every step;
+
+both in the compute dtype: ``5H`` values per row, step and direction, i.e. ``20H`` bytes in fp32
+and ``10H`` bytes in fp16/bf16 -- the ``4H + H`` values of cuDNN's LSTM reserve space for the same
+shape, no more. The backward kernel recomputes only ``tanh(c_t)``; with projection
+``m_t = sigmoid(o_t) tanh(c_t)`` is recomputed on the host (one elementwise pass) for ``dW_hr``.
+The cell state is fp32 inside the kernels; only its saved copy is in the compute dtype, and
+``c_n`` is sliced from it (each direction's last step). The backward allocates ``dgates`` (``4H``
+values per row, step, direction) and, projecting, ``dhp`` (``P``) and a transient ``m`` (``H``).
+
+Backward: one launch writes ``dgates (T, B, D*4H)`` (the gradient of ``gx``, hence of ``W_ih``,
+``b_ih``, ``b_hh`` and ``x`` by autograd of the input GEMM) and, projecting, ``dhp (T, B, D*P)``;
+then ``dW_hh = sum_t dgates_t^T h_{t-1}`` and ``dW_hr = sum_t dhp_t^T m_t`` are batched GEMMs.
+``grad_clip`` clamps the four gate pre-activation gradients of every step (as the reference's
+hook on ``gx + h W_hh^T + b_hh`` does); ``flow_record`` receives ``||dL/dh_t||`` per direction and
+step, ``h_t`` being the (projected) output of the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from einops import rearrange
+from torch import Tensor
+
+from fastrnn.kernels import lstm as kernels
+from fastrnn.ops.recurrence import (
+    Plan,
+    compute_dtype,
+    count_launch,
+    input_precision,
+    input_projection,
+    kernel_lengths,
+    kernel_weight,
+    plan,
+    previous_states,
+    recurrent_weight_grad,
+    stack_params,
+)
+
+
+def lstm_plan(hidden: int, proj: int, dtype: torch.dtype) -> Plan:
+    """Strategy and block sizes for cell size ``hidden`` and projection size ``proj`` (0: none):
+    ``plan(4, hidden, dtype)``. The projection does not change the choice: the resident kernels pad
+    ``h`` (``proj`` units) to ``BLOCK_H`` and hold ``W_hr`` as a fifth ``BLOCK_H x BLOCK_H`` block,
+    and that form compiles without spills at the largest resident size (module docstring)."""
+    return plan(4, hidden, dtype)
+
+
+def _launch(name: str, kernel_pair: tuple, args: list, scratch: list, meta: dict, like: Tensor, *, H: int, K: int, proj: bool):
+    """Launch the resident or tiled kernel of ``kernel_pair`` as :func:`lstm_plan` says, on the grid
+    ``(cdiv(B, BLOCK_B), D)``. The tiled kernel takes fp32 scratch buffers of the shapes in
+    ``scratch`` after ``args`` (``None``: a dummy pointer, never read)."""
+    p = lstm_plan(H, K if proj else 0, like.dtype)
+    grid = (triton.cdiv(meta["B"], p.block_b), meta["D"])
+    meta = dict(meta, HAS_PROJ=proj, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
+    resident, tiled = kernel_pair
+    if p.strategy == "resident":
+        resident[grid](*args, **meta)
+    else:
+        buffers = [like if shape is None else torch.empty(shape, device=like.device, dtype=torch.float32) for shape in scratch]
+        tiled[grid](*args, *buffers, **meta)
+    count_launch(f"{name}_{p.strategy}")
+
+
+def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None):
+    """``gx (T, B, D*4H)``, ``w_hh (D, 4H, K)``, ``w_hr (D, P, H)`` or None, ``h0 (D, B, K)``,
+    ``c0 (D, B, H)`` -> ``y (T, B, D*K)``, ``h_n (D, B, K)``, ``c_n (D, B, H)`` and the saved
+    ``gates (T, B, D*4H)``, ``c (T, B, D*H)`` (compute dtype)."""
+    T, B, _ = gx.shape
+    D, _, H = c0.shape
+    K = h0.shape[2]
+    y = gx.new_empty((T, B, D * K))
+    h_n = torch.empty_like(h0)
+    gates = torch.empty_like(gx)
+    c = gx.new_empty((T, B, D * H))
+    if B == 0 or T == 0:
+        return y, h0.clone() if T == 0 else h_n, c0.clone(), gates, c
+    proj = w_hr is not None
+    w_hh_k = kernel_weight(w_hh)
+    args = [
+        gx.contiguous(), w_hh_k, kernel_weight(w_hr) if proj else w_hh_k, h0.contiguous(), c0.contiguous(),
+        kernel_lengths(lengths, gx), y, h_n, gates, c,
+    ]
+    _launch(
+        "lstm_fwd", (kernels.lstm_fwd_resident_kernel, kernels.lstm_fwd_tiled_kernel), args,
+        [(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
+        dict(T=T, B=B, H=H, K=K, D=D, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
+        gx, H=H, K=K, proj=proj,
+    )
+    return y, h_n, final_cell_state(c, D), gates, c
+
+
+def final_cell_state(c: Tensor, directions: int) -> Tensor:
+    """``c_n (D, B, H)`` from the saved cell states ``c (T, B, D*H)``: the state after each
+    direction's last step (``t = T-1`` forward, ``t = 0`` reverse; a row past its length keeps its
+    state, so this holds with lengths too)."""
+    per_direction = rearrange(c, "t b (d h) -> d t b h", d=directions)
+    last = [per_direction[0, -1]] + ([per_direction[1, 0]] if directions == 2 else [])
+    return torch.stack(last)
+
+
+def lstm_bwd(
+    dy: Tensor, dh_n: Tensor, dc_n: Tensor, gates: Tensor, c: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
+    lengths: Tensor | None, grad_clip: float | None = None, record_flow: bool = False,
+):
+    """Backward through time: ``dgates (T, B, D*4H)`` (gradient of ``gx``; gate pre-activation
+    gradients clamped to ``[-grad_clip, grad_clip]`` when given), ``dhp (T, B, D*P)`` (gradient of
+    each step's projected ``h``; None without projection), ``dh0``, ``dc0``, and with
+    ``record_flow`` the squared norms ``||dL/dh_t||^2`` per direction, step and row ``(D, T, B)``."""
+    T, B, _ = gates.shape
+    D, _, H = c0.shape
+    K = dh_n.shape[2]
+    proj = w_hr is not None
+    dgates = torch.empty_like(gates)
+    dhp = gates.new_empty((T, B, D * K)) if proj else None
+    dh0 = torch.empty_like(dh_n)
+    dc0 = torch.empty_like(dc_n)
+    flow = torch.zeros((D, T, B), device=gates.device, dtype=torch.float32) if record_flow else None
+    if B == 0:
+        return dgates, dhp, dh0, dc0, flow
+    w_hh_k = kernel_weight(w_hh)
+    args = [
+        dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, c, c0.contiguous(), w_hh_k,
+        kernel_weight(w_hr) if proj else w_hh_k, kernel_lengths(lengths, gates),
+        dgates, dhp if proj else dgates, dh0, dc0, dh0 if flow is None else flow,
+    ]
+    _launch(
+        "lstm_bwd", (kernels.lstm_bwd_resident_kernel, kernels.lstm_bwd_tiled_kernel), args,
+        [(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
+        dict(T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
+             INPUT_PRECISION=input_precision(gates.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
+        gates, H=H, K=K, proj=proj,
+    )
+    return dgates, dhp, dh0, dc0, flow
+
+
+def projection_weight_grad(dhp: Tensor, gates: Tensor, c: Tensor, directions: int) -> Tensor:
+    """``dW_hr[d] = sum_{t,b} dhp[t, b, d]^T m[t, b, d]`` with ``m = sigmoid(o) tanh(c)`` recomputed
+    from the saved gates and cell states: one batched GEMM, ``(D, P, H)``."""
+    o = rearrange(gates, "t b (d q h) -> q d (t b) h", d=directions, q=4)[3]
+    m = (o.float() * torch.tanh(rearrange(c, "t b (d h) -> d (t b) h", d=directions).float())).to(dhp.dtype)
+    return torch.bmm(rearrange(dhp, "t b (d p) -> d p (t b)", d=directions), m)
+
+
+class LSTMFunction(torch.autograd.Function):
+    """The LSTM recurrence of one layer (every direction): ``(gx, w_hh, w_hr, h0, c0) -> (y, h_n, c_n)``.
+
+    ``dW_hh`` and ``dW_hr`` are batched GEMMs after the backward kernel; ``dgates`` flows back
+    through the input projection GEMM by ordinary autograd."""
+
+    @staticmethod
+    def forward(ctx, gx, w_hh, w_hr, h0, c0, lengths, grad_clip, flow_record):
+        y, h_n, c_n, gates, c = lstm_fwd(gx, w_hh, w_hr, h0, c0, lengths)
+        ctx.save_for_backward(y, gates, c, w_hh, w_hr, h0, c0, lengths)
+        ctx.grad_clip, ctx.flow_record = grad_clip, flow_record
+        return y, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, dh_n: Tensor, dc_n: Tensor):
+        y, gates, c, w_hh, w_hr, h0, c0, lengths = ctx.saved_tensors
+        directions = h0.shape[0]
+        dgates, dhp, dh0, dc0, flow = lstm_bwd(
+            dy, dh_n, dc_n, gates, c, c0, w_hh, w_hr, lengths, ctx.grad_clip, ctx.flow_record is not None
+        )
+        if flow is not None:
+            ctx.flow_record.copy_(flow.sum(-1).sqrt())
+        dw_hh = dw_hr = None
+        if ctx.needs_input_grad[1]:
+            dw_hh = recurrent_weight_grad(dgates, previous_states(y, h0, lengths), directions)
+        if w_hr is not None and ctx.needs_input_grad[2]:
+            dw_hr = projection_weight_grad(dhp, gates, c, directions)
+        return dgates, dw_hh, dw_hr, dh0, dc0, None, None, None
+
+
+def lstm_layer(
+    cell: str, x: Tensor, h0: Tensor, c0: Tensor, params: list[dict], lengths: Tensor | None, nonlinearity: str,
+    grad_clip: float | None = None, flow_record: Tensor | None = None,
+):
+    """One LSTM layer, every direction in one launch; the signature of
+    :func:`fastrnn.reference.reference_layer`. Returns ``y (T, B, D*H_out)``, ``h_n (D, B, H_out)``,
+    ``c_n (D, B, H)``."""
+    dtype = compute_dtype(x)
+    gx = input_projection(x, params, dtype, fold_hidden_bias=True)
+    w_hh = stack_params(params, "w_hh", dtype)
+    w_hr = stack_params(params, "w_hr", dtype) if params[0]["w_hr"] is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        y, h_n, c_n = LSTMFunction.apply(gx, w_hh, w_hr, h0.to(dtype), c0.to(dtype), lengths, grad_clip, flow_record)
+    return y, h_n, c_n

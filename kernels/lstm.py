@@ -1,0 +1,575 @@
+"""LSTM kernels (with and without projection) over a whole sequence in one launch.
+
+Per step (``torch.nn.LSTM``)::
+
+    i, f, g, o = chunks of  gx_t + h_{t-1} W_hh^T          (gx = x W_ih^T + b_ih + b_hh)
+    c_t = sigmoid(f) c_{t-1} + sigmoid(i) tanh(g)          (fp32 state)
+    m_t = sigmoid(o) tanh(c_t)
+    h_t = m_t                 (no projection, K = H)
+    h_t = m_t W_hr^T          (projection, K = P = proj_size < H)
+
+``H`` is the cell size, ``K`` the size of ``h`` (the recurrent input and the output): ``H`` without
+projection, ``P`` with it. Every tensor is contiguous; ``D`` directions; "compute dtype" is the
+dtype of ``gx`` (fp32, fp16 or bf16); weights are in the compute dtype, except bf16 under Triton's
+interpreter (widened to fp32; each dot casts its left operand to the weight's dtype).
+
+Kernel arguments (shapes in elements):
+
+* ``gx``: ``(T, B, D*4H)`` compute dtype, one ``F.linear`` with the directions' ``W_ih`` stacked:
+  direction ``d``, gate ``k`` (0 i, 1 f, 2 g, 3 o), unit ``j`` at feature ``d*4H + k*H + j``.
+* ``w_hh``: ``(D, 4H, K)``, ``w_hh[d, k*H + n, j]`` weighs ``h`` unit ``j`` into gate ``k`` unit ``n``.
+* ``w_hr``: ``(D, P, H)`` (``HAS_PROJ``; else any pointer, never read), ``w_hr[d, p, n]`` weighs
+  ``m`` unit ``n`` into ``h`` unit ``p``.
+* ``h0``, ``h_n``, ``dh_n``, ``dh0``: ``(D, B, K)``. ``c0``, ``dc_n``, ``dc0``: ``(D, B, H)``; all in
+  the compute dtype. (``c_n`` is no kernel output: it is the saved ``c`` at each direction's last
+  step, ``c[T-1]`` forward and ``c[0]`` reverse, sliced by the launcher. Keeping a ``c_n`` store
+  after the time loop makes ptxas park its addresses on the stack.)
+* ``lengths``: ``(B,)`` int32 (``HAS_LENGTHS``; else any pointer, never read).
+* ``y``, ``dy``: ``(T, B, D*K)``, direction ``d`` in features ``d*K:(d+1)*K``; zero past a row's length.
+* ``gates`` (saved by the forward): ``(T, B, D*4H)`` compute dtype, the *activated* gates
+  ``sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)`` in ``gx``'s layout. Past a row's length they
+  are the identity step ``i = g = o = 0, f = 1``: the forward keeps ``c`` exactly (``1*c + 0``)
+  with ``m = 0``, and the backward's gate gradients there are exactly zero and ``dc`` passes
+  through (``dc * 1``) with no extra select.
+* ``c`` (saved by the forward): ``(T, B, D*H)`` compute dtype, the cell state after step ``t``
+  (past a row's length the state kept, so the reverse direction's ``c`` after a step the row
+  skipped is ``c0``). The state a step read is ``c[t-1]`` (forward direction) / ``c[t+1]``
+  (reverse), or ``c0`` at the walk's first step.
+* ``dgates`` (backward output): ``(T, B, D*4H)`` compute dtype, the gradient of the gate
+  pre-activations, i.e. of ``gx`` (and of ``b_hh``; ``dW_hh = sum_t dgates_t^T h_{t-1}``), clamped
+  to ``[-grad_clip, grad_clip]`` with ``CLIP``. Zero past a row's length.
+* ``dhp`` (backward output, ``HAS_PROJ``): ``(T, B, D*P)`` compute dtype, the total gradient
+  ``dy_t + dh_t`` of each step's ``h_t`` (for ``dW_hr = sum_t dhp_t^T m_t``); zero past a row's
+  length.
+* ``flow`` (backward output, ``RECORD_FLOW``; else any pointer, never written): ``(D, T, B)``
+  fp32, ``||dL/dh_t||^2`` of each row (0 past its length). ``grad_clip``: fp32 scalar (``CLIP``).
+* Tiled scratch (fp32, each element written before it is read): forward ``h_state (2, D, B, K)``,
+  ``c_state (2, D, B, H)``, ``m_state (D, B, H)`` (``HAS_PROJ``); backward ``dh_state (2, D, B, K)``,
+  ``dc_state (2, D, B, H)``, ``dm_state (D, B, H)`` (``HAS_PROJ``). Step ``s`` reads slot ``s % 2``
+  of the ping-pong buffers and writes the other.
+
+Grid: ``(cdiv(B, BLOCK_B), D)``; program ``(i, d)`` owns batch rows ``i*BLOCK_B ...`` of direction
+``d``. Direction 1 walks time backwards; a row past its length keeps its state (``h`` and ``c``)
+and writes zero output, so the reverse direction starts each row at its own last valid step.
+Offsets are int64; ``T`` is not specialised.
+
+Two strategies (chosen by ``fastrnn.ops.lstm.lstm_plan``):
+
+* ``*_resident``: ``BLOCK_H >= H``. ``W_hh``'s four gate blocks (``h`` padded from ``K`` to
+  ``BLOCK_H`` units) and ``W_hr`` are loaded on chip once; ``h``, ``c`` (forward) and ``dh``, ``dc``
+  (backward) stay in fp32 registers for the whole sequence.
+* ``*_tiled``: any size. Weights are re-read every step (from L2) in tiles: outputs ``BLOCK_H``
+  wide, reductions ``REDUCE_TILE`` wide. The fp32 state lives in the ping-pong scratch, with a
+  barrier between phases (all threads of the one program that owns the rows). Forward step:
+  (1) gate by gate, tile by tile over ``H``: pre-activations, cell update, saved gates and ``c``
+  (and ``h = m`` without projection); (2) projecting: ``h = m W_hr^T`` tile by tile over ``P``.
+  Backward step: (0) projecting: ``dhp = dy + dh`` over ``P``, then ``dm = dhp W_hr`` over ``H``;
+  (1) gate gradients and ``dc_{t-1}`` over ``H``; (2) ``dh_{t-1} = dgates W_hh`` over ``K``, the
+  four gates one reduction over ``4H``.
+"""
+import triton
+import triton.language as tl
+
+from fastrnn.kernels.activations import clamp_grad, sigmoid, squared_row_norm, tanh
+
+#: Width of the reduction tiles of the tiled kernels' products (their output tiles are ``BLOCK_H``
+#: wide): narrower than ``BLOCK_H`` keeps an fp32 FMA dot's operands within the registers of
+#: 8 warps (measured by ahead-of-time compiles for sm_90).
+REDUCE_TILE = tl.constexpr(32)
+
+
+@triton.jit
+def _step_time(s, T, direction):
+    """Position of step ``s`` in time: forward walks ``0..T-1``, reverse ``T-1..0``."""
+    return s + direction * (T - 1 - 2 * s)
+
+
+@triton.jit
+def _cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP: tl.constexpr):
+    """Gate gradients of one step from ``dm = dL/dm_t`` and the carried ``dc = dL/dc_t`` (fp32).
+
+    Returns the pre-activation gradients ``di, df, dg, do`` (clamped to ``[-grad_clip, grad_clip]``
+    with ``CLIP``) and ``dL/dc_{t-1}`` (never clamped: ``c`` is no pre-activation)."""
+    tc = tanh(c_t)
+    do = dm * tc * o * (1.0 - o)
+    dct = dc + dm * o * (1.0 - tc * tc)
+    di = dct * g * i * (1.0 - i)
+    df = dct * c_prev * f * (1.0 - f)
+    dg = dct * i * (1.0 - g * g)
+    if CLIP:
+        di = clamp_grad(di, grad_clip)
+        df = clamp_grad(df, grad_clip)
+        dg = clamp_grad(dg, grad_clip)
+        do = clamp_grad(do, grad_clip)
+    return di, df, dg, do, dct * f
+
+
+@triton.jit
+def _tiled_gate(gx_ptr, offs, ok, h_read, w_base, row_ok, cols_n, n_ok, H, K, q: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Pre-activation tile of gate ``q`` (tiled forward): ``gx + h_{t-1} W_hh[q]^T`` over the
+    columns ``cols_n``, accumulated over ``REDUCE_TILE``-wide tiles of ``h`` (fp32 scratch ``h_read``)."""
+    acc = tl.load(gx_ptr + offs + q * H, mask=ok, other=0.0).to(tl.float32)
+    for k0 in tl.range(0, K, REDUCE_TILE, num_stages=1):
+        cols_k = k0 + tl.arange(0, REDUCE_TILE)
+        k_ok = cols_k < K
+        h_k = tl.load(h_read + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # w_t[j, n] = W_hh[d, q*H + n, j]
+        w_t = tl.load(w_base + (q * H + cols_n[None, :]) * K + cols_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(h_k.to(w_t.dtype), w_t, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["T"])
+def lstm_fwd_resident_kernel(
+    gx_ptr, w_hh_ptr, w_hr_ptr, h0_ptr, c0_ptr, lengths_ptr,
+    y_ptr, h_n_ptr, gates_ptr, c_ptr,
+    T, B, H, K, D,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward, weights on chip. Writes ``y``, ``h_n`` and the saved ``gates``, ``c``."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    hc = tl.arange(0, BLOCK_H)
+    kc = tl.arange(0, BLOCK_H)  # h units (K <= H: padded to BLOCK_H)
+    h_ok = hc < H
+    k_ok = kc < K
+    d64 = direction.to(tl.int64)
+
+    # w_q[j, n] = W_hh[d, q*H + n, j]: gate q's recurrent product is h @ w_q.
+    w_base = w_hh_ptr + d64 * 4 * H * K
+    w_offs = hc[None, :] * K + kc[:, None]
+    w_mask = k_ok[:, None] & h_ok[None, :]
+    w_i = tl.load(w_base + w_offs, mask=w_mask, other=0.0)
+    w_f = tl.load(w_base + H * K + w_offs, mask=w_mask, other=0.0)
+    w_g = tl.load(w_base + 2 * H * K + w_offs, mask=w_mask, other=0.0)
+    w_o = tl.load(w_base + 3 * H * K + w_offs, mask=w_mask, other=0.0)
+    if HAS_PROJ:
+        # w_r[n, p] = W_hr[d, p, n]: the projection is m @ w_r.
+        w_r = tl.load(w_hr_ptr + d64 * K * H + kc[None, :] * H + hc[:, None], mask=h_ok[:, None] & k_ok[None, :], other=0.0)
+
+    h_tile = row_ok[:, None] & k_ok[None, :]
+    c_tile = row_ok[:, None] & h_ok[None, :]
+    h_state_offs = (direction * B + rows64)[:, None] * K + kc[None, :]
+    c_state_offs = (direction * B + rows64)[:, None] * H + hc[None, :]
+    h = tl.load(h0_ptr + h_state_offs, mask=h_tile, other=0.0).to(tl.float32)
+    c = tl.load(c0_ptr + c_state_offs, mask=c_tile, other=0.0).to(tl.float32)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for s in range(T):
+        t = _step_time(s, T, direction).to(tl.int64)
+        step = t * B + rows64
+        g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + hc[None, :]
+        hw = h.to(w_i.dtype)
+        i = sigmoid(tl.load(gx_ptr + g_offs, mask=c_tile, other=0.0).to(tl.float32)
+                    + tl.dot(hw, w_i, input_precision=INPUT_PRECISION))
+        f = sigmoid(tl.load(gx_ptr + g_offs + H, mask=c_tile, other=0.0).to(tl.float32)
+                    + tl.dot(hw, w_f, input_precision=INPUT_PRECISION))
+        g = tanh(tl.load(gx_ptr + g_offs + 2 * H, mask=c_tile, other=0.0).to(tl.float32)
+                 + tl.dot(hw, w_g, input_precision=INPUT_PRECISION))
+        o = sigmoid(tl.load(gx_ptr + g_offs + 3 * H, mask=c_tile, other=0.0).to(tl.float32)
+                    + tl.dot(hw, w_o, input_precision=INPUT_PRECISION))
+        if HAS_LENGTHS:
+            # Past a row's length: the identity step (c unchanged, m = 0, output 0).
+            valid = (t < length)[:, None]
+            i = tl.where(valid, i, 0.0)
+            f = tl.where(valid, f, 1.0)
+            g = tl.where(valid, g, 0.0)
+            o = tl.where(valid, o, 0.0)
+        c = f * c + i * g
+        m = o * tanh(c)
+        if HAS_PROJ:
+            out = tl.dot(m.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
+        else:
+            out = m
+        if HAS_LENGTHS:
+            h = tl.where(valid, out, h)
+        else:
+            h = out
+        tl.store(y_ptr + step[:, None] * (D * K) + direction * K + kc[None, :], out.to(y_ptr.dtype.element_ty), mask=h_tile)
+        tl.store(gates_ptr + g_offs, i.to(gates_ptr.dtype.element_ty), mask=c_tile)
+        tl.store(gates_ptr + g_offs + H, f.to(gates_ptr.dtype.element_ty), mask=c_tile)
+        tl.store(gates_ptr + g_offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=c_tile)
+        tl.store(gates_ptr + g_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=c_tile)
+        tl.store(c_ptr + step[:, None] * (D * H) + direction * H + hc[None, :], c.to(c_ptr.dtype.element_ty), mask=c_tile)
+    tl.store(h_n_ptr + h_state_offs, h.to(h_n_ptr.dtype.element_ty), mask=h_tile)
+
+
+@triton.jit(do_not_specialize=["T"])
+def lstm_bwd_resident_kernel(
+    dy_ptr, dh_n_ptr, dc_n_ptr, gates_ptr, c_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
+    dgates_ptr, dhp_ptr, dh0_ptr, dc0_ptr, flow_ptr,
+    T, B, H, K, D, grad_clip,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward through time, weights on chip; ``dh`` and ``dc`` carried in fp32 registers.
+
+    Per step: ``dh_t = dy_t + dh`` (written to ``dhp`` when projecting), ``dm = dh_t W_hr``
+    (or ``dh_t``), the gate gradients into ``dgates``, ``dc_{t-1} = dc_t sigmoid(f)``,
+    ``dh_{t-1} = dgates W_hh``. Steps past a row's length pass ``dh``, ``dc`` through and write 0.
+    """
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    hc = tl.arange(0, BLOCK_H)
+    kc = tl.arange(0, BLOCK_H)  # h units (K <= H: padded to BLOCK_H)
+    h_ok = hc < H
+    k_ok = kc < K
+    d64 = direction.to(tl.int64)
+
+    # w_q[n, j] = W_hh[d, q*H + n, j]: the gradient to h_{t-1} is sum_q dgate_q @ w_q.
+    w_base = w_hh_ptr + d64 * 4 * H * K
+    w_offs = hc[:, None] * K + kc[None, :]
+    w_mask = h_ok[:, None] & k_ok[None, :]
+    w_i = tl.load(w_base + w_offs, mask=w_mask, other=0.0)
+    w_f = tl.load(w_base + H * K + w_offs, mask=w_mask, other=0.0)
+    w_g = tl.load(w_base + 2 * H * K + w_offs, mask=w_mask, other=0.0)
+    w_o = tl.load(w_base + 3 * H * K + w_offs, mask=w_mask, other=0.0)
+    if HAS_PROJ:
+        # w_r[p, n] = W_hr[d, p, n]: dm = dh @ w_r.
+        w_r = tl.load(w_hr_ptr + d64 * K * H + kc[:, None] * H + hc[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+
+    h_tile = row_ok[:, None] & k_ok[None, :]
+    c_tile = row_ok[:, None] & h_ok[None, :]
+    h_state_offs = (direction * B + rows64)[:, None] * K + kc[None, :]
+    c_state_offs = (direction * B + rows64)[:, None] * H + hc[None, :]
+    dh = tl.load(dh_n_ptr + h_state_offs, mask=h_tile, other=0.0).to(tl.float32)
+    dc = tl.load(dc_n_ptr + c_state_offs, mask=c_tile, other=0.0).to(tl.float32)
+    c_init = tl.load(c0_ptr + c_state_offs, mask=c_tile, other=0.0).to(tl.float32)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for s in range(T):
+        # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
+        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        # The step the forward walk took just before t (clamped; c0 replaces it at the walk's start).
+        t_prev = t - 1 + 2 * direction
+        first = (t_prev < 0) | (t_prev >= T)
+        t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
+        step = t * B + rows64
+        y_offs = step[:, None] * (D * K) + direction * K + kc[None, :]
+        g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + hc[None, :]
+        c_offs = direction * H + hc[None, :]
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+
+        dh_t = tl.load(dy_ptr + y_offs, mask=h_tile, other=0.0).to(tl.float32) + dh
+        if RECORD_FLOW:
+            if HAS_LENGTHS:
+                flow = squared_row_norm(dh_t, valid)
+            else:
+                flow = squared_row_norm(dh_t, row_ok[:, None])
+            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
+        if HAS_PROJ:
+            if HAS_LENGTHS:
+                dh_t = tl.where(valid, dh_t, 0.0)
+            tl.store(dhp_ptr + y_offs, dh_t.to(dhp_ptr.dtype.element_ty), mask=h_tile)
+            dm = tl.dot(dh_t.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
+        else:
+            dm = dh_t
+        i = tl.load(gates_ptr + g_offs, mask=c_tile, other=0.0).to(tl.float32)
+        f = tl.load(gates_ptr + g_offs + H, mask=c_tile, other=0.0).to(tl.float32)
+        g = tl.load(gates_ptr + g_offs + 2 * H, mask=c_tile, other=0.0).to(tl.float32)
+        o = tl.load(gates_ptr + g_offs + 3 * H, mask=c_tile, other=0.0).to(tl.float32)
+        c_t = tl.load(c_ptr + step[:, None] * (D * H) + c_offs, mask=c_tile, other=0.0).to(tl.float32)
+        c_prev = tl.load(c_ptr + (t_prev * B + rows64)[:, None] * (D * H) + c_offs, mask=c_tile, other=0.0).to(tl.float32)
+        c_prev = tl.where(first, c_init, c_prev)
+
+        di, df, dg, do, dc_prev = _cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
+        dh_prev = tl.dot(di.to(w_i.dtype), w_i, input_precision=INPUT_PRECISION)
+        dh_prev += tl.dot(df.to(w_f.dtype), w_f, input_precision=INPUT_PRECISION)
+        dh_prev += tl.dot(dg.to(w_g.dtype), w_g, input_precision=INPUT_PRECISION)
+        dh_prev += tl.dot(do.to(w_o.dtype), w_o, input_precision=INPUT_PRECISION)
+        if HAS_LENGTHS:
+            dh = tl.where(valid, dh_prev, dh)
+        else:
+            dh = dh_prev
+        dc = dc_prev  # past a row's length the saved gates (o = 0, f = 1) make dc_prev = dc exactly
+        tl.store(dgates_ptr + g_offs, di.to(dgates_ptr.dtype.element_ty), mask=c_tile)
+        tl.store(dgates_ptr + g_offs + H, df.to(dgates_ptr.dtype.element_ty), mask=c_tile)
+        tl.store(dgates_ptr + g_offs + 2 * H, dg.to(dgates_ptr.dtype.element_ty), mask=c_tile)
+        tl.store(dgates_ptr + g_offs + 3 * H, do.to(dgates_ptr.dtype.element_ty), mask=c_tile)
+    tl.store(dh0_ptr + h_state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=h_tile)
+    tl.store(dc0_ptr + c_state_offs, dc.to(dc0_ptr.dtype.element_ty), mask=c_tile)
+
+
+@triton.jit(do_not_specialize=["T"])
+def lstm_fwd_tiled_kernel(
+    gx_ptr, w_hh_ptr, w_hr_ptr, h0_ptr, c0_ptr, lengths_ptr,
+    y_ptr, h_n_ptr, gates_ptr, c_ptr,
+    h_state_ptr, c_state_ptr, m_state_ptr,
+    T, B, H, K, D,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward for any ``H``, ``K``: weights re-read every step in tiles (``BLOCK_H`` outputs by
+    ``REDUCE_TILE``), fp32 state in the ping-pong scratch ``h_state``, ``c_state`` (and ``m_state``,
+    the projection's input). Writes ``y``, ``h_n`` and the saved ``gates``, ``c``."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    d64 = direction.to(tl.int64)
+    w_base = w_hh_ptr + d64 * 4 * H * K
+    w_hr_base = w_hr_ptr + d64 * K * H
+    h_slot = D * B * K  # elements per ping-pong slot
+    c_slot = D * B * H
+    h_rows = (direction * B + rows64)[:, None] * K
+    c_rows = (direction * B + rows64)[:, None] * H
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for k0 in range(0, K, BLOCK_H):  # slot 0 <- h0
+        cols = k0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        h0 = tl.load(h0_ptr + h_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(h_state_ptr + h_rows + cols[None, :], h0, mask=ok)
+    for n0 in range(0, H, BLOCK_H):  # slot 0 <- c0
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        c0 = tl.load(c0_ptr + c_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(c_state_ptr + c_rows + cols[None, :], c0, mask=ok)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = _step_time(s, T, direction).to(tl.int64)
+        step = t * B + rows64
+        h_read = h_state_ptr + (s % 2) * h_slot + h_rows
+        h_write = h_state_ptr + ((s + 1) % 2) * h_slot + h_rows
+        c_read = c_state_ptr + (s % 2) * c_slot + c_rows
+        c_write = c_state_ptr + ((s + 1) % 2) * c_slot + c_rows
+        gx_rows = step[:, None] * (D * 4 * H) + direction * 4 * H
+        y_rows = step[:, None] * (D * K) + direction * K
+        c_out_rows = step[:, None] * (D * H) + direction * H
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+
+        # Phase 1: gates and cell update, tile by tile over H.
+        for n0 in range(0, H, BLOCK_H):
+            cols_n = n0 + tl.arange(0, BLOCK_H)
+            n_ok = cols_n < H
+            ok = row_ok[:, None] & n_ok[None, :]
+            offs = gx_rows + cols_n[None, :]
+            # One gate at a time, so that one weight tile is live at once; each gate is stored as
+            # soon as it is known. Past a row's length the gates become the identity step.
+            i = sigmoid(_tiled_gate(gx_ptr, offs, ok, h_read, w_base, row_ok, cols_n, n_ok, H, K, 0, INPUT_PRECISION, BLOCK_H))
+            if HAS_LENGTHS:
+                i = tl.where(valid, i, 0.0)
+            tl.store(gates_ptr + offs, i.to(gates_ptr.dtype.element_ty), mask=ok)
+            g = tanh(_tiled_gate(gx_ptr, offs, ok, h_read, w_base, row_ok, cols_n, n_ok, H, K, 2, INPUT_PRECISION, BLOCK_H))
+            if HAS_LENGTHS:
+                g = tl.where(valid, g, 0.0)
+            tl.store(gates_ptr + offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=ok)
+            ig = i * g
+            f = sigmoid(_tiled_gate(gx_ptr, offs, ok, h_read, w_base, row_ok, cols_n, n_ok, H, K, 1, INPUT_PRECISION, BLOCK_H))
+            if HAS_LENGTHS:
+                f = tl.where(valid, f, 1.0)
+            tl.store(gates_ptr + offs + H, f.to(gates_ptr.dtype.element_ty), mask=ok)
+            c_new = f * tl.load(c_read + cols_n[None, :], mask=ok, other=0.0) + ig
+            tl.store(c_write + cols_n[None, :], c_new, mask=ok)
+            tl.store(c_ptr + c_out_rows + cols_n[None, :], c_new.to(c_ptr.dtype.element_ty), mask=ok)
+            o = sigmoid(_tiled_gate(gx_ptr, offs, ok, h_read, w_base, row_ok, cols_n, n_ok, H, K, 3, INPUT_PRECISION, BLOCK_H))
+            if HAS_LENGTHS:
+                o = tl.where(valid, o, 0.0)
+            tl.store(gates_ptr + offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=ok)
+            m = o * tanh(c_new)  # 0 past a row's length
+            if HAS_PROJ:
+                tl.store(m_state_ptr + c_rows + cols_n[None, :], m, mask=ok)
+            else:
+                tl.store(y_ptr + y_rows + cols_n[None, :], m.to(y_ptr.dtype.element_ty), mask=ok)
+                if HAS_LENGTHS:
+                    m = tl.where(valid, m, tl.load(h_read + cols_n[None, :], mask=ok, other=0.0))
+                tl.store(h_write + cols_n[None, :], m, mask=ok)
+        tl.debug_barrier()
+
+        if HAS_PROJ:
+            # Phase 2: h = m W_hr^T, tile by tile over P.
+            for p0 in range(0, K, BLOCK_H):
+                cols_p = p0 + tl.arange(0, BLOCK_H)
+                p_ok = cols_p < K
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for n0 in tl.range(0, H, REDUCE_TILE, num_stages=1):
+                    cols_n = n0 + tl.arange(0, REDUCE_TILE)
+                    n_ok = cols_n < H
+                    m_n = tl.load(m_state_ptr + c_rows + cols_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+                    # w_r[n, p] = W_hr[d, p, n]
+                    w_r = tl.load(w_hr_base + cols_p[None, :] * H + cols_n[:, None], mask=n_ok[:, None] & p_ok[None, :], other=0.0)
+                    acc += tl.dot(m_n.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
+                ok = row_ok[:, None] & p_ok[None, :]
+                tl.store(y_ptr + y_rows + cols_p[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)  # m = 0 past the length
+                if HAS_LENGTHS:
+                    acc = tl.where(valid, acc, tl.load(h_read + cols_p[None, :], mask=ok, other=0.0))
+                tl.store(h_write + cols_p[None, :], acc, mask=ok)
+            tl.debug_barrier()
+
+    h_final = h_state_ptr + (T % 2) * h_slot + h_rows
+    for k0 in range(0, K, BLOCK_H):
+        cols = k0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        h = tl.load(h_final + cols[None, :], mask=ok, other=0.0)
+        tl.store(h_n_ptr + h_rows + cols[None, :], h.to(h_n_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def lstm_bwd_tiled_kernel(
+    dy_ptr, dh_n_ptr, dc_n_ptr, gates_ptr, c_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
+    dgates_ptr, dhp_ptr, dh0_ptr, dc0_ptr, flow_ptr,
+    dh_state_ptr, dc_state_ptr, dm_state_ptr,
+    T, B, H, K, D, grad_clip,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward for any ``H``, ``K``; ``dh``, ``dc`` in the fp32 ping-pong scratch ``dh_state``,
+    ``dc_state``. Per step: (projecting: ``dhp = dy + dh`` over ``P``, barrier) gate gradients
+    over ``H`` into ``dgates`` and ``dc_state``, barrier, ``dh_{t-1} = dgates W_hh`` over ``K``, barrier."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    d64 = direction.to(tl.int64)
+    w_base = w_hh_ptr + d64 * 4 * H * K
+    w_hr_base = w_hr_ptr + d64 * K * H
+    h_slot = D * B * K
+    c_slot = D * B * H
+    h_rows = (direction * B + rows64)[:, None] * K
+    c_rows = (direction * B + rows64)[:, None] * H
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    for k0 in range(0, K, BLOCK_H):  # slot 0 <- dh_n
+        cols = k0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        dh = tl.load(dh_n_ptr + h_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(dh_state_ptr + h_rows + cols[None, :], dh, mask=ok)
+    for n0 in range(0, H, BLOCK_H):  # slot 0 <- dc_n
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        dc = tl.load(dc_n_ptr + c_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(dc_state_ptr + c_rows + cols[None, :], dc, mask=ok)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        t_prev = t - 1 + 2 * direction
+        first = (t_prev < 0) | (t_prev >= T)
+        t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
+        step = t * B + rows64
+        dh_read = dh_state_ptr + (s % 2) * h_slot + h_rows
+        dh_write = dh_state_ptr + ((s + 1) % 2) * h_slot + h_rows
+        dc_read = dc_state_ptr + (s % 2) * c_slot + c_rows
+        dc_write = dc_state_ptr + ((s + 1) % 2) * c_slot + c_rows
+        g_rows = step[:, None] * (D * 4 * H) + direction * 4 * H
+        y_rows = step[:, None] * (D * K) + direction * K
+        c_t_rows = step[:, None] * (D * H) + direction * H
+        c_prev_rows = (t_prev * B + rows64)[:, None] * (D * H) + direction * H
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+        else:
+            valid = row_ok[:, None]
+        flow = tl.zeros((BLOCK_B,), dtype=tl.float32)
+
+        if HAS_PROJ:
+            # Phase 0: the total gradient of h_t, tile by tile over P, into dhp.
+            for p0 in range(0, K, BLOCK_H):
+                cols_p = p0 + tl.arange(0, BLOCK_H)
+                ok = row_ok[:, None] & (cols_p < K)[None, :]
+                dh_t = tl.load(dy_ptr + y_rows + cols_p[None, :], mask=ok, other=0.0).to(tl.float32)
+                dh_t += tl.load(dh_read + cols_p[None, :], mask=ok, other=0.0)
+                if HAS_LENGTHS:
+                    dh_t = tl.where(valid, dh_t, 0.0)
+                if RECORD_FLOW:
+                    flow += squared_row_norm(dh_t, valid)
+                tl.store(dhp_ptr + y_rows + cols_p[None, :], dh_t.to(dhp_ptr.dtype.element_ty), mask=ok)
+            tl.debug_barrier()
+            # Phase 0b: dm = dhp W_hr, tile by tile over H, into dm_state.
+            for n0 in range(0, H, BLOCK_H):
+                cols_n = n0 + tl.arange(0, BLOCK_H)
+                n_ok = cols_n < H
+                dm = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for p0 in tl.range(0, K, REDUCE_TILE, num_stages=1):
+                    cols_p = p0 + tl.arange(0, REDUCE_TILE)
+                    p_ok = cols_p < K
+                    dh_p = tl.load(dhp_ptr + y_rows + cols_p[None, :], mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+                    # w_r[p, n] = W_hr[d, p, n]
+                    w_r = tl.load(w_hr_base + cols_p[:, None] * H + cols_n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+                    dm += tl.dot(dh_p.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
+                tl.store(dm_state_ptr + c_rows + cols_n[None, :], dm, mask=row_ok[:, None] & n_ok[None, :])
+            tl.debug_barrier()
+
+        # Phase 1: gate gradients and dc_{t-1}, tile by tile over H.
+        for n0 in range(0, H, BLOCK_H):
+            cols_n = n0 + tl.arange(0, BLOCK_H)
+            n_ok = cols_n < H
+            ok = row_ok[:, None] & n_ok[None, :]
+            if HAS_PROJ:
+                dm = tl.load(dm_state_ptr + c_rows + cols_n[None, :], mask=ok, other=0.0)
+            else:
+                dm = tl.load(dy_ptr + y_rows + cols_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                dm += tl.load(dh_read + cols_n[None, :], mask=ok, other=0.0)
+                if RECORD_FLOW:
+                    flow += squared_row_norm(dm, valid)
+            offs = g_rows + cols_n[None, :]
+            i = tl.load(gates_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            f = tl.load(gates_ptr + offs + H, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(gates_ptr + offs + 2 * H, mask=ok, other=0.0).to(tl.float32)
+            o = tl.load(gates_ptr + offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            c_t = tl.load(c_ptr + c_t_rows + cols_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            c_prev = tl.load(c_ptr + c_prev_rows + cols_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            c_init = tl.load(c0_ptr + c_rows + cols_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            c_prev = tl.where(first, c_init, c_prev)
+            dc = tl.load(dc_read + cols_n[None, :], mask=ok, other=0.0)
+            # Past a row's length the saved gates (i = g = o = 0, f = 1) give zero gate
+            # gradients and dc_prev = dc exactly.
+            di, df, dg, do, dc_prev = _cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
+            tl.store(dc_write + cols_n[None, :], dc_prev, mask=ok)
+            tl.store(dgates_ptr + offs, di.to(dgates_ptr.dtype.element_ty), mask=ok)
+            tl.store(dgates_ptr + offs + H, df.to(dgates_ptr.dtype.element_ty), mask=ok)
+            tl.store(dgates_ptr + offs + 2 * H, dg.to(dgates_ptr.dtype.element_ty), mask=ok)
+            tl.store(dgates_ptr + offs + 3 * H, do.to(dgates_ptr.dtype.element_ty), mask=ok)
+        if RECORD_FLOW:
+            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
+        tl.debug_barrier()
+
+        # Phase 2: dh_{t-1} = dgates W_hh, tile by tile over K. The four gates are one reduction
+        # over r = q*H + n in [0, 4H): dgates and W_hh's rows are both contiguous in r.
+        for k0 in range(0, K, BLOCK_H):
+            cols_k = k0 + tl.arange(0, BLOCK_H)
+            k_ok = cols_k < K
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for r0 in tl.range(0, 4 * H, REDUCE_TILE, num_stages=1):
+                cols_r = r0 + tl.arange(0, REDUCE_TILE)
+                r_ok = cols_r < 4 * H
+                dr = tl.load(dgates_ptr + g_rows + cols_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                # w[r, j] = W_hh[d, r, j]
+                w = tl.load(w_base + cols_r[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += tl.dot(dr.to(w.dtype), w, input_precision=INPUT_PRECISION)
+            ok = row_ok[:, None] & k_ok[None, :]
+            if HAS_LENGTHS:
+                acc = tl.where(valid, acc, tl.load(dh_read + cols_k[None, :], mask=ok, other=0.0))
+            tl.store(dh_write + cols_k[None, :], acc, mask=ok)
+        tl.debug_barrier()
+
+    dh_final = dh_state_ptr + (T % 2) * h_slot + h_rows
+    dc_final = dc_state_ptr + (T % 2) * c_slot + c_rows
+    for k0 in range(0, K, BLOCK_H):
+        cols = k0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        dh = tl.load(dh_final + cols[None, :], mask=ok, other=0.0)
+        tl.store(dh0_ptr + h_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=ok)
+    for n0 in range(0, H, BLOCK_H):
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        dc = tl.load(dc_final + cols[None, :], mask=ok, other=0.0)
+        tl.store(dc0_ptr + c_rows + cols[None, :], dc.to(dc0_ptr.dtype.element_ty), mask=ok)
