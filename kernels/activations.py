@@ -23,18 +23,6 @@ def tanh(x):
     return tl.where(x >= 0, magnitude, -magnitude)
 
 
-@triton.jit
-def clamp_grad(g, grad_clip):
-    """Clamp a gradient to ``[-grad_clip, grad_clip]`` (NaN passes through, as with torch.clamp)."""
-    return tl.where(g > grad_clip, grad_clip, tl.where(g < -grad_clip, -grad_clip, g))
-
-
-@triton.jit
-def squared_row_norm(d_state, valid):
-    """Per row, ``sum_j d_state[:, j]^2`` where ``valid`` (a step inside the row's length), else 0."""
-    return tl.sum(tl.where(valid, d_state * d_state, 0.0), axis=1)
-
-
 # Elman nonlinearities by code (``fastrnn.ops.rnn.NONLINEARITIES`` maps names to codes):
 # 0 tanh, 1 relu, 2 sigmoid, 3 hardtanh, 4 silu, 5 gelu (tanh approximation).
 # Codes below NEEDS_PRE have a derivative that is a function of the output h; silu and gelu need

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import elman_activation, elman_activation_grad, sigmoid, tanh
+from fastrnn.kernels.recurrence import clamp_grad
 
 
 @triton.jit
@@ -160,7 +161,7 @@ def rnn_feedback_bwd_kernel(
         dh += tl.dot(dz.to(w_out.dtype), w_out, input_precision=INPUT_PRECISION)
         g = dh * elman_activation_grad(h, pre, NONLINEARITY)
         if CLIP:
-            g = tl.where(g > grad_clip, grad_clip, tl.where(g < -grad_clip, -grad_clip, g))
+            g = clamp_grad(g, grad_clip)
         tl.store(g_ptr + step * H + offs_h, g.to(g_ptr.dtype.element_ty), mask=tile_h)
         dh = tl.dot(g.to(w_hh.dtype), w_hh, input_precision=INPUT_PRECISION)
         dx = tl.dot(g.to(w_ih.dtype), w_ih, input_precision=INPUT_PRECISION)

@@ -47,13 +47,8 @@ Two strategies (chosen by the launcher, ``fastrnn.ops.gru``, via ``plan(3, H, dt
 import triton
 import triton.language as tl
 
-from fastrnn.kernels.activations import clamp_grad, sigmoid, squared_row_norm, tanh
-
-
-@triton.jit
-def _step_time(s, T, direction):
-    """Position of step ``s`` in time: forward walks ``0..T-1``, reverse ``T-1..0``."""
-    return s + direction * (T - 1 - 2 * s)
+from fastrnn.kernels.activations import sigmoid, tanh
+from fastrnn.kernels.recurrence import clamp_grad, squared_row_norm, step_time
 
 
 @triton.jit
@@ -134,7 +129,7 @@ def gru_fwd_resident_kernel(
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
 
     for s in range(T):
-        t = _step_time(s, T, direction).to(tl.int64)
+        t = step_time(s, T, direction).to(tl.int64)
         row_t = (t * B + rows64)[:, None]
         gx_offs = row_t * (D * 3 * H) + direction * 3 * H + cols[None, :]
         gx_r = tl.load(gx_ptr + gx_offs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -205,7 +200,7 @@ def gru_bwd_resident_kernel(
 
     for s in range(T):
         # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
-        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        t = step_time(s, T, 1 - direction).to(tl.int64)
         row_t = (t * B + rows64)[:, None]
         y_offs = row_t * (D * H) + direction * H + cols[None, :]
         saved_offs = row_t * (D * 4 * H) + direction * 4 * H + cols[None, :]
@@ -293,7 +288,7 @@ def gru_fwd_tiled_kernel(
     tl.debug_barrier()
 
     for s in range(T):
-        t = _step_time(s, T, direction).to(tl.int64)
+        t = step_time(s, T, direction).to(tl.int64)
         row_t = (t * B + rows64)[:, None]
         read = state_ptr + (s % 2) * slot + state_rows
         write = state_ptr + ((s + 1) % 2) * slot + state_rows
@@ -376,7 +371,7 @@ def gru_bwd_tiled_kernel(
     tl.debug_barrier()
 
     for s in range(T):
-        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        t = step_time(s, T, 1 - direction).to(tl.int64)
         row_t = (t * B + rows64)[:, None]
         read = state_ptr + (s % 2) * slot + state_rows
         write = state_ptr + ((s + 1) % 2) * slot + state_rows

@@ -70,18 +70,13 @@ Two strategies (chosen by ``fastrnn.ops.lstm.lstm_plan``):
 import triton
 import triton.language as tl
 
-from fastrnn.kernels.activations import clamp_grad, sigmoid, squared_row_norm, tanh
+from fastrnn.kernels.activations import sigmoid, tanh
+from fastrnn.kernels.recurrence import clamp_grad, squared_row_norm, step_time
 
 #: Width of the reduction tiles of the tiled kernels' products (their output tiles are ``BLOCK_H``
 #: wide): narrower than ``BLOCK_H`` keeps an fp32 FMA dot's operands within the registers of
 #: 8 warps (measured by ahead-of-time compiles for sm_90).
 REDUCE_TILE = tl.constexpr(32)
-
-
-@triton.jit
-def _step_time(s, T, direction):
-    """Position of step ``s`` in time: forward walks ``0..T-1``, reverse ``T-1..0``."""
-    return s + direction * (T - 1 - 2 * s)
 
 
 @triton.jit
@@ -162,7 +157,7 @@ def lstm_fwd_resident_kernel(
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
 
     for s in range(T):
-        t = _step_time(s, T, direction).to(tl.int64)
+        t = step_time(s, T, direction).to(tl.int64)
         step = t * B + rows64
         g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + hc[None, :]
         hw = h.to(w_i.dtype)
@@ -250,7 +245,7 @@ def lstm_bwd_resident_kernel(
 
     for s in range(T):
         # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
-        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        t = step_time(s, T, 1 - direction).to(tl.int64)
         # The step the forward walk took just before t (clamped; c0 replaces it at the walk's start).
         t_prev = t - 1 + 2 * direction
         first = (t_prev < 0) | (t_prev >= T)
@@ -342,7 +337,7 @@ def lstm_fwd_tiled_kernel(
     tl.debug_barrier()
 
     for s in range(T):
-        t = _step_time(s, T, direction).to(tl.int64)
+        t = step_time(s, T, direction).to(tl.int64)
         step = t * B + rows64
         h_read = h_state_ptr + (s % 2) * h_slot + h_rows
         h_write = h_state_ptr + ((s + 1) % 2) * h_slot + h_rows
@@ -461,7 +456,7 @@ def lstm_bwd_tiled_kernel(
     tl.debug_barrier()
 
     for s in range(T):
-        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        t = step_time(s, T, 1 - direction).to(tl.int64)
         t_prev = t - 1 + 2 * direction
         first = (t_prev < 0) | (t_prev >= T)
         t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)

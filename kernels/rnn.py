@@ -33,13 +33,8 @@ Two strategies (chosen by the launcher, ``fastrnn.ops.rnn``):
 import triton
 import triton.language as tl
 
-from fastrnn.kernels.activations import NEEDS_PRE, clamp_grad, elman_activation, elman_activation_grad, squared_row_norm
-
-
-@triton.jit
-def _step_time(s, T, direction):
-    """Position of step ``s`` in time: forward walks ``0..T-1``, reverse ``T-1..0``."""
-    return s + direction * (T - 1 - 2 * s)
+from fastrnn.kernels.activations import NEEDS_PRE, elman_activation, elman_activation_grad
+from fastrnn.kernels.recurrence import clamp_grad, squared_row_norm, step_time
 
 
 @triton.jit
@@ -88,7 +83,7 @@ def rnn_fwd_resident_kernel(
 
     row_stride = D * H  # elements between consecutive batch rows of gx / y
     for s in range(T):
-        t = _step_time(s, T, direction).to(tl.int64)
+        t = step_time(s, T, direction).to(tl.int64)
         offs = (t * B + rows64)[:, None] * row_stride + direction * H + cols[None, :]
         gx = tl.load(gx_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
         h_new, pre = elman_step(gx, h, w_t, NONLINEARITY, INPUT_PRECISION)
@@ -139,7 +134,7 @@ def rnn_bwd_resident_kernel(
     row_stride = D * H
     for s in range(T):
         # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
-        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        t = step_time(s, T, 1 - direction).to(tl.int64)
         offs = (t * B + rows64)[:, None] * row_stride + direction * H + cols[None, :]
         h = tl.load(y_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -189,7 +184,7 @@ def rnn_fwd_tiled_kernel(
 
     row_stride = D * H
     for s in range(T):
-        t = _step_time(s, T, direction).to(tl.int64)
+        t = step_time(s, T, direction).to(tl.int64)
         read = state_ptr + (s % 2) * slot + state_rows
         write = state_ptr + ((s + 1) % 2) * slot + state_rows
         if HAS_LENGTHS:
@@ -258,7 +253,7 @@ def rnn_bwd_tiled_kernel(
 
     row_stride = D * H
     for s in range(T):
-        t = _step_time(s, T, 1 - direction).to(tl.int64)
+        t = step_time(s, T, 1 - direction).to(tl.int64)
         read = state_ptr + (s % 2) * slot + state_rows
         write = state_ptr + ((s + 1) % 2) * slot + state_rows
         step_rows = (t * B + rows64)[:, None] * row_stride + direction * H
