@@ -18,6 +18,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from fastrnn import backend, gradient_flow
 from fastrnn.reference import reference_layer
 
+#: Dtypes the kernels compute in (state and accumulation in fp32).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 #: The Triton implementation of one layer (every direction in one launch), by cell.
 _TRITON_LAYERS = {"rnn": "fastrnn.ops.rnn:rnn_layer", "gru": "fastrnn.ops.gru:gru_layer", "lstm": "fastrnn.ops.lstm:lstm_layer"}
 
@@ -49,6 +52,13 @@ def run_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_
     grad_clip = getattr(module, "grad_clip", None)
     recorder = gradient_flow.active() if torch.is_grad_enabled() else None
     beyond_torch = grad_clip is not None or recorder is not None or nonlinearity not in (None, "tanh", "relu")
+    if path == "triton" and input.dtype not in KERNEL_DTYPES and not torch.is_autocast_enabled(input.device.type):
+        if backend.get_backend() == "triton":
+            raise TypeError(
+                f"fastrnn's Triton kernels compute in float32, float16 or bfloat16, not {input.dtype}; "
+                "use FASTRNN_BACKEND=auto or reference for this dtype"
+            )
+        path = "reference" if beyond_torch else "native"  # float64 on CUDA: exact paths only
     if path == "native" and beyond_torch:
         path = "reference"  # torch's kernels can't clip, record or use other nonlinearities
     if path == "native":

@@ -214,3 +214,13 @@ def test_nan_poisoning_active():
 @pytest.mark.no_nan_poison
 def test_nan_poisoning_opt_out():
     assert torch.empty is ORIGINAL_EMPTY
+
+
+def test_forced_triton_rejects_float64_with_a_clear_error(monkeypatch):
+    """The kernels keep fp32 state: a float64 layer forced onto them is refused, not silently
+    rounded; under auto, float64 on the kernel path's device goes to an exact path instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = fastrnn.GRU(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    with fastrnn.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        module(x)
