@@ -2,13 +2,18 @@
 
 On a CUDA machine it runs the GPU matrix (rows L1..B1, see :mod:`bench.matrix`); on a CPU the CPU
 matrix plus a correctness pass of the Triton kernels through Triton's interpreter. Every row is
-checked against the float64 reference before it is timed. Progress goes to stderr, the table to
-stdout, and the results to ``<out>/<device>[-quick|-dry-run]-<YYYY-MM-DD>.json`` with a markdown
-report and PNG plots drawn from that JSON (:mod:`bench.report`).
+checked against the float64 reference before it is timed. Then, on either device, the topology
+section (:mod:`bench.topologies`: a training step of each of the five topology modules against
+its torch.nn construction, and loss curves of both on synthetic tasks; off in --quick and
+--dry-run unless --topologies) and the gradient-flow section (:mod:`bench.gradflow`: per-step
+||dL/dh_t|| of an untrained tanh RNN and LSTM on the adding problem, T=100; off in --dry-run
+unless --gradient-flow). Progress goes to stderr, the tables to stdout, and the results to
+``<out>/<device>[-quick|-dry-run]-<YYYY-MM-DD>.json`` with a markdown report and PNG plots drawn
+from that JSON (:mod:`bench.report`).
 
 The JSON is rewritten after every row, so a run cut short leaves its finished rows behind.
-Exit status: 1 when a row failed its check, errored or found a kernel missing (the files are
-written either way); 0 otherwise.
+Exit status: 1 when a row (or a topology case, training run or gradient-flow cell) failed its
+check, errored or found a kernel missing (the files are written either way); 0 otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench import environment, interpret, matrix, report
+from bench import environment, gradflow, interpret, matrix, report, topologies
 from bench.runner import Plan, run_row, skipped_record
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -54,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="start no new row after this many seconds (the rest are reported skipped)")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's choice, or 1 when the machine is already busy)")
+    parser.add_argument("--topologies", action="store_true",
+                        help="run the topology section in --quick and --dry-run too (it runs by default otherwise)")
+    parser.add_argument("--no-topologies", action="store_true",
+                        help="skip the topology section (training steps and loss curves of the five modules)")
+    parser.add_argument("--gradient-flow", action="store_true", help="run the gradient-flow section in --dry-run too")
+    parser.add_argument("--no-gradient-flow", action="store_true", help="skip the gradient-flow section")
     parser.add_argument("--allow-tf32", action="store_true",
                         help="allow TF32 on GPU for torch matmuls and cuDNN (fp32 rows then get the 1e-2 tolerance)")
     return parser.parse_args(argv)
@@ -72,6 +83,14 @@ def choose_rows(args: argparse.Namespace, device: torch.device) -> tuple[str, tu
         rows = tuple(r.scaled(steps=divisor) for r in rows if r.name in keep)
         return "quick", matrix.select(rows, args.rows)
     return "full", matrix.select(rows, args.rows)
+
+
+def sections(args: argparse.Namespace, mode: str) -> dict[str, bool]:
+    """Which of the sections after the matrix run: the topology section by default only in the
+    full run, the gradient-flow section in the full and quick runs; the flags override."""
+    topologies = (mode == "full" or args.topologies) and not args.no_topologies
+    flow = (mode != "dry-run" or args.gradient_flow) and not args.no_gradient_flow
+    return {"topologies": topologies, "gradient_flow": flow}
 
 
 def make_plan(args: argparse.Namespace, device: torch.device, mode: str) -> Plan:
@@ -124,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     env["threads_note"] = threads_note
     if threads_note:
         log(threads_note)
+    chosen = sections(args, mode)
+    extra = [name.replace("_", "-") for name, on in chosen.items() if on]
     log(f"fastrnn bench: {mode} on {env['card'] or env['cpu_model']}; torch {env['torch']}, triton {env['triton']}; "
-        f"{len(rows)} rows")
+        f"{len(rows)} rows" + (f", then {' and '.join(extra)}" if extra else ""))
 
     args.out.mkdir(parents=True, exist_ok=True)
     label = env["device"] + ("" if mode == "full" else f"-{mode}")
@@ -140,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
         "sweep": {"rows": []},
         "interpreter": None,
+        "topologies": None,
+        "gradient_flow": None,
         "seconds": 0.0,
     }
 
@@ -172,6 +195,31 @@ def main(argv: list[str] | None = None) -> int:
             sweep["rows"].append(run(row, sweep_plan))
             save()
 
+    def budget_spent() -> str | None:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            return f"time budget of {args.budget_s:.0f} s spent"
+        return None
+
+    if chosen["topologies"]:
+        if reason := budget_spent():
+            data["topologies"] = {"skipped": reason}
+            log("topologies: skipped (time budget)")
+        else:
+            log("topologies: one training step of each module vs torch.nn, then loss curves on synthetic tasks")
+            data["topologies"] = {}
+            topologies.run_section(device, args.backend, log=lambda line: log(f"    {line}"), save=save,
+                                   section=data["topologies"])
+            save()
+
+    if chosen["gradient_flow"]:
+        if reason := budget_spent():
+            data["gradient_flow"] = {"skipped": reason}
+            log("gradient flow: skipped (time budget)")
+        else:
+            log(f"gradient flow: ||dL/dh_t|| on the adding problem, T={gradflow.STEPS}, untrained cells")
+            data["gradient_flow"] = gradflow.run_section(device, args.backend, log=log)
+            save()
+
     if device.type == "cpu" and mode != "dry-run" and not args.no_interpret:
         log("Triton kernels through the interpreter (child process) ...")
         interpreter = data["interpreter"] = interpret.run_pass()
@@ -186,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     save()
     md_path = report.write_report(json_path)
     print(report.text_table(data))
+    extra_tables = report.topology_text(data)
+    if extra_tables:
+        print("\n" + extra_tables)
     print(f"\nwrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
     bad = [r["name"] for r in data["rows"] + sweep["rows"] if r["status"] in ("failed", "error", "missing")]
+    bad += report.section_problems(data)
     if bad:
         log(f"rows not ok: {', '.join(bad)}")
     return 1 if bad else 0

@@ -6,7 +6,9 @@ from any results file:
     python -m bench.report bench/results/cpu-2025-01-31.json [--out DIR]
 
 writes ``<stem>.md``, ``<stem>-speedup.png`` and ``<stem>-batch-sweep.png`` next to the JSON
-(or into ``--out``) and prints the table.
+(or into ``--out``) and prints the table; when the file has them, also the topology section's
+loss curves (``<stem>-loss-<task>.png``, one per task) and the gradient-flow plot
+(``<stem>-gradient-flow.png``).
 """
 
 from __future__ import annotations
@@ -189,6 +191,229 @@ def plot_sweep(data: dict, path: Path) -> Path | None:
     return path
 
 
+def plot_loss_curve(record: dict, path: Path) -> Path | None:
+    """Training loss against step of one topology task: fastrnn and torch.nn on the same axes."""
+    curves = record.get("curves", {})
+    if not curves.get("fastrnn") and not curves.get("torch"):
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    heldout = record.get("heldout", {})
+    styles = {"fastrnn": dict(color="#DD8452", linewidth=2.6, alpha=0.75, linestyle="-"),
+              "torch": dict(color="#1f3b57", linewidth=1.0, alpha=1.0, linestyle="--")}
+    for name, label in (("fastrnn", "fastrnn"), ("torch", "torch.nn")):
+        values = curves.get(name)
+        if not values:
+            continue
+        final = heldout.get(name)
+        text = label + ("" if final is None else f" (held-out {final:.2g})")
+        ax.plot(range(1, len(values) + 1), [max(v, 1e-12) for v in values], label=text, **styles[name])
+    if record.get("baseline"):
+        ax.axhline(record["baseline"], color="gray", linewidth=0.8, linestyle=":",
+                   label=f"{record.get('baseline_label', 'baseline')} ({record['baseline']:.3g})")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"training step ({record.get('optimizer', 'Adam')}, lr {record.get('lr', 0):g})")
+    ax.set_ylabel("training loss (MSE)")
+    ax.set_title(f"{record['title']}: {record['topology']} {record['cell'].upper()}, {record['shape']}", fontsize=9)
+    if record.get("max_curve_gap") is not None:
+        ax.text(0.99, 0.02, f"largest relative gap between the curves: {record['max_curve_gap']:.1e}",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgray")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gradient_flow(section: dict, path: Path) -> Path | None:
+    """``||dL/dh_t||`` against ``t`` (log scale), one line per cell, from the gradient-flow section."""
+    cells = {label: c for label, c in section.get("cells", {}).items() if c.get("norms")}
+    if not cells:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors = ["#C44E52", "#4C72B0", "#55A868", "#8172B2"]
+    for (label, cell), color in zip(cells.items(), colors):
+        norms = [max(v, 1e-45) for v in cell["norms"]]
+        ratio = cell.get("ratio_first_last")
+        text = label + ("" if ratio is None else f" (first/last {ratio:.1e})")
+        ax.semilogy(range(len(norms)), norms, label=text, color=color, linewidth=1.6)
+    steps = section.get("steps")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("||dL/dh_t||")
+    ax.set_title(f"gradient flow, {section.get('task', '')}: T={steps}, B={section.get('batch')}, "
+                 f"H={section.get('hidden')}, untrained; loss on the last step", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------ topologies
+def _ran(section: dict | None) -> bool:
+    return bool(section) and "skipped" not in section
+
+
+def topology_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, cells) of the topology section's tables: timing, then training."""
+    section = data.get("topologies")
+    if not _ran(section):
+        return []
+    timing_header = ["module", "cell", "shape", "torch.nn construction", "status", "rel err",
+                     "fastrnn ms/step", "torch.nn ms/step", "speedup"]
+    timing_cells = []
+    for r in section.get("timing", []):
+        check = r.get("check", {})
+        err = f"{check['max_rel_err']:.1e}" if "max_rel_err" in check else "-"
+        cells = [r["name"], r["cell"], r["shape"], r["torch_construction"], r["status"], err]
+        for name in ("fastrnn", "torch"):
+            entry = r.get("variants", {}).get(name, {})
+            cells.append("error" if "error" in entry else _ms(entry.get("median_ms")))
+        value, paired = r.get("speedup"), r.get("paired_speedup")
+        cells.append("-" if value is None else f"{value:.2f}x" + ("" if paired is None else f" (paired {paired:.2f}x)"))
+        timing_cells.append(cells)
+    training_header = ["task", "module", "cell", "shape", "steps", "held-out before", "final train loss (last 20)",
+                       "held-out fastrnn", "held-out torch.nn", "trivial predictor", "largest curve gap"]
+    training_cells = []
+    for r in section.get("training", []):
+        h = r.get("heldout", {})
+        fast = r.get("curves", {}).get("fastrnn") or []
+        tail = fast[-20:]
+        cells = [r["title"], r["topology"], r["cell"], r["shape"], str(r["steps"]),
+                 _loss(h.get("initial")), _loss(sum(tail) / len(tail) if tail else None),
+                 _loss(h.get("fastrnn")), _loss(h.get("torch")), f"{r['baseline']:.3g} ({r['baseline_label']})",
+                 "-" if r.get("max_curve_gap") is None else f"{r['max_curve_gap']:.1e}"]
+        if r.get("status") != "ok":
+            cells[5] = f"{r['status']}: {r.get('error', '')[:60]}"
+        training_cells.append(cells)
+    return [("topologies: one training step (forward, backward, Adam), median", timing_header, timing_cells),
+            ("topologies: training on synthetic tasks (MSE)", training_header, training_cells)]
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _align(header: list[str], cells: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *cells)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def gradient_flow_caption(section: dict | None) -> str | None:
+    """One line: the measured ``||dL/dh_0|| / ||dL/dh_{T-1}||`` of each cell."""
+    if not _ran(section):
+        return None
+    steps = section.get("steps")
+    parts = []
+    for label, cell in section.get("cells", {}).items():
+        if "error" in cell:
+            parts.append(f"{label}: error")
+            continue
+        ratio = cell.get("ratio_first_last")
+        back = cell.get("steps_back_to_1e-6")
+        parts.append(f"{label} **{ratio:.1e}**" + ("" if back is None else f" (falls 6 decades in {back} steps)"))
+    return f"Measured ||dL/dh_0|| / ||dL/dh_{steps - 1}||: " + "; ".join(parts) + "."
+
+
+def topology_text(data: dict) -> str:
+    """The topology tables and the gradient-flow ratios as plain text (for the terminal)."""
+    blocks = [f"{title}\n{_align(header, cells)}" for title, header, cells in topology_tables(data)]
+    caption = gradient_flow_caption(data.get("gradient_flow"))
+    if caption:
+        blocks.append("gradient flow: " + caption.replace("**", ""))
+    return "\n\n".join(blocks)
+
+
+def section_problems(data: dict) -> list[str]:
+    """Names of topology cases, training runs and gradient-flow cells that failed or errored."""
+    problems = []
+    section = data.get("topologies")
+    if _ran(section):
+        problems += [f"topology {r['name']}" for r in section.get("timing", []) if r.get("status") != "ok"]
+        problems += [f"training {r['task']}" for r in section.get("training", []) if r.get("status") != "ok"]
+    flow = data.get("gradient_flow")
+    if _ran(flow):
+        problems += [f"gradient flow {label}" for label, c in flow.get("cells", {}).items() if "error" in c]
+    return problems
+
+
+def _timing_problem(record: dict) -> str:
+    text = f"- {record['name']}: {record['status']}"
+    check = record.get("check", {})
+    if record["status"] == "failed" and check:
+        text += f", {check['worst']} rel err {check['max_rel_err']:.2e} > {check['tolerance']:.0e}"
+    if record.get("error"):
+        text += f", `{record['error']}`"
+    for name, variant in record.get("variants", {}).items():
+        if "error" in variant:
+            text += f"; {name}: `{variant['error'][:200]}`"
+    return text
+
+
+def _topology_lines(data: dict, loss_plots: dict[str, Path | None]) -> list[str]:
+    section = data.get("topologies")
+    if section is None:
+        return []
+    lines = ["", "## Topologies: the five modules against torch.nn", ""]
+    if "skipped" in section:
+        return lines + [f"Skipped: {section['skipped']}."]
+    sizes = section.get("sizes", {})
+    lines += [
+        f"Each fastrnn topology module (backend `{section.get('backend', 'auto')}`, {section.get('device')}) against "
+        "the torch.nn construction holding the same weights (`load_state_dict`): torch.nn.LSTM/GRU/RNN, batch-first, "
+        "and an nn.Linear head; where fastrnn generates with feedback (OneToMany, Seq2Seq.generate) a Python loop of "
+        f"torch.nn cells sharing the layer's weights. Batch {sizes.get('batch')}, hidden {sizes.get('hidden')}, one "
+        "layer, float32. A step is forward, backward and an Adam step on one of three rotating batches of the task; "
+        "`rel err` is the largest relative error of the loss and every parameter gradient of one step, fastrnn "
+        f"against torch.nn (bound {section.get('check_tolerance', 1e-4):.0e}). Speedup = torch.nn time / fastrnn "
+        "time (on the CPU the two alternate round by round; paired = median of the per-round ratios).",
+        "",
+    ]
+    tables = topology_tables(data)
+    lines.append(markdown_table(tables[0][1], tables[0][2]))
+    lines += ["", "### Training on synthetic tasks", "",
+              "Both constructions start from the same weights and see the same seeded batches (Adam). Held-out loss: "
+              "one fixed batch, before training and after. The trivial predictor's loss is there for scale.", "",
+              markdown_table(tables[1][1], tables[1][2])]
+    for record in section.get("training", []):
+        path = loss_plots.get(record["task"])
+        if path is not None:
+            lines += ["", f"![loss curve: {record['title']}]({path.name})"]
+    problems = [_timing_problem(r) for r in section.get("timing", []) if r.get("status") != "ok"]
+    problems += [f"- training {r['task']}: {r['status']}, `{r.get('error', '')}`"
+                 for r in section.get("training", []) if r.get("status") != "ok"]
+    if problems:
+        lines += ["", "Problems:", "", *problems]
+    lines.append(f"\n({section.get('seconds', 0):.0f} s for the topology section)")
+    return lines
+
+
+def _gradient_flow_lines(data: dict, plot: Path | None) -> list[str]:
+    section = data.get("gradient_flow")
+    if section is None:
+        return []
+    lines = ["", "## Gradient flow: ||dL/dh_t|| through time", ""]
+    if "skipped" in section:
+        return lines + [f"Skipped: {section['skipped']}."]
+    lines += [
+        f"Untrained ManyToOne modules (H={section.get('hidden')}) on one batch of the {section.get('task')} "
+        f"(T={section.get('steps')}, B={section.get('batch')}); the loss is the {section.get('loss')}. "
+        f"`fastrnn.record_gradient_flow()` records the norm of the gradient reaching each step's hidden state; "
+        f"here it is recorded by {section.get('path')}. The LSTM with forget-gate bias 1 is the same LSTM with the "
+        "forget slice of `bias_ih` set to 1 and of `bias_hh` to 0 (torch.nn's default init starts the forget gate "
+        "near 0.5).",
+        "",
+    ]
+    if plot is not None:
+        lines += [f"![gradient flow]({plot.name})", ""]
+    lines.append(gradient_flow_caption(section))
+    errors = [f"- {label}: `{c['error']}`" for label, c in section.get("cells", {}).items() if "error" in c]
+    return lines + (["", *errors] if errors else [])
+
+
 # ------------------------------------------------------------------------------------ markdown
 def _environment_lines(env: dict) -> list[str]:
     git = env.get("git", {})
@@ -270,8 +495,10 @@ def _notes(data: dict) -> list[str]:
     return ["", "## Notes", ""] + notes if notes else []
 
 
-def markdown(data: dict, plots: dict[str, Path | None]) -> str:
-    """The markdown report of ``data``; ``plots`` maps a title to a PNG path (relative links)."""
+def markdown(data: dict, plots: dict[str, Path | None], loss_plots: dict[str, Path | None] | None = None,
+             flow_plot: Path | None = None) -> str:
+    """The markdown report of ``data``; ``plots`` maps a title to a PNG path (relative links),
+    ``loss_plots`` a topology task's name to its loss-curve PNG, ``flow_plot`` the gradient-flow PNG."""
     env = data["environment"]
     plan = data.get("plan", {})
     header, cells = table_rows(data)
@@ -299,6 +526,8 @@ def markdown(data: dict, plots: dict[str, Path | None]) -> str:
     if data.get("sweep", {}).get("rows"):
         sweep_header, sweep_cells = table_rows({"rows": data["sweep"]["rows"]})
         lines += ["", "### Batch sweep figures", "", markdown_table(sweep_header, sweep_cells)]
+    lines += _topology_lines(data, loss_plots or {})
+    lines += _gradient_flow_lines(data, flow_plot)
     lines += _interpreter_lines(data)
     lines += _notes(data)
     lines.append(f"\nTotal run time {data.get('seconds', 0):.0f} s.")
@@ -316,8 +545,14 @@ def write_report(json_path: Path | str, out_dir: Path | str | None = None) -> Pa
         "Speedup over torch.nn": plot_speedup(data, out_dir / f"{stem}-speedup.png"),
         "Microseconds per step against batch size": plot_sweep(data, out_dir / f"{stem}-batch-sweep.png"),
     }
+    loss_plots = {}
+    if _ran(data.get("topologies")):
+        for record in data["topologies"].get("training", []):
+            loss_plots[record["task"]] = plot_loss_curve(record, out_dir / f"{stem}-loss-{record['task']}.png")
+    flow = data.get("gradient_flow")
+    flow_plot = plot_gradient_flow(flow, out_dir / f"{stem}-gradient-flow.png") if _ran(flow) else None
     md_path = out_dir / f"{stem}.md"
-    md_path.write_text(markdown(data, plots))
+    md_path.write_text(markdown(data, plots, loss_plots, flow_plot))
     return md_path
 
 
@@ -327,7 +562,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="where to write the report (default: next to the JSON)")
     args = parser.parse_args(argv)
     md_path = write_report(args.results, args.out)
-    print(text_table(load(args.results)))
+    data = load(args.results)
+    print(text_table(data))
+    extra = topology_text(data)
+    if extra:
+        print("\n" + extra)
     print(f"\nwrote {md_path}")
 
 
