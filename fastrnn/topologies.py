@@ -137,11 +137,13 @@ def recurrent_layer(
     bidirectional: bool = False,
     device=None,
     dtype=None,
+    grad_clip: float | None = None,
 ) -> RecurrentBase:
-    """A batch-first :class:`fastrnn.RNN`, ``GRU`` or ``LSTM``."""
+    """A batch-first :class:`fastrnn.RNN`, ``GRU`` or ``LSTM`` (``grad_clip``: clipping inside BPTT)."""
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(map(repr, CELLS))}")
-    kwargs = dict(num_layers=num_layers, bias=bias, batch_first=True, dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
+    kwargs = dict(num_layers=num_layers, bias=bias, batch_first=True, dropout=dropout, bidirectional=bidirectional,
+                  device=device, dtype=dtype, grad_clip=grad_clip)
     if cell == "rnn":
         return RNN(input_size, hidden_size, nonlinearity=nonlinearity, **kwargs)
     if nonlinearity != "tanh":
@@ -291,10 +293,10 @@ class ManyToMany(_Topology):
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, cell: str = "lstm", num_layers: int = 1,
                  nonlinearity: str = "tanh", bidirectional: bool = False, dropout: float = 0.0, bias: bool = True,
-                 output_activation=None, device=None, dtype=None):
+                 output_activation=None, device=None, dtype=None, grad_clip: float | None = None):
         super().__init__()
         self.cell = cell
-        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype)
+        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype, grad_clip)
         directions = 2 if bidirectional else 1
         self.head = OutputHead(directions * hidden_size, output_size, output_activation, device=device, dtype=dtype)
 
@@ -313,10 +315,10 @@ class ManyToOne(_Topology):
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, cell: str = "lstm", num_layers: int = 1,
                  nonlinearity: str = "tanh", bidirectional: bool = False, dropout: float = 0.0, bias: bool = True,
-                 output_activation=None, device=None, dtype=None):
+                 output_activation=None, device=None, dtype=None, grad_clip: float | None = None):
         super().__init__()
         self.cell = cell
-        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype)
+        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype, grad_clip)
         directions = 2 if bidirectional else 1
         self.head = OutputHead(directions * hidden_size, output_size, output_activation, device=device, dtype=dtype)
 
@@ -340,13 +342,13 @@ class OneToMany(_Topology):
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, cell: str = "lstm", feedback: bool = True,
                  num_layers: int = 1, nonlinearity: str = "tanh", dropout: float = 0.0, bias: bool = True,
-                 output_activation=None, device=None, dtype=None):
+                 output_activation=None, device=None, dtype=None, grad_clip: float | None = None):
         super().__init__()
         if feedback and input_size != output_size:
             raise ValueError(f"feedback=True feeds each output back as the next input: needs input_size == output_size (got {input_size} and {output_size})")
         self.cell = cell
         self.feedback = feedback
-        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, False, device, dtype)
+        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, False, device, dtype, grad_clip)
         self.head = OutputHead(hidden_size, output_size, output_activation, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
@@ -375,10 +377,10 @@ class Seq2Seq(_Topology):
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, cell: str = "lstm", num_layers: int = 1,
                  nonlinearity: str = "tanh", dropout: float = 0.0, bias: bool = True, output_activation=None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, grad_clip: float | None = None):
         super().__init__()
         self.cell = cell
-        args = (num_layers, nonlinearity, bias, dropout, False, device, dtype)
+        args = (num_layers, nonlinearity, bias, dropout, False, device, dtype, grad_clip)
         self.encoder = recurrent_layer(cell, input_size, hidden_size, *args)
         self.decoder = recurrent_layer(cell, output_size, hidden_size, *args)
         self.head = OutputHead(hidden_size, output_size, output_activation, device=device, dtype=dtype)
@@ -404,10 +406,10 @@ class OneToOne(_Topology):
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, cell: str = "lstm", num_layers: int = 1,
                  nonlinearity: str = "tanh", bidirectional: bool = False, dropout: float = 0.0, bias: bool = True,
-                 output_activation=None, device=None, dtype=None):
+                 output_activation=None, device=None, dtype=None, grad_clip: float | None = None):
         super().__init__()
         self.cell = cell
-        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype)
+        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype, grad_clip)
         directions = 2 if bidirectional else 1
         self.head = OutputHead(directions * hidden_size, output_size, output_activation, device=device, dtype=dtype)
 

@@ -201,3 +201,37 @@ def test_gru_kernels_clip_and_flow_match_reference(hidden, device):
     module.grad_clip = None
     unclipped = train_step(module, x, "triton")
     assert any(not torch.allclose(a, b) for a, b in zip(unclipped[3:], got[3:])), "the clip must bind in this test"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda clip: fastrnn.ManyToMany(3, 8, 2, cell="gru", grad_clip=clip),
+        lambda clip: fastrnn.ManyToOne(3, 8, 2, cell="lstm", grad_clip=clip),
+        lambda clip: fastrnn.OneToMany(3, 8, 3, cell="rnn", grad_clip=clip),
+        lambda clip: fastrnn.Seq2Seq(3, 8, 3, cell="gru", grad_clip=clip),
+        lambda clip: fastrnn.OneToOne(3, 8, 2, cell="lstm", grad_clip=clip),
+    ],
+    ids=["many-to-many", "many-to-one", "one-to-many", "seq2seq", "one-to-one"],
+)
+def test_topology_modules_clip_inside_bptt(make):
+    """grad_clip on a topology module reaches its recurrent layers and binds in backward."""
+    grads = {}
+    for clip in (None, 1e-3):
+        torch.manual_seed(0)
+        module = make(clip)
+        layers = [m for m in module.modules() if isinstance(m, fastrnn.layers.RecurrentBase)]
+        assert layers and all(layer.grad_clip == clip for layer in layers)
+        x = torch.randn(4, 6, 3)
+        if isinstance(module, fastrnn.OneToMany):
+            out = module(x[:, 0], steps=5)
+        elif isinstance(module, fastrnn.Seq2Seq):
+            out = module(x, x[:, :4])
+        elif isinstance(module, fastrnn.OneToOne):
+            out = module(x[:, 0])
+        else:
+            out = module(x)
+        (out.square().sum() * 100).backward()
+        grads[clip] = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+    assert torch.isfinite(grads[1e-3]).all()
+    assert not torch.allclose(grads[None], grads[1e-3])
