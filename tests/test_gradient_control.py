@@ -15,7 +15,7 @@ needs_kernels = pytest.mark.skipif(not KERNEL_DEVICES, reason="needs CUDA or TRI
 EXTRA_ACTIVATIONS = ["sigmoid", "hardtanh", "silu", "gelu"]
 
 
-def train_step(module, x, backend, grad_clip_record=True):
+def train_step(module, x, backend):
     """Forward + backward; returns outputs, the flow norms and every gradient."""
     module.zero_grad()
     with fastrnn.use_backend(backend), fastrnn.record_gradient_flow() as flow:
@@ -24,6 +24,20 @@ def train_step(module, x, backend, grad_clip_record=True):
         data = y.data if hasattr(y, "batch_sizes") else y
         (data.square().sum() * 3 + h.sum()).backward()
     return [data.detach(), h.detach(), flow.norms()] + [p.grad.clone() for p in module.parameters()]
+
+
+def assert_kernels_clip_like_reference(module, x):
+    """Kernels vs reference with the module's grad_clip: outputs, flow norms and every gradient
+    within 1e-5 relative; and the clip must bind (switching it off changes the gradients)."""
+    got = train_step(module, x, "triton")
+    want = train_step(module, x, "reference")
+    for index, (a, b) in enumerate(zip(got, want)):
+        assert torch.isfinite(a).all()
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-5, f"tensor {index}: relative error {err:.1e}"
+    module.grad_clip = None
+    unclipped = train_step(module, x, "triton")
+    assert any(not torch.allclose(a, b) for a, b in zip(unclipped[3:], got[3:])), "the clip must bind in this test"
 
 
 def packed_input(lengths, features=5, dtype=torch.float32, device="cpu"):
@@ -147,15 +161,7 @@ def test_rnn_kernels_clip_flow_activations_match_reference(nonlinearity, hidden,
     torch.manual_seed(0)
     module = fastrnn.RNN(5, hidden, 2, nonlinearity=nonlinearity, bidirectional=True, grad_clip=0.05, device=device)
     x = packed_input([3, 6, 2, 5], device=device)
-    got = train_step(module, x, "triton")
-    want = train_step(module, x, "reference")
-    for index, (a, b) in enumerate(zip(got, want)):
-        assert torch.isfinite(a).all()
-        err = ((a - b).norm() / b.norm()).item()
-        assert err < 1e-5, f"tensor {index}: relative error {err:.1e}"
-    module.grad_clip = None
-    unclipped = train_step(module, x, "triton")
-    assert any(not torch.allclose(a, b) for a, b in zip(unclipped[3:], got[3:])), "the clip must bind in this test"
+    assert_kernels_clip_like_reference(module, x)
 
 
 @needs_kernels
@@ -192,15 +198,7 @@ def test_gru_kernels_clip_and_flow_match_reference(hidden, device):
     torch.manual_seed(0)
     module = fastrnn.GRU(5, hidden, 2, bidirectional=True, grad_clip=0.02, device=device)
     x = packed_input([3, 6, 2, 5], device=device)
-    got = train_step(module, x, "triton")
-    want = train_step(module, x, "reference")
-    for index, (a, b) in enumerate(zip(got, want)):
-        assert torch.isfinite(a).all()
-        err = ((a - b).norm() / b.norm()).item()
-        assert err < 1e-5, f"tensor {index}: relative error {err:.1e}"
-    module.grad_clip = None
-    unclipped = train_step(module, x, "triton")
-    assert any(not torch.allclose(a, b) for a, b in zip(unclipped[3:], got[3:])), "the clip must bind in this test"
+    assert_kernels_clip_like_reference(module, x)
 
 
 @pytest.mark.parametrize(
