@@ -27,9 +27,10 @@ Variable lengths go through ``pack_padded_sequence(..., enforce_sorted=False)``:
 gives the same result as the row alone, whatever the padding holds.
 
 Free-running generation (``OneToMany`` with feedback, ``Seq2Seq.generate``) feeds each output
-back as the next input. On the Triton backend, for a single-layer unidirectional Elman RNN with
-an identity/tanh/sigmoid head, the whole generation (recurrence, head and feedback, forward and
-backward) is one kernel launch (:mod:`fastrnn.ops.feedback`). Everything else runs the plain
+back as the next input. On the Triton backend, for a single-layer unidirectional Elman RNN, GRU or
+LSTM (no projection) with an identity/tanh/sigmoid head, the whole generation (recurrence, head
+and feedback, forward and backward) is one kernel launch each way (:mod:`fastrnn.ops.feedback`),
+within the kernel's size limits. Everything else runs the plain
 loop of cell steps of :mod:`fastrnn.reference` with the layer's own parameters, which is also
 the oracle the kernel is tested against.
 """
@@ -240,12 +241,13 @@ def _fused_generation(layer: RecurrentBase, head: OutputHead, x0: Tensor):
     """The launcher of the fused generation kernel when it serves this configuration, else None."""
     if backend.resolve(x0.device) != "triton":
         return None
-    if _cell_name(layer) != "rnn" or layer.num_layers != 1 or layer.bidirectional or head.kind is None:
+    cell = _cell_name(layer)
+    if layer.num_layers != 1 or layer.bidirectional or head.kind is None or getattr(layer, "proj_size", 0):
         return None
     feedback = importlib.import_module("fastrnn.ops.feedback")  # imports triton: only when asked for
-    if not feedback.supports(layer.hidden_size, head.out_features, feedback.compute_dtype(x0)):
+    if not feedback.supports(layer.hidden_size, head.out_features, feedback.compute_dtype(x0), cell):
         return None
-    return feedback.rnn_generate
+    return feedback.generate
 
 
 def free_run(layer: RecurrentBase, head: OutputHead, x0: Tensor, steps: int, hx=None):
@@ -269,8 +271,10 @@ def free_run(layer: RecurrentBase, head: OutputHead, x0: Tensor, steps: int, hx=
     fused = _fused_generation(layer, head, x0)
     if fused is not None:
         p = layer._layer_params()[0][0]
-        y, h_n = fused(x0, states[0][0], p, head, layer.nonlinearity, steps, layer.grad_clip)
-        return y, h_n[None]
+        h0, c0 = states[0]
+        nonlinearity = getattr(layer, "nonlinearity", "tanh")  # Elman only
+        y, h_n, c_n = fused(_cell_name(layer), x0, h0, c0, p, head, nonlinearity, steps, layer.grad_clip)
+        return y, (h_n[None] if c_n is None else (h_n[None], c_n[None]))
     outputs = []
     x = x0
     for _ in range(steps):

@@ -80,7 +80,7 @@ REDUCE_TILE = tl.constexpr(32)
 
 
 @triton.jit
-def _cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP: tl.constexpr):
+def lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP: tl.constexpr):
     """Gate gradients of one step from ``dm = dL/dm_t`` and the carried ``dc = dL/dc_t`` (fp32).
 
     Returns the pre-activation gradients ``di, df, dg, do`` (clamped to ``[-grad_clip, grad_clip]``
@@ -279,7 +279,7 @@ def lstm_bwd_resident_kernel(
         c_prev = tl.load(c_ptr + (t_prev * B + rows64)[:, None] * (D * H) + c_offs, mask=c_tile, other=0.0).to(tl.float32)
         c_prev = tl.where(first, c_init, c_prev)
 
-        di, df, dg, do, dc_prev = _cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
+        di, df, dg, do, dc_prev = lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
         dh_prev = tl.dot(di.to(w_i.dtype), w_i, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(df.to(w_f.dtype), w_f, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(dg.to(w_g.dtype), w_g, input_precision=INPUT_PRECISION)
@@ -527,7 +527,7 @@ def lstm_bwd_tiled_kernel(
             dc = tl.load(dc_read + cols_n[None, :], mask=ok, other=0.0)
             # Past a row's length the saved gates (i = g = o = 0, f = 1) give zero gate
             # gradients and dc_prev = dc exactly.
-            di, df, dg, do, dc_prev = _cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
+            di, df, dg, do, dc_prev = lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
             tl.store(dc_write + cols_n[None, :], dc_prev, mask=ok)
             tl.store(dgates_ptr + offs, di.to(dgates_ptr.dtype.element_ty), mask=ok)
             tl.store(dgates_ptr + offs + H, df.to(dgates_ptr.dtype.element_ty), mask=ok)
