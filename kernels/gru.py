@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import sigmoid, tanh
-from fastrnn.kernels.recurrence import clamp_grad, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import clamp_grad, program_tile, squared_row_norm, step_time
 
 
 @triton.jit
@@ -101,14 +101,7 @@ def gru_fwd_resident_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Forward, ``W_hh`` on chip. Writes ``y (T, B, D*H)``, ``h_n (D, B, H)``, ``saved (T, B, D*4H)``."""
-    pid_b = tl.program_id(0)
-    direction = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_H)
-    row_ok = rows < B
-    col_ok = cols < H
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
+    direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
 
     # w_*_t[k, n] = W_hh[d, g*H + n, k]: gate g's recurrent product is h @ w_g_t.
     w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
@@ -174,14 +167,7 @@ def gru_bwd_resident_kernel(
     Per step: ``dh = dy_t + carried``; the gate gradients from ``saved``; the carried gradient
     becomes ``dh * z + dgh @ W_hh`` (fp32 registers). Steps past a row's length pass the carried
     gradient through unchanged and write zero gradients."""
-    pid_b = tl.program_id(0)
-    direction = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_H)
-    row_ok = rows < B
-    col_ok = cols < H
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
+    direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
 
     # w_g[n, k] = W_hh[d, g*H + n, k]: the gradient to the previous state is dgh_g @ w_g.
     w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H

@@ -6,6 +6,19 @@ import triton.language as tl
 
 
 @triton.jit
+def program_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The tile program ``(i, d)`` of the grid ``(cdiv(B, BLOCK_B), D)`` owns: its direction, the
+    batch rows ``i*BLOCK_B ...`` (also as int64 for addressing), the state columns ``0..BLOCK_H``,
+    and their in-bounds masks (rows, columns, the row x column tile)."""
+    direction = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok = rows < B
+    col_ok = cols < H
+    return direction, rows, rows.to(tl.int64), row_ok, cols, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def step_time(s, T, direction):
     """Position of step ``s`` in time: forward (``direction`` 0) walks ``0..T-1``, reverse ``T-1..0``.
     A backward kernel walks the forward's order reversed: ``step_time(s, T, 1 - direction)``."""

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import NEEDS_PRE, elman_activation, elman_activation_grad
-from fastrnn.kernels.recurrence import clamp_grad, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import clamp_grad, program_tile, squared_row_norm, step_time
 
 
 @triton.jit
@@ -64,14 +64,7 @@ def rnn_fwd_resident_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Forward, ``W_hh`` on chip. Writes ``y (T, B, D*H)`` and ``h_n (D, B, H)``."""
-    pid_b = tl.program_id(0)
-    direction = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_H)
-    row_ok = rows < B
-    col_ok = cols < H
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
+    direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
 
     # w_t[k, n] = W_hh[d, n, k]: the recurrent product is h @ w_t.
     w_base = w_hh_ptr + direction.to(tl.int64) * H * H
@@ -114,14 +107,7 @@ def rnn_bwd_resident_kernel(
     the carried ``dh`` (fp32 registers) ends in ``dh0``. Steps past a row's length pass ``dh``
     through unchanged and write ``g = 0``.
     """
-    pid_b = tl.program_id(0)
-    direction = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, BLOCK_H)
-    row_ok = rows < B
-    col_ok = cols < H
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
+    direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
 
     # w[n, k] = W_hh[d, n, k]: the gradient to the previous state is g @ w.
     w_base = w_hh_ptr + direction.to(tl.int64) * H * H
