@@ -290,10 +290,8 @@ class _Topology(nn.Module):
         return f"cell={self.cell!r}"
 
 
-class ManyToMany(_Topology):
-    """``y_t = head(h_t)`` at every step: ``forward(x (B, T, I), lengths=None) -> (B, T, O)``,
-    zero at the padded steps of each row. ``.rnn`` is the recurrent layer, ``.head`` the head
-    (its input is ``D*H``, both directions when bidirectional)."""
+class _LayerAndHead(_Topology):
+    """A recurrent layer ``.rnn`` and a head ``.head`` reading its ``D*H`` features."""
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int, cell: str = "lstm", num_layers: int = 1,
                  nonlinearity: str = "tanh", bidirectional: bool = False, dropout: float = 0.0, bias: bool = True,
@@ -303,6 +301,12 @@ class ManyToMany(_Topology):
         self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype, grad_clip)
         directions = 2 if bidirectional else 1
         self.head = OutputHead(directions * hidden_size, output_size, output_activation, device=device, dtype=dtype)
+
+
+class ManyToMany(_LayerAndHead):
+    """``y_t = head(h_t)`` at every step: ``forward(x (B, T, I), lengths=None) -> (B, T, O)``,
+    zero at the padded steps of each row. ``.rnn`` is the recurrent layer, ``.head`` the head
+    (its input is ``D*H``, both directions when bidirectional)."""
 
     def forward(self, x: Tensor, lengths=None) -> Tensor:
         output, _ = run_layer(self.rnn, x, lengths)
@@ -312,19 +316,10 @@ class ManyToMany(_Topology):
         return y
 
 
-class ManyToOne(_Topology):
+class ManyToOne(_LayerAndHead):
     """One output per sequence: ``forward(x (B, T, I), lengths=None) -> (B, O)`` from the top
     layer's state at each row's last valid step; bidirectional: that forward state concatenated
     with the backward state after reading the first step (the top layer's ``h_n``)."""
-
-    def __init__(self, input_size: int, hidden_size: int, output_size: int, cell: str = "lstm", num_layers: int = 1,
-                 nonlinearity: str = "tanh", bidirectional: bool = False, dropout: float = 0.0, bias: bool = True,
-                 output_activation=None, device=None, dtype=None, grad_clip: float | None = None):
-        super().__init__()
-        self.cell = cell
-        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype, grad_clip)
-        directions = 2 if bidirectional else 1
-        self.head = OutputHead(directions * hidden_size, output_size, output_activation, device=device, dtype=dtype)
 
     def features(self, x: Tensor, lengths=None) -> Tensor:
         """What the head reads: ``(B, D*H)``."""
@@ -405,17 +400,8 @@ class Seq2Seq(_Topology):
         return y
 
 
-class OneToOne(_Topology):
+class OneToOne(_LayerAndHead):
     """One recurrent step from the zero state: ``forward(x (B, I)) -> (B, O)``."""
-
-    def __init__(self, input_size: int, hidden_size: int, output_size: int, cell: str = "lstm", num_layers: int = 1,
-                 nonlinearity: str = "tanh", bidirectional: bool = False, dropout: float = 0.0, bias: bool = True,
-                 output_activation=None, device=None, dtype=None, grad_clip: float | None = None):
-        super().__init__()
-        self.cell = cell
-        self.rnn = recurrent_layer(cell, input_size, hidden_size, num_layers, nonlinearity, bias, dropout, bidirectional, device, dtype, grad_clip)
-        directions = 2 if bidirectional else 1
-        self.head = OutputHead(directions * hidden_size, output_size, output_activation, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 2:
