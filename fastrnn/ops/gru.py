@@ -19,6 +19,7 @@ from torch import Tensor
 from fastrnn.kernels import gru as kernels
 from fastrnn.ops.recurrence import (
     compute_dtype,
+    flow_buffer,
     input_precision,
     input_projection,
     kernel_lengths,
@@ -27,6 +28,7 @@ from fastrnn.ops.recurrence import (
     previous_states,
     recurrent_weight_grad,
     stack_params,
+    write_flow_record,
 )
 
 GATES = 3
@@ -66,7 +68,7 @@ def gru_bwd(
     dgx = y.new_empty((T, B, D * GATES * H))
     dgh = y.new_empty((T, B, D * GATES * H))
     dh0 = torch.empty_like(dh_n)
-    flow = torch.zeros((D, T, B), device=y.device, dtype=torch.float32) if record_flow else None
+    flow = flow_buffer(record_flow, D, T, B, y.device)
     if B == 0:
         return dgx, dgh, dh0, flow
     launch(
@@ -100,8 +102,7 @@ class GRUFunction(torch.autograd.Function):
         y, saved, w_hh, h0, lengths = ctx.saved_tensors
         directions = h0.shape[0]
         dgx, dgh, dh0, flow = gru_bwd(dy, dh_n, y, h0, saved, w_hh, lengths, ctx.grad_clip, ctx.flow_record is not None)
-        if flow is not None:
-            ctx.flow_record.copy_(flow.sum(-1).sqrt())
+        write_flow_record(ctx.flow_record, flow)
         dw_hh = db_hh = None
         if ctx.needs_input_grad[1]:
             dw_hh = recurrent_weight_grad(dgh, previous_states(y, h0, lengths), directions)

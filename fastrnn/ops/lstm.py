@@ -51,24 +51,28 @@ step, ``h_t`` being the (projected) output of the step.
 from __future__ import annotations
 
 import torch
-import triton
 from einops import rearrange
 from torch import Tensor
 
 from fastrnn.kernels import lstm as kernels
 from fastrnn.ops.recurrence import (
-    Plan,
     compute_dtype,
-    count_launch,
+    flow_buffer,
     input_precision,
     input_projection,
     kernel_lengths,
     kernel_weight,
+    launch,
     plan,
+    Plan,
     previous_states,
     recurrent_weight_grad,
     stack_params,
+    write_flow_record,
 )
+
+
+GATES = 4
 
 
 def lstm_plan(hidden: int, proj: int, dtype: torch.dtype) -> Plan:
@@ -76,23 +80,7 @@ def lstm_plan(hidden: int, proj: int, dtype: torch.dtype) -> Plan:
     ``plan(4, hidden, dtype)``. The projection does not change the choice: the resident kernels pad
     ``h`` (``proj`` units) to ``BLOCK_H`` and hold ``W_hr`` as a fifth ``BLOCK_H x BLOCK_H`` block,
     and that form compiles without spills at the largest resident size (module docstring)."""
-    return plan(4, hidden, dtype)
-
-
-def _launch(name: str, kernel_pair: tuple, args: list, scratch: list, meta: dict, like: Tensor, *, H: int, K: int, proj: bool):
-    """Launch the resident or tiled kernel of ``kernel_pair`` as :func:`lstm_plan` says, on the grid
-    ``(cdiv(B, BLOCK_B), D)``. The tiled kernel takes fp32 scratch buffers of the shapes in
-    ``scratch`` after ``args`` (``None``: a dummy pointer, never read)."""
-    p = lstm_plan(H, K if proj else 0, like.dtype)
-    grid = (triton.cdiv(meta["B"], p.block_b), meta["D"])
-    meta = dict(meta, HAS_PROJ=proj, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
-    resident, tiled = kernel_pair
-    if p.strategy == "resident":
-        resident[grid](*args, **meta)
-    else:
-        buffers = [like if shape is None else torch.empty(shape, device=like.device, dtype=torch.float32) for shape in scratch]
-        tiled[grid](*args, *buffers, **meta)
-    count_launch(f"{name}_{p.strategy}")
+    return plan(GATES, hidden, dtype)
 
 
 def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None):
@@ -114,11 +102,10 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         gx.contiguous(), w_hh_k, kernel_weight(w_hr) if proj else w_hh_k, h0.contiguous(), c0.contiguous(),
         kernel_lengths(lengths, gx), y, h_n, gates, c,
     ]
-    _launch(
-        "lstm_fwd", (kernels.lstm_fwd_resident_kernel, kernels.lstm_fwd_tiled_kernel), args,
-        [(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
-        dict(T=T, B=B, H=H, K=K, D=D, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
-        gx, H=H, K=K, proj=proj,
+    launch(
+        "lstm_fwd", GATES, (kernels.lstm_fwd_resident_kernel, kernels.lstm_fwd_tiled_kernel), args,
+        dict(T=T, B=B, H=H, K=K, D=D, HAS_PROJ=proj, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
+        B=B, H=H, D=D, dtype=gx.dtype, device=gx.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
     )
     return y, h_n, final_cell_state(c, D), gates, c
 
@@ -148,7 +135,7 @@ def lstm_bwd(
     dhp = gates.new_empty((T, B, D * K)) if proj else None
     dh0 = torch.empty_like(dh_n)
     dc0 = torch.empty_like(dc_n)
-    flow = torch.zeros((D, T, B), device=gates.device, dtype=torch.float32) if record_flow else None
+    flow = flow_buffer(record_flow, D, T, B, gates.device)
     if B == 0:
         return dgates, dhp, dh0, dc0, flow
     w_hh_k = kernel_weight(w_hh)
@@ -157,12 +144,11 @@ def lstm_bwd(
         kernel_weight(w_hr) if proj else w_hh_k, kernel_lengths(lengths, gates),
         dgates, dhp if proj else dgates, dh0, dc0, dh0 if flow is None else flow,
     ]
-    _launch(
-        "lstm_bwd", (kernels.lstm_bwd_resident_kernel, kernels.lstm_bwd_tiled_kernel), args,
-        [(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
-        dict(T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
+    launch(
+        "lstm_bwd", GATES, (kernels.lstm_bwd_resident_kernel, kernels.lstm_bwd_tiled_kernel), args,
+        dict(T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_PROJ=proj, HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(gates.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
-        gates, H=H, K=K, proj=proj,
+        B=B, H=H, D=D, dtype=gates.dtype, device=gates.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
     )
     return dgates, dhp, dh0, dc0, flow
 
@@ -195,8 +181,7 @@ class LSTMFunction(torch.autograd.Function):
         dgates, dhp, dh0, dc0, flow = lstm_bwd(
             dy, dh_n, dc_n, gates, c, c0, w_hh, w_hr, lengths, ctx.grad_clip, ctx.flow_record is not None
         )
-        if flow is not None:
-            ctx.flow_record.copy_(flow.sum(-1).sqrt())
+        write_flow_record(ctx.flow_record, flow)
         dw_hh = dw_hr = None
         if ctx.needs_input_grad[1]:
             dw_hh = recurrent_weight_grad(dgates, previous_states(y, h0, lengths), directions)

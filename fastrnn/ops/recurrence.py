@@ -86,10 +86,14 @@ def plan(gates: int, hidden: int, dtype: torch.dtype) -> Plan:
     return Plan("tiled", BLOCK_B, tile, warps, stages)
 
 
-def launch(name: str, gates: int, kernel_pair: tuple, args: list, meta: dict, *, B: int, H: int, D: int, dtype: torch.dtype, device) -> None:
+def launch(
+    name: str, gates: int, kernel_pair: tuple, args: list, meta: dict, *,
+    B: int, H: int, D: int, dtype: torch.dtype, device, scratch: list | None = None,
+) -> None:
     """Launch the resident or the tiled kernel of ``kernel_pair`` as :func:`plan` says, on the
-    grid ``(cdiv(B, BLOCK_B), D)``; the tiled kernel takes a trailing fp32 ping-pong buffer
-    ``(2, D, B, H)``. ``meta`` holds the kernel's scalar and constexpr arguments."""
+    grid ``(cdiv(B, BLOCK_B), D)``. The tiled kernel takes trailing fp32 scratch buffers, one per
+    shape in ``scratch`` (default: one ping-pong state ``(2, D, B, H)``; a ``None`` shape passes a
+    dummy pointer the kernel never reads). ``meta`` holds the scalar and constexpr arguments."""
     p = plan(gates, H, dtype)
     grid = (triton.cdiv(B, p.block_b), D)
     meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
@@ -97,8 +101,9 @@ def launch(name: str, gates: int, kernel_pair: tuple, args: list, meta: dict, *,
     if p.strategy == "resident":
         resident[grid](*args, **meta)
     else:
-        scratch = torch.empty((2, D, B, H), device=device, dtype=torch.float32)
-        tiled[grid](*args, scratch, **meta)
+        shapes = [(2, D, B, H)] if scratch is None else scratch
+        buffers = [args[0] if shape is None else torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes]
+        tiled[grid](*args, *buffers, **meta)
     count_launch(f"{name}_{p.strategy}")
 
 
@@ -166,6 +171,21 @@ def previous_states(y: Tensor, h0: Tensor, lengths: Tensor | None) -> Tensor:
         start = torch.arange(steps, device=y.device)[:, None] + 1 >= lengths.to(y.device)[None, :]
         reverse = torch.where(start[..., None], h0[1, None].to(y.dtype), reverse)
     return torch.stack([forward, reverse])
+
+
+def flow_buffer(record_flow: bool, directions: int, steps: int, batch: int, device) -> Tensor | None:
+    """The backward kernel's ``(D, T, B)`` fp32 output of squared per-row norms ``||dL/dh_t||^2``
+    when the gradient flow is recorded (zero where a kernel writes nothing: rows past ``B``), else None."""
+    if not record_flow:
+        return None
+    return torch.zeros((directions, steps, batch), device=device, dtype=torch.float32)
+
+
+def write_flow_record(record: Tensor | None, flow: Tensor | None) -> None:
+    """Reduce the kernel's squared per-row norms to ``||dL/dh_t||`` per direction and step, into
+    the ``(D, T)`` record that :func:`fastrnn.record_gradient_flow` handed the layer."""
+    if record is not None:
+        record.copy_(flow.sum(-1).sqrt())
 
 
 def recurrent_weight_grad(dgates: Tensor, prev: Tensor, directions: int) -> Tensor:

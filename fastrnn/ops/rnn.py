@@ -14,6 +14,7 @@ from torch import Tensor
 from fastrnn.kernels import rnn as kernels
 from fastrnn.ops.recurrence import (
     compute_dtype,
+    flow_buffer,
     input_precision,
     input_projection,
     kernel_lengths,
@@ -22,6 +23,7 @@ from fastrnn.ops.recurrence import (
     previous_states,
     recurrent_weight_grad,
     stack_params,
+    write_flow_record,
 )
 
 #: Nonlinearity name -> the kernels' code (see ``fastrnn.kernels.activations``).
@@ -60,7 +62,7 @@ def rnn_bwd(
     D, _, H = dh_n.shape
     dgx = torch.empty_like(y)
     dh0 = torch.empty_like(dh_n)
-    flow = torch.zeros((D, T, B), device=y.device, dtype=torch.float32) if record_flow else None
+    flow = flow_buffer(record_flow, D, T, B, y.device)
     if B == 0:
         return dgx, dh0, flow
     launch(
@@ -94,8 +96,7 @@ class RNNFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n):
         y, pre, w_hh, h0, lengths = ctx.saved_tensors
         dgx, dh0, flow = rnn_bwd(dy, dh_n, y, pre, w_hh, lengths, ctx.nonlinearity, ctx.grad_clip, ctx.flow_record is not None)
-        if flow is not None:
-            ctx.flow_record.copy_(flow.sum(-1).sqrt())
+        write_flow_record(ctx.flow_record, flow)
         dw_hh = recurrent_weight_grad(dgx, previous_states(y, h0, lengths), h0.shape[0]) if ctx.needs_input_grad[1] else None
         return dgx, dw_hh, dh0, None, None, None, None
 
