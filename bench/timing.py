@@ -86,10 +86,11 @@ def time_cuda(fn: Callable[[], None]) -> dict:
     }
 
 
-def measure(fns: dict[str, Callable[[], None]], device: torch.device) -> dict[str, dict]:
+def measure(fns: dict[str, Callable[[], None]], device: torch.device, **cpu_options) -> dict[str, dict]:
     """Time each callable on ``device``. The first call of each is made (and timed) here, so
     compile and autotuning land in ``first_call_s`` rather than in the timings; a callable that
-    raises gets ``{"error": ...}`` and the others are still timed."""
+    raises gets ``{"error": ...}`` and the others are still timed. ``cpu_options`` go to
+    :func:`time_cpu` (warm-up, budget, repetitions)."""
     results: dict[str, dict] = {}
     working: dict[str, Callable[[], None]] = {}
     for name, fn in fns.items():
@@ -111,6 +112,6 @@ def measure(fns: dict[str, Callable[[], None]], device: torch.device) -> dict[st
                 results[name]["error"] = describe_error(error)
             torch.cuda.empty_cache()
     elif working:
-        for name, summary in time_cpu(working).items():
+        for name, summary in time_cpu(working, **cpu_options).items():
             results[name].update(summary)
     return results

@@ -53,11 +53,6 @@ def _backend(name: str | None):
     return contextlib.nullcontext() if name in (None, "auto") else fastrnn.use_backend(name)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ------------------------------------------------------------------------------------ check
 def check(fast: nn.Module, twin: tasks.Twin, loss_fn, batch, backend: str | None) -> dict:
     """Loss and every parameter gradient of one step, fastrnn against its twin (same weights)."""
@@ -94,32 +89,6 @@ def step_fn(model: nn.Module, loss_fn, batches: list, lr: float, backend: str | 
     return step
 
 
-def measure(fns: dict[str, Callable[[], None]], device: torch.device) -> dict[str, dict]:
-    """Like :func:`bench.timing.measure`, with a longer CPU budget (a step is a millisecond or two)."""
-    results, working = {}, {}
-    for name, fn in fns.items():
-        start = time.perf_counter()
-        try:
-            fn()
-            _sync(device)
-        except Exception as error:  # noqa: BLE001 - recorded, the other is still timed
-            results[name] = {"error": timing.describe_error(error), "traceback": traceback.format_exc(limit=6)[-4000:]}
-            continue
-        results[name] = {"first_call_s": time.perf_counter() - start}
-        working[name] = fn
-    if device.type == "cuda":
-        for name, fn in working.items():
-            try:
-                results[name].update(timing.time_cuda(fn))
-            except Exception as error:  # noqa: BLE001
-                results[name]["error"] = timing.describe_error(error)
-    elif working:
-        summaries = timing.time_cpu(working, warmup=3, budget_s=CPU_BUDGET_S, max_reps=CPU_MAX_REPS)
-        for name, summary in summaries.items():
-            results[name].update(summary)
-    return results
-
-
 def time_case(label: str, task: tasks.Task, loss_fn, construction: str, device: torch.device,
               backend: str | None) -> dict:
     """Check, then time one training step of fastrnn and of torch.nn for one topology."""
@@ -136,7 +105,7 @@ def time_case(label: str, task: tasks.Task, loss_fn, construction: str, device: 
             record["status"] = "failed"
         fns = {"fastrnn": step_fn(fast, loss_fn, batches, task.lr, backend),
                "torch": step_fn(twin, loss_fn, batches, task.lr)}
-        record["variants"] = measure(fns, device)
+        record["variants"] = timing.measure(fns, device, warmup=3, budget_s=CPU_BUDGET_S, max_reps=CPU_MAX_REPS)
         fast_t, torch_t = (record["variants"][k] for k in ("fastrnn", "torch"))
         if "median_ms" in fast_t and "median_ms" in torch_t:
             record["speedup"] = torch_t["median_ms"] / fast_t["median_ms"]
