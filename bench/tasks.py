@@ -96,6 +96,19 @@ class Twin(nn.Module):
         return self
 
 
+class LayerAndHeadTwin(Twin):
+    """The twin of a module that is a layer ``.rnn`` and a head ``.head`` (ManyToMany, ManyToOne,
+    OneToOne): a torch.nn layer and an ``nn.Linear``."""
+
+    def __init__(self, fast: nn.Module):
+        super().__init__()
+        self.rnn, self.head = _torch_layer(fast.rnn), nn.Linear(fast.head.in_features, fast.head.out_features)
+        self.load_from(fast)
+
+    def sources(self):
+        return {**_layer_sources("rnn", "rnn", self.rnn), **_head_sources()}
+
+
 def _cell_loop(cell: nn.Module, head: nn.Module, x: Tensor, steps: int, state=None) -> Tensor:
     """Free-running generation with torch.nn cells: each output is the next input."""
     outputs = []
@@ -106,30 +119,14 @@ def _cell_loop(cell: nn.Module, head: nn.Module, x: Tensor, steps: int, state=No
     return torch.stack(outputs, dim=1)
 
 
-class TorchManyToOne(Twin):
-    def __init__(self, fast: ManyToOne):
-        super().__init__()
-        self.rnn, self.head = _torch_layer(fast.rnn), nn.Linear(fast.head.in_features, fast.head.out_features)
-        self.load_from(fast)
-
-    def sources(self):
-        return {**_layer_sources("rnn", "rnn", self.rnn), **_head_sources()}
-
+class TorchManyToOne(LayerAndHeadTwin):
     def forward(self, x):
         _, state = self.rnn(x)
         h_n = state[0] if isinstance(state, tuple) else state
         return self.head(h_n[-1])
 
 
-class TorchManyToMany(Twin):
-    def __init__(self, fast: ManyToMany):
-        super().__init__()
-        self.rnn, self.head = _torch_layer(fast.rnn), nn.Linear(fast.head.in_features, fast.head.out_features)
-        self.load_from(fast)
-
-    def sources(self):
-        return {**_layer_sources("rnn", "rnn", self.rnn), **_head_sources()}
-
+class TorchManyToMany(LayerAndHeadTwin):
     def forward(self, x, lengths):
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])
@@ -184,15 +181,7 @@ class TorchSeq2Seq(Twin):
         return _cell_loop(self.decoder_cell, self.head, start, steps, state)
 
 
-class TorchOneToOne(Twin):
-    def __init__(self, fast: OneToOne):
-        super().__init__()
-        self.rnn, self.head = _torch_layer(fast.rnn), nn.Linear(fast.head.in_features, fast.head.out_features)
-        self.load_from(fast)
-
-    def sources(self):
-        return {**_layer_sources("rnn", "rnn", self.rnn), **_head_sources()}
-
+class TorchOneToOne(LayerAndHeadTwin):
     def forward(self, x):
         return self.head(self.rnn(x[:, None])[0][:, 0])
 
