@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import sigmoid, tanh
-from fastrnn.kernels.recurrence import clamp_grad, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import clamp_grad, copy_rows, squared_row_norm, step_time
 
 #: Width of the reduction tiles of the tiled kernels' products (their output tiles are ``BLOCK_H``
 #: wide): narrower than ``BLOCK_H`` keeps an fp32 FMA dot's operands within the registers of
@@ -329,11 +329,7 @@ def lstm_fwd_tiled_kernel(
         ok = row_ok[:, None] & (cols < K)[None, :]
         h0 = tl.load(h0_ptr + h_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         tl.store(h_state_ptr + h_rows + cols[None, :], h0, mask=ok)
-    for n0 in range(0, H, BLOCK_H):  # slot 0 <- c0
-        cols = n0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (cols < H)[None, :]
-        c0 = tl.load(c0_ptr + c_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(c_state_ptr + c_rows + cols[None, :], c0, mask=ok)
+    copy_rows(c0_ptr + c_rows, c_state_ptr + c_rows, row_ok, H, BLOCK_H)  # slot 0 <- c0
     tl.debug_barrier()
 
     for s in range(T):
@@ -448,11 +444,7 @@ def lstm_bwd_tiled_kernel(
         ok = row_ok[:, None] & (cols < K)[None, :]
         dh = tl.load(dh_n_ptr + h_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         tl.store(dh_state_ptr + h_rows + cols[None, :], dh, mask=ok)
-    for n0 in range(0, H, BLOCK_H):  # slot 0 <- dc_n
-        cols = n0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (cols < H)[None, :]
-        dc = tl.load(dc_n_ptr + c_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(dc_state_ptr + c_rows + cols[None, :], dc, mask=ok)
+    copy_rows(dc_n_ptr + c_rows, dc_state_ptr + c_rows, row_ok, H, BLOCK_H)  # slot 0 <- dc_n
     tl.debug_barrier()
 
     for s in range(T):
@@ -563,8 +555,4 @@ def lstm_bwd_tiled_kernel(
         ok = row_ok[:, None] & (cols < K)[None, :]
         dh = tl.load(dh_final + cols[None, :], mask=ok, other=0.0)
         tl.store(dh0_ptr + h_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=ok)
-    for n0 in range(0, H, BLOCK_H):
-        cols = n0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (cols < H)[None, :]
-        dc = tl.load(dc_final + cols[None, :], mask=ok, other=0.0)
-        tl.store(dc0_ptr + c_rows + cols[None, :], dc.to(dc0_ptr.dtype.element_ty), mask=ok)
+    copy_rows(dc_final, dc0_ptr + c_rows, row_ok, H, BLOCK_H)

@@ -19,6 +19,18 @@ def program_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def copy_rows(src, dst, row_ok, H, BLOCK_H: tl.constexpr):
+    """Copy ``H`` elements of each of a tile's rows from ``src`` to ``dst`` (``(BLOCK_B, 1)`` blocks
+    of row pointers), ``BLOCK_H`` columns at a time, converting to ``dst``'s dtype: how the tiled
+    kernels fill their fp32 ping-pong state and hand the final state back."""
+    for n0 in range(0, H, BLOCK_H):
+        cols = n0 + tl.arange(0, BLOCK_H)
+        ok = row_ok[:, None] & (cols < H)[None, :]
+        values = tl.load(src + cols[None, :], mask=ok, other=0.0)
+        tl.store(dst + cols[None, :], values.to(dst.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def step_time(s, T, direction):
     """Position of step ``s`` in time: forward (``direction`` 0) walks ``0..T-1``, reverse ``T-1..0``.
     A backward kernel walks the forward's order reversed: ``step_time(s, T, 1 - direction)``."""

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import NEEDS_PRE, elman_activation, elman_activation_grad
-from fastrnn.kernels.recurrence import clamp_grad, program_tile, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import clamp_grad, copy_rows, program_tile, squared_row_norm, step_time
 
 
 @triton.jit
@@ -161,11 +161,7 @@ def rnn_fwd_tiled_kernel(
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
 
-    for n0 in range(0, H, BLOCK_H):  # slot 0 <- h0
-        cols = n0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (cols < H)[None, :]
-        h0 = tl.load(h0_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(state_ptr + state_rows + cols[None, :], h0, mask=ok)
+    copy_rows(h0_ptr + state_rows, state_ptr + state_rows, row_ok, H, BLOCK_H)  # slot 0 <- h0
     tl.debug_barrier()
 
     row_stride = D * H
@@ -202,11 +198,7 @@ def rnn_fwd_tiled_kernel(
         tl.debug_barrier()
 
     final = state_ptr + (T % 2) * slot + state_rows
-    for n0 in range(0, H, BLOCK_H):
-        cols = n0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (cols < H)[None, :]
-        h = tl.load(final + cols[None, :], mask=ok, other=0.0)
-        tl.store(h_n_ptr + state_rows + cols[None, :], h.to(h_n_ptr.dtype.element_ty), mask=ok)
+    copy_rows(final, h_n_ptr + state_rows, row_ok, H, BLOCK_H)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -230,11 +222,7 @@ def rnn_bwd_tiled_kernel(
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
 
-    for n0 in range(0, H, BLOCK_H):  # slot 0 <- dh_n
-        cols = n0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (cols < H)[None, :]
-        dh = tl.load(dh_n_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(state_ptr + state_rows + cols[None, :], dh, mask=ok)
+    copy_rows(dh_n_ptr + state_rows, state_ptr + state_rows, row_ok, H, BLOCK_H)  # slot 0 <- dh_n
     tl.debug_barrier()
 
     row_stride = D * H
@@ -279,8 +267,4 @@ def rnn_bwd_tiled_kernel(
         tl.debug_barrier()
 
     final = state_ptr + (T % 2) * slot + state_rows
-    for n0 in range(0, H, BLOCK_H):
-        cols = n0 + tl.arange(0, BLOCK_H)
-        ok = row_ok[:, None] & (cols < H)[None, :]
-        dh = tl.load(final + cols[None, :], mask=ok, other=0.0)
-        tl.store(dh0_ptr + state_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=ok)
+    copy_rows(final, dh0_ptr + state_rows, row_ok, H, BLOCK_H)
