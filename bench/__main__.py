@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the topology section (training steps and loss curves of the five modules)")
     parser.add_argument("--gradient-flow", action="store_true", help="run the gradient-flow section in --dry-run too")
     parser.add_argument("--no-gradient-flow", action="store_true", help="skip the gradient-flow section")
+    parser.add_argument("--plan", action="store_true",
+                        help="no timing: the plan report (strategy, grid, sm_90 compile resources, cost-model estimates per GPU row; bench/plan.py)")
+    parser.add_argument("--json", action="store_true", help="with --plan: print a JSON list, one object per GPU-matrix row")
     parser.add_argument("--allow-tf32", action="store_true",
                         help="allow TF32 on GPU for torch matmuls and cuDNN (fp32 rows then get the 1e-2 tolerance)")
     return parser.parse_args(argv)
@@ -130,6 +133,9 @@ def private_inductor_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plan:
+        from bench import plan
+        return plan.main(args.json, args.rows)
     private_inductor_cache()
     started = time.perf_counter()
     device = torch.device("cpu") if args.dry_run else environment.detect_device()

@@ -1,0 +1,202 @@
+"""The plan report: ``python -m bench --plan [--json]``.
+
+For every row of the GPU matrix (:data:`bench.matrix.GPU_MATRIX`): the strategy and grid the
+launcher would use on an H100/H200, the kernels it would launch compiled ahead of time for sm_90
+with the real launch's signature and specialisation (:mod:`fastrnn.ops.launch_signature`:
+registers, spills, shared memory), the bytes and the time per step the cost model
+(:mod:`fastrnn.ops.cost_model`) estimates for that partition, today's tiled or resident strategy
+estimated the same way, and cuDNN's published per-step figure for the shape (``ANCHORS``, from
+``shared/NOTES.md``; most are estimates, and each entry says which).
+
+Everything here is an estimate from compiles and a model: no GPU ran. ``--json`` prints a JSON
+list, one object per row; the plain form prints a table, the model's figures and their sources.
+The compiles run in this process (never under ``TRITON_INTERPRET=1``) and Triton caches them on
+disk, so a second run takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import torch
+
+from bench import matrix
+from fastrnn.ops import cost_model
+
+#: cuDNN through torch.nn, microseconds per step (forward, forward+backward), from NOTES.md's
+#: "cuDNN per-step anchors for the GPU matrix". ``strict`` is the lowest figure given for the shape
+#: (what the estimate is held to); ``range`` the row dtype's figures; ``kind`` says which are estimates.
+ANCHORS: dict[str, dict] = {
+    "L1": dict(strict=(1.96, 5.07), range="fp16 1.96 / 5.07 (cuDNN persistent algorithm); bf16 standard est. 7-10 / 18-25",
+               kind="measured (fp16, FlashRNN's benchmark, H100); bf16 figure an estimate"),
+    "L2": dict(strict=(1.5, 4.0), range="fp16 est. 1.5-2 / 4-5; bf16 est. ~9 / 20-23", kind="estimate"),
+    "L3": dict(strict=(8.0, 19.0), range="est. 8-9 / 19-23 (standard algorithm forced)", kind="estimate"),
+    "L4": dict(strict=(12.0, 35.0), range="est. 12-20 / 35-55 (standard algorithm forced)", kind="estimate"),
+    "L5": dict(strict=(9.0, 18.0), range="~9-10 / 18-20", kind="nearest shape (KernelBench LSTM H256 fp32, 8.9 us, H100)"),
+    "G1": dict(strict=(10.0, 25.0), range="est. 10-13 / 25-30", kind="estimate (KernelBench GRU 7.1-12.7 us, noisy)"),
+    "R1": dict(strict=(1.5, 4.0), range="fp16 est. 1.5-2.5 / 4-6; bf16 est. 6-9 / 15-20", kind="estimate (no tanh data anywhere)"),
+    "P1": dict(strict=(9.0, 20.0), range="est. 9-11 / 20-25 per padded step", kind="estimate"),
+    "B1": dict(strict=(35.0, 80.0), range="~35 / ~80 per timestep (2 layers x 2 directions)", kind="nearest shape (KernelBench BiLSTM 17.6 us per layer-step)"),
+}
+
+#: Programs the issue asks for on the rows with H >= 512.
+MIN_PROGRAMS_LARGE_H = 64
+
+
+def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches: list) -> cost_model.Partition:
+    """The partition the launcher chose for ``row``, read from its captured forward launch:
+    the strategy from the kernel's name, the grid as launched, warps from the launch options."""
+    forward = launches[0]
+    strategy = next((s for s in ("persistent", "tiled", "resident") if f"_{s}" in forward.name), "unknown")
+    grid = forward.grid if isinstance(forward.grid, tuple) else ()
+    programs = math.prod(grid) if grid else 0
+    warps = forward.kwargs.get("num_warps", 4)
+    if strategy in ("tiled", "resident"):
+        block_b = forward.kwargs.get("BLOCK_B", 16)
+        return cost_model.today_partition(workload, strategy, warps, block_b)
+    raise NotImplementedError(f"{row.name}: no cost-model partition for the {strategy} launch {forward.name} (grid {grid}, {programs} programs)")
+
+
+def _kernel_record(compiled) -> dict:
+    return dict(kernel=compiled.kernel, arch=f"sm_{compiled.arch}", registers=compiled.registers,
+                spill_bytes=compiled.spill_bytes, stack_bytes=compiled.stack, local_bytes=compiled.local,
+                shared_bytes=compiled.shared, tensor_core_ops=compiled.tensor_core_ops,
+                num_warps=compiled.num_warps, num_stages=compiled.num_stages,
+                divisible_by_16=list(compiled.divisible_by_16),
+                folded_equal_to_1=list(compiled.folded))
+
+
+def _rounded(value, digits=2):
+    return None if value is None else round(value, digits)
+
+
+def plan_row(row: matrix.Row, arch: int = 90) -> dict:
+    """One row of the report (see the module docstring)."""
+    from fastrnn.ops.launch_signature import compile_launch, row_launches
+
+    workload = cost_model.Workload.from_row(row)
+    launches = row_launches(row)
+    record: dict = dict(row=row.name, shape=row.describe())
+    kernels, errors = [], []
+    for launch in launches:
+        try:
+            kernels.append(_kernel_record(compile_launch(launch, arch)))
+        except Exception as error:  # reported in the row, not hidden: the row shows no resources
+            errors.append(f"{launch.name}: {type(error).__name__}: {error}")
+    partition = launcher_partition(row, workload, launches)
+    est = cost_model.estimate(workload, partition)
+    record.update(
+        strategy=partition.strategy,
+        mode=partition.mode if partition.strategy == "persistent" else "one launch",
+        partition=partition.describe(),
+        programs=partition.programs,
+        weight_bytes_reread_per_step=est.weight_bytes_reread_per_step,
+        exchange_bytes_per_step=est.exchange_bytes_per_step,
+        exchange_bytes_per_step_bwd=est.exchange_bytes_per_step_bwd,
+        l2_bytes_per_step=est.l2_bytes_per_step,
+        # the heaviest kernel of the row (forward and backward are listed under "kernels")
+        registers=max((k["registers"] for k in kernels), default=None),
+        spill_bytes=max((k["spill_bytes"] for k in kernels), default=None),
+        shared_bytes=max((k["shared_bytes"] for k in kernels), default=None),
+        kernels=kernels,
+        est_us_per_step_fwd=_rounded(est.fwd_us),
+        est_us_per_step_bwd=_rounded(est.bwd_us),
+        est_us_per_step_fwd_bwd=_rounded(est.fwd_bwd_us),
+        est_us_per_step_fwd_optimistic=_rounded(est.fwd_best_us),
+        est_terms_us_fwd={k: _rounded(v, 3) for k, v in est.fwd_terms_us.items()},
+        est_terms_us_bwd={k: _rounded(v, 3) for k, v in est.bwd_terms_us.items()},
+        estimate_kind="cost model (fastrnn.ops.cost_model), no GPU measurement",
+    )
+    anchor = ANCHORS.get(row.name)
+    if anchor:
+        fwd, fwd_bwd = anchor["strict"]
+        record.update(cudnn_us_per_step_anchor=fwd, cudnn_us_per_step_anchor_fwd_bwd=fwd_bwd,
+                      cudnn_anchor_figures=anchor["range"], cudnn_anchor_kind=anchor["kind"],
+                      est_fwd_within_anchor=est.fwd_us <= fwd)
+    best = cost_model.best_partition(workload, exchange_bytes=partition.exchange_bytes if partition.strategy == "persistent" else 4)
+    if best:
+        p, e = best
+        record["model_best_partition"] = dict(partition=p.describe(), programs=p.programs, hidden_slice=p.hidden_slice,
+                                              batch_groups=p.batch_groups, est_us_per_step_fwd=_rounded(e.fwd_us),
+                                              est_us_per_step_bwd=_rounded(e.bwd_us))
+    checks = []
+    if est.weight_bytes_reread_per_step:
+        checks.append(f"W_hh re-read: {est.weight_bytes_reread_per_step:,} B per step")
+    if row.hidden >= 512 and partition.programs < MIN_PROGRAMS_LARGE_H:
+        checks.append(f"{partition.programs} programs < {MIN_PROGRAMS_LARGE_H} at H={row.hidden}")
+    if anchor and est.fwd_us > anchor["strict"][0]:
+        fix = record.get("model_best_partition", {})
+        checks.append(f"forward estimate {est.fwd_us:.2f} us > cuDNN anchor {anchor['strict'][0]} us"
+                      + (f"; the model's best partition: {fix['partition']} at {fix['est_us_per_step_fwd']} us" if fix else ""))
+    if errors:
+        checks.append("compile failed: " + "; ".join(errors))
+    record["issues"] = checks
+    return record
+
+
+def plan_report(rows: tuple[matrix.Row, ...] = matrix.GPU_MATRIX, arch: int = 90, log=None) -> list[dict]:
+    out = []
+    for row in rows:
+        if log:
+            log(f"plan {row.name} {row.describe()} ...")
+        out.append(plan_row(row, arch))
+    return out
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def text_report(records: list[dict]) -> str:
+    """A readable table of the records, the model's figures and their sources."""
+    header = ["row", "strategy", "programs", "W re-read/step", "exchange/step", "regs", "spill", "shared",
+              "est fwd us", "est bwd us", "cuDNN fwd us", "issues"]
+    cells = []
+    for r in records:
+        cells.append([r["row"], r["strategy"], str(r["programs"]), _bytes(r["weight_bytes_reread_per_step"]),
+                      _bytes(r["exchange_bytes_per_step"]), str(r["registers"]), str(r["spill_bytes"]),
+                      _bytes(r["shared_bytes"]), f"{r['est_us_per_step_fwd']:.2f}", f"{r['est_us_per_step_bwd']:.2f}",
+                      str(r.get("cudnn_us_per_step_anchor", "-")), str(len(r["issues"]))])
+    widths = [max(len(x) for x in column) for column in zip(header, *cells)]
+    lines = ["ESTIMATES (cost model + sm_90 compiles on a CPU; no GPU measured anything):", ""]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.append("")
+    for r in records:
+        lines.append(f"{r['row']} {r['shape']}: {r['partition']}")
+        best = r.get("model_best_partition")
+        if best:
+            lines.append(f"    model's best persistent partition: {best['partition']}: fwd {best['est_us_per_step_fwd']} us, bwd {best['est_us_per_step_bwd']} us")
+        if "cudnn_anchor_figures" in r:
+            lines.append(f"    cuDNN: {r['cudnn_anchor_figures']} ({r['cudnn_anchor_kind']})")
+        for issue in r["issues"]:
+            lines.append(f"    ! {issue}")
+    lines += ["", "Cost-model figures (fastrnn/ops/cost_model.py):"]
+    for name, f in cost_model.FIGURES.items():
+        lines.append(f"  {name} = {f.value:g} {f.unit} [{f.kind}]: {f.source}")
+    return "\n".join(lines)
+
+
+def main(as_json: bool, row_names: str | None = None) -> int:
+    """Print the report; exit status 1 when a row could not be compiled."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("python -m bench --plan compiles for sm_90: run it without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    rows = matrix.select(matrix.GPU_MATRIX, row_names)
+    records = plan_report(rows, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(records, indent=1) if as_json else text_report(records))
+    return 1 if any(r["registers"] is None for r in records) else 0
+
+
+__all__ = ["ANCHORS", "plan_report", "plan_row", "text_report", "main", "dataclasses"]
