@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# GPU check of fastrnn: versions, the test suite, and the benchmark matrix, in one go.
+# GPU check of fastrnn: versions, the plan report, the CUDA tests, and the GPU benchmark matrix, in one go.
 #
-#   bash bench/gpu_check.sh            # tests + `python -m bench --quick`   (under 6 minutes)
-#   bash bench/gpu_check.sh full       # tests + the full GPU matrix          (up to ~13 minutes)
-#   bash bench/gpu_check.sh bench      # skip the tests, quick matrix only
+#   bash bench/gpu_check.sh            # plan + CUDA tests + the whole GPU matrix, lean  (under 6 minutes)
+#   bash bench/gpu_check.sh quick      # CUDA tests + `python -m bench --quick`            (under 6 minutes)
+#   bash bench/gpu_check.sh full       # CUDA tests + the full GPU matrix, every section  (up to ~13 minutes)
+#   bash bench/gpu_check.sh bench      # skip the tests, the lean matrix only
 #
-# Run from anywhere; it works in the repository root. Results go to $OUT (default bench/results/):
-#   gpu-check-<date>.md / .json    card, driver, CUDA, torch, triton versions, exit codes, timings
-#   pytest-<date>.log              the test run
-#   bench-<date>.log               the benchmark's progress and table
-#   <device>[-quick]-<date>.json/.md/-*.png   the benchmark results (see python -m bench)
+# The default ("check") is what the first GPU session of the persistent kernels runs:
+#   1. `python -m bench --plan --json` (strategy, grid, sm_90 compile resources and the cost model's
+#      estimate per GPU row: the predictions the timings are then read against; its compiles fill
+#      Triton's cache with the binaries the launches use);
+#   2. the CUDA tests: tests/test_gpu.py, the persistent kernels' tests (tests/test_persistent*.py,
+#      the concurrent-grid harness), the kernel parity tests;
+#   3. every GPU-matrix row of `python -m bench`, fastrnn against torch.nn (cuDNN) in the same run,
+#      without the reference loops, the batch sweep, the topology and gradient-flow sections.
+# Step limits (seconds): PLAN_TIMEOUT 60, PYTEST_TIMEOUT 120, BENCH_TIMEOUT 140 (check mode).
+#
+# Run from anywhere; it works in the repository root. Results go to $OUT (default bench/results/),
+# eight files at most (what a lent machine hands back):
+#   gpu-check-<date>.md / .json    card, driver, CUDA, torch, triton versions, exit codes, timings, per-row results
+#   gpu-check-<date>.log           everything the steps printed (tests, plan, benchmark progress)
+#   plan-<device>-<date>.json      the plan report
+#   <device>[-quick]-<date>.json/.md/-speedup.png   the benchmark results (see python -m bench)
 # Nothing is downloaded: fastrnn is installed editable offline (--no-deps --no-build-isolation),
-# falling back to PYTHONPATH when that fails. Step time limits: PYTEST_TIMEOUT, BENCH_TIMEOUT (seconds).
+# falling back to PYTHONPATH when that fails.
 set -uo pipefail
 
-MODE="${1:-quick}"
+MODE="${1:-check}"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 OUT="${OUT:-$ROOT/bench/results}"
@@ -25,6 +37,9 @@ START=$(date +%s)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
+LOG="$OUT/gpu-check-$DATE.log"
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
 section() { printf '\n===== %s (%ss) =====\n' "$1" "$(( $(date +%s) - START ))"; }
 
 section "machine"
@@ -73,35 +88,62 @@ fi
 "$PY" -c "import fastrnn, fastrnn.kernels; print('fastrnn', fastrnn.__version__, 'from', fastrnn.__file__)" \
     || echo "WARNING: fastrnn or fastrnn.kernels does not import"
 
+PLAN_RC="skipped"
+PLAN_SECONDS=0
+if [ "$MODE" = "check" ] || [ "$MODE" = "full" ]; then
+    section "plan report (python -m bench --plan --json)"
+    T0=$(date +%s)
+    PLAN_JSON="$OUT/plan-$("$PY" -c 'from bench import environment as e; print(e.describe(e.detect_device())["device"])' 2>/dev/null || echo gpu)-$DATE.json"
+    timeout "${PLAN_TIMEOUT:-60}" "$PY" -m bench --plan --json > "$PLAN_JSON.tmp"
+    PLAN_RC=$?
+    mv "$PLAN_JSON.tmp" "$PLAN_JSON"
+    PLAN_SECONDS=$(( $(date +%s) - T0 ))
+    [ "$PLAN_RC" = 124 ] && echo "plan report stopped at the ${PLAN_TIMEOUT:-60} s limit"
+    echo "wrote $PLAN_JSON"
+fi
+
 PYTEST_RC="skipped"
 PYTEST_SECONDS=0
 if [ "$MODE" != "bench" ]; then
     section "tests"
     T0=$(date +%s)
-    # The tests a GPU adds evidence to, GPU-only ones first; no -x, so one call shows every failure.
-    # (Parity with torch.nn on the CPU paths and the ahead-of-time compile check run in CI already.)
-    timeout "${PYTEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider -rfE \
-        tests/test_gpu.py tests/test_kernels_rnn.py tests/test_kernels_gru.py tests/test_kernels_lstm.py \
-        tests/test_gradient_control.py tests/test_topologies.py 2>&1 | tee "$OUT/pytest-$DATE.log"
-    PYTEST_RC=${PIPESTATUS[0]}
+    # The tests a GPU adds evidence to: GPU-only ones first, then the persistent kernels' tests
+    # (whatever tests/test_persistent*.py there are), then parity of every kernel on CUDA tensors;
+    # no -x, so one call shows every failure. (The CPU paths and the ahead-of-time compile gates run in CI.)
+    PYTEST_LIMIT="${PYTEST_TIMEOUT:-120}"
+    [ "$MODE" = "full" ] && PYTEST_LIMIT="${PYTEST_TIMEOUT:-150}"
+    TESTS=(tests/test_gpu.py)
+    for f in tests/test_persistent*.py tests/test_concurrent_grid.py; do [ -e "$f" ] && TESTS+=("$f"); done
+    TESTS+=(tests/test_kernels_rnn.py tests/test_kernels_gru.py tests/test_kernels_lstm.py tests/test_gradient_control.py)
+    [ "$MODE" = "check" ] || TESTS+=(tests/test_topologies.py)
+    echo "pytest ${TESTS[*]}"
+    timeout "$PYTEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -rfE "${TESTS[@]}"
+    PYTEST_RC=$?
     PYTEST_SECONDS=$(( $(date +%s) - T0 ))
-    [ "$PYTEST_RC" = 124 ] && echo "pytest stopped at the ${PYTEST_TIMEOUT:-150} s limit"
+    [ "$PYTEST_RC" = 124 ] && echo "pytest stopped at the $PYTEST_LIMIT s limit"
 fi
 
 section "benchmark ($MODE)"
-LIMIT="${BENCH_TIMEOUT:-170}"
-if [ "$MODE" = "full" ]; then LIMIT="${BENCH_TIMEOUT:-600}"; fi
+case "$MODE" in
+    full) LIMIT="${BENCH_TIMEOUT:-600}" ;;
+    quick) LIMIT="${BENCH_TIMEOUT:-170}" ;;
+    *) LIMIT="${BENCH_TIMEOUT:-140}" ;;
+esac
 # The benchmark starts no new row past its budget, so it still writes its report; timeout is the backstop.
-BENCH_ARGS=(--out "$OUT" --budget-s "$(( LIMIT - 45 ))")
-[ "$MODE" = "full" ] || BENCH_ARGS+=(--quick)
+BENCH_ARGS=(--out "$OUT" --budget-s "$(( LIMIT - 30 ))")
+case "$MODE" in
+    full) ;;
+    quick) BENCH_ARGS+=(--quick) ;;
+    *) BENCH_ARGS+=(--eager-max-steps 0 --no-compile --no-sweep --no-topologies --no-gradient-flow) ;;
+esac
 T0=$(date +%s)
-timeout "$LIMIT" "$PY" -m bench "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench-$DATE.log"
-BENCH_RC=${PIPESTATUS[0]}
+timeout "$LIMIT" "$PY" -m bench "${BENCH_ARGS[@]}"
+BENCH_RC=$?
 BENCH_SECONDS=$(( $(date +%s) - T0 ))
 [ "$BENCH_RC" = 124 ] && echo "benchmark stopped at the $LIMIT s limit"
 
 section "summary"
-MODE="$MODE" INSTALL="$INSTALL" PYTEST_RC="$PYTEST_RC" PYTEST_SECONDS="$PYTEST_SECONDS" BENCH_RC="$BENCH_RC" \
+MODE="$MODE" INSTALL="$INSTALL" PLAN_RC="$PLAN_RC" PLAN_SECONDS="$PLAN_SECONDS" PYTEST_RC="$PYTEST_RC" PYTEST_SECONDS="$PYTEST_SECONDS" BENCH_RC="$BENCH_RC" \
 BENCH_SECONDS="$BENCH_SECONDS" TOTAL_SECONDS="$(( $(date +%s) - START ))" OUT="$OUT" DATE="$DATE" "$PY" - <<'EOF'
 """Write gpu-check-<date>.json/.md: versions, what ran, how it ended."""
 import json
@@ -119,15 +161,25 @@ summary = {
     "environment": environment.describe(device),
     "mode": os.environ["MODE"],
     "install": os.environ["INSTALL"],
+    "plan": {"exit_code": os.environ["PLAN_RC"], "seconds": int(os.environ["PLAN_SECONDS"])},
     "pytest": {"exit_code": os.environ["PYTEST_RC"], "seconds": int(os.environ["PYTEST_SECONDS"])},
     "bench": {"exit_code": os.environ["BENCH_RC"], "seconds": int(os.environ["BENCH_SECONDS"])},
     "total_seconds": int(os.environ["TOTAL_SECONDS"]),
 }
-log = out / f"pytest-{date}.log"
+log = out / f"gpu-check-{date}.log"
 if log.exists():
-    tail = [line for line in log.read_text().splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", line)]
+    tail = [line for line in log.read_text().splitlines()
+            if re.search(r"\b\d+ (passed|failed|error|errors|skipped)\b", line) and " in " in line]
     summary["pytest"]["summary"] = tail[-1] if tail else None
-results = sorted(out.glob(f"{summary['environment']['device']}*-{date}.json"), key=lambda p: p.stat().st_mtime)
+plans = sorted(out.glob(f"plan-*-{date}.json"), key=lambda p: p.stat().st_mtime)
+estimates = {}
+if plans:
+    summary["plan"]["results"] = plans[-1].name
+    try:
+        estimates = {r["row"]: r for r in json.loads(plans[-1].read_text())}
+    except ValueError as error:
+        summary["plan"]["error"] = f"unreadable plan JSON: {error}"
+results = sorted((p for p in out.glob(f"{summary['environment']['device']}*-{date}.json")), key=lambda p: p.stat().st_mtime)
 if results:
     summary["bench"]["results"] = results[-1].name
     rows = json.loads(results[-1].read_text())["rows"]
@@ -140,6 +192,8 @@ lines = [
     f"- card: **{env['card']}**, driver {env['driver']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}",
     f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}; fastrnn via {summary['install']}",
     f"- commit {(env['git']['commit'] or 'unknown')[:12]}{' (dirty)' if env['git']['dirty'] else ''}",
+    f"- plan report: exit {summary['plan']['exit_code']} in {summary['plan']['seconds']} s"
+    + (f" ({summary['plan']['results']})" if "results" in summary["plan"] else ""),
     f"- tests: exit {summary['pytest']['exit_code']} in {summary['pytest']['seconds']} s"
     + (f" ({summary['pytest'].get('summary')})" if summary["pytest"].get("summary") else ""),
     f"- benchmark ({summary['mode']}): exit {summary['bench']['exit_code']} in {summary['bench']['seconds']} s"
@@ -148,7 +202,10 @@ lines = [
 for name, row in summary["bench"].get("rows", {}).items():
     speed = row["speedup"] or {}
     shown = ", ".join(f"{mode} {value:.2f}x" for mode, value in speed.items() if value)
-    lines.append(f"  - {name}: {row['status']}" + (f", speedup over torch.nn {shown}" if shown else ""))
+    plan = estimates.get(name)
+    predicted = (f"; plan: {plan['strategy']}, {plan['programs']} programs, estimated {plan['est_us_per_step_fwd']} us/step fwd"
+                 f" + {plan['est_us_per_step_bwd']} bwd") if plan else ""
+    lines.append(f"  - {name}: {row['status']}" + (f", speedup over torch.nn {shown}" if shown else "") + predicted)
 lines.append(f"- total {summary['total_seconds']} s")
 (out / f"gpu-check-{date}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
 (out / f"gpu-check-{date}.md").write_text("\n".join(lines) + "\n")
@@ -156,4 +213,4 @@ print("\n".join(lines))
 print(f"\nwrote {out}/gpu-check-{date}.json and .md")
 EOF
 echo "done in $(( $(date +%s) - START )) s"
-[ "$PYTEST_RC" = 0 -o "$PYTEST_RC" = skipped ] && [ "$BENCH_RC" = 0 ]
+[ "$PYTEST_RC" = 0 -o "$PYTEST_RC" = skipped ] && [ "$PLAN_RC" = 0 -o "$PLAN_RC" = skipped ] && [ "$BENCH_RC" = 0 ]
