@@ -1,0 +1,66 @@
+"""The cost model's byte counts are exact for the partitions it is given, its times move with the
+figures they are built from, and every figure names its source (fastrnn/ops/cost_model.py)."""
+
+import dataclasses
+
+import pytest
+
+from bench.matrix import GPU_MATRIX
+from fastrnn.ops import cost_model
+from fastrnn.ops.cost_model import FIGURES, Workload, estimate, persistent_partition, today_partition
+
+ROWS = {row.name: row for row in GPU_MATRIX}
+
+
+def test_every_figure_names_a_source_and_a_kind():
+    for name, f in FIGURES.items():
+        assert f.value > 0, name
+        assert f.unit and len(f.source) > 20, name
+        assert f.kind in ("published", "measured", "derived", "assumption"), name
+
+
+def test_tiled_l1_streams_all_of_w_hh_through_one_sm():
+    """The issue's figure: L1 (LSTM B16 H768 bf16) on the tiled strategy, one program, 4.7 MB of
+    W_hh from L2 per step."""
+    w = Workload.from_row(ROWS["L1"])
+    p = today_partition(w, "tiled")
+    assert p.programs == 1
+    assert estimate(w, p).weight_bytes_reread_per_step == 4 * 768 * 768 * 2
+
+
+def test_persistent_bytes_by_hand():
+    """LSTM B32 H64 bf16, 2 directions, slices of 8 units, 2 batch groups: 8 x 2 x 2 = 32 programs;
+    each reads the 16 x 64 fp32 h of its group (4 KB) and the owners write B x H per direction."""
+    w = Workload("lstm", 4, 64, 32, 2, 2, False)
+    p = persistent_partition(w, 8, 2, exchange_bytes=4)
+    assert (p.programs, p.batch_per_group, p.slices) == (32, 16, 8)
+    e = estimate(w, p)
+    assert e.weight_bytes_reread_per_step == 0
+    assert e.exchange_bytes_per_step == 32 * 16 * 64 * 4 + 2 * 32 * 64 * 4
+    assert e.exchange_bytes_per_step_bwd == 32 * 16 * 4 * 64 * 4 + 2 * 32 * 4 * 64 * 4
+    per_step = estimate(w, dataclasses.replace(p, mode="per_step"))
+    # one launch per step loads every program's slice again: all of W_hh, once per batch group
+    assert per_step.weight_bytes_reread_per_step == 2 * 2 * (4 * 64 * 64 * 2)
+    assert per_step.fwd_terms_us["launch"] == FIGURES["graph_launch_us"].value
+    assert e.fwd_terms_us["flag"] > 0 and per_step.fwd_terms_us["flag"] == 0
+
+
+@pytest.mark.parametrize("name", ["l2_latency_clk", "mma_latency_clk", "flag_round_trip_l2_latencies"])
+def test_persistent_estimate_grows_with_the_latencies_it_is_built_from(monkeypatch, name):
+    w = Workload.from_row(ROWS["L1"])
+    p = persistent_partition(w, 8, 1)
+    before = estimate(w, p).fwd_us
+    f = FIGURES[name]
+    monkeypatch.setitem(FIGURES, name, dataclasses.replace(f, value=2 * f.value))
+    assert estimate(w, p).fwd_us > before * 1.05
+
+
+def test_candidates_fit_the_card():
+    for row in GPU_MATRIX:
+        w = Workload.from_row(row)
+        candidates = cost_model.candidate_partitions(w)
+        assert candidates, row.name
+        for p in candidates:
+            assert p.programs <= FIGURES["sm_count"].value
+            assert w.gates * p.hidden_slice * w.k * w.dtype_bytes <= FIGURES["shared_limit_bytes"].value
+            assert p.slices * p.hidden_slice >= w.hidden and p.batch_groups * p.batch_per_group >= w.batch
