@@ -199,4 +199,46 @@ def main(as_json: bool, row_names: str | None = None) -> int:
     return 1 if any(r["registers"] is None for r in records) else 0
 
 
-__all__ = ["ANCHORS", "plan_report", "plan_row", "text_report", "main", "dataclasses"]
+def gate_compiles(arches: tuple[int, ...] = (90, 80), rows: tuple[matrix.Row, ...] = matrix.GPU_MATRIX) -> list[dict]:
+    """The compile gate's data: every kernel each GPU-matrix row launches, in its heaviest form
+    (lengths, grad_clip, flow record, gelu: :func:`fastrnn.ops.launch_signature.row_launches`),
+    compiled for each of ``arches`` as that launch binds it. One record per (row, arch, kernel);
+    launches that bind to the same binary are compiled once and listed under every row."""
+    from fastrnn.ops.launch_signature import compile_launch, row_launches
+
+    out = []
+    for row in rows:
+        launches = row_launches(row, heaviest=True)
+        for arch in arches:
+            for launch in launches:
+                record = dict(row=row.name, arch=arch, grid=list(launch.grid) if isinstance(launch.grid, tuple) else str(launch.grid),
+                              cooperative=bool(launch.kwargs.get("launch_cooperative_grid", False)))
+                record.update(_kernel_record(compile_launch(launch, arch)))
+                out.append(record)
+    return out
+
+
+def _cli() -> int:
+    """``python -m bench.plan --gate --arch 90 80 --json PATH``: write :func:`gate_compiles`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.plan", description=_cli.__doc__)
+    parser.add_argument("--gate", action="store_true", help="compile every row's kernels in their heaviest form")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--rows", help="comma-separated GPU-matrix rows (default all)")
+    parser.add_argument("--json", help="write the records here (default: stdout)")
+    args = parser.parse_args()
+    if not args.gate:
+        return main(as_json=bool(args.json), row_names=args.rows)
+    records = gate_compiles(tuple(args.arch), matrix.select(matrix.GPU_MATRIX, args.rows))
+    text = json.dumps(records, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())
