@@ -117,7 +117,7 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
         record.update(cudnn_us_per_step_anchor=fwd, cudnn_us_per_step_anchor_fwd_bwd=fwd_bwd,
                       cudnn_anchor_figures=anchor["range"], cudnn_anchor_kind=anchor["kind"],
                       est_fwd_within_anchor=est.fwd_us <= fwd)
-    best = cost_model.best_partition(workload, exchange_bytes=partition.exchange_bytes if partition.strategy == "persistent" else 4)
+    best = cost_model.best_partition(workload)
     if best:
         p, e = best
         record["model_best_partition"] = dict(partition=p.describe(), programs=p.programs, hidden_slice=p.hidden_slice,

@@ -30,7 +30,7 @@ def test_tiled_l1_streams_all_of_w_hh_through_one_sm():
 
 def test_persistent_bytes_by_hand():
     """LSTM B32 H64 bf16, 2 directions, slices of 8 units, 2 batch groups: 8 x 2 x 2 = 32 programs;
-    each reads the 16 x 64 fp32 h of its group (4 KB) and the owners write B x H per direction."""
+    each reads the 16 x 64 h of its group (fp32 exchange: 4 KB) and the owners write B x H per direction."""
     w = Workload("lstm", 4, 64, 32, 2, 2, False)
     p = persistent_partition(w, 8, 2, exchange_bytes=4)
     assert (p.programs, p.batch_per_group, p.slices) == (32, 16, 8)

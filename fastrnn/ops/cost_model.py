@@ -113,7 +113,8 @@ class Partition:
 
     ``persistent``: ``slices`` programs of ``hidden_slice`` units per (batch group, direction),
     ``batch_groups`` of ``batch_per_group`` rows; ``mode`` ``barrier`` or ``per_step``;
-    ``exchange_bytes`` per exchanged element (fp32 state: 4; compute dtype: 2); ``k_chains``
+    ``exchange_bytes`` per exchanged element (0: the compute dtype's, as ``kernels/lstm_persistent.py``
+    exchanges ``h`` and ``dgates`` in it; 4 for an fp32 exchange); ``k_chains``
     independent accumulators the product's reduction is split into; ``weights_in`` where the slice
     lives during the sequence (``registers`` or ``shared``, read from the compile).
     ``tiled`` / ``resident``: one program per ``batch_per_group``-row batch tile and direction.
@@ -126,7 +127,7 @@ class Partition:
     hidden_slice: int = 0
     slices: int = 1
     mode: str = "barrier"
-    exchange_bytes: int = 4
+    exchange_bytes: int = 0
     k_chains: int = 1
     weights_in: str = "registers"
     num_warps: int = 8
@@ -193,17 +194,20 @@ def estimate(w: Workload, p: Partition) -> Estimate:
 def _persistent(w: Workload, p: Partition) -> Estimate:
     G, H, K, e = w.gates, w.hidden, w.k, w.dtype_bytes
     S, Bg = p.hidden_slice, p.batch_per_group
+    x = p.exchange_bytes or e
     lat = figure("l2_latency_clk")
     flag = figure("flag_round_trip_l2_latencies") * lat if p.mode == "barrier" else 0.0
     launch = figure("graph_launch_us") if p.mode == "per_step" else 0.0
     slice_bytes = G * S * K * e  # rows of W_hh (forward) or columns (backward) a program holds
     weights_reread = slice_bytes * p.programs if p.mode == "per_step" else 0
     # forward exchange: every program reads all K columns of h_{t-1} of its batch group; owners write theirs
-    read_fwd = Bg * K * p.exchange_bytes
-    exchange_fwd = p.programs * read_fwd + w.directions * w.batch * K * p.exchange_bytes
+    read_fwd = Bg * K * x
+    exchange_fwd = p.programs * read_fwd + w.directions * w.batch * K * x
     # backward exchange: all G*H gate gradients of the group (all-gather of dgates)
-    read_bwd = Bg * G * H * p.exchange_bytes
-    exchange_bwd = p.programs * read_bwd + w.directions * w.batch * G * H * p.exchange_bytes
+    read_bwd = Bg * G * H * x
+    exchange_bwd = p.programs * read_bwd + w.directions * w.batch * G * H * x
+    # per_step mode: the fp32 state a program carries (c; dh and dc backward) in and out of every launch
+    carried = 2 * S * Bg * 4 * (2 if w.cell == "lstm" else 1) if p.mode == "per_step" else 0
     # streamed, prefetched: gx slice in, y / saved gates (and c) out
     stream_fwd = p.programs * Bg * (G * S + S + G * S + (S if w.cell == "lstm" else 0)) * e
     l2_fwd = weights_reread + exchange_fwd + stream_fwd
@@ -211,7 +215,7 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
     def step(read_bytes, m, k, best=False):
         per_sm = figure("l2_bytes_per_clk_per_sm_best" if best else "l2_bytes_per_clk_per_sm")
         bw = _bandwidth(p.programs, per_sm)
-        load = lat + (read_bytes + (slice_bytes if p.mode == "per_step" else 0)) / bw
+        load = lat + (read_bytes + (slice_bytes + carried if p.mode == "per_step" else 0)) / bw
         weights = slice_bytes / figure("shared_bytes_per_clk_per_sm") if p.weights_in == "shared" and p.mode == "barrier" else 0.0
         chain, rate = _product_clk(w, m, Bg, k, p.k_chains)
         pointwise = _pointwise_clk(G * S * Bg, p.num_warps)
