@@ -32,12 +32,16 @@ def test_persistent_bytes_by_hand():
     """LSTM B32 H64 bf16, 2 directions, slices of 8 units, 2 batch groups: 8 x 2 x 2 = 32 programs;
     each reads the 16 x 64 h of its group (fp32 exchange: 4 KB) and the owners write B x H per direction."""
     w = Workload("lstm", 4, 64, 32, 2, 2, False)
-    p = persistent_partition(w, 8, 2, exchange_bytes=4)
+    p = persistent_partition(w, 8, 2, exchange_bytes=4, bwd_exchange="all_gather")
     assert (p.programs, p.batch_per_group, p.slices) == (32, 16, 8)
     e = estimate(w, p)
     assert e.weight_bytes_reread_per_step == 0
     assert e.exchange_bytes_per_step == 32 * 16 * 64 * 4 + 2 * 32 * 64 * 4
     assert e.exchange_bytes_per_step_bwd == 32 * 16 * 4 * 64 * 4 + 2 * 32 * 4 * 64 * 4
+    # the reduce exchange: every program writes its fp32 partial of dh (all K units of its group's
+    # 16 rows) and reads the 8 partials of its own 8 units
+    reduce = estimate(w, dataclasses.replace(p, bwd_exchange="reduce"))
+    assert reduce.exchange_bytes_per_step_bwd == 32 * (64 * 16 * 4 + 8 * 8 * 16 * 4)
     per_step = estimate(w, dataclasses.replace(p, mode="per_step"))
     # one launch per step loads every program's slice again: all of W_hh, once per batch group
     assert per_step.weight_bytes_reread_per_step == 2 * 2 * (4 * 64 * 64 * 2)

@@ -16,10 +16,13 @@ What a step costs, per program, on the critical path (the slowest program sets t
     + pointwise                  the gates of the slice
   and at least (all L2 bytes of the step) / (aggregate L2 bandwidth).
 
-  The backward walks time in reverse; each program needs all ``G*H`` gate gradients of its batch
-  group (an all-gather of ``dgates`` through L2, ``G`` times the forward's exchange) and holds the
-  columns ``W_hh[:, slice]`` (as many bytes as the forward's rows); its product reduces over
-  ``K = G*H``.
+  The backward walks time in reverse with one of two exchanges (``Partition.bwd_exchange``):
+  ``reduce`` (``kernels/lstm_persistent.py``): each program keeps the forward's rows, writes its
+  fp32 partial ``dh_{t-1}`` over all ``K`` units (``W_slice^T dgates_slice^T``: M = K, a reduction
+  over only ``G*S``) and then sums the ``n_slices`` partials of its own units in
+  ``ceil(n_slices / GATHER)`` dependent loads; ``all_gather``: each program holds the columns
+  ``W_hh[:, slice]``, reads all ``G*H`` gate gradients of its group (``G`` times the forward's
+  exchange) and reduces over ``G*H`` (M = S).
 * ``persistent`` in ``per_step`` mode: one launch per step (in a CUDA graph), no flag, but the
   weight slice is loaded again every step (``weight_bytes_reread_per_step`` = all of ``W_hh``).
 * ``tiled`` (today's large-H strategy): one program per 16-row batch tile and direction streams all
@@ -131,6 +134,8 @@ class Partition:
     k_chains: int = 1
     weights_in: str = "registers"
     num_warps: int = 8
+    bwd_exchange: str = "reduce"  # or "all_gather" (see the module docstring)
+    gather: int = 8  # partials summed per load ("reduce")
 
     def describe(self) -> str:
         if self.strategy == "persistent":
@@ -203,19 +208,25 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
     # forward exchange: every program reads all K columns of h_{t-1} of its batch group; owners write theirs
     read_fwd = Bg * K * x
     exchange_fwd = p.programs * read_fwd + w.directions * w.batch * K * x
-    # backward exchange: all G*H gate gradients of the group (all-gather of dgates)
-    read_bwd = Bg * G * H * x
-    exchange_bwd = p.programs * read_bwd + w.directions * w.batch * G * H * x
+    # backward exchange, written and read, all programs
+    if p.bwd_exchange == "reduce":  # fp32 partials of dh over all K units, each owner sums its S units'
+        read_bwd = p.slices * S * Bg * 4
+        exchange_bwd = p.programs * (K * Bg * 4 + read_bwd)
+        bwd_loads, bwd_m, bwd_k = math.ceil(p.slices / p.gather), K, G * S
+    else:  # all G*H gate gradients of the group (all-gather of dgates)
+        read_bwd = Bg * G * H * x
+        exchange_bwd = p.programs * read_bwd + w.directions * w.batch * G * H * x
+        bwd_loads, bwd_m, bwd_k = 1, S, G * H
     # per_step mode: the fp32 state a program carries (c; dh and dc backward) in and out of every launch
     carried = 2 * S * Bg * 4 * (2 if w.cell == "lstm" else 1) if p.mode == "per_step" else 0
     # streamed, prefetched: gx slice in, y / saved gates (and c) out
     stream_fwd = p.programs * Bg * (G * S + S + G * S + (S if w.cell == "lstm" else 0)) * e
     l2_fwd = weights_reread + exchange_fwd + stream_fwd
 
-    def step(read_bytes, m, k, best=False):
+    def step(read_bytes, m, k, loads=1, best=False):
         per_sm = figure("l2_bytes_per_clk_per_sm_best" if best else "l2_bytes_per_clk_per_sm")
         bw = _bandwidth(p.programs, per_sm)
-        load = lat + (read_bytes + (slice_bytes + carried if p.mode == "per_step" else 0)) / bw
+        load = loads * lat + (read_bytes + (slice_bytes + carried if p.mode == "per_step" else 0)) / bw
         weights = slice_bytes / figure("shared_bytes_per_clk_per_sm") if p.weights_in == "shared" and p.mode == "barrier" else 0.0
         chain, rate = _product_clk(w, m, Bg, k, p.k_chains)
         pointwise = _pointwise_clk(G * S * Bg, p.num_warps)
@@ -228,7 +239,7 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
 
     fwd, fwd_terms = step(read_fwd, G * S, K)
     fwd_best, _ = step(read_fwd, G * S, K, best=True)
-    bwd, bwd_terms = step(read_bwd, S, G * H)
+    bwd, bwd_terms = step(read_bwd, bwd_m, bwd_k, bwd_loads)
     return Estimate(weights_reread, exchange_fwd, exchange_bwd, l2_fwd, fwd, bwd, fwd_terms, bwd_terms, fwd_best)
 
 

@@ -1,0 +1,56 @@
+"""Compile gate of the persistent kernels: at every GPU-matrix row's plan, each kernel the launcher
+launches compiles ahead of time for sm_90 and sm_80 with no spills on sm_90, no local memory on
+either, and shared memory within the card's limit.
+
+The kernels are compiled as the launch binds them (``fastrnn.ops.launch_signature``: the real
+launcher runs on meta tensors and each recorded launch goes through Triton's own argument binder:
+fp32 buffers typed fp32, divisibility hints, integers equal to 1 folded), in their heaviest form
+(lengths, grad_clip, the gradient-flow record, gelu for the Elman cell), with
+``FASTRNN_STRATEGY=persistent`` and ``FASTRNN_PERSISTENT_MODE=barrier`` (what an H100/H200 runs).
+The compiles run once per session in a subprocess without ``TRITON_INTERPRET``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.matrix import GPU_MATRIX
+from fastrnn.ops.aot import SHARED_LIMIT
+
+ARCHES = (90, 80)
+
+
+@pytest.fixture(scope="session")
+def gate(tmp_path_factory):
+    out = tmp_path_factory.mktemp("persistent-gate") / "gate.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(FASTRNN_STRATEGY="persistent", FASTRNN_PERSISTENT_MODE="barrier")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.plan", "--gate", "--arch", *map(str, ARCHES), "--json", str(out)],
+        env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = {}
+    for record in json.loads(out.read_text()):
+        records.setdefault((record["row"], record["arch"]), []).append(record)
+    return records
+
+
+@pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("row", [r.name for r in GPU_MATRIX])
+def test_persistent_kernels_compile_clean(gate, row, arch):
+    kernels = gate[row, arch]
+    names = sorted(k["kernel"] for k in kernels)
+    assert any("_fwd_persistent" in n for n in names) and any("_bwd_persistent" in n for n in names), names
+    assert all("persistent" in n for n in names), f"{row}: non-persistent launches under FASTRNN_STRATEGY=persistent: {names}"
+    for k in kernels:
+        where = f"{k['kernel']} at {row} on sm_{arch}"
+        assert k["local_bytes"] == 0, f"{where} uses local memory: {k}"
+        if arch == 90:
+            assert k["stack_bytes"] == 0, f"{where} spills: {k}"
+        assert k["shared_bytes"] <= SHARED_LIMIT[arch], f"{where} needs {k['shared_bytes']} B of shared memory"
+        assert 0 < k["registers"] <= 255, where
+        assert k["tensor_core_ops"] > 0 or row == "L5", f"{where}: no HMMA/HGMMA in a 16-bit kernel"
