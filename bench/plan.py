@@ -47,18 +47,33 @@ ANCHORS: dict[str, dict] = {
 MIN_PROGRAMS_LARGE_H = 64
 
 
-def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches: list) -> cost_model.Partition:
-    """The partition the launcher chose for ``row``, read from its captured forward launch:
-    the strategy from the kernel's name, the grid as launched, warps from the launch options."""
+def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches: list, kernels: list[dict]) -> cost_model.Partition:
+    """The partition the launcher chose for ``row``, read from its captured launches: the strategy
+    from the kernel's name, the grid as launched (persistent: ``(n_slices, n_groups, D)``), the
+    slice ``S``, batch group ``BLOCK_B``, ``BARRIER``, ``GATHER`` and warps from the launch's
+    arguments, the backward's exchange from its buffers (``dh_partial_ptr``: partials reduced by
+    their owners), where the weight slice lives from the compile (shared memory when the forward
+    kernel's shared memory holds it, else registers)."""
     forward = launches[0]
     strategy = next((s for s in ("persistent", "tiled", "resident") if f"_{s}" in forward.name), "unknown")
-    grid = forward.grid if isinstance(forward.grid, tuple) else ()
-    programs = math.prod(grid) if grid else 0
     warps = forward.kwargs.get("num_warps", 4)
     if strategy in ("tiled", "resident"):
-        block_b = forward.kwargs.get("BLOCK_B", 16)
-        return cost_model.today_partition(workload, strategy, warps, block_b)
-    raise NotImplementedError(f"{row.name}: no cost-model partition for the {strategy} launch {forward.name} (grid {grid}, {programs} programs)")
+        return cost_model.today_partition(workload, strategy, warps, forward.kwargs.get("BLOCK_B", 16))
+    if strategy != "persistent" or not isinstance(forward.grid, tuple) or len(forward.grid) != 3:
+        raise NotImplementedError(f"{row.name}: no cost-model partition for the launch {forward.name} (grid {forward.grid})")
+    slices, groups, _ = forward.grid
+    backward = next((l for l in launches if "_bwd_" in l.name), None)
+    bwd_names = [p.name for p in backward.kernel.params] if backward else []
+    hidden_slice = forward.kwargs["S"]
+    slice_bytes = workload.gates * hidden_slice * workload.k * workload.dtype_bytes
+    forward_shared = next((k["shared_bytes"] for k in kernels if k["kernel"] == forward.name), 0)
+    return cost_model.Partition(
+        "persistent", math.prod(forward.grid), groups, forward.kwargs["BLOCK_B"], hidden_slice=hidden_slice,
+        slices=slices, mode="barrier" if forward.kwargs.get("BARRIER", True) else "per_step",
+        weights_in="shared" if forward_shared >= slice_bytes else "registers", num_warps=warps,
+        bwd_exchange="reduce" if "dh_partial_ptr" in bwd_names else "all_gather",
+        gather=backward.kwargs.get("GATHER", 1) if backward else 1,
+    )
 
 
 def _kernel_record(compiled) -> dict:
@@ -87,7 +102,7 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
             kernels.append(_kernel_record(compile_launch(launch, arch)))
         except Exception as error:  # reported in the row, not hidden: the row shows no resources
             errors.append(f"{launch.name}: {type(error).__name__}: {error}")
-    partition = launcher_partition(row, workload, launches)
+    partition = launcher_partition(row, workload, launches, kernels)
     est = cost_model.estimate(workload, partition)
     record.update(
         strategy=partition.strategy,
