@@ -18,6 +18,8 @@ reference  The plain PyTorch loop of :mod:`fastrnn.reference` (the test oracle),
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -70,6 +72,32 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+#: What to install for the kernels where PyTorch's wheel brought no Triton (pyproject's extra).
+TRITON_EXTRA = "pip install 'fastrnn[triton]'"
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None.
+    Triton before 3.7 converts one-element arrays with ``int()``, which numpy 2.3 refuses
+    (``TypeError: only 0-dimensional arrays can be converted to Python scalars`` in every loop)."""
+    if importlib.util.find_spec("numpy") is None:
+        return "Triton's interpreter needs numpy: pip install numpy"
+    triton_version = _major_minor(importlib.metadata.version("triton"))
+    numpy_version = _major_minor(importlib.metadata.version("numpy"))
+    if triton_version < (3, 7) and numpy_version >= (2, 3):
+        return (
+            f"Triton {importlib.metadata.version('triton')}'s interpreter fails with numpy "
+            f"{importlib.metadata.version('numpy')}: pip install 'numpy<2.3' (or triton>=3.7)"
+        )
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def resolve(device: torch.device) -> str:
     """The path that serves a tensor on ``device``: ``"triton"``, ``"native"`` or ``"reference"``."""
     asked = get_backend()
@@ -78,13 +106,15 @@ def resolve(device: torch.device) -> str:
     on_cuda = device.type == "cuda"
     if asked == "triton":
         if not triton_available():
-            raise RuntimeError("FASTRNN_BACKEND=triton, but the triton package is not installed")
+            raise RuntimeError(f"FASTRNN_BACKEND=triton, but the triton package is not installed: {TRITON_EXTRA}")
         if not on_cuda and not triton_interpreting():
             raise RuntimeError(
                 f"FASTRNN_BACKEND=triton needs CUDA tensors (got a tensor on {device}); set "
                 "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
                 "through Triton's interpreter"
             )
+        if not on_cuda and interpreter_problem():
+            raise RuntimeError(interpreter_problem())
         return "triton"
     if on_cuda and triton_available():
         return "triton"

@@ -72,8 +72,12 @@ def record_gradient_flow() -> Iterator[GradientFlow]:
 
 
 def plot_gradient_flow(flow: GradientFlow, ax=None, title: str | None = None):
-    """Draw norm against timestep (log scale), one line per layer and direction; returns the axes."""
-    import matplotlib.pyplot as plt
+    """Draw norm against timestep (log scale), one line per layer and direction; returns the axes.
+    Needs matplotlib (``pip install 'fastrnn[plot]'``)."""
+    try:
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(f"plot_gradient_flow draws with matplotlib ({error}): pip install 'fastrnn[plot]'") from error
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
