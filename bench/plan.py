@@ -2,7 +2,7 @@
 
 For every row of the GPU matrix (:data:`bench.matrix.GPU_MATRIX`): the strategy and grid the
 launcher would use on an H100/H200, the kernels it would launch compiled ahead of time for sm_90
-with the real launch's signature and specialisation (:mod:`fastrnn.ops.launch_signature`:
+with the real launch's signature and specialisation (:func:`fastrnn.ops.aot.capture_launches`:
 registers, spills, shared memory), the bytes and the time per step the cost model
 (:mod:`fastrnn.ops.cost_model`) estimates for that partition, today's tiled or resident strategy
 estimated the same way, and cuDNN's published per-step figure for the shape (``ANCHORS``, from
@@ -16,7 +16,7 @@ disk, so a second run takes seconds.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
 import os
@@ -47,42 +47,83 @@ ANCHORS: dict[str, dict] = {
 MIN_PROGRAMS_LARGE_H = 64
 
 
+@contextlib.contextmanager
+def _barrier_mode():
+    """Persistent launches as an H100/H200 runs them: one cooperative launch (``BARRIER=True``),
+    not the per-step launches a machine without a GPU would fall back to."""
+    from fastrnn.ops import persistent
+
+    previous = os.environ.get(persistent.MODE_ENV)
+    os.environ[persistent.MODE_ENV] = "barrier"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[persistent.MODE_ENV]
+        else:
+            os.environ[persistent.MODE_ENV] = previous
+
+
+def capture_row(row: matrix.Row, arch: int = 90, heaviest: bool = False) -> list:
+    """The distinct launches (:class:`fastrnn.ops.aot.Launch`) of one recurrent layer of ``row``,
+    forward and backward, as Triton specialises them for ``sm_{arch}``: the real layer function on
+    CPU tensors of the row's batch and hidden size under :func:`fastrnn.ops.aot.capture_launches`
+    (``T`` is never specialised, so a few steps stand for the row's ``T``). Packed rows get
+    lengths. ``heaviest`` turns on what a user could add at that shape: lengths, ``grad_clip``,
+    the gradient-flow record, gelu for the Elman cell."""
+    from fastrnn.ops import aot
+
+    options = dict(bidirectional=row.bidirectional, lengths=row.packed or heaviest)
+    if row.cell == "rnn":
+        options["nonlinearity"] = "gelu" if heaviest else row.nonlinearity
+    if heaviest:
+        options.update(grad_clip=1.0, record_flow=True)
+    with _barrier_mode(), aot.capture_launches(arch) as launches:
+        aot.layer_workload(row.cell, row.torch_dtype, row.hidden, row.batch, **options)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key, launch)
+    return list(unique.values())
+
+
 def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches: list, kernels: list[dict]) -> cost_model.Partition:
-    """The partition the launcher chose for ``row``, read from its captured launches: the strategy
-    from the kernel's name, the grid as launched (persistent: ``(n_slices, n_groups, D)``), the
-    slice ``S``, batch group ``BLOCK_B``, ``BARRIER``, ``GATHER`` and warps from the launch's
-    arguments, the backward's exchange from its buffers (``dh_partial_ptr``: partials reduced by
-    their owners), where the weight slice lives from the compile (shared memory when the forward
-    kernel's shared memory holds it, else registers)."""
+    """The partition the launcher chose for ``row``: the strategy from the launched kernels' names;
+    for ``persistent`` the grid of :func:`fastrnn.ops.persistent.persistent_plan` (what the
+    launcher launches on a 132-SM card), the backward's exchange from its buffers
+    (``dh_partial_ptr``: partials of ``dh`` reduced by their owners, else an all-gather of the gate
+    gradients), ``GATHER`` from its constants, and where the weight slice lives from the compile
+    (shared memory when the forward kernel's shared memory can hold it, else registers)."""
+    from fastrnn.ops import persistent
+
     forward = launches[0]
     strategy = next((s for s in ("persistent", "tiled", "resident") if f"_{s}" in forward.name), "unknown")
-    warps = forward.kwargs.get("num_warps", 4)
+    warps = forward.options.get("num_warps", 4)
     if strategy in ("tiled", "resident"):
-        return cost_model.today_partition(workload, strategy, warps, forward.kwargs.get("BLOCK_B", 16))
-    if strategy != "persistent" or not isinstance(forward.grid, tuple) or len(forward.grid) != 3:
-        raise NotImplementedError(f"{row.name}: no cost-model partition for the launch {forward.name} (grid {forward.grid})")
-    slices, groups, _ = forward.grid
+        return cost_model.today_partition(workload, strategy, warps)
+    if strategy != "persistent":
+        raise NotImplementedError(f"{row.name}: no cost-model partition for the launch {forward.name}")
+    pp = persistent.persistent_plan(workload.gates, row.hidden, row.batch, workload.directions, row.torch_dtype,
+                                    persistent.DEFAULT_SM_COUNT)
     backward = next((l for l in launches if "_bwd_" in l.name), None)
-    bwd_names = [p.name for p in backward.kernel.params] if backward else []
-    hidden_slice = forward.kwargs["S"]
-    slice_bytes = workload.gates * hidden_slice * workload.k * workload.dtype_bytes
+    bwd_params = [p.name for p in backward.kernel.params] if backward else []
+    gather = 1
+    if backward and "GATHER" in bwd_params:
+        gather = backward.constants.get((bwd_params.index("GATHER"),), 1)
+    slice_bytes = workload.gates * pp.slice * workload.k * workload.dtype_bytes
     forward_shared = next((k["shared_bytes"] for k in kernels if k["kernel"] == forward.name), 0)
     return cost_model.Partition(
-        "persistent", math.prod(forward.grid), groups, forward.kwargs["BLOCK_B"], hidden_slice=hidden_slice,
-        slices=slices, mode="barrier" if forward.kwargs.get("BARRIER", True) else "per_step",
-        weights_in="shared" if forward_shared >= slice_bytes else "registers", num_warps=warps,
-        bwd_exchange="reduce" if "dh_partial_ptr" in bwd_names else "all_gather",
-        gather=backward.kwargs.get("GATHER", 1) if backward else 1,
+        "persistent", pp.programs, pp.batch_groups, min(pp.block_b, row.batch), hidden_slice=pp.slice, slices=pp.slices,
+        mode="barrier", weights_in="shared" if forward_shared >= slice_bytes else "registers", num_warps=pp.num_warps,
+        bwd_exchange="reduce" if "dh_partial_ptr" in bwd_params else "all_gather", gather=gather,
     )
 
 
-def _kernel_record(compiled) -> dict:
-    return dict(kernel=compiled.kernel, arch=f"sm_{compiled.arch}", registers=compiled.registers,
-                spill_bytes=compiled.spill_bytes, stack_bytes=compiled.stack, local_bytes=compiled.local,
-                shared_bytes=compiled.shared, tensor_core_ops=compiled.tensor_core_ops,
-                num_warps=compiled.num_warps, num_stages=compiled.num_stages,
-                divisible_by_16=list(compiled.divisible_by_16),
-                folded_equal_to_1=list(compiled.folded))
+def _kernel_record(launch, resources) -> dict:
+    return dict(kernel=launch.name, arch=f"sm_{launch.arch}", registers=resources.registers,
+                spill_bytes=resources.stack + resources.local, stack_bytes=resources.stack, local_bytes=resources.local,
+                shared_bytes=resources.shared, tensor_core_ops=resources.tensor_core_ops,
+                num_warps=launch.options.get("num_warps"), num_stages=launch.options.get("num_stages"),
+                specialisation=launch.specialisation())
 
 
 def _rounded(value, digits=2):
@@ -91,15 +132,15 @@ def _rounded(value, digits=2):
 
 def plan_row(row: matrix.Row, arch: int = 90) -> dict:
     """One row of the report (see the module docstring)."""
-    from fastrnn.ops.launch_signature import compile_launch, row_launches
+    from fastrnn.ops.aot import compile_launch
 
     workload = cost_model.Workload.from_row(row)
-    launches = row_launches(row)
+    launches = capture_row(row, arch)
     record: dict = dict(row=row.name, shape=row.describe())
     kernels, errors = [], []
     for launch in launches:
         try:
-            kernels.append(_kernel_record(compile_launch(launch, arch)))
+            kernels.append(_kernel_record(launch, compile_launch(launch)))
         except Exception as error:  # reported in the row, not hidden: the row shows no resources
             errors.append(f"{launch.name}: {type(error).__name__}: {error}")
     partition = launcher_partition(row, workload, launches, kernels)
@@ -215,21 +256,18 @@ def main(as_json: bool, row_names: str | None = None) -> int:
 
 
 def gate_compiles(arches: tuple[int, ...] = (90, 80), rows: tuple[matrix.Row, ...] = matrix.GPU_MATRIX) -> list[dict]:
-    """The compile gate's data: every kernel each GPU-matrix row launches, in its heaviest form
-    (lengths, grad_clip, flow record, gelu: :func:`fastrnn.ops.launch_signature.row_launches`),
-    compiled for each of ``arches`` as that launch binds it. One record per (row, arch, kernel);
-    launches that bind to the same binary are compiled once and listed under every row."""
-    from fastrnn.ops.launch_signature import compile_launch, row_launches
+    """The compile gate's data: every kernel each GPU-matrix row launches in barrier mode, in its
+    heaviest form (:func:`capture_row`), compiled for each of ``arches`` as that launch binds it:
+    one record per (row, arch, kernel); a binary several rows share is compiled once."""
+    from fastrnn.ops.aot import compile_launch
 
-    out = []
+    out, compiled = [], {}
     for row in rows:
-        launches = row_launches(row, heaviest=True)
         for arch in arches:
-            for launch in launches:
-                record = dict(row=row.name, arch=arch, grid=list(launch.grid) if isinstance(launch.grid, tuple) else str(launch.grid),
-                              cooperative=bool(launch.kwargs.get("launch_cooperative_grid", False)))
-                record.update(_kernel_record(compile_launch(launch, arch)))
-                out.append(record)
+            for launch in capture_row(row, arch, heaviest=True):
+                if launch.key not in compiled:
+                    compiled[launch.key] = compile_launch(launch)
+                out.append(dict(_kernel_record(launch, compiled[launch.key]), row=row.name, arch=arch))
     return out
 
 
