@@ -17,6 +17,7 @@ disk, so a second run takes seconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -167,13 +168,26 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
         est_terms_us_bwd={k: _rounded(v, 3) for k, v in est.bwd_terms_us.items()},
         estimate_kind="cost model (fastrnn.ops.cost_model), no GPU measurement",
     )
+    # the other strategies of the same row, estimated the same way (today's tiled grid; the
+    # persistent kernel in per-step mode, what a GPU runs when the cooperative launch is refused)
+    compare = {}
+    if partition.strategy != "tiled":
+        tiled = cost_model.estimate(workload, cost_model.today_partition(workload, "tiled"))
+        compare["tiled"] = dict(weight_bytes_reread_per_step=tiled.weight_bytes_reread_per_step,
+                                est_us_per_step_fwd=_rounded(tiled.fwd_us), est_us_per_step_bwd=_rounded(tiled.bwd_us))
+    if partition.strategy == "persistent":
+        per_step = cost_model.estimate(workload, dataclasses.replace(partition, mode="per_step"))
+        compare["persistent_per_step"] = dict(weight_bytes_reread_per_step=per_step.weight_bytes_reread_per_step,
+                                              est_us_per_step_fwd=_rounded(per_step.fwd_us),
+                                              est_us_per_step_bwd=_rounded(per_step.bwd_us))
+    record["other_strategies"] = compare
     anchor = ANCHORS.get(row.name)
     if anchor:
         fwd, fwd_bwd = anchor["strict"]
         record.update(cudnn_us_per_step_anchor=fwd, cudnn_us_per_step_anchor_fwd_bwd=fwd_bwd,
                       cudnn_anchor_figures=anchor["range"], cudnn_anchor_kind=anchor["kind"],
                       est_fwd_within_anchor=est.fwd_us <= fwd)
-    best = cost_model.best_partition(workload)
+    best = cost_model.best_partition(workload, MIN_PROGRAMS_LARGE_H if row.hidden >= 512 else 1)
     if best:
         p, e = best
         record["model_best_partition"] = dict(partition=p.describe(), programs=p.programs, hidden_slice=p.hidden_slice,
@@ -230,9 +244,12 @@ def text_report(records: list[dict]) -> str:
     lines.append("")
     for r in records:
         lines.append(f"{r['row']} {r['shape']}: {r['partition']}")
+        for strategy, other in r.get("other_strategies", {}).items():
+            lines.append(f"    {strategy} (estimated alike): fwd {other['est_us_per_step_fwd']} us, bwd {other['est_us_per_step_bwd']} us, "
+                         f"W re-read {_bytes(other['weight_bytes_reread_per_step'])}/step")
         best = r.get("model_best_partition")
         if best:
-            lines.append(f"    model's best persistent partition: {best['partition']}: fwd {best['est_us_per_step_fwd']} us, bwd {best['est_us_per_step_bwd']} us")
+            lines.append(f"    model's best persistent partition{' of >= 64 programs' if best['programs'] >= 64 else ''}: {best['partition']}: fwd {best['est_us_per_step_fwd']} us, bwd {best['est_us_per_step_bwd']} us")
         if "cudnn_anchor_figures" in r:
             lines.append(f"    cuDNN: {r['cudnn_anchor_figures']} ({r['cudnn_anchor_kind']})")
         for issue in r["issues"]:

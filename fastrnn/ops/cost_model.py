@@ -326,9 +326,10 @@ def candidate_partitions(w: Workload, **options) -> list[Partition]:
     return out
 
 
-def best_partition(w: Workload, **options) -> tuple[Partition, Estimate] | None:
-    """The candidate with the smallest forward+backward estimate (ties: fewer programs)."""
-    scored = [(estimate(w, p), p) for p in candidate_partitions(w, **options)]
+def best_partition(w: Workload, min_programs: int = 1, **options) -> tuple[Partition, Estimate] | None:
+    """The candidate of at least ``min_programs`` programs with the smallest forward+backward
+    estimate (ties: fewer programs)."""
+    scored = [(estimate(w, p), p) for p in candidate_partitions(w, **options) if p.programs >= min_programs]
     if not scored:
         return None
     e, p = min(scored, key=lambda pair: (pair[0].fwd_bwd_us, pair[1].programs))
