@@ -107,9 +107,11 @@ def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches:
                                     persistent.DEFAULT_SM_COUNT)
     backward = next((l for l in launches if "_bwd_" in l.name), None)
     bwd_params = [p.name for p in backward.kernel.params] if backward else []
-    gather = 1
+    # partials summed per load: a GATHER argument when the kernel takes one, else the rule
+    # kernels/lstm_persistent.py applies inside the kernel (min(BLOCK_FLAGS, 8))
+    gather = min(8, pp.block_flags)
     if backward and "GATHER" in bwd_params:
-        gather = backward.constants.get((bwd_params.index("GATHER"),), 1)
+        gather = backward.constants.get((bwd_params.index("GATHER"),), gather)
     slice_bytes = workload.gates * pp.slice * workload.k * workload.dtype_bytes
     forward_shared = next((k["shared_bytes"] for k in kernels if k["kernel"] == forward.name), 0)
     return cost_model.Partition(
@@ -202,6 +204,14 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
         fix = record.get("model_best_partition", {})
         checks.append(f"forward estimate {est.fwd_us:.2f} us > cuDNN anchor {anchor['strict'][0]} us"
                       + (f"; the model's best partition: {fix['partition']} at {fix['est_us_per_step_fwd']} us" if fix else ""))
+    from fastrnn.ops.aot import SHARED_LIMIT
+
+    for k in kernels:
+        if k["spill_bytes"]:
+            checks.append(f"{k['kernel']} spills on {k['arch']}: {k['registers']} registers, {k['stack_bytes']} B of stack, "
+                          f"{k['local_bytes']} B of local memory per thread")
+        if k["shared_bytes"] > SHARED_LIMIT[arch]:
+            checks.append(f"{k['kernel']} needs {k['shared_bytes']:,} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]:,}")
     if errors:
         checks.append("compile failed: " + "; ".join(errors))
     record["issues"] = checks
