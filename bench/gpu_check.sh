@@ -8,8 +8,7 @@
 #
 # The default ("check") is what the first GPU session of the persistent kernels runs:
 #   1. `python -m bench --plan --json` (strategy, grid, sm_90 compile resources and the cost model's
-#      estimate per GPU row: the predictions the timings are then read against; its compiles fill
-#      Triton's cache with the binaries the launches use);
+#      estimate per GPU row: the predictions the timings are then read against);
 #   2. the CUDA tests: tests/test_gpu.py, the persistent kernels' tests (tests/test_persistent*.py,
 #      the concurrent-grid harness), the kernel parity tests;
 #   3. every GPU-matrix row of `python -m bench`, fastrnn against torch.nn (cuDNN) in the same run,
