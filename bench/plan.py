@@ -27,6 +27,7 @@ import torch
 
 from bench import matrix
 from fastrnn.ops import cost_model
+from fastrnn.ops.aot import SHARED_LIMIT
 
 #: cuDNN through torch.nn, microseconds per step (forward, forward+backward), from NOTES.md's
 #: "cuDNN per-step anchors for the GPU matrix". ``strict`` is the lowest figure given for the shape
@@ -204,8 +205,6 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
         fix = record.get("model_best_partition", {})
         checks.append(f"forward estimate {est.fwd_us:.2f} us > cuDNN anchor {anchor['strict'][0]} us"
                       + (f"; the model's best partition: {fix['partition']} at {fix['est_us_per_step_fwd']} us" if fix else ""))
-    from fastrnn.ops.aot import SHARED_LIMIT
-
     for k in kernels:
         if k["spill_bytes"]:
             checks.append(f"{k['kernel']} spills on {k['arch']}: {k['registers']} registers, {k['stack_bytes']} B of stack, "

@@ -30,7 +30,8 @@ What a step costs, per program, on the critical path (the slowest program sets t
 * ``resident`` (small H): ``W_hh`` in registers, no exchange; the mma chain and the pointwise.
 
 The byte counts are exact for the partition given; the times are as good as the figures
-(``NOTES.md``'s review puts such estimates at +-40%).
+(``NOTES.md``'s review puts such estimates at +-40%) and assume a kernel that does not spill
+(``python -m bench --plan`` flags the rows whose compiled kernels do).
 """
 
 from __future__ import annotations
