@@ -140,7 +140,7 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
 
     workload = cost_model.Workload.from_row(row)
     launches = capture_row(row, arch)
-    record: dict = dict(row=row.name, shape=row.describe())
+    record: dict = dict(row=row.name, shape=row.describe(), hidden=row.hidden)
     kernels, errors = [], []
     for launch in launches:
         try:
@@ -263,10 +263,30 @@ def text_report(records: list[dict]) -> str:
             lines.append(f"    cuDNN: {r['cudnn_anchor_figures']} ({r['cudnn_anchor_kind']})")
         for issue in r["issues"]:
             lines.append(f"    ! {issue}")
+    lines += ["", "Issue #12's done-when, by this report (estimates and compiles, not measurements):"]
+    lines += [f"  {line}" for line in done_when(records)]
     lines += ["", "Cost-model figures (fastrnn/ops/cost_model.py):"]
     for name, f in cost_model.FIGURES.items():
         lines.append(f"  {name} = {f.value:g} {f.unit} [{f.kind}]: {f.source}")
     return "\n".join(lines)
+
+
+def done_when(records: list[dict]) -> list[str]:
+    """One line per condition of the issue's done-when that a plan report can judge: the rows
+    that miss it, or "yes"."""
+    def rows(miss) -> str:
+        names = [r["row"] for r in records if miss(r)]
+        return "yes" if not names else "no: " + ", ".join(names)
+
+    large = [r for r in records if r["hidden"] >= 512]
+    return [
+        f"persistent on every row: {rows(lambda r: r['strategy'] != 'persistent')}",
+        f"weight_bytes_reread_per_step 0 on every row: {rows(lambda r: r['weight_bytes_reread_per_step'] != 0)}",
+        f">= {MIN_PROGRAMS_LARGE_H} programs where H >= 512 ({', '.join(r['row'] for r in large)}): "
+        f"{rows(lambda r: r in large and r['programs'] < MIN_PROGRAMS_LARGE_H)}",
+        f"est_us_per_step_fwd within cuDNN's anchor: {rows(lambda r: not r.get('est_fwd_within_anchor', True))}",
+        f"no spills on sm_90 and shared memory within the limit: {rows(lambda r: any('spills' in i or 'shared memory' in i for i in r['issues']))}",
+    ]
 
 
 def main(as_json: bool, row_names: str | None = None) -> int:
