@@ -71,19 +71,40 @@ def record_gradient_flow() -> Iterator[GradientFlow]:
         _active = previous
 
 
+#: Where the marks of exactly-zero steps sit: this fraction of the axes' height above its bottom.
+ZERO_MARK_HEIGHT = 0.04
+
+
 def plot_gradient_flow(flow: GradientFlow, ax=None, title: str | None = None):
-    """Draw norm against timestep (log scale), one line per layer and direction; returns the axes."""
+    """Draw ``||dL/dh_t||`` against ``t`` (log scale), one line per layer and direction; returns the axes.
+
+    A step whose norm is exactly zero (no gradient reached ``h_t``: past every row's length, or
+    the steps a reverse direction's states do not influence the loss through) has no place on a
+    log scale: the line breaks there, and the step is marked with an ``x`` in the line's colour
+    along the bottom of the axes, with a legend entry ``<line>: exactly 0``. Without ``ax``, a new
+    figure with constrained layout, so its labels and legend fit inside it."""
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.5))
+        _, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    data_x_axes_y = blended_transform_factory(ax.transData, ax.transAxes)
     for record in flow.records:
-        for direction, norms in enumerate(record.norms.detach().cpu()):
+        for direction, norms in enumerate(record.norms.detach().cpu().double()):
             label = f"{record.module} layer {record.layer}" + (" reverse" if direction else "")
-            ax.semilogy(range(len(norms)), norms.clamp_min(1e-30).numpy(), label=label)
+            steps = torch.arange(len(norms)).numpy()
+            zero = (norms == 0).numpy()
+            shown = norms.masked_fill(norms == 0, float("nan")).numpy()
+            (line,) = ax.plot(steps, shown, marker="o", markersize=2, linewidth=1.4, label=label)
+            if zero.any():
+                ax.plot(steps[zero], [ZERO_MARK_HEIGHT] * int(zero.sum()), linestyle="none", marker="x",
+                        markersize=5, color=line.get_color(), transform=data_x_axes_y, label=f"{label}: exactly 0")
+    if any((r.norms > 0).any() for r in flow.records):
+        ax.set_yscale("log")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("||dL/dh_t||")
     if title:
         ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small")
     return ax
