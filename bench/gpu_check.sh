@@ -127,7 +127,7 @@ log = out / f"pytest-{date}.log"
 if log.exists():
     tail = [line for line in log.read_text().splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", line)]
     summary["pytest"]["summary"] = tail[-1] if tail else None
-results = sorted(out.glob(f"{summary['environment']['device']}*-{date}.json"), key=lambda p: p.stat().st_mtime)
+results = sorted(out.glob(f"{summary['environment']['device']}*-{date}*.json"), key=lambda p: p.stat().st_mtime)
 if results:
     summary["bench"]["results"] = results[-1].name
     rows = json.loads(results[-1].read_text())["rows"]
