@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     label = env["device"] + ("" if mode == "full" else f"-{mode}")
     json_path = fresh_results_path(args.out, label, env["date_utc"][:10])
+    if json_path.stem != f"{label}-{env['date_utc'][:10]}":
+        log(f"{label}-{env['date_utc'][:10]}.json is taken in {_shown(args.out)}: writing {json_path.name}")
     data = {
         "schema": 1,
         "mode": mode,

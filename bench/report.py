@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 MODE_LABEL = {"forward": "fwd", "train": "fwd+bwd"}
 #: The tables printed to the terminal fit this many columns; the markdown report holds every column.
@@ -256,11 +257,15 @@ def plot_gradient_flow(section: dict, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     colors = ["#C44E52", "#4C72B0", "#55A868", "#8172B2"]
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)
     for (label, cell), color in zip(cells.items(), colors):
-        norms = [max(v, 1e-45) for v in cell["norms"]]
+        norms = [v if v > 0 else float("nan") for v in cell["norms"]]  # a zero has no place on a log scale
         ratio = cell.get("ratio_first_last")
         text = label + ("" if ratio is None else f" (first/last {ratio:.1e})")
         ax.semilogy(range(len(norms)), norms, label=text, color=color, linewidth=1.6)
+        zeros = [t for t, v in enumerate(cell["norms"]) if v == 0]
+        if zeros:
+            ax.plot(zeros, [0.04] * len(zeros), "x", color=color, transform=bottom, label=f"{label}: exactly 0")
     steps = section.get("steps")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("||dL/dh_t||")

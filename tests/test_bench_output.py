@@ -99,3 +99,23 @@ def test_markdown_report_keeps_every_column():
     assert "| " + " | ".join(header) + " |" in text
     assert all("| " + " | ".join(line) + " |" in text for line in cells)
     assert "compiled ref f+b" in header and "torch.nn construction" in text
+
+
+def test_gradient_flow_plot_marks_zero_norms(tmp_path, monkeypatch):
+    """The report's gradient-flow plot draws a zero norm as a mark along the bottom, not as a value."""
+    section = copy.deepcopy(report.load(COMMITTED)["gradient_flow"])
+    cell = next(iter(section["cells"].values()))
+    cell["norms"][:3] = [0.0, 0.0, 0.0]
+    drawn = {}
+    original = report.plt.close
+    monkeypatch.setattr(report.plt, "close", lambda fig: drawn.setdefault("fig", fig))
+    report.plot_gradient_flow(section, tmp_path / "flow.png")
+    ax = drawn["fig"].axes[0]
+    original(drawn["fig"])
+    label = next(iter(section["cells"]))
+    lines = {line.get_label().split(" (")[0]: line for line in ax.get_lines()}
+    assert all(value != value for value in lines[label].get_ydata()[:3])  # NaN: the line breaks
+    marks = lines[f"{label}: exactly 0"]
+    assert list(marks.get_xdata()) == [0, 1, 2] and marks.get_marker() == "x"
+    assert marks.get_transform().contains_branch_seperately(ax.transData) == (True, False)
+    assert (tmp_path / "flow.png").stat().st_size > 0
