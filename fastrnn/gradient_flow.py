@@ -71,8 +71,9 @@ def record_gradient_flow() -> Iterator[GradientFlow]:
         _active = previous
 
 
-#: Where the marks of exactly-zero steps sit: this fraction of the axes' height above its bottom.
-ZERO_MARK_HEIGHT = 0.04
+#: Where the marks of exactly-zero steps sit, as fractions of the axes' height above its bottom:
+#: the first line's at the first height, the next line's a step above (so marks don't hide each other).
+ZERO_MARK_HEIGHT, ZERO_MARK_STEP = 0.03, 0.035
 
 
 def plot_gradient_flow(flow: GradientFlow, ax=None, title: str | None = None):
@@ -81,14 +82,18 @@ def plot_gradient_flow(flow: GradientFlow, ax=None, title: str | None = None):
     A step whose norm is exactly zero (no gradient reached ``h_t``: past every row's length, or
     the steps a reverse direction's states do not influence the loss through) has no place on a
     log scale: the line breaks there, and the step is marked with an ``x`` in the line's colour
-    along the bottom of the axes, with a legend entry ``<line>: exactly 0``. Without ``ax``, a new
-    figure with constrained layout, so its labels and legend fit inside it."""
+    along the bottom of the axes (each line's marks at their own height), with a legend entry
+    ``<line>: exactly 0``. Without ``ax``, a new figure with constrained layout and the legend to
+    the right of the axes, so labels and legend fit inside it and off the data."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import blended_transform_factory
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    own_figure = ax is None
+    if own_figure:
+        _, ax = plt.subplots(figsize=(8.0, 3.8), layout="constrained")
     data_x_axes_y = blended_transform_factory(ax.transData, ax.transAxes)
+    marked = 0
     for record in flow.records:
         for direction, norms in enumerate(record.norms.detach().cpu().double()):
             label = f"{record.module} layer {record.layer}" + (" reverse" if direction else "")
@@ -97,14 +102,20 @@ def plot_gradient_flow(flow: GradientFlow, ax=None, title: str | None = None):
             shown = norms.masked_fill(norms == 0, float("nan")).numpy()
             (line,) = ax.plot(steps, shown, marker="o", markersize=2, linewidth=1.4, label=label)
             if zero.any():
-                ax.plot(steps[zero], [ZERO_MARK_HEIGHT] * int(zero.sum()), linestyle="none", marker="x",
-                        markersize=5, color=line.get_color(), transform=data_x_axes_y, label=f"{label}: exactly 0")
+                height = ZERO_MARK_HEIGHT + ZERO_MARK_STEP * marked
+                ax.plot(steps[zero], [height] * int(zero.sum()), linestyle="none", marker="x", markersize=5,
+                        color=line.get_color(), transform=data_x_axes_y, label=f"{label}: exactly 0")
+                marked += 1
     if any((r.norms > 0).any() for r in flow.records):
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("timestep t")
     ax.set_ylabel("||dL/dh_t||")
     if title:
         ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small")
+    if own_figure:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize="small")
     return ax
