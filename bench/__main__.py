@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench import environment, gradflow, interpret, matrix, report, topologies
+from bench import dispatch_table, environment, gradflow, interpret, matrix, report, topologies
 from bench.runner import Plan, run_row, skipped_record
 
 #: Where the results this project commits live (the README cites them); a run writes there only
@@ -78,8 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eager-max-steps", type=int, help="time the eager reference only up to this T*layers")
     parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
     parser.add_argument("--no-interpret", action="store_true", help="skip the Triton interpreter pass (CPU)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
-                        help="fastrnn backend timed as 'fastrnn' (default auto)")
+    parser.add_argument("--backend", choices=("auto", "triton", "reference"),
+                        help="fastrnn backend timed as 'fastrnn' (default: triton on CUDA, the kernels the "
+                             "dispatch table compares with cuDNN; auto elsewhere)")
+    parser.add_argument("--update-dispatch", action="store_true",
+                        help="write the run's dispatch-table entries into fastrnn/dispatch_table.json (GPU runs)")
     parser.add_argument("--time-failed", action="store_true",
                         help="time rows that fail the float64 check too (they are still reported failed)")
     parser.add_argument("--budget-s", type=float,
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     private_inductor_cache()
     started = time.perf_counter()
     device = torch.device("cpu") if args.dry_run else environment.detect_device()
+    if args.backend is None:  # on CUDA, auto would time cuDNN against itself
+        args.backend = "triton" if device.type == "cuda" else "auto"
     if device.type == "cuda":  # fp32 means fp32 for fastrnn and torch.nn (cuDNN) alike, unless asked
         torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
         torch.backends.cudnn.allow_tf32 = args.allow_tf32
@@ -258,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         if interpreter.get("error"):
             log(f"    interpreter pass failed: {interpreter['error'][:300]}")
 
+    data["dispatch_entries"] = dispatch_table.entries_from_results(data)
+    if args.update_dispatch:
+        written = dispatch_table.update_table(data["dispatch_entries"]) if data["dispatch_entries"] else None
+        log(f"dispatch table: {len(data['dispatch_entries'])} entries" + (f" written into {written}" if written else
+            " (no CUDA row timed the kernels against torch.nn in its dtype): nothing written"))
     env["load_average_end"] = environment.load_average()
     data["complete"] = True
     save()

@@ -18,8 +18,8 @@ module           forward                                 what it is
 Tensors are batch-first. ``cell`` is ``"rnn"``, ``"gru"`` or ``"lstm"``; ``nonlinearity``
 (``"tanh"``/``"relu"``) applies to ``"rnn"``. The recurrent layers are :class:`fastrnn.RNN`,
 :class:`fastrnn.GRU` and :class:`fastrnn.LSTM` (``batch_first=True``), exposed as ``.rnn``
-(``.encoder`` and ``.decoder`` for ``Seq2Seq``), so every module runs on whatever backend the
-layers run on: the fused kernels on CUDA, PyTorch's native kernels or the reference loop on CPU.
+(``.encoder`` and ``.decoder`` for ``Seq2Seq``), so every module runs on the path its layers'
+calls take (:mod:`fastrnn.routing`; ``fastrnn.explain(module, x)`` names it).
 Their parameters carry ``torch.nn``'s names, and the head's are an ``nn.Linear``'s (``head.weight``,
 ``head.bias``), so a ``torch.nn`` construction with attributes of the same names (a layer ``rnn``
 and an ``nn.Linear`` ``head``) loads the module's ``state_dict`` as it is, and back.
@@ -28,7 +28,7 @@ Variable lengths go through ``pack_padded_sequence(..., enforce_sorted=False)``:
 gives the same result as the row alone, whatever the padding holds.
 
 Free-running generation (``OneToMany`` with feedback, ``Seq2Seq.generate``) feeds each output
-back as the next input. On the Triton backend, for a single-layer unidirectional Elman RNN, GRU or
+back as the next input. On CUDA (or with the Triton backend forced), for a single-layer unidirectional Elman RNN, GRU or
 LSTM (no projection) with an identity/tanh/sigmoid head, the whole generation (recurrence, head
 and feedback, forward and backward) is one kernel launch each way (:mod:`fastrnn.ops.feedback`),
 within the kernel's size limits. Everything else runs the plain
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from fastrnn import backend
+from fastrnn import routing
 from fastrnn.layers import _MODES, GRU, LSTM, RNN, RecurrentBase
 from fastrnn.reference import gru_step, lstm_step, rnn_step
 
@@ -267,16 +267,11 @@ def cell_step(layer: RecurrentBase, x: Tensor, states: list[tuple[Tensor, Tensor
 
 
 def _fused_generation(layer: RecurrentBase, head: OutputHead, x0: Tensor):
-    """The launcher of the fused generation kernel when it serves this configuration, else None."""
-    if backend.resolve(x0.device) != "triton":
+    """The launcher of the fused generation kernel when :func:`fastrnn.routing.route_generation`
+    chooses it for this configuration, else None."""
+    if routing.route_generation(layer, head, x0).path != "triton":
         return None
-    cell = _cell_name(layer)
-    if layer.num_layers != 1 or layer.bidirectional or head.kind is None or getattr(layer, "proj_size", 0):
-        return None
-    feedback = importlib.import_module("fastrnn.ops.feedback")  # imports triton: only when asked for
-    if not feedback.supports(layer.hidden_size, head.out_features, feedback.compute_dtype(x0), cell):
-        return None
-    return feedback.generate
+    return importlib.import_module("fastrnn.ops.feedback").generate
 
 
 def free_run(layer: RecurrentBase, head: OutputHead, x0: Tensor, steps: int, hx=None):
