@@ -36,7 +36,9 @@ everything that runs a layer or a generation asks it (:func:`route_stack`,
 The dispatch table (``fastrnn/dispatch_table.json``, package data) holds one entry per GPU
 (name and compute capability), cell, compute dtype, directions, projection, packed input and the
 size classes of H and B (:func:`size_class`); each entry keeps the measured forward and
-forward+backward ratios ``cuDNN time / kernel time`` with the date and versions of the run.
+forward+backward ratios ``cuDNN time / kernel time`` with the date and versions of the run. T is
+not in the key: both sides cost per step, so a ratio holds across sequence lengths (an entry
+records the T it was measured at). Sizes between measured classes: :func:`lookup`.
 ``python -m bench --update-dispatch`` on a GPU writes them (:mod:`bench.dispatch_table`).
 """
 
@@ -365,9 +367,14 @@ def _cuda_identity(index: int) -> tuple[str, str]:
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return backend.triton_available()  # a package search (tens of microseconds): once per process
+
+
 def describe_device(device: torch.device) -> DeviceInfo:
     """The :class:`DeviceInfo` of a tensor on ``device`` in this process."""
-    common = dict(triton=backend.triton_available(), interpreting=backend.triton_interpreting())
+    common = dict(triton=_triton_installed(), interpreting=backend.triton_interpreting())
     if device.type != "cuda":
         return DeviceInfo(device.type, **common)
     name, capability = _cuda_identity(device.index if device.index is not None else torch.cuda.current_device())
