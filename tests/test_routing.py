@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,11 @@ import fastrnn
 from fastrnn import dispatch, routing
 from fastrnn.ops.recurrence import LAUNCHES
 
-from bench import dispatch_table
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is not installed; it runs from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from bench import dispatch_table  # noqa: E402
 
 H200 = routing.DeviceInfo("cuda", "NVIDIA H200", "9.0")
 A100 = routing.DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", "8.0")
@@ -336,7 +341,7 @@ def test_shipped_table_is_valid_package_data():
     assert shipped["schema"] == routing.TABLE_SCHEMA and isinstance(shipped["entries"], list)
     assert json.loads(routing.TABLE_PATH.read_text()) == shipped
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert routing.TABLE_FILE in pyproject["tool"]["setuptools"]["package-data"]["fastrnn"]
 
 
