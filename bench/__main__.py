@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         """Write what there is so far (a run cut short still leaves its rows behind)."""
         data["seconds"] = round(time.perf_counter() - started, 1)
+        data["dispatch_entries"] = dispatch_table.entries_from_results(data)
         json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
     def run(row: matrix.Row, row_plan: Plan) -> dict:
@@ -263,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         if interpreter.get("error"):
             log(f"    interpreter pass failed: {interpreter['error'][:300]}")
 
-    data["dispatch_entries"] = dispatch_table.entries_from_results(data)
     if args.update_dispatch:
-        written = dispatch_table.update_table(data["dispatch_entries"]) if data["dispatch_entries"] else None
-        log(f"dispatch table: {len(data['dispatch_entries'])} entries" + (f" written into {written}" if written else
+        entries = dispatch_table.entries_from_results(data)
+        written = dispatch_table.update_table(entries) if entries else None
+        log(f"dispatch table: {len(entries)} entries" + (f" written into {written}" if written else
             " (no CUDA row timed the kernels against torch.nn in its dtype): nothing written"))
     env["load_average_end"] = environment.load_average()
     data["complete"] = True
