@@ -28,12 +28,12 @@ Variable lengths go through ``pack_padded_sequence(..., enforce_sorted=False)``:
 gives the same result as the row alone, whatever the padding holds.
 
 Free-running generation (``OneToMany`` with feedback, ``Seq2Seq.generate``) feeds each output
-back as the next input. On CUDA (or with the Triton backend forced), for a single-layer unidirectional Elman RNN, GRU or
-LSTM (no projection) with an identity/tanh/sigmoid head, the whole generation (recurrence, head
-and feedback, forward and backward) is one kernel launch each way (:mod:`fastrnn.ops.feedback`),
-within the kernel's size limits. Everything else runs the plain
-loop of cell steps of :mod:`fastrnn.reference` with the layer's own parameters, which is also
-the oracle the kernel is tested against.
+back as the next input. On CUDA (or with the Triton backend forced), for a single-layer
+unidirectional Elman RNN, GRU or LSTM (no projection) with an identity/tanh/sigmoid head, the
+whole generation (recurrence, head and feedback, forward and backward) is one kernel launch each
+way (:mod:`fastrnn.ops.feedback`), within the kernel's size limits. Everything else runs the
+plain loop of cell steps of :mod:`fastrnn.reference` with the layer's own parameters, which is
+also the oracle the kernel is tested against.
 """
 
 from __future__ import annotations
