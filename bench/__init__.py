@@ -7,5 +7,7 @@
 * ``python -m pytest bench/ --benchmark-only``: the pytest-benchmark suite of the CPU shapes
   (:mod:`bench.test_cpu`); ``python -m bench.ratio BENCH.json`` turns its ``--benchmark-json``
   into fastrnn/torch.nn speed ratios.
+* ``python -m bench.dispatch_table RESULTS.json [--write]``: the dispatch-table entries of a GPU
+  run (what ``--update-dispatch`` writes into ``fastrnn/dispatch_table.json``).
 * ``bench/gpu_check.sh``: tests, versions and a quick matrix on a GPU machine.
 """

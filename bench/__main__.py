@@ -7,9 +7,11 @@ section (:mod:`bench.topologies`: a training step of each of the five topology m
 its torch.nn construction, and loss curves of both on synthetic tasks; off in --quick and
 --dry-run unless --topologies) and the gradient-flow section (:mod:`bench.gradflow`: per-step
 ||dL/dh_t|| of an untrained tanh RNN and LSTM on the adding problem, T=100; off in --dry-run
-unless --gradient-flow). Progress goes to stderr, the tables to stdout, and the results to
-``<out>/<device>[-quick|-dry-run]-<YYYY-MM-DD>.json`` with a markdown report and PNG plots drawn
-from that JSON (:mod:`bench.report`).
+unless --gradient-flow). Progress goes to stderr, the tables (at most 120 columns) to stdout,
+and the results to ``<out>/<device>[-quick|-dry-run]-<YYYY-MM-DD>[-N].json`` with a markdown
+report (every column) and PNG plots drawn from that JSON (:mod:`bench.report`). ``<out>`` is
+``bench/out/`` (ignored by git) unless ``--out`` says otherwise; the results the project commits
+are in ``bench/results/``. A same-day rerun adds ``-2``, ``-3``, ... rather than overwrite.
 
 The JSON is rewritten after every row, so a run cut short leaves its finished rows behind.
 Exit status: 1 when a row (or a topology case, training run or gradient-flow cell) failed its
@@ -36,10 +38,33 @@ for _needed in ("matplotlib", "triton"):  # the bench extra
     if importlib.util.find_spec(_needed) is None:
         sys.exit(f"python -m bench needs {_needed}: pip install -e '.[bench]'")
 
-from bench import environment, gradflow, interpret, matrix, report, topologies
+from bench import dispatch_table, environment, gradflow, interpret, matrix, report, topologies
 from bench.runner import Plan, run_row, skipped_record
 
+#: Where the results this project commits live (the README cites them); a run writes there only
+#: when ``--out`` says so.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where a run writes by default: ignored by git (``.gitignore``), so a run leaves the checkout clean.
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+
+
+def fresh_results_path(out: Path, label: str, date: str) -> Path:
+    """``<out>/<label>-<date>.json``, or with ``-2``, ``-3``, ... before ``.json`` when a run of the
+    same day already wrote that name (its JSON or its report; the plots are named after it): a
+    rerun never overwrites one."""
+    for number in range(1, 10_000):
+        stem = f"{label}-{date}" + ("" if number == 1 else f"-{number}")
+        if not (out / f"{stem}.json").exists() and not (out / f"{stem}.md").exists():
+            return out / f"{stem}.json"
+    raise FileExistsError(f"{out} already holds 9999 results of {label} on {date}")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to print)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,15 +74,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a subset of the rows at reduced size")
     parser.add_argument("--dry-run", action="store_true",
                         help="build every GPU-matrix row and run it on the CPU at reduced size (T/16, H/8, B/4)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"results folder (default {DEFAULT_OUT}, ignored by git; the committed results are "
+                             f"in {RESULTS_DIR})")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference loop")
     parser.add_argument("--compile", action="store_true", help="with --quick: time torch.compile too")
     parser.add_argument("--compile-max-steps", type=int, help="compile the reference only up to this T*layers")
     parser.add_argument("--eager-max-steps", type=int, help="time the eager reference only up to this T*layers")
     parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep")
     parser.add_argument("--no-interpret", action="store_true", help="skip the Triton interpreter pass (CPU)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
-                        help="fastrnn backend timed as 'fastrnn' (default auto)")
+    parser.add_argument("--backend", choices=("auto", "triton", "reference"),
+                        help="fastrnn backend timed as 'fastrnn' (default: triton on CUDA, the kernels the "
+                             "dispatch table compares with cuDNN; auto elsewhere)")
+    parser.add_argument("--update-dispatch", action="store_true",
+                        help="write the run's dispatch-table entries into fastrnn/dispatch_table.json (GPU runs)")
     parser.add_argument("--time-failed", action="store_true",
                         help="time rows that fail the float64 check too (they are still reported failed)")
     parser.add_argument("--budget-s", type=float,
@@ -144,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     private_inductor_cache()
     started = time.perf_counter()
     device = torch.device("cpu") if args.dry_run else environment.detect_device()
+    if args.backend is None:  # on CUDA, auto would time cuDNN against itself
+        args.backend = "triton" if device.type == "cuda" else "auto"
     if device.type == "cuda":  # fp32 means fp32 for fastrnn and torch.nn (cuDNN) alike, unless asked
         torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
         torch.backends.cudnn.allow_tf32 = args.allow_tf32
@@ -161,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     label = env["device"] + ("" if mode == "full" else f"-{mode}")
-    json_path = args.out / f"{label}-{env['date_utc'][:10]}.json"
+    json_path = fresh_results_path(args.out, label, env["date_utc"][:10])
+    if json_path.stem != f"{label}-{env['date_utc'][:10]}":
+        log(f"{label}-{env['date_utc'][:10]}.json is taken in {_shown(args.out)}: writing {json_path.name}")
     data = {
         "schema": 1,
         "mode": mode,
@@ -180,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         """Write what there is so far (a run cut short still leaves its rows behind)."""
         data["seconds"] = round(time.perf_counter() - started, 1)
+        data["dispatch_entries"] = dispatch_table.entries_from_results(data)
         json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
     def run(row: matrix.Row, row_plan: Plan) -> dict:
@@ -240,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         if interpreter.get("error"):
             log(f"    interpreter pass failed: {interpreter['error'][:300]}")
 
+    if args.update_dispatch:
+        entries = dispatch_table.entries_from_results(data)
+        written = dispatch_table.update_table(entries) if entries else None
+        log(f"dispatch table: {len(entries)} entries" + (f" written into {written}" if written else
+            " (no CUDA row timed the kernels against torch.nn in its dtype): nothing written"))
     env["load_average_end"] = environment.load_average()
     data["complete"] = True
     save()
@@ -248,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     extra_tables = report.topology_text(data)
     if extra_tables:
         print("\n" + extra_tables)
-    print(f"\nwrote {json_path} and {md_path} ({data['seconds']:.0f} s)")
+    print(f"\nwrote {_shown(json_path)} and {_shown(md_path)} (every column), {data['seconds']:.0f} s")
     bad = [r["name"] for r in data["rows"] + sweep["rows"] if r["status"] in ("failed", "error", "missing")]
     bad += report.section_problems(data)
     if bad:

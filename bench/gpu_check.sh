@@ -180,7 +180,7 @@ if plans:
         estimates = {r["row"]: r for r in json.loads(plans[-1].read_text())}
     except ValueError as error:
         summary["plan"]["error"] = f"unreadable plan JSON: {error}"
-results = sorted((p for p in out.glob(f"{summary['environment']['device']}*-{date}.json")), key=lambda p: p.stat().st_mtime)
+results = sorted(out.glob(f"{summary['environment']['device']}*-{date}*.json"), key=lambda p: p.stat().st_mtime)
 if results:
     summary["bench"]["results"] = results[-1].name
     rows = json.loads(results[-1].read_text())["rows"]

@@ -51,11 +51,12 @@ def _backend(name: str | None):
 
 
 def recording_path(device: torch.device, backend: str | None) -> str:
-    """What records the norms: the Triton kernels, or the reference loop (the native CPU kernels
+    """What records the norms: the Triton kernels, or the reference loop (the native kernels
     cannot record, so the layers switch to it while recording)."""
+    probe = fastrnn.ManyToOne(2, HIDDEN, 1, cell="lstm").to(device)
     try:
-        with _backend(backend):
-            path = fastrnn.backend.resolve(device)
+        with _backend(backend), fastrnn.record_gradient_flow():
+            path = fastrnn.routing.route(probe, torch.zeros(1, 1, 2, device=device)).path
     except RuntimeError:
         return "nothing (the backend raised, see the errors below)"
     return "the Triton kernels" if path == "triton" else f"the reference loop (on the {device.type.upper()})"

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 MODE_LABEL = {"forward": "fwd", "train": "fwd+bwd"}
+#: The tables printed to the terminal fit this many columns; the markdown report holds every column.
+TERMINAL_WIDTH = 120
 #: fastrnn must reach this fraction of torch.nn's speed (forward+backward) on the CPU matrix.
 CPU_REQUIREMENT = 0.9
 
@@ -96,14 +100,35 @@ def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
+def _short_ratio(value: float | None) -> str:
+    """A speedup in at most five characters: ``0.99x``, ``12.3x``."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" if value < 9.995 else f"{value:.1f}x" if value < 99.95 else f"{value:.0f}x"
+
+
 def text_table(data: dict) -> str:
-    """The results table as aligned plain text (for the terminal)."""
-    header, cells = table_rows(data)
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *cells)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    return "\n".join(lines)
+    """The results table for the terminal, at most :data:`TERMINAL_WIDTH` wide: status, error and
+    the forward and forward+backward medians of fastrnn and torch.nn with the speedup (the paired
+    estimate where there is one). The markdown report holds every column."""
+    header = ["row", "shape", "status", "rel err", "fwd fastrnn", "fwd torch", "fwd x", "f+b fastrnn", "f+b torch",
+              "f+b x"]
+    cells = []
+    for row in data["rows"]:
+        check = row.get("check", {})
+        line = [row["name"], row["description"], row["status"],
+                f"{check['max_rel_err']:.1e}" if "max_rel_err" in check else "-"]
+        for mode in ("forward", "train"):
+            anchor = row.get("anchor", {}).get(mode)
+            torch_cell = "-" if not anchor else _ms(_median(row, anchor, mode))
+            if anchor and not row["description"].endswith(" " + _anchor_name(row, mode)):
+                torch_cell += f" {_anchor_name(row, mode)}"  # torch.nn timed in another dtype (GPU half rows)
+            speedup = _plotted_speedup(row, mode)
+            line += [_variant_cell(row, "fastrnn", mode), torch_cell, _short_ratio(speedup)]
+        cells.append(line)
+    legend = ("ms, medians; torch: torch.nn (with its dtype where it differs from the row's); "
+              "x: torch.nn time / fastrnn time")
+    return _align(header, cells) + "\n" + legend
 
 
 def markdown_table(header: list[str], cells: list[list[str]]) -> str:
@@ -232,11 +257,15 @@ def plot_gradient_flow(section: dict, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     colors = ["#C44E52", "#4C72B0", "#55A868", "#8172B2"]
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)
     for (label, cell), color in zip(cells.items(), colors):
-        norms = [max(v, 1e-45) for v in cell["norms"]]
+        norms = [v if v > 0 else float("nan") for v in cell["norms"]]  # a zero has no place on a log scale
         ratio = cell.get("ratio_first_last")
         text = label + ("" if ratio is None else f" (first/last {ratio:.1e})")
         ax.semilogy(range(len(norms)), norms, label=text, color=color, linewidth=1.6)
+        zeros = [t for t, v in enumerate(cell["norms"]) if v == 0]
+        if zeros:
+            ax.plot(zeros, [0.04] * len(zeros), "x", color=color, transform=bottom, label=f"{label}: exactly 0")
     steps = section.get("steps")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("||dL/dh_t||")
@@ -299,7 +328,7 @@ def _align(header: list[str], cells: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(header, *cells)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def gradient_flow_caption(section: dict | None) -> str | None:
@@ -318,12 +347,41 @@ def gradient_flow_caption(section: dict | None) -> str | None:
     return f"Measured ||dL/dh_0|| / ||dL/dh_{steps - 1}||: " + "; ".join(parts) + "."
 
 
+def _terminal_topology_tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The topology tables with the columns that fit :data:`TERMINAL_WIDTH` (the markdown report
+    has all of them): timing without the torch.nn construction and with the paired speedup only,
+    training with the held-out losses."""
+    tables = topology_tables(data)
+    if not tables:
+        return []
+    (timing_title, timing_header, timing_cells), (training_title, training_header, training_cells) = tables
+    records = data["topologies"].get("timing", [])
+    speedups = []
+    for r in records:
+        value = r.get("paired_speedup") if r.get("paired_speedup") is not None else r.get("speedup")
+        speedups.append(_short_ratio(value))
+    timing = _columns(timing_header, timing_cells, ["module", "cell", "shape", "status", "rel err", "fastrnn ms/step",
+                                                    "torch.nn ms/step"])
+    timing = (timing[0] + ["speedup"], [line + [x] for line, x in zip(timing[1], speedups)])
+    training = _columns(training_header, training_cells, ["task", "module", "cell", "steps", "held-out before",
+                                                         "held-out fastrnn", "held-out torch.nn", "largest curve gap"])
+    return [(timing_title, *timing), (training_title.replace("(MSE)", "(MSE, held-out batch)"), *training)]
+
+
+def _columns(header: list[str], cells: list[list[str]], keep: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The columns named ``keep`` of a table, in that order."""
+    index = [header.index(name) for name in keep]
+    return keep, [[line[i] for i in index] for line in cells]
+
+
 def topology_text(data: dict) -> str:
-    """The topology tables and the gradient-flow ratios as plain text (for the terminal)."""
-    blocks = [f"{title}\n{_align(header, cells)}" for title, header, cells in topology_tables(data)]
+    """The topology tables and the gradient-flow ratios as plain text for the terminal, at most
+    :data:`TERMINAL_WIDTH` wide."""
+    blocks = [f"{title}\n{_align(header, cells)}" for title, header, cells in _terminal_topology_tables(data)]
     caption = gradient_flow_caption(data.get("gradient_flow"))
     if caption:
-        blocks.append("gradient flow: " + caption.replace("**", ""))
+        blocks.append(textwrap.fill("gradient flow: " + caption.replace("**", ""), TERMINAL_WIDTH,
+                                    subsequent_indent="  "))
     return "\n\n".join(blocks)
 
 

@@ -68,7 +68,7 @@ def _cell_sources(prefix: str, fast_prefix: str, cell: nn.Module) -> dict[str, s
 
 
 def _head_sources(prefix: str = "head") -> dict[str, str]:
-    return {f"{prefix}.weight": "head.linear.weight", f"{prefix}.bias": "head.linear.bias"}
+    return {f"{prefix}.weight": "head.weight", f"{prefix}.bias": "head.bias"}
 
 
 def _torch_layer(fast_layer) -> nn.Module:

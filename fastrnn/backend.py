@@ -1,14 +1,17 @@
-"""Which implementation runs a layer: the Triton kernels, PyTorch's native CPU kernels, or the reference.
+"""Which backend is asked for: ``auto``, ``triton`` or ``reference``.
 
 The choice comes from ``FASTRNN_BACKEND`` (read on every call, so tests can set it with monkeypatch)
-unless a Python override is active (:func:`set_backend`, :func:`use_backend`).
+unless a Python override is active (:func:`set_backend`, :func:`use_backend`). What then runs a
+given call is decided by :func:`fastrnn.routing.decide`:
 
 ========== ================================================================================
 backend    what runs
 ========== ================================================================================
-auto       CUDA tensors: the Triton kernels. Anything else: PyTorch's native RNN kernels
-           (``torch._VF``, what ``torch.nn`` runs), or the reference loop while
-           ``torch.compile`` is tracing (inductor cannot lower the native CPU RNN op).
+auto       CUDA: the Triton kernels where they are the only fused option (``grad_clip``,
+           gradient-flow recording, the extra nonlinearities, fused free-running generation)
+           or where the shipped dispatch table measured them faster than cuDNN; cuDNN
+           otherwise, exactly what ``torch.nn`` runs. CPU: PyTorch's native RNN kernels
+           (``torch._VF``), or the reference loop where those can't serve.
 triton     The Triton kernels. On CPU tensors only under ``TRITON_INTERPRET=1``; otherwise a
            ``RuntimeError`` names what is missing. Never falls back silently.
 reference  The plain PyTorch loop of :mod:`fastrnn.reference` (the test oracle), on any device.
@@ -23,8 +26,6 @@ import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Iterator
-
-import torch
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "FASTRNN_BACKEND"
@@ -96,28 +97,3 @@ def interpreter_problem() -> str | None:
 def _major_minor(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-def resolve(device: torch.device) -> str:
-    """The path that serves a tensor on ``device``: ``"triton"``, ``"native"`` or ``"reference"``."""
-    asked = get_backend()
-    if asked == "reference":
-        return "reference"
-    on_cuda = device.type == "cuda"
-    if asked == "triton":
-        if not triton_available():
-            raise RuntimeError(f"FASTRNN_BACKEND=triton, but the triton package is not installed: {TRITON_EXTRA}")
-        if not on_cuda and not triton_interpreting():
-            raise RuntimeError(
-                f"FASTRNN_BACKEND=triton needs CUDA tensors (got a tensor on {device}); set "
-                "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
-                "through Triton's interpreter"
-            )
-        if not on_cuda and interpreter_problem():
-            raise RuntimeError(interpreter_problem())
-        return "triton"
-    if on_cuda and triton_available():
-        return "triton"
-    if torch.compiler.is_compiling():
-        return "reference"
-    return "native"

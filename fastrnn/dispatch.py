@@ -1,6 +1,6 @@
-"""Run a stack of recurrent layers on the path :func:`fastrnn.backend.resolve` picks.
+"""Run a stack of recurrent layers on the path :func:`fastrnn.routing.route_stack` picks.
 
-* ``native``: PyTorch's own RNN kernels (``torch._VF``), exactly what ``torch.nn`` runs on the CPU.
+* ``native`` and ``cudnn``: PyTorch's own RNN kernels (``torch._VF``), exactly what ``torch.nn`` runs.
 * ``reference`` and ``triton``: layer by layer on padded, time-major tensors with per-row
   ``lengths`` (a ``PackedSequence`` is padded once, in its sorted order, and packed again at the
   end); between layers, dropout in training mode.
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastrnn import backend, gradient_flow
+from fastrnn import gradient_flow, routing
 from fastrnn.reference import reference_layer
 
 #: Dtypes the kernels compute in (state and accumulation in fp32).
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = routing.KERNEL_DTYPES
 
 #: The Triton implementation of one layer (every direction in one launch), by cell.
 _TRITON_LAYERS = {"rnn": "fastrnn.ops.rnn:rnn_layer", "gru": "fastrnn.ops.gru:gru_layer", "lstm": "fastrnn.ops.lstm:lstm_layer"}
@@ -48,20 +48,10 @@ def run_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_
     """Run ``module``'s whole stack. ``input`` is packed data ``(N, I)`` when ``batch_sizes`` is given,
     else ``(T, B, I)`` or ``(B, T, I)`` by ``module.batch_first``; ``h0 (L*D, B, H_out)``, ``c0 (L*D, B, H)``
     already in the batch order of ``input``. Returns output in the form of ``input``, ``h_n``, ``c_n``."""
-    path = backend.resolve(input.device)
+    path = routing.route_stack(module, cell, nonlinearity, input, batch_sizes).path
     grad_clip = getattr(module, "grad_clip", None)
     recorder = gradient_flow.active() if torch.is_grad_enabled() else None
-    beyond_torch = grad_clip is not None or recorder is not None or nonlinearity not in (None, "tanh", "relu")
-    if path == "triton" and input.dtype not in KERNEL_DTYPES and not torch.is_autocast_enabled(input.device.type):
-        if backend.get_backend() == "triton":
-            raise TypeError(
-                f"fastrnn's Triton kernels compute in float32, float16 or bfloat16, not {input.dtype}; "
-                "use FASTRNN_BACKEND=auto or reference for this dtype"
-            )
-        path = "reference" if beyond_torch else "native"  # float64 on CUDA: exact paths only
-    if path == "native" and beyond_torch:
-        path = "reference"  # torch's kernels can't clip, record or use other nonlinearities
-    if path == "native":
+    if path in ("native", "cudnn"):
         return _native_stack(module, cell, nonlinearity, input, batch_sizes, h0, c0)
 
     lengths = lengths_cpu = None

@@ -18,26 +18,28 @@ module           forward                                 what it is
 Tensors are batch-first. ``cell`` is ``"rnn"``, ``"gru"`` or ``"lstm"``; ``nonlinearity``
 (``"tanh"``/``"relu"``) applies to ``"rnn"``. The recurrent layers are :class:`fastrnn.RNN`,
 :class:`fastrnn.GRU` and :class:`fastrnn.LSTM` (``batch_first=True``), exposed as ``.rnn``
-(``.encoder`` and ``.decoder`` for ``Seq2Seq``), so every module runs on whatever backend the
-layers run on: the fused kernels on CUDA, PyTorch's native kernels or the reference loop on CPU.
-Their parameters carry ``torch.nn``'s names, and the head is ``.head.linear`` (an ``nn.Linear``),
-so a ``torch.nn`` construction loads the same weights with ``load_state_dict``.
+(``.encoder`` and ``.decoder`` for ``Seq2Seq``), so every module runs on the path its layers'
+calls take (:mod:`fastrnn.routing`; ``fastrnn.explain(module, x)`` names it).
+Their parameters carry ``torch.nn``'s names, and the head's are an ``nn.Linear``'s (``head.weight``,
+``head.bias``), so a ``torch.nn`` construction with attributes of the same names (a layer ``rnn``
+and an ``nn.Linear`` ``head``) loads the module's ``state_dict`` as it is, and back.
 
 Variable lengths go through ``pack_padded_sequence(..., enforce_sorted=False)``: a padded row
 gives the same result as the row alone, whatever the padding holds.
 
 Free-running generation (``OneToMany`` with feedback, ``Seq2Seq.generate``) feeds each output
-back as the next input. On the Triton backend, for a single-layer unidirectional Elman RNN, GRU or
-LSTM (no projection) with an identity/tanh/sigmoid head, the whole generation (recurrence, head
-and feedback, forward and backward) is one kernel launch each way (:mod:`fastrnn.ops.feedback`),
-within the kernel's size limits. Everything else runs the plain
-loop of cell steps of :mod:`fastrnn.reference` with the layer's own parameters, which is also
-the oracle the kernel is tested against.
+back as the next input. On CUDA (or with the Triton backend forced), for a single-layer
+unidirectional Elman RNN, GRU or LSTM (no projection) with an identity/tanh/sigmoid head, the
+whole generation (recurrence, head and feedback, forward and backward) is one kernel launch each
+way (:mod:`fastrnn.ops.feedback`), within the kernel's size limits. Everything else runs the
+plain loop of cell steps of :mod:`fastrnn.reference` with the layer's own parameters, which is
+also the oracle the kernel is tested against.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from fastrnn import backend
+from fastrnn import routing
 from fastrnn.layers import _MODES, GRU, LSTM, RNN, RecurrentBase
 from fastrnn.reference import gru_step, lstm_step, rnn_step
 
@@ -93,12 +95,23 @@ def _activation_kind(module: nn.Module) -> str | None:
 
 
 class OutputHead(nn.Module):
-    """``activation(linear(h))``: ``linear`` is an ``nn.Linear``; ``activation`` is given as a name
-    (``None``/``"identity"``, ``"tanh"``, ``"sigmoid"``, ``"relu"``), an ``nn.Module`` or any callable."""
+    """``activation(h @ weight.T + bias)``: ``weight (out_features, in_features)`` and ``bias
+    (out_features,)`` are an ``nn.Linear``'s, with its names and initialisation, so the head's
+    ``state_dict`` loads into a plain ``nn.Linear`` and back (``activation`` adds keys only if it
+    has parameters of its own). ``activation`` is given as a name (``None``/``"identity"``,
+    ``"tanh"``, ``"sigmoid"``, ``"relu"``), an ``nn.Module`` or any callable.
+
+    State dicts from before the head was flattened (``linear.weight``, ``linear.bias``) still load:
+    a load pre-hook renames them."""
 
     def __init__(self, in_features: int, out_features: int, activation=None, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.in_features = in_features
+        self.out_features = out_features
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
         if isinstance(activation, nn.Module):
             self.activation = activation
         elif callable(activation):
@@ -108,14 +121,15 @@ class OutputHead(nn.Module):
         else:
             names = ", ".join(repr(name) for name in ACTIVATIONS)
             raise ValueError(f"unknown output_activation {activation!r}; give a callable, an nn.Module or one of {names}")
+        self.register_load_state_dict_pre_hook(_rename_nested_linear_keys)
 
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation, the same draws in the same order: both uniform in
+        ``+-1/sqrt(in_features)`` (``kaiming_uniform_`` with ``a=sqrt(5)`` is that bound)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def kind(self) -> str | None:
@@ -123,7 +137,19 @@ class OutputHead(nn.Module):
         return _activation_kind(self.activation)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.activation(self.linear(h))
+        return self.activation(F.linear(h, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _rename_nested_linear_keys(module, state_dict, prefix, *_) -> None:
+    """Load pre-hook of :class:`OutputHead`: ``<prefix>linear.weight`` / ``linear.bias`` (the
+    head's keys when it held an ``nn.Linear`` as ``.linear``) become ``<prefix>weight`` / ``bias``."""
+    for name in ("weight", "bias"):
+        old = f"{prefix}linear.{name}"
+        if old in state_dict and f"{prefix}{name}" not in state_dict:
+            state_dict[f"{prefix}{name}"] = state_dict.pop(old)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -175,10 +201,13 @@ def run_layer(layer: RecurrentBase, x: Tensor, lengths=None, hx=None):
     """Run a batch-first layer on ``x (B, T, I)``; with ``lengths`` through a ``PackedSequence``.
 
     Returns ``output (B, T, D*H)`` (zero past each row's length) and the layer's final state,
-    which with ``lengths`` is each row's state at its own last valid step."""
+    which with ``lengths`` is each row's state at its own last valid step. An empty batch (B=0)
+    gives the layer's empty results, with or without ``lengths``."""
     if lengths is None:
         return layer(x, hx)
     lengths = _lengths_cpu(lengths, x)
+    if x.shape[0] == 0:  # torch cannot pack an empty batch; the layer takes B=0 as it is
+        return layer(x, hx)
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     output, state = layer(packed, hx)
     output, _ = pad_packed_sequence(output, batch_first=True, total_length=x.shape[1])
@@ -238,16 +267,11 @@ def cell_step(layer: RecurrentBase, x: Tensor, states: list[tuple[Tensor, Tensor
 
 
 def _fused_generation(layer: RecurrentBase, head: OutputHead, x0: Tensor):
-    """The launcher of the fused generation kernel when it serves this configuration, else None."""
-    if backend.resolve(x0.device) != "triton":
+    """The launcher of the fused generation kernel when :func:`fastrnn.routing.route_generation`
+    chooses it for this configuration, else None."""
+    if routing.route_generation(layer, head, x0).path != "triton":
         return None
-    cell = _cell_name(layer)
-    if layer.num_layers != 1 or layer.bidirectional or head.kind is None or getattr(layer, "proj_size", 0):
-        return None
-    feedback = importlib.import_module("fastrnn.ops.feedback")  # imports triton: only when asked for
-    if not feedback.supports(layer.hidden_size, head.out_features, feedback.compute_dtype(x0), cell):
-        return None
-    return feedback.generate
+    return importlib.import_module("fastrnn.ops.feedback").generate
 
 
 def free_run(layer: RecurrentBase, head: OutputHead, x0: Tensor, steps: int, hx=None):

@@ -1,4 +1,4 @@
-"""Backend selection: ``FASTRNN_BACKEND``, ``set_backend`` / ``use_backend`` and ``backend.resolve``."""
+"""Backend selection: ``FASTRNN_BACKEND``, ``set_backend`` / ``use_backend``, and the path they lead a plain call to."""
 
 from __future__ import annotations
 
@@ -8,11 +8,20 @@ import pytest
 import torch
 
 import fastrnn
-from fastrnn import backend, dispatch
+from fastrnn import backend, dispatch, routing
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # a device object only: no CUDA tensor is made
 ORIGINAL_EMPTY = torch.empty  # captured at import, before the NaN-poisoning fixture patches it
+PLAIN = routing.CallInfo(cell="lstm", dtype=torch.float32, hidden=4, batch=2)  # nothing only the kernels do
+
+
+def resolve(device: torch.device) -> str:
+    """The path of a plain float32 call on ``device`` with this process's backend, triton and
+    compile state (a CUDA device is described as an H200 the dispatch table has not measured)."""
+    info = routing.describe_device(device) if device.type == "cpu" else routing.DeviceInfo(
+        "cuda", "NVIDIA H200", "9.0", triton=backend.triton_available(), interpreting=backend.triton_interpreting())
+    return routing.decide(info, PLAIN, routing.empty_table(), backend.get_backend(), torch.compiler.is_compiling()).path
 
 
 @pytest.fixture
@@ -25,7 +34,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 # ------------------------------------------------------------------------------ FASTRNN_BACKEND
 def test_default_is_auto(clean_env):
     assert fastrnn.get_backend() == "auto"
-    assert backend.resolve(CPU) == "native"
+    assert resolve(CPU) == "native"
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -39,9 +48,9 @@ def test_env_var_selects_backend(clean_env, value, expected):
 
 def test_env_var_read_on_every_call(clean_env):
     clean_env.setenv("FASTRNN_BACKEND", "reference")
-    assert backend.resolve(CPU) == "reference"
+    assert resolve(CPU) == "reference"
     clean_env.setenv("FASTRNN_BACKEND", "auto")
-    assert backend.resolve(CPU) == "native"
+    assert resolve(CPU) == "native"
 
 
 @pytest.mark.parametrize("value", ["cuda", "native", "triton2", "ref"])
@@ -50,7 +59,7 @@ def test_env_var_invalid_name(clean_env, value):
     with pytest.raises(ValueError, match="unknown fastrnn backend"):
         fastrnn.get_backend()
     with pytest.raises(ValueError, match="unknown fastrnn backend"):
-        backend.resolve(CPU)
+        resolve(CPU)
     layer = fastrnn.GRU(3, 4)
     with pytest.raises(ValueError, match="unknown fastrnn backend"):
         layer(torch.randn(2, 1, 3))
@@ -61,7 +70,7 @@ def test_set_backend_overrides_env_and_none_restores(clean_env):
     clean_env.setenv("FASTRNN_BACKEND", "triton")
     fastrnn.set_backend("reference")
     assert fastrnn.get_backend() == "reference"
-    assert backend.resolve(CPU) == "reference"
+    assert resolve(CPU) == "reference"
     fastrnn.set_backend(None)
     assert fastrnn.get_backend() == "triton"
 
@@ -110,36 +119,37 @@ def test_use_backend_invalid_name_leaves_state(clean_env):
 # -------------------------------------------------------------------------------------- resolve
 def test_resolve_cpu(clean_env):
     with fastrnn.use_backend("auto"):
-        assert backend.resolve(CPU) == "native"
+        assert resolve(CPU) == "native"
     with fastrnn.use_backend("reference"):
-        assert backend.resolve(CPU) == "reference"
-        assert backend.resolve(CUDA) == "reference"
+        assert resolve(CPU) == "reference"
+        assert resolve(CUDA) == "reference"
 
 
 def test_resolve_cuda_device_auto(clean_env):
+    """A plain call on CUDA runs cuDNN (what torch.nn runs) until the table says otherwise."""
     with fastrnn.use_backend("auto"):
-        assert backend.resolve(CUDA) == "triton"
-        assert backend.resolve(CPU) == "native"
+        assert resolve(CUDA) == "cudnn"
+        assert resolve(CPU) == "native"
     clean_env.setattr(backend, "triton_available", lambda: False)
     with fastrnn.use_backend("auto"):
-        assert backend.resolve(CUDA) == "native"
+        assert resolve(CUDA) == "cudnn"
 
 
 def test_resolve_auto_while_compiling_uses_reference(clean_env):
     clean_env.setattr(torch.compiler, "is_compiling", lambda: True)
     with fastrnn.use_backend("auto"):
-        assert backend.resolve(CPU) == "reference"
+        assert resolve(CPU) == "reference"
 
 
 def test_triton_on_cpu_without_interpreter_raises(clean_env):
     """No silent fallback: the error says what to set."""
     with fastrnn.use_backend("triton"):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            backend.resolve(CPU)
+            resolve(CPU)
     clean_env.setenv("TRITON_INTERPRET", "0")
     with fastrnn.use_backend("triton"):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            backend.resolve(CPU)
+            resolve(CPU)
 
 
 def test_triton_on_cpu_without_interpreter_raises_in_forward(clean_env):
@@ -156,15 +166,15 @@ def test_triton_with_interpreter_resolves_to_triton(clean_env):
     clean_env.setenv("TRITON_INTERPRET", "1")
     assert backend.triton_interpreting()
     with fastrnn.use_backend("triton"):
-        assert backend.resolve(CPU) == "triton"
-        assert backend.resolve(CUDA) == "triton"
+        assert resolve(CPU) == "triton"
+        assert resolve(CUDA) == "triton"
 
 
 def test_triton_not_installed(clean_env):
     clean_env.setattr(backend, "triton_available", lambda: False)
     with fastrnn.use_backend("triton"):
-        with pytest.raises(RuntimeError, match=r"not installed: pip install 'fastrnn\[triton\]'"):
-            backend.resolve(CUDA)
+        with pytest.raises(RuntimeError, match="not installed"):
+            resolve(CUDA)
 
 
 @pytest.mark.parametrize("triton_version, numpy_version, refused", [

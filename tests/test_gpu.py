@@ -12,6 +12,13 @@ from fastrnn.ops.recurrence import LAUNCHES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+
+@pytest.fixture(autouse=True)
+def kernels():
+    """These tests are about the kernels: under ``auto`` a plain call on CUDA runs cuDNN."""
+    with fastrnn.use_backend("triton"):
+        yield
+
 LAYERS = {
     "rnn": lambda **kw: fastrnn.RNN(32, 64, **kw),
     "gru": lambda **kw: fastrnn.GRU(32, 64, **kw),
@@ -53,7 +60,7 @@ def test_half_precision_on_tensor_cores(name, dtype):
     before = sum(LAUNCHES.values())
     y, _ = layer(x)
     y.float().square().sum().backward()
-    assert sum(LAUNCHES.values()) - before == 4, "auto on CUDA runs the kernels, forward and backward per layer"
+    assert sum(LAUNCHES.values()) - before == 4, "the kernels run forward and backward per layer"
     grads = [p.grad.clone() for p in layer.parameters()]
     layer64 = layer.double()
     layer64.zero_grad()
@@ -93,3 +100,22 @@ def test_offsets_past_two_to_the_31():
         expected = torch.tanh(gx + y[-2].float() @ layer.weight_hh_l0.float().T)
     assert relative_error(y[-1], expected) < 2e-2
     assert torch.equal(y[-1], h_n[0])
+
+
+def test_auto_runs_cudnn_unless_only_the_kernels_can_or_the_table_says_so():
+    """Under ``auto`` a plain call runs cuDNN (no kernel launch) unless the dispatch table measured
+    the kernels faster for it; with ``grad_clip`` the kernels run (cuDNN cannot clip)."""
+    torch.manual_seed(0)
+    layer = fastrnn.LSTM(32, 64, device="cuda")
+    x = torch.randn(12, 5, 32, device="cuda")
+    with fastrnn.use_backend("auto"):
+        route = fastrnn.routing.route(layer, x)
+        assert route.path in ("cudnn", "triton") and route.path == fastrnn.explain(layer, x).split(":")[0]
+        before = sum(LAUNCHES.values())
+        layer(x)[0].square().sum().backward()
+        assert sum(LAUNCHES.values()) - before == (2 if route.path == "triton" else 0)
+        layer.grad_clip = 1.0
+        assert fastrnn.explain(layer, x).startswith("triton: grad_clip")
+        before = sum(LAUNCHES.values())
+        layer(x)[0].square().sum().backward()
+        assert sum(LAUNCHES.values()) - before == 2

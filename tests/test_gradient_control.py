@@ -133,20 +133,66 @@ def test_dropout_reproducible_under_manual_seed():
     assert not torch.equal(module(x)[0], outs[0])
 
 
-def test_plot_gradient_flow(tmp_path):
+def _recorded_flow(steps: int = 6):
+    """A 2-layer bidirectional RNN's record with the loss on the last step: the top layer's
+    reverse direction gets no gradient at steps 0..T-2 (exactly zero), every other line does."""
+    torch.manual_seed(0)
+    module = fastrnn.RNN(3, 8, 2, bidirectional=True)
+    with fastrnn.record_gradient_flow() as flow:
+        y, _ = module(torch.randn(steps, 2, 3))
+        y[-1].sum().backward()
+    return flow
+
+
+def test_plot_gradient_flow_marks_exact_zeros(tmp_path):
+    """Positive norms are drawn as they are; exactly-zero steps break the line and are marked
+    (in axes coordinates along the bottom, not as a value), with a legend entry."""
     import matplotlib
 
     matplotlib.use("Agg")
-    module = fastrnn.RNN(3, 8, 2, bidirectional=True)
-    with fastrnn.record_gradient_flow() as flow:
-        y, _ = module(torch.randn(6, 2, 3))
-        y[-1].sum().backward()
-    assert flow.norms().shape == (4, 6)
-    assert (flow.norms() > 0).any()
+    flow = _recorded_flow()
+    norms = flow.norms()
+    assert norms.shape == (4, 6)
+    zero = norms == 0
+    assert zero[3, :-1].all() and not zero[3, -1] and not zero[:3].any(), "the test needs this pattern of zeros"
     ax = fastrnn.plot_gradient_flow(flow, title="test")
-    assert len(ax.get_lines()) == 4
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    labels = ["RNN layer 0", "RNN layer 0 reverse", "RNN layer 1", "RNN layer 1 reverse"]
+    assert list(lines) == labels + ["RNN layer 1 reverse: exactly 0"]
+    for row, label in enumerate(labels):
+        drawn = torch.as_tensor(lines[label].get_ydata(), dtype=torch.float64)
+        expected = norms[row].double().masked_fill(zero[row], float("nan"))
+        torch.testing.assert_close(drawn, expected, rtol=1e-7, atol=0, equal_nan=True)
+    marks = lines["RNN layer 1 reverse: exactly 0"]
+    assert marks.get_linestyle() == "None" and marks.get_marker() == "x"
+    assert list(marks.get_xdata()) == list(range(5))
+    assert marks.get_color() == lines["RNN layer 1 reverse"].get_color()
+    # x in data coordinates, y in axes coordinates: the marks sit inside the axes at any y scale
+    assert marks.get_transform().contains_branch_seperately(ax.transData) == (True, False)
+    assert ax.get_yscale() == "log"
+    assert "RNN layer 1 reverse: exactly 0" in [t.get_text() for t in ax.get_legend().get_texts()]
     ax.figure.savefig(tmp_path / "flow.png")
     assert (tmp_path / "flow.png").stat().st_size > 0
+
+
+def test_plot_gradient_flow_default_figure_fits_its_labels(tmp_path):
+    """In the saved default figure (no bbox_inches cropping) the axis labels, the title, the legend
+    and the whole drawn extent of the axes (tick labels included) lie inside the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = fastrnn.plot_gradient_flow(_recorded_flow(), title="gradient flow of a 2-layer bidirectional RNN")
+    fig = ax.figure
+    fig.savefig(tmp_path / "flow.png")
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    artists = {"x-label": ax.xaxis.label, "y-label": ax.yaxis.label, "title": ax.title, "legend": ax.get_legend()}
+    boxes = {name: artist.get_window_extent(renderer) for name, artist in artists.items()}
+    boxes["axes with its tick labels"] = ax.get_tightbbox(renderer)
+    assert ax.xaxis.label.get_text() == "timestep t"
+    for name, box in boxes.items():
+        inside = box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height
+        assert inside, f"{name} at {box.bounds} is cut off by the {width:.0f}x{height:.0f} figure"
 
 
 # ------------------------------------------------------------------------------- kernel path

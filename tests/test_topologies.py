@@ -78,7 +78,7 @@ def test_shapes(cell, bidirectional):
 def test_exposed_layers_and_head():
     m = ManyToOne(I, H, O, cell="gru", num_layers=2, bidirectional=True)
     assert isinstance(m.rnn, fastrnn.GRU) and m.rnn.batch_first and m.rnn.num_layers == 2
-    assert isinstance(m.head.linear, nn.Linear) and m.head.linear.in_features == 2 * H
+    assert m.head.in_features == 2 * H and m.head.weight.shape == (O, 2 * H)
     s2s = Seq2Seq(I, H, O, cell="lstm")
     assert isinstance(s2s.encoder, fastrnn.LSTM) and isinstance(s2s.decoder, fastrnn.LSTM)
     assert s2s.encoder.input_size == I and s2s.decoder.input_size == O
@@ -104,7 +104,7 @@ def test_output_activation(activation, expected, kind):
     torch.manual_seed(0)
     head = OutputHead(H, O, activation)
     h = torch.randn(B, H)
-    assert_close(head(h), expected(head.linear(h)), atol=0)
+    assert_close(head(h), expected(F.linear(h, head.weight, head.bias)), atol=0)
     assert head.kind == kind
 
 
@@ -142,6 +142,105 @@ def test_zero_steps(backend):
         for feedback in (True, False):
             y = OneToMany(I, H, I, cell="rnn", feedback=feedback, device=DEVICE)(torch.randn(B, I, device=DEVICE), 0)
             assert y.shape == (B, 0, I)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_empty_batch(cell, backend):
+    """B=0, with lengths as without: every module returns its empty result of the right shape (as
+    the layers do; torch cannot pack an empty batch), and backward gives an empty input gradient."""
+    if backend == "triton":
+        skip_missing_kernel(cell)
+    torch.manual_seed(0)
+    kw = dict(cell=cell, device=DEVICE)
+    x = torch.randn(0, T, I, device=DEVICE, requires_grad=True)
+    no_rows = torch.zeros(0, dtype=torch.long)
+    m2m = ManyToMany(I, H, O, bidirectional=True, **kw)
+    m2o = ManyToOne(I, H, O, bidirectional=True, num_layers=2, **kw)
+    s2s = Seq2Seq(I, H, O, **kw)
+    tgt_in = torch.randn(0, 3, O, device=DEVICE)
+    with fastrnn.use_backend(backend):
+        for lengths in (no_rows, None):
+            results = {
+                "ManyToMany": (m2m(x, lengths), (0, T, O)),
+                "ManyToOne": (m2o(x, lengths), (0, O)),
+                "Seq2Seq": (s2s(x, tgt_in, lengths), (0, 3, O)),
+                "Seq2Seq.generate": (s2s.generate(x, 4, lengths), (0, 4, O)),
+            }
+            for name, (y, shape) in results.items():
+                assert y.shape == shape, f"{name} (lengths {lengths}): {tuple(y.shape)}"
+                (grad,) = torch.autograd.grad(y.sum(), x, allow_unused=True, materialize_grads=True)
+                assert grad.shape == x.shape
+        assert OneToMany(I, H, I, **kw)(x[:, 0], 5).shape == (0, 5, I)
+        assert OneToOne(I, H, O, **kw)(x[:, 0]).shape == (0, O)
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        m2m(x, torch.tensor([3]))
+
+
+def test_empty_batch_as_in_the_issue():
+    y = fastrnn.ManyToMany(4, 8, 2)(torch.randn(0, 5, 4), torch.zeros(0, dtype=torch.long))
+    assert y.shape == (0, 5, 2)
+
+
+# ==================================================================== state_dict and torch.nn
+def _torch_twin(module) -> nn.ModuleDict:
+    """A plain torch.nn construction with the same attribute names: layers ``rnn`` (or
+    ``encoder``/``decoder``) of torch.nn's class and arguments, and an ``nn.Linear`` head."""
+    def layer(fast):
+        cls = {"RNN": nn.RNN, "GRU": nn.GRU, "LSTM": nn.LSTM}[type(fast).__name__]
+        return cls(fast.input_size, fast.hidden_size, fast.num_layers, batch_first=True,
+                   bidirectional=fast.bidirectional, dtype=torch.float64)
+    parts = {name: layer(getattr(module, name)) for name in ("rnn", "encoder", "decoder") if hasattr(module, name)}
+    parts["head"] = nn.Linear(module.head.in_features, module.head.out_features, dtype=torch.float64)
+    return nn.ModuleDict(parts)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_dict_is_the_plain_torch_models(cell):
+    """Every topology's state_dict loads (strict) into the torch.nn construction of the same
+    names, head included (``head.weight``, ``head.bias``: no renaming), and back; the torch.nn
+    construction then computes the same outputs."""
+    torch.manual_seed(7)
+    kw = dict(cell=cell, dtype=torch.float64)
+    modules = [ManyToMany(I, H, O, bidirectional=True, **kw), ManyToOne(I, H, O, num_layers=2, **kw),
+               OneToOne(I, H, O, **kw), OneToMany(I, H, I, **kw), Seq2Seq(I, H, O, **kw)]
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    for module in modules:
+        twin = _torch_twin(module)
+        assert twin.state_dict().keys() == module.state_dict().keys()
+        twin.load_state_dict(module.state_dict())
+        if isinstance(module, ManyToMany):
+            assert_close(module(x), twin.head(twin.rnn(x)[0]), atol=1e-12)
+        for p in twin.parameters():
+            with torch.no_grad():
+                p.add_(1.0)
+        module.load_state_dict(twin.state_dict())
+        for name, tensor in twin.state_dict().items():
+            assert torch.equal(module.state_dict()[name], tensor), name
+
+
+def test_head_initialises_and_loads_as_nn_linear():
+    """The head draws its initial weights as nn.Linear does, loads an nn.Linear's state_dict and
+    gives its own to one; state dicts with the former nested keys (``head.linear.*``) still load."""
+    torch.manual_seed(11)
+    head = OutputHead(H, O, "tanh")
+    torch.manual_seed(11)
+    linear = nn.Linear(H, O)
+    assert torch.equal(head.weight, linear.weight) and torch.equal(head.bias, linear.bias)
+    assert list(head.state_dict()) == ["weight", "bias"]
+    linear.load_state_dict(head.state_dict())
+    h = torch.randn(B, H)
+    assert_close(head(h), torch.tanh(linear(h)), atol=0)
+    assert list(OutputHead(H, O, bias=False).state_dict()) == ["weight"]
+
+    m = ManyToOne(I, H, O, cell="gru")
+    old = {("head.linear." + k[len("head."):] if k.startswith("head.") else k): v + 1
+           for k, v in m.state_dict().items()}
+    assert "head.linear.weight" in old and "head.weight" not in old
+    m.load_state_dict(old)  # strict
+    assert torch.equal(m.head.weight, old["head.linear.weight"]) and torch.equal(m.head.bias, old["head.linear.bias"])
+    head.load_state_dict({"linear.weight": linear.weight + 2, "linear.bias": linear.bias + 2})
+    assert torch.equal(head.weight, linear.weight + 2)
 
 
 # ======================================================================== semantics, per backend
@@ -260,7 +359,7 @@ def test_one_to_many_feedback_is_the_torch_cell_loop(cell, backend):
         for index, c in enumerate(cells):
             states[index] = c(inp, states[index])
             inp = states[index][0] if cell == "lstm" else states[index]
-        x = torch.sigmoid(m.head.linear(inp))
+        x = torch.sigmoid(F.linear(inp, m.head.weight, m.head.bias))
         expected.append(x)
     assert_close(got, torch.stack(expected, dim=1), atol=1e-12)
 
@@ -302,7 +401,7 @@ def test_one_to_one_is_one_cell_step(cell, backend):
     with fastrnn.use_backend(backend), torch.no_grad():
         h = step(x)
         h = h[0] if cell == "lstm" else h
-        assert_close(m(x), torch.tanh(m.head.linear(h)), atol=_tol(backend))
+        assert_close(m(x), torch.tanh(F.linear(h, m.head.weight, m.head.bias)), atol=_tol(backend))
 
 
 # ================================================================================= kernel path
@@ -488,7 +587,7 @@ def test_unserved_configurations_run_the_loop(build):
     """Configurations the fused kernel does not serve run the loop of cells, with the same result."""
     torch.manual_seed(10)
     m = build()
-    x0 = torch.randn(3, I, device=DEVICE, dtype=m.head.linear.weight.dtype)
+    x0 = torch.randn(3, I, device=DEVICE, dtype=m.head.weight.dtype)
     before = feedback_launches()
     with fastrnn.use_backend("triton"):
         y = m(x0, 3)
@@ -672,7 +771,7 @@ class TorchManyToOne(nn.Module):
         self.rnn = nn.LSTM(fast.rnn.input_size, fast.rnn.hidden_size, batch_first=True)
         self.head = nn.Linear(fast.head.in_features, fast.head.out_features)
         self.rnn.load_state_dict(fast.rnn.state_dict())
-        self.head.load_state_dict(fast.head.linear.state_dict())
+        self.head.load_state_dict(fast.head.state_dict())
 
     def forward(self, x):
         _, (h_n, _) = self.rnn(x)
@@ -717,7 +816,7 @@ class TorchManyToMany(nn.Module):
         self.rnn = nn.GRU(fast.rnn.input_size, fast.rnn.hidden_size, batch_first=True)
         self.head = nn.Linear(fast.head.in_features, fast.head.out_features)
         self.rnn.load_state_dict(fast.rnn.state_dict())
-        self.head.load_state_dict(fast.head.linear.state_dict())
+        self.head.load_state_dict(fast.head.state_dict())
 
     def forward(self, x, lengths):
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -752,7 +851,7 @@ class TorchOneToMany(nn.Module):
         self.cell = nn.RNNCell(fast.rnn.input_size, fast.rnn.hidden_size)
         self.head = nn.Linear(fast.head.in_features, fast.head.out_features)
         self.cell.load_state_dict({name: getattr(fast.rnn, f"{name}_l0") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
-        self.head.load_state_dict(fast.head.linear.state_dict())
+        self.head.load_state_dict(fast.head.state_dict())
 
     def forward(self, x, steps):
         h, outputs = None, []
@@ -787,7 +886,7 @@ class TorchSeq2Seq(nn.Module):
         self.head = nn.Linear(fast.head.in_features, fast.head.out_features)
         self.encoder.load_state_dict(fast.encoder.state_dict())
         self.decoder.load_state_dict(fast.decoder.state_dict())
-        self.head.load_state_dict(fast.head.linear.state_dict())
+        self.head.load_state_dict(fast.head.state_dict())
 
     def forward(self, src, tgt_in, src_lengths):
         _, h = self.encoder(pack_padded_sequence(src, src_lengths, batch_first=True, enforce_sorted=False))
@@ -825,7 +924,7 @@ class TorchOneToOne(nn.Module):
         self.rnn = nn.LSTM(fast.rnn.input_size, fast.rnn.hidden_size, batch_first=True)
         self.head = nn.Linear(fast.head.in_features, fast.head.out_features)
         self.rnn.load_state_dict(fast.rnn.state_dict())
-        self.head.load_state_dict(fast.head.linear.state_dict())
+        self.head.load_state_dict(fast.head.state_dict())
 
     def forward(self, x):
         return self.head(self.rnn(x[:, None])[0][:, 0])

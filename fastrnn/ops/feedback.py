@@ -182,7 +182,7 @@ def rnn_generate(x0: Tensor, h0: Tensor, params: dict, head, nonlinearity: str, 
         b = params["b_ih"] + params["b_hh"]
     else:
         b = torch.zeros(H, device=x0.device, dtype=dtype)
-    w_out, b_out = head.linear.weight, head.linear.bias
+    w_out, b_out = head.weight, head.bias
     if b_out is None:
         b_out = torch.zeros(w_out.shape[0], device=x0.device, dtype=dtype)
     cast = [t.to(dtype) for t in (x0, h0, params["w_ih"], params["w_hh"], b, w_out, b_out)]
@@ -343,7 +343,7 @@ def generate(cell: str, x0: Tensor, h0: Tensor, c0: Tensor | None, params: dict,
     zeros = torch.zeros(gates, device=x0.device, dtype=dtype)
     b_ih = params["b_ih"] if params["b_ih"] is not None else zeros
     b_hh = params["b_hh"] if params["b_hh"] is not None else zeros
-    w_out, b_out = head.linear.weight, head.linear.bias
+    w_out, b_out = head.weight, head.bias
     if b_out is None:
         b_out = torch.zeros(w_out.shape[0], device=x0.device, dtype=dtype)
     with torch.autocast(x0.device.type, enabled=False):

@@ -4,7 +4,11 @@ Read top to bottom: strategy choice, launch helper, forward launcher, backward l
 ``LSTMFunction``, ``lstm_layer``.
 
 Strategy (``lstm_plan``): ``plan(4, H, dtype)`` of :mod:`fastrnn.ops.recurrence` (resident for
-``BLOCK_H <= 32`` in fp32, ``<= 64`` in fp16/bf16; tiled beyond), warps and stages included. With
+``BLOCK_H <= 32`` in fp32, ``<= 64`` in fp16/bf16; beyond, persistent in fp16/bf16 and tiled in
+fp32, whose FMA dots spill in the persistent form; ``FASTRNN_STRATEGY`` forces any), warps and
+stages included. The persistent kernels (partition: :func:`fastrnn.ops.persistent.persistent_plan`)
+take the resident kernels' arguments plus their scratch (``PersistentKernel`` below: exchanges,
+fp32 partials and carries, shapes in ``fastrnn.kernels.lstm``). With
 projection the resident kernels pad ``h`` (``P`` units) to ``BLOCK_H`` and keep ``W_hr`` on chip as
 a fifth ``BLOCK_H x BLOCK_H`` block, so ``P`` does not change the choice. Ahead-of-time compiles
 (triton 3.9) of the heaviest form (projection, lengths, clip, flow record, ``ieee`` dots) as
@@ -55,7 +59,7 @@ from einops import rearrange
 from torch import Tensor
 
 from fastrnn.kernels import lstm as kernels
-from fastrnn.kernels import lstm_persistent as persistent_kernels
+from fastrnn.ops import persistent
 from fastrnn.ops.recurrence import (
     PersistentKernel,
     compute_dtype,
@@ -73,7 +77,6 @@ from fastrnn.ops.recurrence import (
     triton_next_power_of_2,
     write_flow_record,
 )
-from fastrnn.ops import persistent
 
 
 GATES = 4
@@ -112,7 +115,7 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
         # exchanges: the ping-pong of h and, projecting, m, in the compute dtype; carry: c in fp32.
         persistent_kernel=PersistentKernel(
-            persistent_kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
+            kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
             [((2, D, B, K), gx.dtype), ((D, B, H) if proj else (1,), gx.dtype), ((D, B, H), torch.float32)],
             dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
         ),
@@ -162,7 +165,7 @@ def lstm_bwd(
         B=B, H=H, D=D, dtype=gates.dtype, device=gates.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
         # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
         persistent_kernel=PersistentKernel(
-            persistent_kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
+            kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
             [((2, slices, D, B, K), torch.float32), ((2, slices, D, B, H) if proj else (1,), torch.float32),
              ((D, B, K), torch.float32), ((D, B, H), torch.float32)],
             dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
