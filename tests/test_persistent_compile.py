@@ -5,10 +5,10 @@ either, and shared memory within the card's limit.
 The kernels are compiled as the launch binds them (``fastrnn.ops.launch_signature``: the real
 launcher runs on meta tensors and each recorded launch goes through Triton's own argument binder:
 fp32 buffers typed fp32, divisibility hints, integers equal to 1 folded), in their heaviest form
-(lengths, grad_clip, the gradient-flow record, gelu for the Elman cell), with
-``FASTRNN_STRATEGY=persistent`` and ``FASTRNN_PERSISTENT_MODE=barrier`` (what an H100/H200 runs).
-The compiles run once per session in a subprocess without ``TRITON_INTERPRET``. A row whose cell
-has no persistent kernels yet (``fastrnn.ops.persistent.CELL_GATES``) is skipped, saying so.
+(lengths, grad_clip, the gradient-flow record, gelu for the Elman cell), in barrier mode (what an
+H100/H200 runs). The compiles run once per session in a subprocess without ``TRITON_INTERPRET``.
+A row the plan does not give the persistent strategy (``fastrnn.ops.persistent.planned``: no
+persistent kernels for the cell and dtype, or kept tiled) is skipped, saying so.
 """
 
 import json
@@ -20,18 +20,17 @@ import pytest
 
 from bench.matrix import GATES, GPU_MATRIX
 from fastrnn.ops.aot import SHARED_LIMIT
-from fastrnn.ops.persistent import CELL_GATES
+from fastrnn.ops.persistent import planned
 
 ARCHES = (90, 80)
-#: The GPU-matrix rows whose cell has persistent kernels.
-COVERED = [row.name for row in GPU_MATRIX if GATES[row.cell] in CELL_GATES]
+#: The GPU-matrix rows the plan gives the persistent strategy.
+COVERED = [row.name for row in GPU_MATRIX if planned(GATES[row.cell], row.torch_dtype)]
 
 
 @pytest.fixture(scope="session")
 def gate(tmp_path_factory):
     out = tmp_path_factory.mktemp("persistent-gate") / "gate.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(FASTRNN_STRATEGY="persistent", FASTRNN_PERSISTENT_MODE="barrier")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRNN_STRATEGY", "FASTRNN_PERSISTENT_SLICE")}
     done = subprocess.run(
         [sys.executable, "-m", "bench.plan", "--gate", "--arch", *map(str, ARCHES), "--rows", ",".join(COVERED), "--json", str(out)],
         env=env, capture_output=True, text=True,
@@ -47,12 +46,12 @@ def gate(tmp_path_factory):
 @pytest.mark.parametrize("row", [r.name for r in GPU_MATRIX])
 def test_persistent_kernels_compile_clean(request, row, arch):
     if row not in COVERED:
-        cell = next(r.cell for r in GPU_MATRIX if r.name == row)
-        pytest.skip(f"no persistent {cell} kernels yet (fastrnn.ops.persistent.CELL_GATES)")
+        shape = next(r for r in GPU_MATRIX if r.name == row)
+        pytest.skip(f"the plan does not give {shape.cell} {shape.dtype} the persistent strategy (fastrnn.ops.persistent.planned)")
     kernels = request.getfixturevalue("gate")[row, arch]
     names = sorted(k["kernel"] for k in kernels)
     assert any("_fwd_persistent" in n for n in names) and any("_bwd_persistent" in n for n in names), names
-    assert all("persistent" in n for n in names), f"{row}: non-persistent launches under FASTRNN_STRATEGY=persistent: {names}"
+    assert all("persistent" in n for n in names), f"{row}: non-persistent launches at a persistent plan: {names}"
     for k in kernels:
         where = f"{k['kernel']} at {row} on sm_{arch}"
         assert k["local_bytes"] == 0, f"{where} uses local memory: {k}"
