@@ -241,8 +241,8 @@ def test_every_gpu_matrix_row_plans_persistent():
 def test_slice_knob_sets_programs_per_direction(monkeypatch):
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "8")
     p = persistent.persistent_plan(3, 64, 100, 2, torch.float32)
-    assert (p.slice, p.slices, p.block_b, p.batch_groups, p.directions) == (8, 8, 64, 2, 2)
-    assert p.grid == (8, 2, 2)
+    assert (p.slice, p.slices, p.block_b, p.batch_groups, p.directions) == (8, 8, 16, 7, 2)
+    assert p.grid == (8, 7, 2)
 
 
 # ---------------------------------------------------------------------------------- PTX
@@ -276,7 +276,7 @@ def ordering_ops():
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("kernel", ["rnn_fwd", "rnn_bwd", "gru_fwd", "gru_bwd"])
+@pytest.mark.parametrize("kernel", ["rnn_fwd", "rnn_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"])
 def test_ptx_orders_the_exchange(ordering_ops, kernel):
     """Barrier in: acquire reads in the wait (``ld.acquire`` / ``atom.acquire`` or an acquire
     fence), a release atomic at the arrive, no volatile spin. Barrier out (per_step): none."""
