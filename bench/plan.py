@@ -199,6 +199,11 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
     checks = []
     if est.weight_bytes_reread_per_step:
         checks.append(f"W_hh re-read: {est.weight_bytes_reread_per_step:,} B per step")
+    if partition.strategy == "persistent":
+        slice_bytes = workload.gates * partition.hidden_slice * workload.k * workload.dtype_bytes
+        if slice_bytes > cost_model.figure("shared_limit_bytes"):
+            checks.append(f"the weight slice is {slice_bytes:,} B per program, more than one block's shared memory "
+                          f"({cost_model.figure('shared_limit_bytes'):,.0f} B): it cannot stay on chip (the estimate assumes it does)")
     if row.hidden >= 512 and partition.programs < MIN_PROGRAMS_LARGE_H:
         checks.append(f"{partition.programs} programs < {MIN_PROGRAMS_LARGE_H} at H={row.hidden}")
     if anchor and est.fwd_us > anchor["strict"][0]:
