@@ -135,7 +135,7 @@ BENCH_ARGS=(--out "$OUT" --budget-s "$(( LIMIT - 30 ))")
 case "$MODE" in
     full) ;;
     quick) BENCH_ARGS+=(--quick) ;;
-    *) BENCH_ARGS+=(--eager-max-steps 0 --no-compile --no-sweep --no-topologies --no-gradient-flow) ;;
+    *) BENCH_ARGS+=(--backend triton --eager-max-steps 0 --no-compile --no-sweep --no-topologies --no-gradient-flow) ;;
 esac
 T0=$(date +%s)
 timeout "$LIMIT" "$PY" -m bench "${BENCH_ARGS[@]}"
