@@ -148,3 +148,55 @@ def test_forward_forms_and_errors():
         fastrnn.IndRNN(4, 8, recurrent_dropout=1.0)
     with pytest.raises(RuntimeError, match="Expected hidden size"):
         module(torch.randn(2, 5, 4), torch.zeros(1, 3, 8))
+
+
+#: Compiles both scan kernels for sm_90 in their heaviest form (lengths, zoneout mask, clipping,
+#: flow record), fp32 and bf16, typed as the launcher calls them; prints their resources as JSON.
+COMPILE_SCRIPT = r"""
+import json, os, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastrnn.kernels import indrnn
+from fastrnn.ops.indrnn import BLOCK_B, BLOCK_H, NUM_WARPS
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+rows = []
+for name in ("indrnn_fwd_kernel", "indrnn_bwd_kernel"):
+    kernel = getattr(indrnn, name)
+    for dtype in ("fp32", "bf16"):
+        const = dict(NONLINEARITY=1, HAS_LENGTHS=True, ZONEOUT=1, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H)
+        if name == "indrnn_bwd_kernel":
+            const.update(CLIP=True, RECORD_FLOW=True)
+        sig = {}
+        for arg in kernel.arg_names:
+            if arg in const: sig[arg] = "constexpr"
+            elif arg == "lengths_ptr": sig[arg] = "*i32"
+            elif arg in ("du_ptr", "flow_ptr"): sig[arg] = "*fp32"
+            elif arg in ("zoneout_p", "grad_clip"): sig[arg] = "fp32"
+            elif arg.endswith("_ptr"): sig[arg] = "*" + dtype
+            else: sig[arg] = "i32"
+        k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": NUM_WARPS})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(k.asm["cubin"]); cubin.flush()
+            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name],
+                                   capture_output=True, text=True, check=True).stdout
+        fields = {key: int(v) for key, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+        rows.append(dict(kernel=name, dtype=dtype, **fields))
+print(json.dumps(rows))
+"""
+
+
+def test_scan_kernels_compile_for_sm90_without_spills():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.splitlines()[-1])
+    assert len(rows) == 4
+    for row in rows:
+        assert row["STACK"] == 0 and row["LOCAL"] == 0 and row["REG"] <= 255, row
