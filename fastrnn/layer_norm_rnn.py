@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastrnn import backend
+from fastrnn.layers import init_forget_bias
 from fastrnn.reference import clip_grad
 from fastrnn.stacked import StackedRecurrence, time_loop
 
@@ -404,14 +405,3 @@ class LayerNormGRU(_LayerNormRecurrence):
         y, h_n = layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record, self._fast())
         return y, h_n, None
 
-
-def init_forget_bias(module: nn.Module, value: float) -> None:
-    """Set every LSTM layer's forget-gate bias: ``bias_ih`` rows ``H:2H`` to ``value``, ``bias_hh``'s to zero
-    (so the forget gate's total bias starts at ``value``)."""
-    hidden = module.hidden_size
-    with torch.no_grad():
-        for name, weight in module.named_parameters():
-            if name.startswith("bias_ih"):
-                weight[hidden:2 * hidden].fill_(value)
-            elif name.startswith("bias_hh"):
-                weight[hidden:2 * hidden].zero_()
