@@ -46,7 +46,7 @@ def indrnn_reference_layer(
     ys, hs = [], []
     for d, p in enumerate(params):
         bias = None if p.get("bias_ih") is None else p["bias_ih"] + p["bias_hh"]
-        gx = F.linear(x, p["weight_ih"], bias)
+        gx = F.linear(x, p["weight_ih"], bias).unbind(0)  # one view per step, one backward node for all
         u = p["weight_hh"]
 
         def step(t, state, gx=gx, u=u):
@@ -58,6 +58,28 @@ def indrnn_reference_layer(
         ys.append(y)
         hs.append(h)
     return torch.cat(ys, dim=-1), torch.stack(hs)
+
+
+def scan_path(device: torch.device) -> str:
+    """``"triton"`` (the scan kernel) or ``"reference"``: the kernel on CUDA with triton installed
+    (backend ``auto``, not while ``torch.compile`` traces) or when the ``triton`` backend is asked
+    for (on CPU tensors only under Triton's interpreter, else a RuntimeError); the reference
+    loop otherwise."""
+    asked = backend.get_backend()
+    if asked == "reference":
+        return "reference"
+    if asked == "triton":
+        if not backend.triton_available():
+            raise RuntimeError("FASTRNN_BACKEND=triton, but the triton package is not installed")
+        if device.type != "cuda" and not backend.triton_interpreting():
+            raise RuntimeError(
+                f"FASTRNN_BACKEND=triton needs CUDA tensors (got a tensor on {device}); set TRITON_INTERPRET=1 "
+                "before importing triton to run the kernels on the CPU through Triton's interpreter"
+            )
+        return "triton"
+    if device.type == "cuda" and backend.triton_available() and not torch.compiler.is_compiling():
+        return "triton"
+    return "reference"
 
 
 class IndRNN(StackedRecurrence):
@@ -100,9 +122,8 @@ class IndRNN(StackedRecurrence):
         return super().extra_repr() + f", nonlinearity={self.nonlinearity!r}"
 
     def _run_layer(self, x, h0, c0, params, lengths, zoneout_mask, flow_record):
-        path = backend.resolve(x.device)
         layer = indrnn_reference_layer
-        if path == "triton" and (x.dtype in KERNEL_DTYPES or torch.is_autocast_enabled(x.device.type)):
+        if scan_path(x.device) == "triton" and (x.dtype in KERNEL_DTYPES or torch.is_autocast_enabled(x.device.type)):
             layer = importlib.import_module("fastrnn.ops.indrnn").indrnn_layer  # imports triton: only when asked for
         y, h_n = layer(x, h0, params, lengths, self.nonlinearity, zoneout_mask, self.zoneout, self.grad_clip, flow_record)
         return y, h_n, None

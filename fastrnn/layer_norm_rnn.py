@@ -68,6 +68,7 @@ def lstm_reference_direction(ax, h0, c0, p, lengths, reverse, mask, zoneout_p, g
     """One direction of a LayerNormLSTM layer by autograd: ``ax (T, B, 4H)`` from :func:`input_side`."""
     w_hh, gain_hh, gain_c, bias_c = p["weight_hh"], p["gain_hh"], p["gain_cell"], p["bias_cell"]
     hidden = h0.shape[-1]
+    ax = ax.unbind(0)  # one view per step, one backward node for all (indexing ax[t] would cost O(T) each)
 
     def step(t, state):
         h, c = state
@@ -76,7 +77,7 @@ def lstm_reference_direction(ax, h0, c0, p, lengths, reverse, mask, zoneout_p, g
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(F.layer_norm(c, (hidden,), gain_c, bias_c, EPS)), c
 
-    y, (h, c) = time_loop(step, ax.shape[0], (h0, c0), lengths, reverse, mask, zoneout_p, flow_record)
+    y, (h, c) = time_loop(step, len(ax), (h0, c0), lengths, reverse, mask, zoneout_p, flow_record)
     return y, h, c
 
 
@@ -84,6 +85,7 @@ def gru_reference_direction(ax, h0, p, lengths, reverse, mask, zoneout_p, grad_c
     """One direction of a LayerNormGRU layer by autograd: ``ax (T, B, 3H)`` with ``b_ih`` only."""
     w_hh, gain_hh, b_hh = p["weight_hh"], p["gain_hh"], p.get("bias_hh")
     hidden = h0.shape[-1]
+    ax = ax.unbind(0)  # one view per step, one backward node for all
 
     def step(t, state):
         (h,) = state
@@ -95,7 +97,7 @@ def gru_reference_direction(ax, h0, p, lengths, reverse, mask, zoneout_p, grad_c
         n = torch.tanh(clip_grad(a_n + r * b_n, grad_clip))
         return ((1 - z) * n + z * h,)
 
-    y, (h,) = time_loop(step, ax.shape[0], (h0,), lengths, reverse, mask, zoneout_p, flow_record)
+    y, (h,) = time_loop(step, len(ax), (h0,), lengths, reverse, mask, zoneout_p, flow_record)
     return y, h, None
 
 
