@@ -113,11 +113,6 @@ def _norm_grad(d_out: Tensor, v: Tensor, mean: Tensor, rstd: Tensor, weight: Ten
     return torch.ops.aten.native_layer_norm_backward(d_out, v, (v.shape[-1],), mean, rstd, weight, None, [True, False, False])[0]
 
 
-def _normalised(v: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
-    """``(v - mean) * rstd``: the normalised rows again, for every step at once (the gains' gradients)."""
-    return (v - mean) * rstd
-
-
 def _clamp(g: Tensor, grad_clip: float | None) -> Tensor:
     return g if grad_clip is None else g.clamp(-grad_clip, grad_clip)
 
@@ -184,9 +179,13 @@ class LayerNormLSTMFunction(torch.autograd.Function):
         steps = dy.shape[0]
         valid = _valid(lengths, steps, dy)
         dh, dc = dh_n.clone(), dc_n.clone()
+        hidden = dh.shape[-1]
         d_pre = torch.empty_like(gates)  # per step: the gate pre-activation gradient
         d_r_all = torch.empty_like(gates)  # per step: the gradient of W_hh h_{t-1}
-        d_cn_all = torch.empty_like(tanh_c)  # per step: the gradient of LN(c_t; gain_cell, bias_cell)
+        d_gain_hh = torch.zeros_like(gain_hh)
+        d_gain_c = torch.zeros_like(gain_c)
+        d_bias_c = torch.zeros_like(gain_c)
+        slots = [slice(k * hidden, (k + 1) * hidden) for k in range(4)]
         for t in _walk(steps, not reverse):
             v = None if valid is None else valid[t]
             d_state_h = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
@@ -196,15 +195,23 @@ class LayerNormLSTMFunction(torch.autograd.Function):
             keep = _keep(mask, zoneout_p, t)
             d_h_new, d_c_zoned = (d_state_h * (1 - keep), d_state_c * (1 - keep)) if zoneout_p else (d_state_h, d_state_c)
             i, f, g, o = gates[t].chunk(4, dim=-1)
-            d_o = d_h_new * tanh_c[t]
-            d_cn = d_h_new * o * (1 - tanh_c[t] * tanh_c[t])
-            d_cn_all[t] = d_cn
-            d_c_new = d_c_zoned + _norm_grad(d_cn, c[t], c_mean[t], c_rstd[t], gain_c)
-            d_gates = torch.cat([d_c_new * g * i * (1 - i), d_c_new * c_prev[t] * f * (1 - f),
-                                 d_c_new * i * (1 - g * g), d_o * o * (1 - o)], dim=-1)
-            d_gates = _clamp(d_gates, grad_clip)
-            d_pre[t] = d_gates
-            d_r = _norm_grad(d_gates, r[t], r_mean[t], r_rstd[t], gain_hh)
+            tanh_ct = tanh_c[t]
+            d_cn = d_h_new * o * (1 - tanh_ct * tanh_ct)
+            d_c, dg_c, db_c = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
+                d_cn, c[t], (hidden,), c_mean[t], c_rstd[t], gain_c, gain_c, [True, True, True])  # one exists
+            d_gain_c += dg_c
+            d_bias_c += db_c
+            d_c_new = d_c_zoned + d_c
+            d_gates = d_pre[t]  # the gate gradients, written in place: (i, f, g, o)
+            torch.mul(d_c_new * g, i * (1 - i), out=d_gates[:, slots[0]])
+            torch.mul(d_c_new * c_prev[t], f * (1 - f), out=d_gates[:, slots[1]])
+            torch.mul(d_c_new * i, 1 - g * g, out=d_gates[:, slots[2]])
+            torch.mul(d_h_new * tanh_ct, o * (1 - o), out=d_gates[:, slots[3]])
+            if grad_clip is not None:
+                d_gates.clamp_(-grad_clip, grad_clip)
+            d_r, dg_hh, _ = torch.ops.aten.native_layer_norm_backward(
+                d_gates, r[t], (4 * hidden,), r_mean[t], r_rstd[t], gain_hh, None, [True, True, False])
+            d_gain_hh += dg_hh
             d_r_all[t] = d_r
             dh_prev = d_r @ w_hh
             dc_prev = d_c_new * f
@@ -214,17 +221,13 @@ class LayerNormLSTMFunction(torch.autograd.Function):
                 dh, dc = dh_prev, dc_prev
             else:
                 dh, dc = torch.where(v, dh_prev, dh), torch.where(v, dc_prev, dc)
-        d_w_hh, d_gain_hh = _recurrent_grads(d_pre, d_r_all, _normalised(r, r_mean, r_rstd), h_prev)
-        d_gain_c = (d_cn_all * _normalised(c, c_mean, c_rstd)).sum((0, 1))
-        return (d_pre, d_w_hh, d_gain_hh, d_gain_c, d_cn_all.sum((0, 1)), dh, dc, None, None, None, None, None, None)
+        d_w_hh = _weight_grad(d_r_all, h_prev)
+        return (d_pre, d_w_hh, d_gain_hh, d_gain_c, d_bias_c, dh, dc, None, None, None, None, None, None)
 
 
-def _recurrent_grads(d_pre: Tensor, d_r: Tensor, r_hat: Tensor, h_prev: Tensor) -> tuple[Tensor, Tensor]:
-    """``dW_hh = sum_{t,b} d_r^T h_prev`` (one GEMM over all T*B rows) and ``dgain_hh = sum d_pre * r_hat``,
-    where ``d_pre`` is the gradient reaching ``LN(W_hh h) = r_hat * gain_hh``."""
-    width = d_r.shape[-1]
-    d_w_hh = d_r.reshape(-1, width).T @ h_prev.reshape(-1, h_prev.shape[-1])
-    return d_w_hh, (d_pre * r_hat).sum((0, 1))
+def _weight_grad(d_r: Tensor, h_prev: Tensor) -> Tensor:
+    """``dW_hh = sum_{t,b} d_r^T h_prev``: one GEMM over all T*B rows."""
+    return d_r.reshape(-1, d_r.shape[-1]).T @ h_prev.reshape(-1, h_prev.shape[-1])
 
 
 class LayerNormGRUFunction(torch.autograd.Function):
@@ -268,9 +271,13 @@ class LayerNormGRUFunction(torch.autograd.Function):
         steps = dy.shape[0]
         valid = _valid(lengths, steps, dy)
         dh = dh_n.clone()
-        d_ax = torch.empty_like(gates)
-        d_b = torch.empty_like(gates)  # gradient reaching LN(W_hh h) + b_hh, per step
-        d_r_all = torch.empty_like(gates)
+        hidden = dh.shape[-1]
+        d_ax = torch.empty_like(gates)  # per step: the gradient of the input side a_t, (r, z, n)
+        d_r_all = torch.empty_like(gates)  # per step: the gradient of W_hh h_{t-1}
+        d_gain_hh = torch.zeros_like(gain_hh)
+        d_b_hh = torch.zeros_like(gain_hh)
+        r_slot, z_slot, n_slot = (slice(k * hidden, (k + 1) * hidden) for k in range(3))
+        d_b = torch.empty_like(gates[0])  # the gradient reaching b_t = LN(W_hh h; gain_hh) + b_hh
         for t in _walk(steps, not reverse):
             v = None if valid is None else valid[t]
             d_state = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
@@ -279,19 +286,28 @@ class LayerNormGRUFunction(torch.autograd.Function):
             keep = _keep(mask, zoneout_p, t)
             d_h_new = d_state * (1 - keep) if zoneout_p else d_state
             r, z, n = gates[t].chunk(3, dim=-1)
-            d_n_pre = _clamp(d_h_new * (1 - z) * (1 - n * n), grad_clip)
-            d_z_pre = _clamp(d_h_new * (h_prev[t] - n) * z * (1 - z), grad_clip)
-            d_r_pre = _clamp(d_n_pre * b_n[t] * r * (1 - r), grad_clip)
-            d_ax[t] = torch.cat([d_r_pre, d_z_pre, d_n_pre], dim=-1)
-            d_b[t] = torch.cat([d_r_pre, d_z_pre, d_n_pre * r], dim=-1)
-            d_r = _norm_grad(d_b[t], rec[t], r_mean[t], r_rstd[t], gain_hh)
+            d_a = d_ax[t]
+            d_n_pre, d_z_pre, d_r_pre = d_a[:, n_slot], d_a[:, z_slot], d_a[:, r_slot]
+            torch.mul(d_h_new * (1 - z), 1 - n * n, out=d_n_pre)
+            torch.mul(d_h_new * (h_prev[t] - n), z * (1 - z), out=d_z_pre)
+            if grad_clip is not None:
+                d_n_pre.clamp_(-grad_clip, grad_clip)
+                d_z_pre.clamp_(-grad_clip, grad_clip)
+            torch.mul(d_n_pre * b_n[t], r * (1 - r), out=d_r_pre)
+            if grad_clip is not None:
+                d_r_pre.clamp_(-grad_clip, grad_clip)
+            d_b[:, r_slot], d_b[:, z_slot] = d_r_pre, d_z_pre
+            torch.mul(d_n_pre, r, out=d_b[:, n_slot])
+            d_r, dg, db = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
+                d_b, rec[t], (3 * hidden,), r_mean[t], r_rstd[t], gain_hh, gain_hh, [True, True, True])  # one exists
+            d_gain_hh += dg
+            d_b_hh += db
             d_r_all[t] = d_r
-            dh_prev = d_r @ w_hh + d_h_new * z
+            dh_prev = torch.addmm(d_h_new * z, d_r, w_hh)
             if zoneout_p:
                 dh_prev = dh_prev + d_state * keep
             dh = dh_prev if v is None else torch.where(v, dh_prev, dh)
-        d_w_hh, d_gain_hh = _recurrent_grads(d_b, d_r_all, _normalised(rec, r_mean, r_rstd), h_prev)
-        return (d_ax, d_w_hh, d_gain_hh, d_b.sum((0, 1)), dh, None, None, None, None, None, None)
+        return (d_ax, _weight_grad(d_r_all, h_prev), d_gain_hh, d_b_hh, dh, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------ layers
