@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backend
 from fastrnn.reference import clip_grad
@@ -120,6 +121,15 @@ class IndRNN(StackedRecurrence):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", nonlinearity={self.nonlinearity!r}"
+
+    def own_route(self, input):
+        """For :func:`fastrnn.explain`: the scan kernel or the reference loop, and why."""
+        from fastrnn.routing import Route
+
+        data = input.data if isinstance(input, PackedSequence) else input
+        if scan_path(data.device) == "triton" and (data.dtype in KERNEL_DTYPES or torch.is_autocast_enabled(data.device.type)):
+            return Route("triton", "IndRNN: the fused scan kernel, one launch per layer each way")
+        return Route("reference", f"IndRNN on {data.device.type} {str(data.dtype).replace('torch.', '')}: the reference loop")
 
     def _run_layer(self, x, h0, c0, params, lengths, zoneout_mask, flow_record):
         layer = indrnn_reference_layer

@@ -379,6 +379,15 @@ class _LayerNormRecurrence(StackedRecurrence):
     def _fast(self) -> bool:
         return backend.get_backend() != "reference"
 
+    def own_route(self, input):
+        """For :func:`fastrnn.explain`: which PyTorch loop runs (there is no kernel for these cells yet)."""
+        from fastrnn.routing import Route
+
+        if self._fast():
+            return Route("reference", f"{self.NAME}: the PyTorch loop with a hand-written backward through time "
+                                      "(no Triton kernel for this cell yet)")
+        return Route("reference", f"{self.NAME}: the autograd reference loop (FASTRNN_BACKEND=reference)")
+
 
 class LayerNormLSTM(_LayerNormRecurrence):
     """Layer-normalised LSTM (haste's definition, torch.nn's gate order; equations in the module

@@ -44,3 +44,14 @@ def test_unknown_cell_lists_the_new_cells():
     with pytest.raises(ValueError, match="nonlinearity applies to cell='rnn' and 'indrnn' only"):
         fastrnn.ManyToOne(3, 4, 5, cell="lngru", nonlinearity="relu")
     assert fastrnn.ManyToOne(3, 4, 5, cell="indrnn", nonlinearity="relu").rnn.nonlinearity == "relu"
+
+
+def test_explain_names_the_new_cells_paths():
+    x = torch.randn(2, 5, 3)
+    assert fastrnn.explain(fastrnn.IndRNN(3, 4), x).startswith("reference: IndRNN on cpu")
+    with fastrnn.use_backend("triton"):  # the interpreter is on in the tests
+        assert fastrnn.explain(fastrnn.IndRNN(3, 4), x).startswith("triton: IndRNN: the fused scan kernel")
+    assert "hand-written backward" in fastrnn.explain(fastrnn.ManyToOne(3, 4, 2, cell="lnlstm"), x)
+    assert "one step at a time" in fastrnn.explain(fastrnn.OneToMany(3, 4, 3, cell="lngru"), torch.randn(2, 3))
+    assert "regularized_rnn" in fastrnn.explain(fastrnn.LSTM(3, 4, zoneout=0.1), x.transpose(0, 1))
+    assert fastrnn.explain(fastrnn.GRU(3, 4, recurrent_dropout=0.2).eval(), x).startswith("native")
