@@ -117,20 +117,22 @@ def test_scan_kernel_matches_handwritten(name):
         assert_close(g.double(), g_ref.double(), atol=2e-5, rtol=1e-5)
 
 
-def test_scan_kernel_records_the_gradient_flow_as_the_reference():
+def test_scan_kernel_records_the_gradient_flow_and_reduces_tiles_as_the_reference():
     torch.manual_seed(0)
-    module = fastrnn.IndRNN(3, 40, bidirectional=True, nonlinearity="tanh", zoneout=0.2)
-    x = torch.randn(5, 9, 3)  # 9 rows, 40 units: two row tiles and unit tiles with masked lanes
+    module = fastrnn.IndRNN(3, 80, bidirectional=True, nonlinearity="tanh", zoneout=0.2, grad_clip=0.3)
+    x = torch.randn(5, 9, 3, requires_grad=True)  # 9 rows, 80 units: two row tiles, two unit tiles (masked lanes)
     lengths = torch.tensor([5, 1, 3, 5, 2, 4, 5, 3, 1])
-    norms = {}
+    norms, grads = {}, {}
     for name in ("reference", "triton"):
         with fastrnn.use_backend(name), fastrnn.record_gradient_flow() as flow:
             torch.manual_seed(1)
-            out, _ = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
-            out.data.square().sum().backward()
+            out, h_n = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+            grads[name] = torch.autograd.grad(out.data.square().sum() + h_n.sum(), [x, *module.parameters()])
         norms[name] = flow.norms()
     assert norms["triton"].shape == (2, 5) and (norms["triton"] > 0).all()
     assert_close(norms["triton"], norms["reference"], atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads["triton"], grads["reference"]):
+        assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_forward_forms_and_errors():
