@@ -32,6 +32,10 @@ def _permute(hx: Tensor, permutation: Tensor | None) -> Tensor:
 class RecurrentBase(nn.Module):
     """What RNN, GRU and LSTM share: parameters, checks, forward plumbing (like ``nn.RNNBase``)."""
 
+    #: fastrnn's regularisers (GRU and LSTM take them as keyword arguments; see fastrnn.regularization).
+    zoneout = 0.0
+    recurrent_dropout = 0.0
+
     def __init__(
         self,
         mode: str,
@@ -273,15 +277,20 @@ class RecurrentBase(nn.Module):
             self._check_state(h0, hidden_size, input, "Expected hidden size {}, got {}")
             h0 = _permute(h0, sorted_indices)
 
-        output, h_n, c_n = dispatch.run_stack(
-            module=self,
-            cell=cell,
-            nonlinearity=nonlinearity,
-            input=input,
-            batch_sizes=batch_sizes,
-            h0=h0,
-            c0=c0,
-        )
+        if self.zoneout or (self.recurrent_dropout and self.training):
+            from fastrnn import regularized_rnn  # zoneout / DropConnect: fastrnn.regularized_rnn's loop
+
+            output, h_n, c_n = regularized_rnn.run_stack(self, cell, nonlinearity, input, batch_sizes, h0, c0, sorted_indices)
+        else:
+            output, h_n, c_n = dispatch.run_stack(
+                module=self,
+                cell=cell,
+                nonlinearity=nonlinearity,
+                input=input,
+                batch_sizes=batch_sizes,
+                h0=h0,
+                c0=c0,
+            )
 
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -319,17 +328,81 @@ class RNN(RecurrentBase):
         self.nonlinearity = self_nonlinearity
 
 
-class GRU(RecurrentBase):
-    """Gated recurrent unit, PyTorch's convention (``b_hn`` inside the reset product): drop-in ``torch.nn.GRU``."""
+class _Regularized:
+    """Keyword-only ``zoneout`` and ``recurrent_dropout`` of GRU and LSTM (fastrnn.regularization);
+    a call that uses them runs fastrnn.regularized_rnn's reference loop."""
 
-    def __init__(self, *args, **kwargs):
+    def _set_regularizers(self, zoneout: float, recurrent_dropout: float) -> None:
+        from fastrnn.regularization import check_probability
+
+        self.zoneout = check_probability("zoneout", zoneout)
+        self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout, below_one=True)
+
+    def own_route(self, input):
+        """For :func:`fastrnn.explain`: the regularised loop's route when a call takes it, else None."""
+        if not (self.zoneout or (self.recurrent_dropout and self.training)):
+            return None
+        from fastrnn.routing import Route
+
+        return Route("reference", "zoneout / recurrent_dropout: fastrnn.regularized_rnn's loop of reference cell steps "
+                                  "(no kernel zones out yet), on every device")
+
+    def _regularizer_repr(self) -> str:
+        s = f", zoneout={self.zoneout}" if self.zoneout else ""
+        return s + (f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else "")
+
+
+class GRU(_Regularized, RecurrentBase):
+    """Gated recurrent unit, PyTorch's convention (``b_hn`` inside the reset product): drop-in ``torch.nn.GRU``.
+
+    fastrnn's keyword-only extras: ``grad_clip``, ``zoneout``, ``recurrent_dropout``."""
+
+    def __init__(self, *args, zoneout: float = 0.0, recurrent_dropout: float = 0.0, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
+        self._set_regularizers(zoneout, recurrent_dropout)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._regularizer_repr()
 
 
-class LSTM(RecurrentBase):
-    """Long short-term memory with optional projection (``proj_size``): drop-in ``torch.nn.LSTM``."""
+class LSTM(_Regularized, RecurrentBase):
+    """Long short-term memory with optional projection (``proj_size``): drop-in ``torch.nn.LSTM``.
 
-    def __init__(self, *args, **kwargs):
+    fastrnn's keyword-only extras: ``grad_clip``, ``zoneout``, ``recurrent_dropout`` and
+    ``forget_bias`` (None: torch.nn's initialisation; a number: the forget gate's ``bias_ih``
+    starts there and its ``bias_hh`` at zero)."""
+
+    def __init__(self, *args, forget_bias: float | None = None, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+                 **kwargs):
+        if forget_bias is not None and (isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real)):
+            raise ValueError(f"forget_bias should be a number or None, got {forget_bias!r}")
         super().__init__("LSTM", *args, **kwargs)
+        self._set_regularizers(zoneout, recurrent_dropout)
+        self.forget_bias = None if forget_bias is None else float(forget_bias)
+        if self.forget_bias is not None:
+            if not self.bias:
+                raise ValueError("forget_bias needs bias=True")
+            init_forget_bias(self, self.forget_bias)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "forget_bias", None) is not None:
+            init_forget_bias(self, self.forget_bias)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + self._regularizer_repr()
+        return s + ("" if getattr(self, "forget_bias", None) is None else f", forget_bias={self.forget_bias}")
+
+
+def init_forget_bias(module: nn.Module, value: float) -> None:
+    """Set every LSTM layer's forget-gate bias: ``bias_ih`` rows ``H:2H`` to ``value``, ``bias_hh``'s to
+    zero, so the forget gate's total bias starts at ``value``."""
+    hidden = module.hidden_size
+    with torch.no_grad():
+        for name, weight in module.named_parameters():
+            if name.startswith("bias_ih"):
+                weight[hidden:2 * hidden].fill_(value)
+            elif name.startswith("bias_hh"):
+                weight[hidden:2 * hidden].zero_()

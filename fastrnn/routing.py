@@ -424,7 +424,11 @@ def route_generation(layer, head, x0: Tensor) -> Route:
     (the fused kernel: recurrence, head and feedback in one launch) or ``reference`` (the loop of
     cell steps)."""
     from fastrnn.layers import _MODES  # layers imports dispatch, which imports this module
+    from fastrnn.stacked import StackedRecurrence
 
+    if isinstance(layer, StackedRecurrence):  # IndRNN, LayerNorm cells: generation steps the layer itself
+        step = layer.own_route(x0[:, None])
+        return Route(step.path, f"free-running generation runs the layer one step at a time; each step: {step.reason}")
     cell, nonlinearity = _MODES[layer.mode]
     fusable = (layer.num_layers == 1 and not layer.bidirectional and head.kind is not None
                and not getattr(layer, "proj_size", 0))
@@ -462,6 +466,10 @@ def route(module, input, hx=None) -> Route:
     """:func:`explain`'s answer as a :class:`Route` (path, reason, the table entries it rests on)."""
     from fastrnn import cells, layers, topologies  # they import this module
 
+    own = getattr(module, "own_route", None)  # layers that pick their path themselves (fastrnn.stacked; zoneout)
+    found = None if own is None else own(input)
+    if found is not None:
+        return found
     if isinstance(module, layers.RecurrentBase):
         cell, nonlinearity = layers._MODES[module.mode]
         if isinstance(input, PackedSequence):

@@ -15,9 +15,11 @@ module           forward                                 what it is
 ``OneToOne``     ``(x) -> (B, O)``                       one recurrent step from the zero state
 ================ ======================================= ==========================================
 
-Tensors are batch-first. ``cell`` is ``"rnn"``, ``"gru"`` or ``"lstm"``; ``nonlinearity``
-(``"tanh"``/``"relu"``) applies to ``"rnn"``. The recurrent layers are :class:`fastrnn.RNN`,
-:class:`fastrnn.GRU` and :class:`fastrnn.LSTM` (``batch_first=True``), exposed as ``.rnn``
+Tensors are batch-first. ``cell`` is ``"rnn"``, ``"gru"`` or ``"lstm"``, or one of the cells beyond
+torch.nn: ``"indrnn"`` (:class:`fastrnn.IndRNN`), ``"lnlstm"`` (:class:`fastrnn.LayerNormLSTM`),
+``"lngru"`` (:class:`fastrnn.LayerNormGRU`); ``nonlinearity`` (``"tanh"``/``"relu"``) applies to
+``"rnn"`` and ``"indrnn"``. Free-running generation with those three runs the layer one step at a
+time. The recurrent layers (``batch_first=True``) are exposed as ``.rnn``
 (``.encoder`` and ``.decoder`` for ``Seq2Seq``), so every module runs on the path its layers'
 calls take (:mod:`fastrnn.routing`; ``fastrnn.explain(module, x)`` names it).
 Their parameters carry ``torch.nn``'s names, and the head's are an ``nn.Linear``'s (``head.weight``,
@@ -48,12 +50,15 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastrnn import routing
+from fastrnn.indrnn import IndRNN
+from fastrnn.layer_norm_rnn import LayerNormGRU, LayerNormLSTM
 from fastrnn.layers import _MODES, GRU, LSTM, RNN, RecurrentBase
 from fastrnn.reference import gru_step, lstm_step, rnn_step
+from fastrnn.stacked import StackedRecurrence
 
 __all__ = ["OutputHead", "ManyToMany", "ManyToOne", "OneToMany", "Seq2Seq", "OneToOne"]
 
-CELLS = {"rnn": RNN, "gru": GRU, "lstm": LSTM}
+CELLS = {"rnn": RNN, "gru": GRU, "lstm": LSTM, "indrnn": IndRNN, "lnlstm": LayerNormLSTM, "lngru": LayerNormGRU}
 
 #: Output activations by name.
 ACTIVATIONS: dict[str | None, Callable[[], nn.Module]] = {
@@ -171,14 +176,16 @@ def recurrent_layer(
         raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(map(repr, CELLS))}")
     kwargs = dict(num_layers=num_layers, bias=bias, batch_first=True, dropout=dropout, bidirectional=bidirectional,
                   device=device, dtype=dtype, grad_clip=grad_clip)
-    if cell == "rnn":
-        return RNN(input_size, hidden_size, nonlinearity=nonlinearity, **kwargs)
+    if cell in ("rnn", "indrnn"):
+        return CELLS[cell](input_size, hidden_size, nonlinearity=nonlinearity, **kwargs)
     if nonlinearity != "tanh":
-        raise ValueError(f"nonlinearity applies to cell='rnn' only (got nonlinearity={nonlinearity!r} with cell={cell!r})")
+        raise ValueError(f"nonlinearity applies to cell='rnn' and 'indrnn' only (got nonlinearity={nonlinearity!r} with cell={cell!r})")
     return CELLS[cell](input_size, hidden_size, **kwargs)
 
 
 def _cell_name(layer: RecurrentBase) -> str:
+    if isinstance(layer, StackedRecurrence):
+        return next(name for name, cls in CELLS.items() if type(layer) is cls)
     return _MODES[layer.mode][0]
 
 
@@ -289,6 +296,8 @@ def free_run(layer: RecurrentBase, head: OutputHead, x0: Tensor, steps: int, hx=
     if x0.dim() != 2 or x0.shape[1] != layer.input_size:
         raise ValueError(f"x0 must be (B, {layer.input_size}), got shape {tuple(x0.shape)}")
     batch = x0.shape[0]
+    if isinstance(layer, StackedRecurrence):
+        return _free_run_stepwise(layer, head, x0, steps, hx)
     states = _initial_state(layer, batch, x0, hx)
     if steps == 0:
         return x0.new_zeros(batch, 0, head.out_features), _stack_state(layer, states)
@@ -306,6 +315,23 @@ def free_run(layer: RecurrentBase, head: OutputHead, x0: Tensor, steps: int, hx=
         x = head(h)
         outputs.append(x)
     return torch.stack(outputs, dim=1), _stack_state(layer, states)
+
+
+def _free_run_stepwise(layer: StackedRecurrence, head: OutputHead, x0: Tensor, steps: int, hx=None):
+    """Free-running generation for the cells beyond torch.nn: the layer runs one step at a time
+    (``x (B, 1, I)`` with the state carried), its output through the head is the next input."""
+    state = hx
+    if state is None:
+        zeros = x0.new_zeros(layer.num_layers, x0.shape[0], layer.hidden_size)
+        state = (zeros, zeros) if layer.HAS_CELL else zeros
+    outputs, x = [], x0
+    for _ in range(steps):
+        y, state = layer(x[:, None], state)
+        x = head(y[:, 0])
+        outputs.append(x)
+    if not outputs:
+        return x0.new_zeros(x0.shape[0], 0, head.out_features), state
+    return torch.stack(outputs, dim=1), state
 
 
 # ------------------------------------------------------------------------------------ modules

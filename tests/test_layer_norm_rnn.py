@@ -1,0 +1,179 @@
+"""LayerNormLSTM and LayerNormGRU against hand-written float64 versions of haste's equations.
+
+The oracle here walks every row alone up to its length, with its own layer norm of one vector
+(``(v - mean) / sqrt(biased var + 1e-5) * gain + bias``), zoneout (Krueger et al. 2016) on ``h``
+(and ``c``) and DropConnect drawn in the order :mod:`fastrnn.regularization` documents. Both
+fastrnn paths are held to it at 1e-9 in float64: the reference backend (the autograd loop) and
+the default path (the hand-written backward through time): outputs, final states and the
+gradients of the input, the initial states and every parameter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastrnn
+from tests.conftest import assert_close
+
+
+def layer_norm(v, gain, bias=None):
+    mean = v.mean()
+    var = ((v - mean) ** 2).mean()
+    out = (v - mean) / torch.sqrt(var + 1e-5) * gain
+    return out if bias is None else out + bias
+
+
+def lstm_step(p, x, h, c, clip):
+    gates = layer_norm(p["weight_ih"] @ x, p["gain_ih"]) + layer_norm(p["weight_hh"] @ h, p["gain_hh"]) + p["bias_ih"] + p["bias_hh"]
+    if clip is not None and gates.requires_grad:
+        gates.register_hook(lambda g: g.clamp(-clip, clip))
+    i, f, g, o = gates.chunk(4)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(layer_norm(c, p["gain_cell"], p["bias_cell"])), c
+
+
+def gru_step(p, x, h, clip):
+    a = layer_norm(p["weight_ih"] @ x, p["gain_ih"]) + p["bias_ih"]
+    b = layer_norm(p["weight_hh"] @ h, p["gain_hh"]) + p["bias_hh"]
+
+    def clipped(v):
+        if clip is not None and v.requires_grad:
+            v.register_hook(lambda g: g.clamp(-clip, clip))
+        return v
+
+    r = torch.sigmoid(clipped(a[:len(h)] + b[:len(h)]))
+    z = torch.sigmoid(clipped(a[len(h):2 * len(h)] + b[len(h):2 * len(h)]))
+    n = torch.tanh(clipped(a[2 * len(h):] + r * b[2 * len(h):]))
+    return (1 - z) * n + z * h
+
+
+def handwritten(module, x, lengths, h0, c0, seed, clip):
+    """``x (T, B, I)``; returns ``y (T, B, D*H)`` (zero past a row's length), ``h_n``, ``c_n`` or None."""
+    torch.manual_seed(seed)
+    T, B, _ = x.shape
+    H, D = module.hidden_size, 2 if module.bidirectional else 1
+    lstm, pz = c0 is not None, module.zoneout
+    finals = {}
+    for layer in range(module.num_layers):
+        if layer > 0 and module.dropout and module.training:
+            x = torch.nn.functional.dropout(x, module.dropout, training=True)
+        params = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            p = {name[:-len(sfx)]: w.double() for name, w in module.named_parameters() if name.endswith(sfx)}
+            if module.recurrent_dropout and module.training:
+                keep = torch.rand(p["weight_hh"].shape) >= module.recurrent_dropout
+                p["weight_hh"] = p["weight_hh"] * keep / (1 - module.recurrent_dropout)
+            params.append(p)
+        mask = (torch.rand(T, B, D * H) < pz).double() if pz and module.training else None
+        out = {}
+        for d, p in enumerate(params):
+            for row in range(B):
+                h = h0[layer * D + d, row]
+                c = c0[layer * D + d, row] if lstm else None
+                steps = range(int(lengths[row]))
+                for t in (reversed(steps) if d else steps):
+                    if lstm:
+                        h_new, c_new = lstm_step(p, x[t, row], h, c, clip)
+                    else:
+                        h_new, c_new = gru_step(p, x[t, row], h, clip), None
+                    if pz:
+                        keep = mask[t, row, d * H:(d + 1) * H] if mask is not None else pz
+                        h_new = keep * h + (1 - keep) * h_new
+                        c_new = None if c is None else keep * c + (1 - keep) * c_new
+                    h, c = h_new, c_new
+                    out[t, row, d] = h
+                finals[layer * D + d, row] = (h, c)
+        zero = x.new_zeros(H)
+        x = torch.stack([torch.stack([torch.cat([out.get((t, row, d), zero) for d in range(D)]) for row in range(B)])
+                         for t in range(T)])
+    keys = range(module.num_layers * D)
+    h_n = torch.stack([torch.stack([finals[k, row][0] for row in range(B)]) for k in keys])
+    c_n = torch.stack([torch.stack([finals[k, row][1] for row in range(B)]) for k in keys]) if lstm else None
+    return x, h_n, c_n
+
+
+CASES = {
+    "lstm-2layer-bidir-packed-zoneout-train": ("lstm", dict(num_layers=2, bidirectional=True, zoneout=0.3), True, True),
+    "lstm-zoneout-eval-forget-bias": ("lstm", dict(zoneout=0.25, forget_bias=1.0), False, True),
+    "lstm-dropconnect-dropout-clip": ("lstm", dict(num_layers=2, recurrent_dropout=0.4, dropout=0.3, grad_clip=0.02), True, False),
+    "gru-2layer-bidir-packed-zoneout-train": ("gru", dict(num_layers=2, bidirectional=True, zoneout=0.3), True, True),
+    "gru-zoneout-eval-bidir": ("gru", dict(bidirectional=True, zoneout=0.25), False, True),
+    "gru-dropconnect-clip": ("gru", dict(recurrent_dropout=0.4, grad_clip=0.02), True, False),
+}
+
+
+@pytest.mark.parametrize("path", ["reference", "auto"])
+@pytest.mark.parametrize("name", CASES)
+def test_matches_handwritten_float64(name, path):
+    cell, kwargs, train, packed = CASES[name]
+    torch.manual_seed(0)
+    T, B, I, H = 5, 3, 4, 6
+    cls = fastrnn.LayerNormLSTM if cell == "lstm" else fastrnn.LayerNormGRU
+    module = cls(I, H, dtype=torch.float64, **kwargs).train(train)
+    with torch.no_grad():  # gains and the cell norm's bias away from their initial ones and zeros
+        for pname, w in module.named_parameters():
+            if pname.startswith(("gain", "bias_cell")):
+                w.add_(0.3 * torch.randn_like(w))
+    D = 2 if module.bidirectional else 1
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(module.num_layers * D, B, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn_like(h0, requires_grad=True) if cell == "lstm" else None
+    lengths = torch.tensor([5, 2, 4]) if packed else torch.full((B,), T)
+    w_y, w_h = torch.randn(T, B, D * H, dtype=torch.float64), torch.randn_like(h0)
+    hx = (h0, c0) if cell == "lstm" else h0
+    with fastrnn.use_backend(path):
+        torch.manual_seed(7)
+        if packed:
+            out, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+            y, _ = pad_packed_sequence(out, total_length=T)
+        else:
+            y, state = module(x, hx)
+    h_n, c_n = state if cell == "lstm" else (state, None)
+    inputs = [x, h0, *([c0] if c0 is not None else []), *module.parameters()]
+    loss = (y * w_y).sum() + (h_n * w_h).sum() + (0 if c_n is None else (c_n * w_h.flip(0)).sum())
+    grads = torch.autograd.grad(loss, inputs)
+    y_ref, h_ref, c_ref = handwritten(module, x, lengths, h0, c0, 7, module.grad_clip)
+    loss_ref = (y_ref * w_y).sum() + (h_ref * w_h).sum() + (0 if c_ref is None else (c_ref * w_h.flip(0)).sum())
+    grads_ref = torch.autograd.grad(loss_ref, inputs)
+    assert_close(y, y_ref, atol=1e-9)
+    assert_close(h_n, h_ref, atol=1e-9)
+    if c_n is not None:
+        assert_close(c_n, c_ref, atol=1e-9)
+    names = ["x", "h0", *(["c0"] if c0 is not None else []), *(n for n, _ in module.named_parameters())]
+    for pname, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, atol=1e-9, msg=lambda m, pname=pname: f"{pname}: {m}")
+
+
+def test_forget_bias_and_forms():
+    lstm = fastrnn.LayerNormLSTM(3, 4, 2, batch_first=True, forget_bias=1.5)
+    for layer in range(2):
+        b_ih, b_hh = getattr(lstm, f"bias_ih_l{layer}"), getattr(lstm, f"bias_hh_l{layer}")
+        assert (b_ih[4:8] == 1.5).all() and (b_hh[4:8] == 0).all() and not (b_ih[:4] == 1.5).any()
+    assert (lstm.gain_ih_l0 == 1).all() and (lstm.bias_cell_l1 == 0).all()
+    y, (h, c) = lstm(torch.randn(2, 5, 3))
+    assert y.shape == (2, 5, 4) and h.shape == c.shape == (2, 2, 4)
+    y1, (h1, c1) = lstm(torch.randn(5, 3))  # unbatched
+    assert y1.shape == (5, 4) and h1.shape == (2, 4)
+    gru = fastrnn.LayerNormGRU(3, 4)
+    assert gru(torch.randn(5, 2, 3))[0].shape == (5, 2, 4)
+    with pytest.raises(ValueError, match="forget_bias needs bias=True"):
+        fastrnn.LayerNormLSTM(3, 4, bias=False, forget_bias=1.0)
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size"):
+        lstm(torch.randn(2, 5, 3), (torch.zeros(2, 2, 4), torch.zeros(2, 3, 4)))
+
+
+def test_gradient_flow_is_recorded_on_both_paths():
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormGRU(3, 5, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    norms = {}
+    for path in ("reference", "auto"):
+        with fastrnn.use_backend(path), fastrnn.record_gradient_flow() as flow:
+            y, _ = module(x)
+            y[-1].sum().backward()
+        norms[path] = flow.norms()
+    assert (norms["auto"][0] > 0).all()
+    assert_close(norms["auto"], norms["reference"], atol=1e-12)
