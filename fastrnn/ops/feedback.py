@@ -31,7 +31,9 @@ import triton
 from torch import Tensor
 
 from fastrnn.kernels import feedback as kernels
-from fastrnn.ops.recurrence import BLOCK_B, compute_dtype, count_launch, input_precision, kernel_weight, triton_next_power_of_2
+from fastrnn.ops.recurrence import (
+    BLOCK_B, compute_dtype, count_launch, input_precision, kernel_weight, register_budget, triton_next_power_of_2,
+)
 from fastrnn.ops.rnn import NEEDS_PRE, NONLINEARITIES
 
 #: Output activation name -> the kernels' ``HEAD`` code.
@@ -45,7 +47,8 @@ HEADS = {"identity": 0, "tanh": 1, "sigmoid": 2}
 #: clip + sigmoid head, no spills: bf16 (64, 64) on 8 warps GRU 183/227 registers fwd/bwd, LSTM
 #: 208/246; bf16 (32, 32) on 4 warps GRU 148/182, LSTM 152/244; fp32 (32, 32) needs 8 warps (the
 #: LSTM forward spills on 4): GRU 128/74, LSTM 142/56; fp32 (16, 16) on 4 warps at most 128.
-#: ``tests/test_topologies.py`` recompiles the corners (``compile_corners``) for sm_90.
+#: The compile gate (``python -m fastrnn.ops.aot``, ``tests/test_kernel_compile.py``) compiles the corners
+#: (``compile_corners``) as they launch; ``bench/results/aot-compile.md`` holds the current figures.
 MAX_BLOCKS = {
     "rnn": {False: (128, 128), True: (64, 64)},
     "gru": {False: (64, 64), True: (32, 32)},
@@ -99,7 +102,7 @@ def _meta(H: int, O: int, dtype: torch.dtype, nonlinearity: str, head: str) -> d
     return dict(
         NONLINEARITY=NONLINEARITIES[nonlinearity], HEAD=HEADS[head], SAVE_PRE=nonlinearity in NEEDS_PRE,
         INPUT_PRECISION=input_precision(dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_O=block_o,
-        num_warps=num_warps(block_h, block_o),
+        num_warps=num_warps(block_h, block_o), maxnreg=register_budget(num_warps(block_h, block_o)),
     )
 
 
@@ -197,6 +200,7 @@ def _gated_meta(cell: str, H: int, O: int, dtype: torch.dtype, head: str) -> dic
     return dict(
         HEAD=HEADS[head], INPUT_PRECISION=input_precision(dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_O=block_o,
         num_warps=num_warps(block_h, block_o, cell, dtype == torch.float32),
+        maxnreg=register_budget(num_warps(block_h, block_o, cell, dtype == torch.float32)),
     )
 
 
