@@ -11,7 +11,7 @@
 #      estimate per GPU row: the predictions the timings are then read against);
 #   2. the CUDA tests: tests/test_gpu.py, the persistent kernels' tests (tests/test_persistent*.py,
 #      the concurrent-grid harness), the kernel parity tests;
-#   3. every GPU-matrix row of `python -m bench`, the Triton kernels against torch.nn (cuDNN) in the same run,
+#   3. every GPU-matrix row of `python -m bench` (on CUDA it times the Triton kernels) against torch.nn (cuDNN),
 #      without the reference loops, the batch sweep, the topology and gradient-flow sections.
 # Step limits (seconds): PLAN_TIMEOUT 60, PYTEST_TIMEOUT 120, BENCH_TIMEOUT 140 (check mode).
 #
@@ -135,7 +135,7 @@ BENCH_ARGS=(--out "$OUT" --budget-s "$(( LIMIT - 30 ))")
 case "$MODE" in
     full) ;;
     quick) BENCH_ARGS+=(--quick) ;;
-    *) BENCH_ARGS+=(--backend triton --eager-max-steps 0 --no-compile --no-sweep --no-topologies --no-gradient-flow) ;;
+    *) BENCH_ARGS+=(--eager-max-steps 0 --no-compile --no-sweep --no-topologies --no-gradient-flow) ;;
 esac
 T0=$(date +%s)
 timeout "$LIMIT" "$PY" -m bench "${BENCH_ARGS[@]}"
