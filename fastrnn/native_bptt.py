@@ -342,6 +342,16 @@ def _backward(ctx, dy, dh_n, dc_n):
 native_bptt_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward is not supported through fastrnn's hand-written CPU backward (grad_clip, "
+        "gradient-flow recording, torch.compile); the twice-differentiable path is FASTRNN_BACKEND=reference"
+    )
+
+
+native_bptt_layer_backward_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def native_bptt_layer(
     cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, params: list[dict], lengths: Tensor | None,
     nonlinearity: str | None, grad_clip: float | None = None, flow_record: Tensor | None = None,
