@@ -1,6 +1,6 @@
 """First-call compile time of the README's ``torch.compile`` example, and compiled vs eager step time.
 
-``python -m bench.compile_time [--steps 50,500] [--out DIR]``
+``python -m bench.compile_time [--steps 50,500] [--baseline-steps 50] [--threads N] [--out DIR]``
 
 The README's example: ``fastrnn.LSTM(128, 256, num_layers=2, batch_first=True, bidirectional=True,
 dropout=0.1)`` in training mode on ``x (8, T, 128)``, ``torch.compile(lstm, fullgraph=True)``.
@@ -33,6 +33,7 @@ import fastrnn
 from bench.timing import time_cpu
 
 steps = int(sys.argv[1])
+first_call_only = sys.argv[2] == "1"
 torch.manual_seed(0)
 lstm = fastrnn.LSTM(input_size=128, hidden_size=256, num_layers=2, batch_first=True,
                     bidirectional=True, dropout=0.1)
@@ -45,6 +46,10 @@ start = time.perf_counter()
 y.square().mean().backward()
 first_backward = time.perf_counter() - start
 graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+if first_call_only:
+    print(json.dumps({"T": steps, "first_forward_s": first_forward, "first_backward_s": first_backward,
+                      "first_call_s": first_forward + first_backward, "frames_compiled": graphs}))
+    sys.exit(0)
 
 def step(module):
     def run():
@@ -71,19 +76,24 @@ print(json.dumps({
 """
 
 
-def measure(steps: int) -> dict:
-    """One fresh process with empty compile caches; returns its JSON line."""
+def measure(steps: int, backend: str = "auto", threads: int | None = None) -> dict:
+    """One fresh process with empty compile caches; returns its JSON line. ``backend="reference"``
+    times only the first call: what ``auto`` compiled before each layer became one operator (the
+    reference loop, unrolled by Dynamo step by step)."""
     with tempfile.TemporaryDirectory(prefix="fastrnn-compile-") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
-                   TRITON_CACHE_DIR=os.path.join(cache, "triton"), FASTRNN_BACKEND="auto")
-        done = subprocess.run([sys.executable, "-c", CHILD, str(steps)], capture_output=True, text=True, env=env,
+                   TRITON_CACHE_DIR=os.path.join(cache, "triton"), FASTRNN_BACKEND=backend)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        first_only = "1" if backend == "reference" else "0"
+        done = subprocess.run([sys.executable, "-c", CHILD, str(steps), first_only], capture_output=True, text=True, env=env,
                               cwd=Path(__file__).resolve().parent.parent, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"T={steps} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def markdown(info: dict, rows: list[dict]) -> str:
+def markdown(info: dict, rows: list[dict], baseline: list[dict]) -> str:
     lines = [
         "# torch.compile of the README example (2-layer bidirectional LSTM, I128 H256, B8, training mode)",
         "",
@@ -103,26 +113,35 @@ def markdown(info: dict, rows: list[dict]) -> str:
     if len(rows) >= 2:
         totals = [r["first_call_s"] for r in rows]
         lines += ["", f"Largest / smallest first-call time: {max(totals) / min(totals):.2f}x."]
+    for b in baseline:
+        now = next((r for r in rows if r["T"] == b["T"]), None)
+        lines += ["", f"Before (`FASTRNN_BACKEND=reference`, the unrolled loop `auto` compiled until now), T={b['T']}, "
+                  f"same machine and run: first forward {b['first_forward_s']:.1f} s, first backward "
+                  f"{b['first_backward_s']:.1f} s, total {b['first_call_s']:.1f} s"
+                  + (f"; now {now['first_call_s']:.1f} s ({b['first_call_s'] / now['first_call_s']:.1f}x faster)." if now else ".")]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="50,500", help="comma-separated sequence lengths")
+    parser.add_argument("--baseline-steps", default="50", help="T of the reference-loop baseline ('' for none)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the child processes")
     parser.add_argument("--out", type=Path, default=None, help="write compile-<device>-<date>.{json,md} here")
     args = parser.parse_args(argv)
     import torch
 
     from bench.environment import describe
 
-    rows = [measure(int(t)) for t in args.steps.split(",")]
+    rows = [measure(int(t), threads=args.threads) for t in args.steps.split(",")]
+    baseline = [measure(int(t), "reference", args.threads) for t in args.baseline_steps.split(",") if t]
     info = describe(torch.device("cpu"))
-    text = markdown(info, rows)
+    text = markdown(info, rows, baseline)
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"compile-cpu-{datetime.date.today().isoformat()}"
-        stem.with_suffix(".json").write_text(json.dumps({"environment": info, "rows": rows}, indent=2) + "\n")
+        stem.with_suffix(".json").write_text(json.dumps({"environment": info, "rows": rows, "baseline_reference": baseline}, indent=2) + "\n")
         stem.with_suffix(".md").write_text(text)
         print(f"wrote {stem}.json and .md")
 

@@ -17,6 +17,7 @@ is written by the backward pass, outside the graph): the layers run as if no rec
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,20 @@ _TRITON_LAYERS = {"rnn": "fastrnn.ops.rnn:rnn_layer", "gru": "fastrnn.ops.gru:gr
 
 
 def triton_layer(cell: str):
-    """The kernel-backed layer function of ``cell`` (imported on first use, so that
-    ``TRITON_INTERPRET`` set after ``import fastrnn`` still takes effect)."""
+    """The kernel-backed layer function of ``cell``. Imported on first use on a CPU machine (so
+    that ``TRITON_INTERPRET`` set after ``import fastrnn`` still takes effect); with a GPU, when
+    this module is imported, since ``torch.compile`` cannot trace an import (it reads
+    ``sys.modules``, which it can)."""
     module, name = _TRITON_LAYERS[cell].split(":")
-    return getattr(importlib.import_module(module), name)
+    loaded = sys.modules.get(module)
+    if loaded is None:
+        loaded = importlib.import_module(module)
+    return getattr(loaded, name)
+
+
+if torch.cuda.is_available() and backend.triton_available():
+    for _cell in _TRITON_LAYERS:
+        triton_layer(_cell)
 
 
 def _native_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_sizes, h0, c0):

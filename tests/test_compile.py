@@ -33,17 +33,17 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def outputs_and_grads(fn, params, args, wrt):
-    """Every tensor ``fn(*args)`` returns, and the gradients of a loss on all of them."""
-    outputs = [t for t in tree_leaves(fn(*args)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+def outputs_and_grads(fn, params, make_args, wrt):
+    """Every tensor ``fn(*make_args())`` returns, and the gradients of a loss on all of them."""
+    outputs = [t for t in tree_leaves(fn(*make_args())) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in outputs)
     return outputs, torch.autograd.grad(loss, [*params, *wrt])
 
 
-def assert_compiled_matches_eager(module, fn, args, wrt):
+def assert_compiled_matches_eager(module, fn, make_args, wrt):
     params = list(module.parameters())
-    eager, eager_grads = outputs_and_grads(fn, params, args, wrt)
-    compiled, compiled_grads = outputs_and_grads(torch.compile(fn, fullgraph=True), params, args, wrt)
+    eager, eager_grads = outputs_and_grads(fn, params, make_args, wrt)
+    compiled, compiled_grads = outputs_and_grads(torch.compile(fn, fullgraph=True), params, make_args, wrt)
     assert len(compiled) == len(eager)
     for a, e in zip(compiled, eager):
         assert_close(a, e, rtol=1e-10, atol=1e-10)
@@ -59,13 +59,15 @@ def test_layer_on_packed_input_compiles_fullgraph_and_matches_eager(name):
     torch.manual_seed(0)
     layer = LAYERS[name]()
     x = torch.randn(3, 6, 3, requires_grad=True, **F64)
-    packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), batch_first=True, enforce_sorted=False)
 
     def run(p):
         y, state = layer(p)
         return y.data, state
 
-    assert_compiled_matches_eager(layer, run, (packed,), [x])
+    def make_args():
+        return (pack_padded_sequence(x, torch.tensor([6, 2, 4]), batch_first=True, enforce_sorted=False),)
+
+    assert_compiled_matches_eager(layer, run, make_args, [x])
 
 
 TOPOLOGIES = {
@@ -84,8 +86,7 @@ def test_topology_compiles_fullgraph_and_matches_eager(name):
     torch.manual_seed(0)
     module = make()
     x = torch.randn(3, 5, 3, requires_grad=True, **F64)
-    args = arguments(x, torch.tensor([5, 2, 4]))
-    assert_compiled_matches_eager(module, lambda *a: module(*a), args, [x])
+    assert_compiled_matches_eager(module, lambda *a: module(*a), lambda: arguments(x, torch.tensor([5, 2, 4])), [x])
 
 
 def test_no_graph_break_one_graph_one_op_per_layer():
