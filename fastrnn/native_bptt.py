@@ -148,7 +148,9 @@ def _previous(y_d: Tensor, first: Tensor, reverse: bool, valid: Tensor | None) -
 
 def _backward_direction(cell, nonlinearity, p, x, gx, h0, c0, y_d, dy_d, dh, dc, valid, reverse, grad_clip, record):
     """BPTT of one direction. Returns ``dgx (T, B, G*H)`` (gradient of ``x W_ih^T + b_ih``),
-    ``dgh (T, B, G*H)`` (of ``h W_hh^T + b_hh``), ``dh0``, ``dc0``, ``dw_hr``, the record norms."""
+    ``dgh (T, B, G*H)`` (of ``h W_hh^T + b_hh``), ``dh0``, ``dc0``, ``dw_hr``, ``dH (T, B, H_out)``
+    (the gradient reaching each step's output state, before masking; None unless recording or
+    projecting) and ``h_prev (T, B, H_out)``, the state each step read."""
     steps, batch, _ = x.shape
     w_hh, w_hr = p["w_hh"], p["w_hr"]
     h_prev = _previous(y_d, h0, reverse, valid)
@@ -171,7 +173,7 @@ def _backward_direction(cell, nonlinearity, p, x, gx, h0, c0, y_d, dy_d, dh, dc,
             if grad_clip is not None:
                 g.clamp_(-grad_clip, grad_clip)
             dh = g @ w_hh if passthrough is None else torch.addmm(dh_t * passthrough[t], g, w_hh)
-        return dpre, dpre, dh, None, None, dH
+        return dpre, dpre, dh, None, None, dH, h_prev
 
     if cell == "gru":
         hidden = w_hh.shape[1]
@@ -201,7 +203,7 @@ def _backward_direction(cell, nonlinearity, p, x, gx, h0, c0, y_d, dy_d, dh, dc,
             dgh[t, :, :2] = dgx[t, :, :2]
             torch.mul(dgx[t, :, 2], r[t], out=dgh[t, :, 2])
             dh = torch.addmm(dh_t * keep[t], dgh[t].view(batch, -1), w_hh)
-        return dgx.view(steps, batch, -1), dgh.view(steps, batch, -1), dh, None, None, dH
+        return dgx.view(steps, batch, -1), dgh.view(steps, batch, -1), dh, None, None, dH, h_prev
 
     # LSTM (with projection when w_hr is given: h_t = W_hr m_t, m_t = o_t tanh(c_t))
     hidden = w_hh.shape[0] // 4
@@ -243,7 +245,7 @@ def _backward_direction(cell, nonlinearity, p, x, gx, h0, c0, y_d, dy_d, dh, dc,
         m = o * tc
         dw_hr = (dH * mask).flatten(0, 1).t() @ m.flatten(0, 1)
     dgates = dgates.view(steps, batch, -1)
-    return dgates, dgates, dh, dc, dw_hr, dH
+    return dgates, dgates, dh, dc, dw_hr, dH, h_prev
 
 
 def layer_backward(cell, nonlinearity, x, h0, c0, weights, lengths, y, dy, dh_n, dc_n, grad_clip, record_flow):
@@ -261,11 +263,10 @@ def layer_backward(cell, nonlinearity, x, h0, c0, weights, lengths, y, dy, dh_n,
     dh0, dc0, dweights, flow = [], [], [], []
     for d, p in enumerate(params):
         rows = slice(d * out, (d + 1) * out)
-        dgx, dgh, dh, dc, dw_hr, dH = _backward_direction(
+        dgx, dgh, dh, dc, dw_hr, dH, h_prev = _backward_direction(
             cell, nonlinearity, p, x, gxs[d], h0[d], None if c0 is None else c0[d], y[..., rows], dy[..., rows],
             dh_n[d], None if dc_n is None else dc_n[d], valid, d == 1, grad_clip, record_flow,
         )
-        h_prev = _previous(y[..., rows], h0[d], d == 1, valid)
         flat_gx, flat_gh = dgx.flatten(0, 1), dgh.flatten(0, 1)
         dx += dgx @ p["w_ih"]
         grads = {"w_ih": flat_gx.t() @ x.flatten(0, 1), "w_hh": flat_gh.t() @ h_prev.flatten(0, 1),

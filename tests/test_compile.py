@@ -127,3 +127,32 @@ def test_new_sequence_length_or_batch_compiles_once_after_the_first_dynamic_reco
     assert len(backend_calls) == 3, backend_calls
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     assert flow.records == [], "under torch.compile the gradient flow is not recorded (documented)"
+
+
+@pytest.mark.parametrize("cell", ["lstm-proj", "gru"])
+def test_triton_path_compiles_fullgraph_under_the_interpreter(cell):
+    """The kernel path's registered operators under torch.compile, on CPU tensors through Triton's
+    interpreter: Dynamo traces the fakes, the launchers run inside the operators (so the launch
+    counter still counts: two layers, forward and backward), results equal eager's."""
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True)
+    layer = fastrnn.LSTM(4, 6, proj_size=3, **kw) if cell == "lstm-proj" else fastrnn.GRU(4, 6, **kw)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+
+    def make_args():
+        return (pack_padded_sequence(x, torch.tensor([5, 2, 4]), batch_first=True, enforce_sorted=False),)
+
+    def run(p):
+        return layer(p)[0].data
+
+    params = list(layer.parameters())
+    with fastrnn.use_backend("triton"):
+        eager, eager_grads = outputs_and_grads(run, params, make_args, [x])
+        before = sum(LAUNCHES.values())
+        compiled, grads = outputs_and_grads(torch.compile(run, fullgraph=True), params, make_args, [x])
+    assert sum(LAUNCHES.values()) - before == 4
+    assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, e in zip(grads, eager_grads, strict=True):
+        assert_close(a, e, rtol=1e-5, atol=1e-5)
