@@ -1,6 +1,6 @@
 """First-call compile time of the README's ``torch.compile`` example, and compiled vs eager step time.
 
-``python -m bench.compile_time [--steps 50,500] [--baseline-steps 50] [--threads N] [--out DIR]``
+``python -m bench.compile_time [--steps 50,500] [--repeats 2] [--baseline-steps 50] [--threads N] [--out DIR]``
 
 The README's example: ``fastrnn.LSTM(128, 256, num_layers=2, batch_first=True, bidirectional=True,
 dropout=0.1)`` in training mode on ``x (8, T, 128)``, ``torch.compile(lstm, fullgraph=True)``.
@@ -99,16 +99,19 @@ def markdown(info: dict, rows: list[dict], baseline: list[dict]) -> str:
         "",
         f"Machine: {info['cpu_model']} ({info['cpu_count']} cores, load average {info['load_average']}), "
         f"torch {info['torch']}, commit {info['git']['commit']}; {info['date_utc']}.",
-        "Each T in a fresh process with an empty inductor cache. Command: `python -m bench.compile_time --out bench/results`.",
+        "Each T in a fresh process with an empty inductor cache, after one discarded warm-up process (the OS file "
+        "cache); runs alternate between the T values and the median run is shown (all first-call times in the last "
+        "column). Command: `python -m bench.compile_time --threads 1 --out bench/results`.",
         "",
-        "| T | first forward (s) | first backward (s) | first call total (s) | frames compiled | fwd+bwd eager / compiled (ms) | fwd eager / compiled (ms) |",
-        "|---|---|---|---|---|---|---|",
+        "| T | first forward (s) | first backward (s) | first call total (s) | frames compiled | fwd+bwd eager / compiled (ms) | fwd eager / compiled (ms) | all runs (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['T']} | {r['first_forward_s']:.1f} | {r['first_backward_s']:.1f} | {r['first_call_s']:.1f} | "
             f"{r['frames_compiled']} | {r['step_fwd_bwd_ms']['eager']:.1f} / {r['step_fwd_bwd_ms']['compiled']:.1f} | "
-            f"{r['step_fwd_ms']['eager']:.1f} / {r['step_fwd_ms']['compiled']:.1f} |"
+            f"{r['step_fwd_ms']['eager']:.1f} / {r['step_fwd_ms']['compiled']:.1f} | "
+            f"{', '.join(f'{v:.1f}' for v in r.get('first_call_s_all', [r['first_call_s']]))} |"
         )
     if len(rows) >= 2:
         totals = [r["first_call_s"] for r in rows]
@@ -127,13 +130,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", default="50,500", help="comma-separated sequence lengths")
     parser.add_argument("--baseline-steps", default="50", help="T of the reference-loop baseline ('' for none)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the child processes")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh-process runs per T (the median is reported)")
     parser.add_argument("--out", type=Path, default=None, help="write compile-<device>-<date>.{json,md} here")
     args = parser.parse_args(argv)
     import torch
 
     from bench.environment import describe
 
-    rows = [measure(int(t), threads=args.threads) for t in args.steps.split(",")]
+    steps = [int(t) for t in args.steps.split(",")]
+    measure(5, threads=args.threads)  # warm the OS file cache (torch, inductor, the compiler): not counted
+    samples: dict[int, list[dict]] = {t: [] for t in steps}
+    for repeat in range(args.repeats):  # alternate the order, so load drifts hit every T alike
+        for t in (steps if repeat % 2 == 0 else steps[::-1]):
+            samples[t].append(measure(t, threads=args.threads))
+    rows = []
+    for t in steps:
+        ordered = sorted(samples[t], key=lambda r: r["first_call_s"])
+        row = dict(ordered[(len(ordered) - 1) // 2])  # the median run (lower median for an even count)
+        row["first_call_s_all"] = [round(r["first_call_s"], 2) for r in samples[t]]
+        rows.append(row)
     baseline = [measure(int(t), "reference", args.threads) for t in args.baseline_steps.split(",") if t]
     info = describe(torch.device("cpu"))
     text = markdown(info, rows, baseline)
