@@ -158,12 +158,15 @@ def _backward_direction(cell, nonlinearity, p, x, gx, h0, c0, y_d, dy_d, dh, dc,
     mask = 1.0 if valid is None else valid.to(x.dtype)
     order = range(steps) if reverse else range(steps - 1, -1, -1)
     passthrough = None if valid is None else (~valid).to(x.dtype)  # a frozen row hands dh straight back
-    dy_d = dy_d * mask
+    if valid is not None:
+        dy_d = dy_d * mask
     dH = torch.empty_like(dy_d) if (record or w_hr is not None) else None
 
     if cell == "rnn":
         pre = gx + gh
-        slope = ACTIVATION_SLOPES[nonlinearity](pre) * mask
+        slope = ACTIVATION_SLOPES[nonlinearity](pre)
+        if valid is not None:
+            slope = slope * mask
         dpre = torch.empty_like(pre)
         for t in order:
             dh_t = dh + dy_d[t]
@@ -207,39 +210,57 @@ def _backward_direction(cell, nonlinearity, p, x, gx, h0, c0, y_d, dy_d, dh, dc,
 
     # LSTM (with projection when w_hr is given: h_t = W_hr m_t, m_t = o_t tanh(c_t))
     hidden = w_hh.shape[0] // 4
-    gates = gx + gh
-    i, f, g, o = gates.chunk(4, dim=-1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    gates = gh.add_(gx).view(steps, batch, 4, hidden)  # pre-activations, then activated in place
+    gates[:, :, :2].sigmoid_()
+    gates[:, :, 2].tanh_()
+    gates[:, :, 3].sigmoid_()
+    i, f, g, o = gates.unbind(2)
     ig = i * g
     f_step = f if valid is None else torch.where(valid, f, 1.0)  # a frozen row keeps its cell state
     if valid is not None:
-        ig = ig * mask
+        ig.mul_(mask)
     c_all = torch.empty_like(ig)
-    c_prev = torch.empty_like(ig)
     c = c0
     for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-        c_prev[t] = c
         c = torch.addcmul(ig[t], f_step[t], c, out=c_all[t])
+    # The state each step read (a frozen row's c stays c0 until its walk starts, so a shift holds).
+    c_prev = torch.cat([c_all[1:], c0[None]]) if reverse else torch.cat([c0[None], c_all[:-1]])
     tc = torch.tanh(c_all)
-    coef_c = o * (1 - tc.square()) * mask  # dc_t += dm_t * coef_c
-    coef_o = tc * o * (1 - o) * mask
-    coef_ifg = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g.square())], dim=2)
+    # Per-step factors, written in place: dc_t += dm_t * coef_c; d(i, f, g) = dc_t * coef_ifg;
+    # d(o) = dm_t * coef_o (sigmoid' = s(1 - s), tanh' = 1 - t^2).
+    coef_ifg = gates.new_empty((steps, batch, 3, hidden))
+    torch.mul(i, 1 - i, out=coef_ifg[:, :, 0]).mul_(g)
+    torch.mul(f, 1 - f, out=coef_ifg[:, :, 1]).mul_(c_prev)
+    torch.mul(g, g, out=coef_ifg[:, :, 2]).neg_().add_(1).mul_(i)
+    coef_o = (1 - o).mul_(o).mul_(tc)
+    coef_c = (tc * tc).neg_().add_(1).mul_(o)
     if valid is not None:
-        coef_ifg = coef_ifg * mask[..., None]
+        coef_ifg.mul_(mask[..., None])
+        coef_o.mul_(mask)
+        coef_c.mul_(mask)
     dgates = gx.new_empty((steps, batch, 4, hidden))
-    for t in order:
-        dh_t = dh + dy_d[t]
-        if dH is not None:
-            dH[t] = dh_t
+    # dH[t] holds the whole gradient reaching h_t: the product of step t+1 lands there directly
+    # (addmm onto dy), so a step is five ops: addcmul, two products, addmm, and the f carry.
+    dH = torch.empty_like(dy_d)
+    torch.add(dh, dy_d[order[0]], out=dH[order[0]])
+    dc = dc.clone()
+    for index, t in enumerate(order):
+        dh_t = dH[t]
         dm = dh_t if w_hr is None else dh_t @ w_hr
-        dc = torch.addcmul(dc, dm, coef_c[t])
+        dc.addcmul_(dm, coef_c[t])
         torch.mul(dc[:, None], coef_ifg[t], out=dgates[t, :, :3])
         torch.mul(dm, coef_o[t], out=dgates[t, :, 3])
         step = dgates[t].view(batch, -1)
         if grad_clip is not None:
             step.clamp_(-grad_clip, grad_clip)
-        dh = step @ w_hh if passthrough is None else torch.addmm(dh_t * passthrough[t], step, w_hh)
-        dc = dc * f_step[t]
+        carry = None if passthrough is None else dh_t * passthrough[t]  # a frozen row hands dh straight back
+        if index + 1 < steps:
+            following = order[index + 1]
+            base = dy_d[following] if carry is None else carry.add_(dy_d[following])
+            torch.addmm(base, step, w_hh, out=dH[following])
+        else:
+            dh = step @ w_hh if carry is None else torch.addmm(carry, step, w_hh)
+        dc.mul_(f_step[t])
     dw_hr = None
     if w_hr is not None:
         m = o * tc
@@ -269,8 +290,9 @@ def layer_backward(cell, nonlinearity, x, h0, c0, weights, lengths, y, dy, dh_n,
         )
         flat_gx, flat_gh = dgx.flatten(0, 1), dgh.flatten(0, 1)
         dx += dgx @ p["w_ih"]
-        grads = {"w_ih": flat_gx.t() @ x.flatten(0, 1), "w_hh": flat_gh.t() @ h_prev.flatten(0, 1),
-                 "b_ih": flat_gx.sum(0), "b_hh": flat_gh.sum(0), "w_hr": dw_hr}
+        b_ih = flat_gx.sum(0)
+        grads = {"w_ih": flat_gx.t() @ x.flatten(0, 1), "w_hh": flat_gh.t() @ h_prev.flatten(0, 1), "b_ih": b_ih,
+                 "b_hh": b_ih.clone() if dgh is dgx else flat_gh.sum(0), "w_hr": dw_hr}
         dweights += [grads[name] for name, w in p.items() if w is not None]
         dh0.append(dh)
         dc0.append(dc)
