@@ -243,6 +243,8 @@ class RecurrentBase(nn.Module):
         ``torch.compile`` traces it without a graph break (what the topologies run while compiling)."""
         if input.dim() != 3:
             raise ValueError(f"forward_lengths expects batched 3-D input, got {input.dim()}-D")
+        if self.zoneout or (self.recurrent_dropout and self.training):
+            raise NotImplementedError("forward_lengths does not run zoneout / recurrent_dropout: pack the input")
         cell, nonlinearity = _MODES[self.mode]
         self.check_input(input, None)
         hidden_size, cell_size = self._expected_sizes(input, None)
