@@ -11,7 +11,9 @@ auto       CUDA: the Triton kernels where they are the only fused option (``grad
            gradient-flow recording, the extra nonlinearities, fused free-running generation)
            or where the shipped dispatch table measured them faster than cuDNN; cuDNN
            otherwise, exactly what ``torch.nn`` runs. CPU: PyTorch's native RNN kernels
-           (``torch._VF``), or the reference loop where those can't serve.
+           (``torch._VF``); where those can't serve (``grad_clip``, recording, the
+           extra nonlinearities) and under ``torch.compile``, that forward inside one
+           registered operator per layer with fastrnn's own backward (:mod:`fastrnn.native_bptt`).
 triton     The Triton kernels. On CPU tensors only under ``TRITON_INTERPRET=1``; otherwise a
            ``RuntimeError`` names what is missing. Never falls back silently.
 reference  The plain PyTorch loop of :mod:`fastrnn.reference` (the test oracle), on any device.

@@ -1,21 +1,31 @@
 """Run a stack of recurrent layers on the path :func:`fastrnn.routing.route_stack` picks.
 
 * ``native`` and ``cudnn``: PyTorch's own RNN kernels (``torch._VF``), exactly what ``torch.nn`` runs.
-* ``reference`` and ``triton``: layer by layer on padded, time-major tensors with per-row
-  ``lengths`` (a ``PackedSequence`` is padded once, in its sorted order, and packed again at the
-  end); between layers, dropout in training mode.
+* ``native-bptt``: on the CPU where the native op alone cannot serve (``grad_clip``, gradient-flow
+  recording, the extra Elman nonlinearities) and for every layer under ``torch.compile``: one
+  registered operator per layer, native forward and hand-written backward
+  (:mod:`fastrnn.native_bptt`).
+* ``reference``, ``native-bptt`` and ``triton``: layer by layer on padded, time-major tensors with
+  per-row ``lengths`` (a ``PackedSequence`` is padded once, in its sorted order, and packed again
+  at the end, both through registered operators of :mod:`fastrnn.packing`); between layers,
+  dropout in training mode.
+
+Under ``torch.compile`` nothing is recorded by :func:`fastrnn.record_gradient_flow` (the record
+is written by the backward pass, outside the graph): the layers run as if no record were open.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn import gradient_flow, routing
+from fastrnn.native_bptt import native_bptt_layer
+from fastrnn.packing import lengths_from_batch_sizes, pack_padded, pad_packed
 from fastrnn.reference import reference_layer
 
 #: Dtypes the kernels compute in (state and accumulation in fp32).
@@ -26,10 +36,20 @@ _TRITON_LAYERS = {"rnn": "fastrnn.ops.rnn:rnn_layer", "gru": "fastrnn.ops.gru:gr
 
 
 def triton_layer(cell: str):
-    """The kernel-backed layer function of ``cell`` (imported on first use, so that
-    ``TRITON_INTERPRET`` set after ``import fastrnn`` still takes effect)."""
+    """The kernel-backed layer function of ``cell``. Imported on first use on a CPU machine (so
+    that ``TRITON_INTERPRET`` set after ``import fastrnn`` still takes effect); with a GPU, when
+    this module is imported, since ``torch.compile`` cannot trace an import (it reads
+    ``sys.modules``, which it can)."""
     module, name = _TRITON_LAYERS[cell].split(":")
-    return getattr(importlib.import_module(module), name)
+    loaded = sys.modules.get(module)
+    if loaded is None:
+        loaded = importlib.import_module(module)
+    return getattr(loaded, name)
+
+
+if torch.cuda.is_available() and backend.triton_available():
+    for _cell in _TRITON_LAYERS:
+        triton_layer(_cell)
 
 
 def _native_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_sizes, h0, c0):
@@ -44,23 +64,37 @@ def _native_stack(module, cell: str, nonlinearity: str | None, input: Tensor, ba
     return output, h_n, (result[2] if cell == "lstm" else None)
 
 
-def run_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_sizes: Tensor | None, h0: Tensor, c0: Tensor | None):
+def run_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_sizes: Tensor | None, h0: Tensor,
+              c0: Tensor | None, lengths: Tensor | None = None):
     """Run ``module``'s whole stack. ``input`` is packed data ``(N, I)`` when ``batch_sizes`` is given,
-    else ``(T, B, I)`` or ``(B, T, I)`` by ``module.batch_first``; ``h0 (L*D, B, H_out)``, ``c0 (L*D, B, H)``
-    already in the batch order of ``input``. Returns output in the form of ``input``, ``h_n``, ``c_n``."""
+    else ``(T, B, I)`` or ``(B, T, I)`` by ``module.batch_first`` (padded rows with per-row
+    ``lengths (B,)`` when given); ``h0 (L*D, B, H_out)``, ``c0 (L*D, B, H)`` already in the batch
+    order of ``input``. Returns output in the form of ``input``, ``h_n``, ``c_n``."""
     path = routing.route_stack(module, cell, nonlinearity, input, batch_sizes).path
-    grad_clip = getattr(module, "grad_clip", None)
-    recorder = gradient_flow.active() if torch.is_grad_enabled() else None
+    compiling = torch.compiler.is_compiling()
+    recorder = gradient_flow.active() if torch.is_grad_enabled() and not compiling else None
+    if path in ("native", "cudnn") and lengths is not None:
+        path = "native-bptt"  # padded rows with lengths: the operator packs them for the native forward
     if path in ("native", "cudnn"):
         return _native_stack(module, cell, nonlinearity, input, batch_sizes, h0, c0)
 
-    lengths = lengths_cpu = None
+    if lengths is not None:
+        lengths = lengths.to(input.device)
     if batch_sizes is not None:
-        x, lengths_cpu = pad_packed_sequence(PackedSequence(input, batch_sizes))
-        lengths = lengths_cpu.to(input.device)
+        x = pad_packed(input, batch_sizes, h0.shape[1])
+        lengths = lengths_from_batch_sizes(batch_sizes, h0.shape[1]).to(input.device)
     else:
         x = input.transpose(0, 1) if module.batch_first else input
-    layer = reference_layer if path == "reference" else triton_layer(cell)
+    return run_padded(module, path, cell, nonlinearity, x, lengths, h0, c0, batch_sizes, input.shape[0], recorder)
+
+
+def run_padded(module, path: str, cell: str, nonlinearity: str | None, x: Tensor, lengths: Tensor | None, h0: Tensor,
+               c0: Tensor | None, batch_sizes: Tensor | None = None, total: int = 0, recorder=None):
+    """The stack layer by layer on ``path`` (``"reference"``, ``"native-bptt"`` or ``"triton"``):
+    padded time-major ``x (T, B, I)`` with ``lengths (B,)`` or None. Returns the output packed again
+    when ``batch_sizes`` is given (``total`` rows), else in the layout of ``module``'s input."""
+    grad_clip = getattr(module, "grad_clip", None)
+    layer = {"reference": reference_layer, "native-bptt": native_bptt_layer}.get(path) or triton_layer(cell)
 
     directions = 2 if module.bidirectional else 1
     h_out, c_out = [], []
@@ -78,7 +112,7 @@ def run_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_
         c_out.append(c_n)
 
     if batch_sizes is not None:
-        output = pack_padded_sequence(x, lengths_cpu, enforce_sorted=True).data
+        output = pack_padded(x.contiguous(), batch_sizes, total)
     else:
         output = x.transpose(0, 1) if module.batch_first else x
     return output, torch.cat(h_out), (torch.cat(c_out) if c0 is not None else None)

@@ -11,7 +11,8 @@ backward pass fills them::
     flow.norms()          # (layers * directions, T): row l*D + d is layer l, direction d
     fastrnn.plot_gradient_flow(flow)
 
-The record is eager-mode only (it writes from the backward pass).
+The record is eager-mode only (it writes from the backward pass): a call compiled with
+``torch.compile`` runs as if no record were open, and records nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ class GradientFlow:
         """All records stacked ``(layers * directions, T)``; filter by module class name."""
         chosen = [r.norms for r in self.records if record_module is None or r.module == record_module]
         if not chosen:
-            raise RuntimeError("no gradient flow was recorded: run the forward pass inside record_gradient_flow()")
+            raise RuntimeError(
+                "no gradient flow was recorded: run the forward pass inside record_gradient_flow() "
+                "(in eager mode: a torch.compile'd call records nothing)"
+            )
         return torch.cat(chosen)
 
 

@@ -208,8 +208,12 @@ class RecurrentBase(nn.Module):
         if batch_sizes is None and steps == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-    def _expected_sizes(self, input: Tensor, batch_sizes: Tensor | None) -> tuple[tuple[int, int, int], ...]:
-        if batch_sizes is not None:
+    def _expected_sizes(
+        self, input: Tensor, batch_sizes: Tensor | None, sorted_indices: Tensor | None = None
+    ) -> tuple[tuple[int, int, int], ...]:
+        if batch_sizes is not None and torch.compiler.is_compiling() and sorted_indices is not None:
+            mini_batch = sorted_indices.shape[0]  # a shape, not a value of batch_sizes: no graph break
+        elif batch_sizes is not None:
             mini_batch = int(batch_sizes[0])
         else:
             mini_batch = input.size(0) if self.batch_first else input.size(1)
@@ -231,6 +235,33 @@ class RecurrentBase(nn.Module):
             )
 
     # ---------------------------------------------------------------------------------- forward
+    def forward_lengths(self, input: Tensor, lengths: Tensor, hx=None):
+        """Padded ``input`` (batched, in the layer's layout) with per-row ``lengths (B,)``, without
+        packing: the result of ``forward`` on ``pack_padded_sequence(input, lengths,
+        enforce_sorted=False)``, padded again (zeros past each row's length, the final state at
+        each row's last valid step). Nothing in it depends on the values of ``lengths``, so
+        ``torch.compile`` traces it without a graph break (what the topologies run while compiling)."""
+        if input.dim() != 3:
+            raise ValueError(f"forward_lengths expects batched 3-D input, got {input.dim()}-D")
+        if self.zoneout or (self.recurrent_dropout and self.training):
+            raise NotImplementedError("forward_lengths does not run zoneout / recurrent_dropout: pack the input")
+        cell, nonlinearity = _MODES[self.mode]
+        self.check_input(input, None)
+        hidden_size, cell_size = self._expected_sizes(input, None)
+        if hx is None:
+            zeros = dict(dtype=input.dtype, device=input.device)
+            h0 = torch.zeros(hidden_size, **zeros)
+            c0 = torch.zeros(cell_size, **zeros) if cell == "lstm" else None
+        elif cell == "lstm":
+            h0, c0 = hx
+            self._check_state(h0, hidden_size, input, "Expected hidden[0] size {}, got {}")
+            self._check_state(c0, cell_size, input, "Expected hidden[1] size {}, got {}")
+        else:
+            h0, c0 = hx, None
+            self._check_state(h0, hidden_size, input, "Expected hidden size {}, got {}")
+        output, h_n, c_n = dispatch.run_stack(self, cell, nonlinearity, input, None, h0, c0, lengths=lengths)
+        return output, ((h_n, c_n) if cell == "lstm" else h_n)
+
     def forward(self, input, hx=None):
         cell, nonlinearity = _MODES[self.mode]
         is_lstm = cell == "lstm"
@@ -259,7 +290,7 @@ class RecurrentBase(nn.Module):
             if not is_lstm and hx.dim() != want:
                 raise RuntimeError(f"For {form} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
         self.check_input(input, batch_sizes)
-        hidden_size, cell_size = self._expected_sizes(input, batch_sizes)
+        hidden_size, cell_size = self._expected_sizes(input, batch_sizes, sorted_indices)
 
         if hx is None:
             zeros = dict(dtype=input.dtype, device=input.device)

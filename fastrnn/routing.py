@@ -20,9 +20,11 @@ CUDA, while ``torch.compile`` traces           ``triton`` (``reference`` for flo
                                                traced graph PyTorch decomposes its RNN op into an
                                                unrolled loop, so cuDNN is out of reach there
 CPU (any other device)                         ``native`` (``torch._VF``, what ``torch.nn`` runs);
-                                               ``reference`` under ``torch.compile`` (inductor
+                                               ``native-bptt`` under ``torch.compile`` (inductor
                                                cannot lower the native CPU op) and for what the
-                                               native kernels cannot do (the features above)
+                                               native kernels cannot do (the features above): one
+                                               operator per layer, the native forward inside and
+                                               fastrnn's backward (:mod:`fastrnn.native_bptt`)
 ============================================== ===============================================
 
 ``FASTRNN_BACKEND=triton`` forces the kernels on every call (an error where they cannot run:
@@ -145,7 +147,7 @@ class CallInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """The answer: ``path`` (``triton``, ``cudnn``, ``native`` or ``reference``), a one-line
+    """The answer: ``path`` (``triton``, ``cudnn``, ``native``, ``native-bptt`` or ``reference``), a one-line
     ``reason``, and the table entries it rests on (if any)."""
 
     path: str
@@ -312,16 +314,19 @@ def decide(device: DeviceInfo, call: CallInfo, table: dict, requested: str = "au
         return Route("reference", "free-running generation outside the fused kernel's shapes (one layer, one "
                                   "direction, no projection, an identity/tanh/sigmoid head): the loop of cell steps")
     if device.type != "cuda":
-        # A fast CPU path for grad_clip / gradient-flow recording would be chosen here, before the loop.
         if call.generation:
             return Route("reference", f"free-running generation on the {device.type.upper()}: the fused kernel "
                                       "needs CUDA, so the loop of cell steps runs")
+        forward = ("a step loop forward (PyTorch's native op lacks the nonlinearity)"
+                   if call.nonlinearity not in TORCH_NONLINEARITIES else "PyTorch's native forward")
         if features:
-            return Route("reference", f"{needs} on the {device.type.upper()}: PyTorch's native kernels cannot, "
-                                      "and the kernels need CUDA, so the reference loop runs")
+            return Route("native-bptt", f"{needs} on the {device.type.upper()}: PyTorch's native kernels cannot, so "
+                                        f"one fastrnn operator per layer runs {forward} and fastrnn's hand-written "
+                                        "backward through time")
         if compiling:
-            return Route("reference", "torch.compile is tracing a CPU call: inductor cannot lower PyTorch's native "
-                                      "CPU RNN op, so the reference loop is traced")
+            return Route("native-bptt", "torch.compile is tracing a CPU call: inductor cannot lower PyTorch's native "
+                                        f"CPU RNN op, so each layer is one fastrnn operator ({forward} inside, "
+                                        "fastrnn's hand-written backward)")
         return Route("native", f"{device.type.upper()} tensor: PyTorch's native RNN kernels, what torch.nn runs")
 
     kernels_can = device.triton and dtype in KERNEL_DTYPES
@@ -399,7 +404,11 @@ def _route(device: torch.device, call: CallInfo) -> Route:
 def stack_call(module, cell: str, nonlinearity: str | None, input: Tensor, batch_sizes: Tensor | None) -> CallInfo:
     """The :class:`CallInfo` of a layer's forward (``input`` and ``batch_sizes`` as
     :func:`fastrnn.dispatch.run_stack` takes them)."""
-    if batch_sizes is not None:
+    if torch.compiler.is_compiling():
+        # The decision reads no size while tracing; int() of a traced size (or of a value of
+        # batch_sizes) would specialise the graph on it (a recompile per T) or break it.
+        batch = steps = 0
+    elif batch_sizes is not None:
         batch, steps = int(batch_sizes[0]) if len(batch_sizes) else 0, len(batch_sizes)
     else:
         batch, steps = (input.shape[0], input.shape[1]) if module.batch_first else (input.shape[1], input.shape[0])
@@ -455,7 +464,7 @@ def explain(module, input, hx=None) -> str:
     ``PackedSequence``, as its forward takes), a topology module of :mod:`fastrnn.topologies`
     (``input`` as its forward's first argument: ``x``, ``x0`` or ``src``) or a cell. ``hx`` is
     accepted as the forward takes it; the initial state does not change the path. The answer
-    starts with the path: ``triton``, ``cudnn``, ``native`` or ``reference``, e.g.
+    starts with the path: ``triton``, ``cudnn``, ``native``, ``native-bptt`` or ``reference``, e.g.
     ``cudnn: no measured entry for NVIDIA H200 (sm_90), LSTM bf16 H768 B16; set
     FASTRNN_BACKEND=triton to force the kernels``. Raises what the call would raise where a
     forced backend cannot run it."""

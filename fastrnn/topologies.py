@@ -199,7 +199,7 @@ def _lengths_cpu(lengths, x: Tensor) -> Tensor:
     lengths = torch.as_tensor(lengths).to(device="cpu", dtype=torch.int64)
     if lengths.shape != (x.shape[0],):
         raise ValueError(f"lengths must have shape ({x.shape[0]},), one per row; got {tuple(lengths.shape)}")
-    if len(lengths) and (lengths.min() < 1 or lengths.max() > x.shape[1]):
+    if len(lengths) and not torch.compiler.is_compiling() and (lengths.min() < 1 or lengths.max() > x.shape[1]):
         raise ValueError(f"lengths must lie in [1, {x.shape[1]}] (the padded length); got {lengths.tolist()}")
     return lengths
 
@@ -215,6 +215,9 @@ def run_layer(layer: RecurrentBase, x: Tensor, lengths=None, hx=None):
     lengths = _lengths_cpu(lengths, x)
     if x.shape[0] == 0:  # torch cannot pack an empty batch; the layer takes B=0 as it is
         return layer(x, hx)
+    regularized = getattr(layer, "zoneout", 0) or (getattr(layer, "recurrent_dropout", 0) and layer.training)
+    if torch.compiler.is_compiling() and isinstance(layer, RecurrentBase) and not regularized:
+        return layer.forward_lengths(x, lengths, hx)  # packing has value-dependent shapes: padded with lengths
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     output, state = layer(packed, hx)
     output, _ = pad_packed_sequence(output, batch_first=True, total_length=x.shape[1])

@@ -135,10 +135,11 @@ def test_resolve_cuda_device_auto(clean_env):
         assert resolve(CUDA) == "cudnn"
 
 
-def test_resolve_auto_while_compiling_uses_reference(clean_env):
+def test_resolve_auto_while_compiling_uses_native_bptt(clean_env):
+    """Under torch.compile a CPU layer is one native-bptt operator (native forward inside), not the unrolled loop."""
     clean_env.setattr(torch.compiler, "is_compiling", lambda: True)
     with fastrnn.use_backend("auto"):
-        assert resolve(CPU) == "reference"
+        assert resolve(CPU) == "native-bptt"
 
 
 def test_triton_on_cpu_without_interpreter_raises(clean_env):

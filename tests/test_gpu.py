@@ -33,7 +33,7 @@ def relative_error(a, b):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_compiled_fullgraph_matches_eager(name):
-    """The kernels registered as autograd Functions compile with fullgraph=True, forward and backward."""
+    """The kernels' registered operators compile with fullgraph=True, forward and backward."""
     torch.manual_seed(0)
     layer = LAYERS[name](num_layers=2, bidirectional=True, batch_first=True, device="cuda")
     x = torch.randn(4, 9, 32, device="cuda", requires_grad=True)
@@ -49,6 +49,54 @@ def test_compiled_fullgraph_matches_eager(name):
     (grad,) = torch.autograd.grad(value, x)
     assert relative_error(value, eager) < 1e-5
     assert relative_error(grad, eager_grad) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_compiled_packed_bf16_autocast_no_graph_break_no_recompile(name):
+    """On the Triton path: packed input under bf16 autocast compiles fullgraph (one graph, no
+    break, one operator per layer), equals eager (output and input gradient), the kernels launch
+    inside the compiled graph, and new T / batch sizes compile once after the first dynamic recompile."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LAYERS[name](num_layers=2, bidirectional=True, batch_first=True, device="cuda")
+
+    def loss(packed):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = layer(packed)
+        return y.data.float().square().mean()
+
+    def packed_input(batch, steps, x=None):
+        x = torch.randn(batch, steps, 32, device="cuda", requires_grad=True) if x is None else x
+        lengths = torch.arange(steps, steps - batch, -1).clamp_min(1)
+        return x, pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+
+    x, packed = packed_input(4, 9)
+    explained = torch._dynamo.explain(loss)(packed)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager = loss(packed)
+    (eager_grad,) = torch.autograd.grad(eager, x)
+    calls = []
+
+    def counting_inductor(gm, example_inputs):
+        calls.append(1)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(loss, fullgraph=True, backend=counting_inductor)
+    x, packed = packed_input(4, 9, x)
+    before = sum(LAUNCHES.values())
+    value = compiled(packed)
+    (grad,) = torch.autograd.grad(value, x)
+    assert sum(LAUNCHES.values()) - before == 4, "two layers, forward and backward, launched inside the graph"
+    assert relative_error(value, eager) < 2e-2
+    assert relative_error(grad, eager_grad) < 5e-2
+    for batch, steps in [(4, 13), (4, 17), (6, 17), (5, 21)]:
+        x, packed = packed_input(batch, steps)
+        compiled(packed).backward()
+    assert len(calls) == 3, f"compiles: first, T dynamic, B dynamic; got {len(calls)}"
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -647,13 +647,13 @@ class _Head(nn.Module):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_torch_compile_fullgraph(cell):
-    """``torch.compile(fullgraph=True)`` traces the layer on CPU (the reference loop) and matches eager,
+    """``torch.compile(fullgraph=True)`` traces the layer on CPU (one native-bptt operator per layer) and matches eager,
     forward and backward."""
     torch._dynamo.reset()
     _, fast_cls, _ = CELLS[cell]
     torch.manual_seed(0)
     model = _Head(fast_cls(I, H, batch_first=True))
-    x = torch.randn(2, 3, I)  # T = 3 keeps the unrolled graph small
+    x = torch.randn(2, 3, I)
 
     eager_out = model(x)
     eager_grads = torch.autograd.grad(sum(o.square().sum() for o in eager_out), list(model.parameters()))

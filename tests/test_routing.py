@@ -169,7 +169,7 @@ def test_autocast_dtype_is_the_compute_dtype():
 
 
 def test_compiling():
-    assert decide(device=CPU, compiling=True).path == "reference"
+    assert decide(device=CPU, compiling=True).path == "native-bptt"
     route = decide(compiling=True)
     assert route.path == "triton" and "torch.compile" in route.reason
     assert decide(dataclasses.replace(PLAIN, dtype=torch.float64), compiling=True).path == "reference"
@@ -178,7 +178,7 @@ def test_compiling():
 def test_cpu():
     route = decide(device=CPU, tab=table(entry(5.0)))
     assert route.path == "native" and "what torch.nn runs" in route.reason
-    assert decide(dataclasses.replace(PLAIN, grad_clip=True), device=CPU).path == "reference"
+    assert decide(dataclasses.replace(PLAIN, grad_clip=True), device=CPU).path == "native-bptt"
     assert decide(device=routing.DeviceInfo("mps")).path == "native"
 
 
@@ -243,13 +243,13 @@ def test_explain_cpu_tensors(clean_env, name):
     x = torch.randn(5, 2, 3)
     assert fastrnn.explain(LAYERS[name](), x).startswith("native: CPU tensor")
     assert fastrnn.explain(LAYERS[name](), x[:, 0]).startswith("native")  # unbatched
-    assert fastrnn.explain(LAYERS[name](grad_clip=1.0), x).startswith("reference: grad_clip on the CPU")
+    assert fastrnn.explain(LAYERS[name](grad_clip=1.0), x).startswith("native-bptt: grad_clip on the CPU")
     with fastrnn.record_gradient_flow():
-        assert fastrnn.explain(LAYERS[name](), x).startswith("reference: gradient-flow recording")
+        assert fastrnn.explain(LAYERS[name](), x).startswith("native-bptt: gradient-flow recording")
     with torch.no_grad(), fastrnn.record_gradient_flow():
         assert fastrnn.explain(LAYERS[name](), x).startswith("native")  # nothing to record without autograd
     clean_env.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert fastrnn.explain(LAYERS[name](), x).startswith("reference: torch.compile")
+    assert fastrnn.explain(LAYERS[name](), x).startswith("native-bptt: torch.compile")
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
@@ -288,7 +288,7 @@ def test_explain_packed_input(on_h200):
 def test_explain_topologies_and_cells(clean_env):
     x = torch.randn(2, 5, 4)
     assert fastrnn.explain(fastrnn.ManyToOne(4, 8, 2), x).startswith("native")
-    assert fastrnn.explain(fastrnn.ManyToMany(4, 8, 2, grad_clip=1.0), x).startswith("reference: grad_clip")
+    assert fastrnn.explain(fastrnn.ManyToMany(4, 8, 2, grad_clip=1.0), x).startswith("native-bptt: grad_clip")
     assert fastrnn.explain(fastrnn.OneToOne(4, 8, 2), x[:, 0]).startswith("native")
     assert fastrnn.explain(fastrnn.OneToMany(4, 8, 4), x[:, 0]).startswith("reference: free-running generation")
     assert fastrnn.explain(fastrnn.OneToMany(4, 8, 2, feedback=False), x[:, 0]).startswith("native")

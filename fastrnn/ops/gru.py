@@ -1,6 +1,7 @@
 """GRU on the fused kernels of ``fastrnn.kernels.gru``.
 
-Read top to bottom: launch helper, forward launcher, backward launcher, ``GRUFunction``, ``gru_layer``.
+Read top to bottom: launch helper, forward launcher, backward launcher, the registered operator
+``fastrnn::gru_recurrence`` (its fake, its backward operator and autograd formula), ``gru_layer``.
 
 Bias: ``b_ih`` (all three gates) is folded into the input projection ``gx``; ``b_hh`` goes to the
 kernel, since ``b_hn`` must stay inside the reset product ``r * (W_hn h + b_hn)``.
@@ -92,33 +93,66 @@ def gru_bwd(
     return dgx, dgh, dh0, flow
 
 
-class GRUFunction(torch.autograd.Function):
-    """The GRU recurrence of one layer (every direction): ``(gx, w_hh, b_hh, h0) -> (y, h_n)``.
+@torch.library.custom_op("fastrnn::gru_recurrence", mutates_args=())
+def gru_recurrence(
+    gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: Tensor | None, grad_clip: float | None,
+    flow_record: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The GRU recurrence of one layer (every direction) as a registered operator:
+    ``(gx, w_hh, b_hh, h0) -> (y, h_n, saved)``. ``grad_clip`` and ``flow_record`` (a ``(D, T)``
+    tensor filled in backward) are read by the backward only."""
+    return gru_fwd(gx, w_hh, b_hh, h0, lengths)
 
-    ``dW_hh = sum_t dgh_t^T h_{t-1}`` is one batched GEMM after the backward kernel and
-    ``db_hh = sum_{t,b} dgh``; ``dgx`` flows back through the input projection by ordinary autograd.
-    """
 
-    @staticmethod
-    def forward(ctx, gx, w_hh, b_hh, h0, lengths, grad_clip, flow_record):
-        y, h_n, saved = gru_fwd(gx, w_hh, b_hh, h0, lengths)
-        ctx.save_for_backward(y, saved, w_hh, h0, lengths)
-        ctx.has_bias = b_hh is not None
-        ctx.grad_clip, ctx.flow_record = grad_clip, flow_record
-        return y, h_n
+@gru_recurrence.register_fake
+def _(gx, w_hh, b_hh, h0, lengths, grad_clip, flow_record):
+    T, B, _ = gx.shape
+    D, _, H = h0.shape
+    return gx.new_empty((T, B, D * H)), torch.empty_like(h0), gx.new_empty((T, B, D * 4 * H))
 
-    @staticmethod
-    def backward(ctx, dy: Tensor, dh_n: Tensor):
-        y, saved, w_hh, h0, lengths = ctx.saved_tensors
-        directions = h0.shape[0]
-        dgx, dgh, dh0, flow = gru_bwd(dy, dh_n, y, h0, saved, w_hh, lengths, ctx.grad_clip, ctx.flow_record is not None)
-        write_flow_record(ctx.flow_record, flow)
-        dw_hh = db_hh = None
-        if ctx.needs_input_grad[1]:
-            dw_hh = recurrent_weight_grad(dgh, previous_states(y, h0, lengths), directions)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db_hh = dgh.sum(dim=(0, 1)).view(directions, -1)
-        return dgx, dw_hh, db_hh, dh0, None, None, None
+
+@torch.library.custom_op("fastrnn::gru_recurrence_backward", mutates_args=())
+def gru_recurrence_backward(
+    dy: Tensor, dh_n: Tensor, y: Tensor, h0: Tensor, saved: Tensor, w_hh: Tensor, lengths: Tensor | None,
+    grad_clip: float | None, record_flow: bool, has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dgx, dW_hh, db_hh, dh0, flow)``: the backward kernel, then ``dW_hh = sum_t dgh_t^T h_{t-1}``
+    (one batched GEMM) and ``db_hh = sum_{t,b} dgh`` (empty without bias); ``flow (D, T, B)``
+    squared norms (empty unless ``record_flow``)."""
+    directions = h0.shape[0]
+    dgx, dgh, dh0, flow = gru_bwd(dy, dh_n, y, h0, saved, w_hh, lengths, grad_clip, record_flow)
+    dw_hh = recurrent_weight_grad(dgh, previous_states(y, h0, lengths), directions)
+    db_hh = dgh.sum(dim=(0, 1)).view(directions, -1) if has_bias else y.new_empty(0)
+    return dgx, dw_hh, db_hh, dh0, (y.new_empty(0) if flow is None else flow)
+
+
+@gru_recurrence_backward.register_fake
+def _(dy, dh_n, y, h0, saved, w_hh, lengths, grad_clip, record_flow, has_bias):
+    D, B, _ = h0.shape
+    T = y.shape[0]
+    flow = y.new_empty((D, T, B), dtype=torch.float32) if record_flow else y.new_empty(0)
+    db_hh = y.new_empty((D, w_hh.shape[1])) if has_bias else y.new_empty(0)
+    return y.new_empty((T, B, D * w_hh.shape[1])), torch.empty_like(w_hh), db_hh, torch.empty_like(dh_n), flow
+
+
+def _gru_setup_context(ctx, inputs, output):
+    gx, w_hh, b_hh, h0, lengths, grad_clip, flow_record = inputs
+    y, _, saved = output
+    ctx.save_for_backward(y, saved, w_hh, h0, lengths)
+    ctx.has_bias = b_hh is not None
+    ctx.grad_clip, ctx.flow_record = grad_clip, flow_record
+
+
+def _gru_backward(ctx, dy, dh_n, _):
+    y, saved, w_hh, h0, lengths = ctx.saved_tensors
+    dgx, dw_hh, db_hh, dh0, flow = gru_recurrence_backward(
+        dy, dh_n, y, h0, saved, w_hh, lengths, ctx.grad_clip, ctx.flow_record is not None, ctx.has_bias
+    )
+    write_flow_record(ctx.flow_record, flow)
+    return dgx, dw_hh, (db_hh if ctx.has_bias else None), dh0, None, None, None
+
+
+gru_recurrence.register_autograd(_gru_backward, setup_context=_gru_setup_context)
 
 
 def gru_layer(
@@ -132,5 +166,5 @@ def gru_layer(
     w_hh = stack_params(params, "w_hh", dtype)
     b_hh = stack_params(params, "b_hh", dtype) if params[0]["b_hh"] is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        y, h_n = GRUFunction.apply(gx, w_hh, b_hh, h0.to(dtype), lengths, grad_clip, flow_record)
+        y, h_n, _ = gru_recurrence(gx, w_hh, b_hh, h0.to(dtype), lengths, grad_clip, flow_record)
     return y, h_n, None

@@ -1,7 +1,8 @@
 """LSTM (with and without projection) on the fused kernels of ``fastrnn.kernels.lstm``.
 
-Read top to bottom: strategy choice, launch helper, forward launcher, backward launcher,
-``LSTMFunction``, ``lstm_layer``.
+Read top to bottom: strategy choice, launch helper, forward launcher, backward launcher, the
+registered operator ``fastrnn::lstm_recurrence`` (its fake, its backward operator and autograd
+formula), ``lstm_layer``.
 
 Strategy (``lstm_plan``): ``plan(4, H, dtype)`` of :mod:`fastrnn.ops.recurrence` (resident for
 ``BLOCK_H <= 32`` in fp32, ``<= 64`` in fp16/bf16; beyond, persistent in fp16/bf16 and tiled in
@@ -172,33 +173,66 @@ def projection_weight_grad(dhp: Tensor, gates: Tensor, c: Tensor, directions: in
     return torch.bmm(rearrange(dhp, "t b (d p) -> d p (t b)", d=directions), m)
 
 
-class LSTMFunction(torch.autograd.Function):
-    """The LSTM recurrence of one layer (every direction): ``(gx, w_hh, w_hr, h0, c0) -> (y, h_n, c_n)``.
+@torch.library.custom_op("fastrnn::lstm_recurrence", mutates_args=())
+def lstm_recurrence(
+    gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None,
+    grad_clip: float | None, flow_record: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The LSTM recurrence of one layer (every direction) as a registered operator:
+    ``(gx, w_hh, w_hr, h0, c0) -> (y, h_n, c_n, gates, c)``. ``grad_clip`` and ``flow_record``
+    (a ``(D, T)`` tensor filled in backward) are read by the backward only."""
+    return lstm_fwd(gx, w_hh, w_hr, h0, c0, lengths)
 
-    ``dW_hh`` and ``dW_hr`` are batched GEMMs after the backward kernel; ``dgates`` flows back
-    through the input projection GEMM by ordinary autograd."""
 
-    @staticmethod
-    def forward(ctx, gx, w_hh, w_hr, h0, c0, lengths, grad_clip, flow_record):
-        y, h_n, c_n, gates, c = lstm_fwd(gx, w_hh, w_hr, h0, c0, lengths)
-        ctx.save_for_backward(y, gates, c, w_hh, w_hr, h0, c0, lengths)
-        ctx.grad_clip, ctx.flow_record = grad_clip, flow_record
-        return y, h_n, c_n
+@lstm_recurrence.register_fake
+def _(gx, w_hh, w_hr, h0, c0, lengths, grad_clip, flow_record):
+    T, B, _ = gx.shape
+    D, _, H = c0.shape
+    K = h0.shape[2]
+    return (gx.new_empty((T, B, D * K)), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(gx),
+            gx.new_empty((T, B, D * H)))
 
-    @staticmethod
-    def backward(ctx, dy: Tensor, dh_n: Tensor, dc_n: Tensor):
-        y, gates, c, w_hh, w_hr, h0, c0, lengths = ctx.saved_tensors
-        directions = h0.shape[0]
-        dgates, dhp, dh0, dc0, flow = lstm_bwd(
-            dy, dh_n, dc_n, gates, c, c0, w_hh, w_hr, lengths, ctx.grad_clip, ctx.flow_record is not None
-        )
-        write_flow_record(ctx.flow_record, flow)
-        dw_hh = dw_hr = None
-        if ctx.needs_input_grad[1]:
-            dw_hh = recurrent_weight_grad(dgates, previous_states(y, h0, lengths), directions)
-        if w_hr is not None and ctx.needs_input_grad[2]:
-            dw_hr = projection_weight_grad(dhp, gates, c, directions)
-        return dgates, dw_hh, dw_hr, dh0, dc0, None, None, None
+
+@torch.library.custom_op("fastrnn::lstm_recurrence_backward", mutates_args=())
+def lstm_recurrence_backward(
+    dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, gates: Tensor, c: Tensor, w_hh: Tensor, w_hr: Tensor | None,
+    h0: Tensor, c0: Tensor, lengths: Tensor | None, grad_clip: float | None, record_flow: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dgates, dW_hh, dW_hr, dh0, dc0, flow)``: the backward kernel, then ``dW_hh`` and ``dW_hr``
+    (empty without projection) as batched GEMMs; ``flow (D, T, B)`` squared norms (empty unless
+    ``record_flow``)."""
+    directions = h0.shape[0]
+    dgates, dhp, dh0, dc0, flow = lstm_bwd(dy, dh_n, dc_n, gates, c, c0, w_hh, w_hr, lengths, grad_clip, record_flow)
+    dw_hh = recurrent_weight_grad(dgates, previous_states(y, h0, lengths), directions)
+    dw_hr = projection_weight_grad(dhp, gates, c, directions) if w_hr is not None else y.new_empty(0)
+    return dgates, dw_hh, dw_hr, dh0, dc0, (y.new_empty(0) if flow is None else flow)
+
+
+@lstm_recurrence_backward.register_fake
+def _(dy, dh_n, dc_n, y, gates, c, w_hh, w_hr, h0, c0, lengths, grad_clip, record_flow):
+    D, B, _ = h0.shape
+    flow = y.new_empty((D, y.shape[0], B), dtype=torch.float32) if record_flow else y.new_empty(0)
+    dw_hr = torch.empty_like(w_hr) if w_hr is not None else y.new_empty(0)
+    return torch.empty_like(gates), torch.empty_like(w_hh), dw_hr, torch.empty_like(dh_n), torch.empty_like(dc_n), flow
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    gx, w_hh, w_hr, h0, c0, lengths, grad_clip, flow_record = inputs
+    y, _, _, gates, c = output
+    ctx.save_for_backward(y, gates, c, w_hh, w_hr, h0, c0, lengths)
+    ctx.grad_clip, ctx.flow_record = grad_clip, flow_record
+
+
+def _lstm_backward(ctx, dy, dh_n, dc_n, _gates, _c):
+    y, gates, c, w_hh, w_hr, h0, c0, lengths = ctx.saved_tensors
+    dgates, dw_hh, dw_hr, dh0, dc0, flow = lstm_recurrence_backward(
+        dy, dh_n, dc_n, y, gates, c, w_hh, w_hr, h0, c0, lengths, ctx.grad_clip, ctx.flow_record is not None
+    )
+    write_flow_record(ctx.flow_record, flow)
+    return dgates, dw_hh, (dw_hr if w_hr is not None else None), dh0, dc0, None, None, None
+
+
+lstm_recurrence.register_autograd(_lstm_backward, setup_context=_lstm_setup_context)
 
 
 def lstm_layer(
@@ -213,5 +247,5 @@ def lstm_layer(
     w_hh = stack_params(params, "w_hh", dtype)
     w_hr = stack_params(params, "w_hr", dtype) if params[0]["w_hr"] is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        y, h_n, c_n = LSTMFunction.apply(gx, w_hh, w_hr, h0.to(dtype), c0.to(dtype), lengths, grad_clip, flow_record)
+        y, h_n, c_n, _, _ = lstm_recurrence(gx, w_hh, w_hr, h0.to(dtype), c0.to(dtype), lengths, grad_clip, flow_record)
     return y, h_n, c_n

@@ -1,6 +1,7 @@
 """Elman RNN on the fused kernels of ``fastrnn.kernels.rnn``.
 
-Read top to bottom: the launch helper, forward launcher, backward launcher, ``RNNFunction``,
+Read top to bottom: the launch helper, forward launcher, backward launcher, the registered
+operator ``fastrnn::rnn_recurrence`` (its fake, its backward operator and autograd formula),
 ``rnn_layer``. Nonlinearities: torch.nn's tanh and relu, plus sigmoid, hardtanh, silu and gelu
 (tanh approximation). For silu and gelu the forward also saves the pre-activations (one more
 ``(T, B, D*H)`` tensor), since their derivative is not a function of the output.
@@ -87,28 +88,60 @@ def rnn_bwd(
     return dgx, dh0, flow
 
 
-class RNNFunction(torch.autograd.Function):
-    """The Elman recurrence of one layer (every direction): ``(gx, w_hh, h0) -> (y, h_n)``.
+@torch.library.custom_op("fastrnn::rnn_recurrence", mutates_args=())
+def rnn_recurrence(
+    gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlinearity: str, grad_clip: float | None,
+    flow_record: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Elman recurrence of one layer (every direction) as a registered operator:
+    ``(gx, w_hh, h0) -> (y, h_n, pre)`` (``pre`` empty unless the nonlinearity needs it). ``grad_clip``
+    and ``flow_record`` (a ``(D, T)`` tensor filled in backward) are read by the backward only."""
+    y, h_n, pre = rnn_fwd(gx, w_hh, h0, lengths, nonlinearity)
+    return y, h_n, (gx.new_empty(0) if pre is None else pre)
 
-    The weight gradient ``dW_hh = sum_t g_t^T h_{t-1}`` is one batched GEMM after the backward
-    kernel; ``dgx`` flows back through the input projection GEMM by ordinary autograd.
-    ``flow_record``, a ``(D, T)`` tensor, receives the per-step norms ``||dL/dh_t||`` in backward.
-    """
 
-    @staticmethod
-    def forward(ctx, gx, w_hh, h0, lengths, nonlinearity, grad_clip, flow_record):
-        y, h_n, pre = rnn_fwd(gx, w_hh, h0, lengths, nonlinearity)
-        ctx.save_for_backward(y, pre, w_hh, h0, lengths)
-        ctx.nonlinearity, ctx.grad_clip, ctx.flow_record = nonlinearity, grad_clip, flow_record
-        return y, h_n
+@rnn_recurrence.register_fake
+def _(gx, w_hh, h0, lengths, nonlinearity, grad_clip, flow_record):
+    return torch.empty_like(gx), torch.empty_like(h0), (torch.empty_like(gx) if nonlinearity in NEEDS_PRE else gx.new_empty(0))
 
-    @staticmethod
-    def backward(ctx, dy, dh_n):
-        y, pre, w_hh, h0, lengths = ctx.saved_tensors
-        dgx, dh0, flow = rnn_bwd(dy, dh_n, y, pre, w_hh, lengths, ctx.nonlinearity, ctx.grad_clip, ctx.flow_record is not None)
-        write_flow_record(ctx.flow_record, flow)
-        dw_hh = recurrent_weight_grad(dgx, previous_states(y, h0, lengths), h0.shape[0]) if ctx.needs_input_grad[1] else None
-        return dgx, dw_hh, dh0, None, None, None, None
+
+@torch.library.custom_op("fastrnn::rnn_recurrence_backward", mutates_args=())
+def rnn_recurrence_backward(
+    dy: Tensor, dh_n: Tensor, y: Tensor, pre: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None,
+    nonlinearity: str, grad_clip: float | None, record_flow: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dgx, dW_hh, dh0, flow)``: the backward kernel, then ``dW_hh = sum_t g_t^T h_{t-1}`` as one
+    batched GEMM; ``flow (D, T, B)`` squared norms (empty unless ``record_flow``)."""
+    dgx, dh0, flow = rnn_bwd(dy, dh_n, y, pre if nonlinearity in NEEDS_PRE else None, w_hh, lengths, nonlinearity,
+                             grad_clip, record_flow)
+    dw_hh = recurrent_weight_grad(dgx, previous_states(y, h0, lengths), h0.shape[0])
+    return dgx, dw_hh.to(w_hh.dtype), dh0, (y.new_empty(0) if flow is None else flow)
+
+
+@rnn_recurrence_backward.register_fake
+def _(dy, dh_n, y, pre, w_hh, h0, lengths, nonlinearity, grad_clip, record_flow):
+    D, B, _ = h0.shape
+    flow = y.new_empty((D, y.shape[0], B), dtype=torch.float32) if record_flow else y.new_empty(0)
+    return torch.empty_like(y), torch.empty_like(w_hh), torch.empty_like(dh_n), flow
+
+
+def _rnn_setup_context(ctx, inputs, output):
+    gx, w_hh, h0, lengths, nonlinearity, grad_clip, flow_record = inputs
+    y, _, pre = output
+    ctx.save_for_backward(y, pre, w_hh, h0, lengths)
+    ctx.nonlinearity, ctx.grad_clip, ctx.flow_record = nonlinearity, grad_clip, flow_record
+
+
+def _rnn_backward(ctx, dy, dh_n, _):
+    y, pre, w_hh, h0, lengths = ctx.saved_tensors
+    dgx, dw_hh, dh0, flow = rnn_recurrence_backward(
+        dy, dh_n, y, pre, w_hh, h0, lengths, ctx.nonlinearity, ctx.grad_clip, ctx.flow_record is not None
+    )
+    write_flow_record(ctx.flow_record, flow)
+    return dgx, dw_hh, dh0, None, None, None, None
+
+
+rnn_recurrence.register_autograd(_rnn_backward, setup_context=_rnn_setup_context)
 
 
 def rnn_layer(
@@ -121,5 +154,5 @@ def rnn_layer(
     gx = input_projection(x, params, dtype, fold_hidden_bias=True)
     w_hh = stack_params(params, "w_hh", dtype)
     with torch.autocast(x.device.type, enabled=False):
-        y, h_n = RNNFunction.apply(gx, w_hh, h0.to(dtype), lengths, nonlinearity, grad_clip, flow_record)
+        y, h_n, _ = rnn_recurrence(gx, w_hh, h0.to(dtype), lengths, nonlinearity, grad_clip, flow_record)
     return y, h_n, None
