@@ -47,3 +47,39 @@ def clamp_grad(g, grad_clip):
 def squared_row_norm(d_state, valid):
     """Per row, ``sum_j d_state[:, j]^2`` where ``valid`` (a step inside the row's length), else 0."""
     return tl.sum(tl.where(valid, d_state * d_state, 0.0), axis=1)
+
+
+@triton.jit
+def persistent_tile(B, H, SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """What program ``(s, g, d)`` of a persistent grid ``(slices, batch_groups, D)`` owns: its
+    direction, slice index ``s``, hidden units ``s*SLICE + 0..BLOCK_S`` (``unit_ok``: inside the
+    slice and ``< H``), batch rows ``g*BLOCK_B ...`` (also int64), all ``BLOCK_K`` state columns
+    ``k`` (``k_ok``: ``< H``), and the ``(BLOCK_S, BLOCK_B)`` mask of its units x rows tile.
+    Persistent kernels hold state transposed: units on the M side, batch rows on the N side."""
+    index = tl.program_id(0)
+    direction = tl.program_id(2)
+    lanes = tl.arange(0, BLOCK_S)
+    units = index * SLICE + lanes
+    unit_ok = (lanes < SLICE) & (units < H)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < H
+    return direction, index, units, unit_ok, rows, rows.to(tl.int64), row_ok, ks, k_ok, unit_ok[:, None] & row_ok[None, :]
+
+
+@triton.jit
+def group_flags(flags_ptr, slices, BLOCK_FLAGS: tl.constexpr):
+    """The flags of this program's group (same batch group and direction; ``flags`` int32
+    ``(D, batch_groups, slices)``) and this program's own flag."""
+    group = flags_ptr + (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * slices
+    return group, group + tl.program_id(0)
+
+
+@triton.jit
+def load_columns(src, row_stride, rows64, row_ok, ks, k_ok, dtype):
+    """All ``H`` state columns of a group's rows, transposed: the ``(BLOCK_K, BLOCK_B)`` tile
+    ``src[rows * row_stride + k]`` in ``dtype`` (zero outside ``k < H``, ``row < B``): the ``h^T``
+    (or gradient) operand of a persistent step's product."""
+    tile = tl.load(src + rows64[None, :] * row_stride + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+    return tile.to(dtype)

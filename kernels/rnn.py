@@ -21,20 +21,33 @@ Grid: ``(cdiv(B, BLOCK_B), D)``; program ``(i, d)`` owns batch rows ``i*BLOCK_B 
 direction ``d``. Direction 1 walks time backwards; a row past its length keeps its state and
 writes zero output, so the reverse direction starts each row at its own last valid step.
 
-Two strategies (chosen by the launcher, ``fastrnn.ops.rnn``):
+Three strategies (chosen by the launcher, ``fastrnn.ops.rnn``, via ``fastrnn.ops.recurrence.plan``):
 
 * ``*_resident``: all of ``W_hh`` is loaded on chip once (``BLOCK_H >= H``) and the state stays
   in fp32 registers for the whole sequence.
 * ``*_tiled``: ``W_hh`` is re-read per step in ``BLOCK_H x BLOCK_H`` tiles (from L2); the fp32
   state lives in a ping-pong scratch buffer ``(2, D, B, H)`` in global memory, with a barrier
   between steps (all threads of the one program that owns the rows).
+* ``*_persistent``: ``W_hh`` split by hidden units over a grid ``(slices, batch_groups, D)``
+  (``fastrnn.ops.persistent``); each program keeps its slice of ``W_hh`` on chip and exchanges
+  state with the other programs of its group every step (``fastrnn.kernels.sync``).
 """
 
 import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import NEEDS_PRE, elman_activation, elman_activation_grad
-from fastrnn.kernels.recurrence import clamp_grad, copy_rows, program_tile, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import (
+    clamp_grad,
+    copy_rows,
+    group_flags,
+    load_columns,
+    persistent_tile,
+    program_tile,
+    squared_row_norm,
+    step_time,
+)
+from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
 
 
 @triton.jit
@@ -268,3 +281,168 @@ def rnn_bwd_tiled_kernel(
 
     final = state_ptr + (T % 2) * slot + state_rows
     copy_rows(final, dh0_ptr + state_rows, row_ok, H, BLOCK_H)
+
+
+@triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
+def rnn_fwd_persistent_kernel(
+    gx_ptr, w_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, pre_ptr,
+    exchange_ptr, carry_ptr, flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+    T, B, H, D,
+    NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr,
+):
+    """Forward, ``W_hh`` split by hidden units: program ``(s, g, d)`` computes units
+    ``s*SLICE ...`` of direction ``d`` for batch group ``g``. Phases ``0..T-1``, one per step.
+
+    * ``exchange``: ``(2, D, B, H)`` in ``w_hh``'s dtype, the ping-pong of the exchanged state:
+      phase ``p`` writes the program's units of ``h_t`` (kept through a row's end of sequence)
+      into slot ``p % 2`` and arrives (flag ``p + 1``); phase ``p > 0`` waits for flags ``>= p``
+      and reads all ``H`` columns of ``h_{t-1}`` from slot ``(p - 1) % 2`` (phase 0: ``h0``).
+    * ``carry``: fp32 ``(D, B, H)``, the program's own fp32 state between launches in per-step
+      mode (read when ``phase_begin > 0``, written when ``phase_end < T``; barrier mode never
+      touches it). ``flags``: int32 ``(D, batch_groups, slices)``; ``error``: int32 ``(1,)``.
+
+    Per step and group: each of the ``slices`` programs reads ``H x BLOCK_B`` exchanged values
+    and writes ``SLICE x BLOCK_B``: ``slices * H * B_group * bytes`` read from L2 per step, the
+    weights never (on chip for the whole sequence). Per step the product is
+    ``W[units, :] (BLOCK_S x BLOCK_K) @ h^T (BLOCK_K x BLOCK_B)``, the shared ``elman_step``.
+    """
+    direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
+    group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
+    slices = tl.num_programs(0)
+
+    # w_slice[i, k] = W_hh[d, units[i], k], on chip for every phase of the launch.
+    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
+    w_slice = tl.load(w_base + units[:, None] * H + ks[None, :], mask=unit_ok[:, None] & k_ok[None, :], other=0.0)
+    # Own state, transposed: state_offs[i, b] addresses (d, rows[b], units[i]) of a (D, B, H) tensor.
+    state_offs = (direction * B + rows64)[None, :] * H + units[:, None]
+    if phase_begin == 0:
+        h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        h = tl.load(carry_ptr + state_offs, mask=tile_ok, other=0.0)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    slot = D * B * H  # elements per ping-pong slot
+    group_rows = exchange_ptr + direction * B * H  # row b of direction d in slot 0
+
+    row_stride = D * H  # elements between consecutive batch rows of gx / y
+    for p in range(phase_begin, phase_end):
+        t = step_time(p, T, direction).to(tl.int64)
+        if p == 0:
+            h_all = load_columns(h0_ptr + direction * B * H, H, rows64, row_ok, ks, k_ok, w_slice.dtype)
+        else:
+            if BARRIER:
+                wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+            h_all = load_columns(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, ks, k_ok, w_slice.dtype)
+        offs = (t * B + rows64)[None, :] * row_stride + direction * H + units[:, None]
+        gx = tl.load(gx_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        # elman_step(gx, a, b) = act(gx + a @ b): here a = the weight slice, b = h^T.
+        h_new, pre = elman_step(gx, w_slice, h_all, NONLINEARITY, INPUT_PRECISION)
+        if NONLINEARITY >= NEEDS_PRE:
+            tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=tile_ok)
+        if HAS_LENGTHS:
+            valid = (t < length)[None, :]
+            h = tl.where(valid, h_new, h)
+            out = tl.where(valid, h_new, 0.0)
+        else:
+            h = h_new
+            out = h_new
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
+        if BARRIER:
+            if FAULT == FAULT_ARRIVE_EARLY:
+                arrive(own_flag, p + 1, index, FAULT)
+        tl.store(group_rows + (p % 2) * slot + rows64[None, :] * H + units[:, None], h.to(exchange_ptr.dtype.element_ty), mask=tile_ok)
+        if BARRIER:
+            if FAULT != FAULT_ARRIVE_EARLY:
+                arrive(own_flag, p + 1, index, FAULT)
+    if phase_end == T:
+        tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(carry_ptr + state_offs, h, mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
+def rnn_bwd_persistent_kernel(
+    dy_ptr, dh_n_ptr, y_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dh0_ptr, pre_ptr, flow_ptr,
+    carry_ptr, flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+    T, B, H, D, grad_clip,
+    NONLINEARITY: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr,
+):
+    """Backward through time, ``W_hh`` split by hidden units; phases ``0..T`` (``T + 1``).
+
+    Exchange: an all-gather of the step's pre-activation gradients through ``dgx`` itself. Phase
+    ``p < T`` (step ``s = p`` of the reversed walk, time ``t``): the program forms ``g_t`` of its
+    units (``elman_step_grad``), stores it in ``dgx`` and arrives (flag ``p + 1``). Phase ``p > 0``
+    first waits for flags ``>= p``, reads all ``H`` columns of the previous phase's ``g`` from
+    ``dgx`` and forms its units of ``dh = partial + (g W[:, units])^T`` with the weight columns
+    of its slice (``BLOCK_K x BLOCK_S``, on chip), ``partial`` being zero on a valid
+    step and the carried ``dh`` past a row's length. Phase ``T`` only does that, for ``dh0``.
+
+    Bytes per step and group: each of the ``slices`` programs reads ``H x B_group`` gradients
+    (``slices * H * B_group * bytes`` from L2, the same as the forward's exchange) and writes its
+    ``SLICE x B_group``; weights never. ``flow`` (with ``RECORD_FLOW``): each program adds its
+    units' share of ``||dL/dh_t||^2`` per row with an atomic add (``flow`` arrives zeroed).
+    ``carry``: fp32 ``(D, B, H)``, ``partial`` between per-step launches (read when
+    ``phase_begin > 0``, written when ``phase_end <= T``).
+    """
+    direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
+    group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
+    slices = tl.num_programs(0)
+
+    # w_cols[n, i] = W_hh[d, n, units[i]]: the columns of the slice; dh[:, units] = g @ w_cols.
+    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
+    w_cols = tl.load(w_base + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
+    state_offs = (direction * B + rows64)[None, :] * H + units[:, None]
+    if phase_begin == 0:
+        partial = tl.load(dh_n_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        partial = tl.load(carry_ptr + state_offs, mask=tile_ok, other=0.0)
+    dh = partial
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+
+    row_stride = D * H
+    for p in range(phase_begin, phase_end):
+        if BARRIER:
+            if p > 0:
+                wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+        # Phase 0 has no previous gradient: its load is masked off (zeros), so dh = partial.
+        # (g @ w_cols)^T rather than w_cols^T @ g^T: the same product, and in fp32 (FMA dots) the
+        # form that compiles without spills (measured: 2 KB of stack the other way round).
+        t_prev = step_time(tl.maximum(p - 1, 0), T, 1 - direction).to(tl.int64)
+        g_all = load_columns(dgx_ptr + t_prev * B * row_stride + direction * H, row_stride, rows64, row_ok & (p > 0), ks, k_ok, w_cols.dtype)
+        dh = partial + tl.trans(tl.dot(tl.trans(g_all), w_cols, input_precision=INPUT_PRECISION))
+        if p < T:
+            # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
+            t = step_time(p, T, 1 - direction).to(tl.int64)
+            offs = (t * B + rows64)[None, :] * row_stride + direction * H + units[:, None]
+            h = tl.load(y_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+            pre = h
+            if NONLINEARITY >= NEEDS_PRE:
+                pre = tl.load(pre_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+            if HAS_LENGTHS:
+                valid = (t < length)[None, :]
+            else:
+                valid = row_ok[None, :]
+            g, _ = elman_step_grad(dy, dh, h, pre, valid, grad_clip, NONLINEARITY, CLIP)
+            if RECORD_FLOW:
+                d_state = dy + dh
+                share = tl.sum(tl.where(valid & unit_ok[:, None], d_state * d_state, 0.0), axis=0)
+                tl.atomic_add(flow_ptr + (direction * T + t) * B + rows64, share, mask=row_ok)
+            partial = tl.where(valid, 0.0, dh)
+            if BARRIER:
+                if FAULT == FAULT_ARRIVE_EARLY:
+                    arrive(own_flag, p + 1, index, FAULT)
+            tl.store(dgx_ptr + offs, g.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
+            if BARRIER:
+                if FAULT != FAULT_ARRIVE_EARLY:
+                    arrive(own_flag, p + 1, index, FAULT)
+    if phase_end == T + 1:
+        tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(carry_ptr + state_offs, partial, mask=tile_ok)

@@ -102,19 +102,34 @@ def test_half_precision_against_float64_reference(case, dtype, rtol, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_strategies_are_both_exercised(device):
-    """The cases above cover both strategies (guards against a plan change silently dropping one)."""
+    """The cases above cover the strategies the plan picks (guards against a plan change silently
+    dropping one); the tiled kernels only run when forced (next test)."""
     strategies = {plan(1, CASES[c][0], torch.float32).strategy for c in CASES}
-    assert strategies == {"resident", "tiled"}
+    assert strategies == {"resident", "persistent"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["tiled-bidir-packed", "tiled-relu"])
+def test_tiled_strategy_when_forced(case, device, monkeypatch):
+    monkeypatch.setenv("FASTRNN_STRATEGY", "tiled")
+    module, x, h0, packed = make(case, torch.float32, device)
+    LAUNCHES.clear()
+    out, grads = run(module, x, h0, "triton", packed)
+    assert LAUNCHES == {"rnn_fwd_tiled": 1, "rnn_bwd_tiled": 1}
+    ref_out, ref_grads = run(module, x, h0, "reference", packed)
+    tol = 1e-2 if (device == "cuda" and torch.backends.cuda.matmul.allow_tf32) else 1e-5
+    assert_matches(out, ref_out, tol)
+    assert_matches(grads, ref_grads, tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernels_really_ran(device):
-    """Count launches by kernel: forward and backward of the resident and tiled strategies."""
+    """Count launches by kernel: forward and backward of the resident and persistent strategies."""
     LAUNCHES.clear()
     for case in ("relu-2layers", "tiled-relu"):
         module, x, h0, packed = make(case, torch.float32, device)
         run(module, x, h0, "triton", packed)
-    assert LAUNCHES == {"rnn_fwd_resident": 2, "rnn_bwd_resident": 2, "rnn_fwd_tiled": 1, "rnn_bwd_tiled": 1}
+    assert LAUNCHES == {"rnn_fwd_resident": 2, "rnn_bwd_resident": 2, "rnn_fwd_persistent": 1, "rnn_bwd_persistent": 1}
 
 
 @pytest.mark.parametrize("device", DEVICES)

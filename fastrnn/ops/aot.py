@@ -43,9 +43,9 @@ def signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "lengths_ptr":
+        elif name in ("lengths_ptr", "flags_ptr", "error_ptr"):
             sig[name] = "*i32"
-        elif name in ("state_ptr", "flow_ptr"):
+        elif name in ("state_ptr", "flow_ptr", "carry_ptr"):
             sig[name] = "*fp32"
         elif name == "grad_clip":
             sig[name] = "fp32"
@@ -118,7 +118,7 @@ def constexpr_names(kernel) -> list[str]:
     ]
 
 
-def heaviest_constexprs(kernel, block_b: int, block_h: int) -> dict:
+def heaviest_constexprs(kernel, block_b: int, block_h: int, persistent_plan=None) -> dict:
     """The kernel's constexprs set to its heaviest form: every optional feature on (``HAS_*``,
     ``CLIP``, ``RECORD_FLOW``), gelu for the Elman nonlinearity (it reads and writes the
     pre-activations), exact fp32 dots. An unknown constexpr is an error, so a new one is never
@@ -135,27 +135,41 @@ def heaviest_constexprs(kernel, block_b: int, block_h: int) -> dict:
             values[name] = block_b
         elif name == "BLOCK_H":
             values[name] = block_h
+        elif persistent_plan is not None and name in ("SLICE", "BLOCK_S", "BLOCK_K", "BLOCK_FLAGS"):
+            values[name] = persistent_plan.constexprs()[name]
+        elif name == "BARRIER":
+            values[name] = True
+        elif name == "FAULT":
+            values[name] = 0
         else:
             raise KeyError(f"{kernel.__name__}: no ahead-of-time value for constexpr {name}")
     return values
 
 
 def variants() -> list[Variant]:
-    """Every kernel of every cell at the largest size its resident strategy serves and at one
-    tiled size, in fp32 and bf16, in its heaviest form."""
-    from fastrnn.ops.recurrence import RESIDENT_MAX_BLOCK_H, TILE, plan
+    """Every kernel of every cell at the largest size its resident strategy serves, at one tiled
+    size, and (cells with persistent kernels) at one persistent size with the partition the
+    launcher picks for 16 rows and one direction, in fp32 and bf16, in its heaviest form."""
+    from fastrnn.ops.persistent import CELL_GATES as PERSISTENT_GATES, persistent_plan
+    from fastrnn.ops.recurrence import RESIDENT_MAX_BLOCK_H, TILE, TILED_CONFIG, plan
 
     out = []
     for cell, gates in CELL_GATES.items():
         module = importlib.import_module(f"fastrnn.kernels.{cell}")
         for dtype in (torch.bfloat16, torch.float32):
             largest_resident = RESIDENT_MAX_BLOCK_H[gates, dtype == torch.float32][0]
-            for hidden in (largest_resident, 4 * TILE):
-                p = plan(gates, hidden, dtype)
+            p = plan(gates, largest_resident, dtype)
+            tile, warps, stages = TILED_CONFIG[gates, dtype == torch.float32]
+            sizes = [(largest_resident, "resident", p.block_b, p.block_h, p.num_warps, p.num_stages, None),
+                     (4 * TILE, "tiled", p.block_b, tile, warps, stages, None)]
+            if gates in PERSISTENT_GATES:
+                pp = persistent_plan(gates, 4 * TILE, 16, 1, dtype)
+                sizes.append((4 * TILE, "persistent", pp.block_b, 0, pp.num_warps, 1, pp))
+            for hidden, strategy, block_b, block_h, num_warps, num_stages, pp in sizes:
                 for direction in ("fwd", "bwd"):
-                    name = f"{cell}_{direction}_{p.strategy}_kernel"
-                    constexprs = heaviest_constexprs(getattr(module, name), p.block_b, p.block_h)
-                    out.append(Variant(cell, name, dtype, constexprs, p.num_warps, p.num_stages, hidden))
+                    name = f"{cell}_{direction}_{strategy}_kernel"
+                    constexprs = heaviest_constexprs(getattr(module, name), block_b, block_h, pp)
+                    out.append(Variant(cell, name, dtype, constexprs, num_warps, num_stages, hidden))
     return out
 
 

@@ -8,13 +8,21 @@ strategy     when (``BLOCK_H`` = H rounded up to a power   what the kernel does
 ============ ============================================ =====================================
 resident     ``BLOCK_H <= RESIDENT_MAX_BLOCK_H[G, fp32]``   ``W_hh`` loaded on chip once, state in
                                                            fp32 registers for the whole sequence
-tiled        anything larger                               ``W_hh`` re-read from L2 per step in
-                                                           ``TILE x TILE`` tiles; fp32 state in a
+tiled        only when forced (``FASTRNN_STRATEGY=tiled``), ``W_hh`` re-read from L2 per step in
+             or for a cell without persistent kernels      ``TILE x TILE`` tiles; fp32 state in a
                                                            global ping-pong buffer, a barrier per
                                                            step (one program per batch tile)
+persistent   anything larger (cells in                     ``W_hh`` split by hidden units over up
+             ``persistent.CELL_GATES``)                    to one program per SM, each slice on
+                                                           chip; state exchanged per step through
+                                                           L2 with flag barriers
+                                                           (``fastrnn.ops.persistent``)
 ============ ============================================ =====================================
 
-Both are one launch for the whole sequence, forward and backward. The limits come from
+``FASTRNN_STRATEGY`` (``resident`` | ``tiled`` | ``persistent``) forces one; forcing one that cannot
+serve the size (resident beyond its limit, persistent for a cell without persistent kernels)
+raises ValueError. Resident and tiled are one launch for the whole sequence, forward and backward;
+persistent is one launch (barrier mode) or one per step (per_step mode). The limits come from
 ahead-of-time compiles for sm_90 (``python -m fastrnn.ops.aot``, checked by
 ``tests/test_kernel_compile.py``): the largest block that compiles without spills. Measured
 (triton 3.9, 16-row batch tiles, with lengths): the Elman kernels at BLOCK_H 256 bf16 spill
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 
 import torch
 import triton
@@ -38,6 +47,7 @@ from einops import rearrange
 from torch import Tensor
 
 from fastrnn import backend
+from fastrnn.ops import persistent
 
 #: Kernel launches by kernel name, so tests can prove the kernels ran (eager launches only).
 LAUNCHES: collections.Counter[str] = collections.Counter()
@@ -67,9 +77,13 @@ TILE = 64  # the widest tile any cell uses (the compile check's tiled size is 4 
 BLOCK_B = 16  # tl.dot needs tiles of at least 16 rows
 
 
+STRATEGY_ENV = "FASTRNN_STRATEGY"
+STRATEGIES = ("resident", "tiled", "persistent")
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    strategy: str  # "resident" or "tiled"
+    strategy: str  # "resident", "tiled" or "persistent" (its partition: persistent.persistent_plan)
     block_b: int
     block_h: int
     num_warps: int
@@ -78,23 +92,55 @@ class Plan:
 
 def plan(gates: int, hidden: int, dtype: torch.dtype) -> Plan:
     """Pick the strategy and block sizes for ``gates`` stacked ``hidden``-wide gate blocks."""
+    forced = os.environ.get(STRATEGY_ENV, "").strip().lower() or None
+    if forced is not None and forced not in STRATEGIES:
+        raise ValueError(f"{STRATEGY_ENV} must be one of {', '.join(STRATEGIES)}, got {forced!r}")
     block_h = max(16, triton_next_power_of_2(hidden))
     max_block, warps = RESIDENT_MAX_BLOCK_H[gates, dtype == torch.float32]
-    if block_h <= max_block:
+    if forced == "resident" and block_h > max_block:
+        raise ValueError(f"{STRATEGY_ENV}=resident cannot serve hidden size {hidden} ({dtype}): the resident "
+                         f"kernels hold at most {max_block} units per gate on chip")
+    if forced == "persistent" and gates not in persistent.CELL_GATES:
+        raise ValueError(f"{STRATEGY_ENV}=persistent: no persistent kernels for a cell with {gates} gates yet")
+    if forced == "resident" or (forced is None and block_h <= max_block):
         return Plan("resident", BLOCK_B, block_h, warps if block_h == max_block else 4, 3)
+    if forced == "persistent" or (forced is None and gates in persistent.CELL_GATES):
+        return Plan("persistent", BLOCK_B, block_h, 4, 1)  # the launch-time partition decides the rest
     tile, warps, stages = TILED_CONFIG[gates, dtype == torch.float32]
     return Plan("tiled", BLOCK_B, tile, warps, stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentKernel:
+    """A cell's persistent kernel and what its launch needs beyond the resident kernel's
+    arguments: the number of phases (``T`` forward, ``T + 1`` backward for RNN/GRU) and the
+    ``(shape, dtype)`` of each scratch buffer it takes (``fastrnn.ops.persistent``)."""
+
+    kernel: object
+    phases: int
+    scratch: list
 
 
 def launch(
     name: str, gates: int, kernel_pair: tuple, args: list, meta: dict, *,
     B: int, H: int, D: int, dtype: torch.dtype, device, scratch: list | None = None,
+    persistent_kernel: PersistentKernel | None = None,
 ) -> None:
     """Launch the resident or the tiled kernel of ``kernel_pair`` as :func:`plan` says, on the
-    grid ``(cdiv(B, BLOCK_B), D)``. The tiled kernel takes trailing fp32 scratch buffers, one per
+    grid ``(cdiv(B, BLOCK_B), D)``, or ``persistent_kernel`` on its own grid
+    (:func:`fastrnn.ops.persistent.launch`; same ``args`` and ``meta``, no ``BLOCK_B``/``BLOCK_H``).
+    The tiled kernel takes trailing fp32 scratch buffers, one per
     shape in ``scratch`` (default: one ping-pong state ``(2, D, B, H)``; a ``None`` shape passes a
-    dummy pointer the kernel never reads). ``meta`` holds the scalar and constexpr arguments."""
+    dummy pointer the kernel never reads). ``meta`` holds the scalar and constexpr arguments.
+    One launch is counted per call, also when the persistent kernel runs one launch per step."""
     p = plan(gates, H, dtype)
+    if p.strategy == "persistent":
+        if persistent_kernel is None:
+            raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
+        persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,
+                          device=device, phases=persistent_kernel.phases, scratch=persistent_kernel.scratch)
+        count_launch(f"{name}_persistent")
+        return
     grid = (triton.cdiv(B, p.block_b), D)
     meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
     resident, tiled = kernel_pair

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastrnn.kernels import rnn as kernels
 from fastrnn.ops.recurrence import (
+    PersistentKernel,
     compute_dtype,
     flow_buffer,
     input_precision,
@@ -43,11 +44,14 @@ def rnn_fwd(gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlin
     pre = torch.empty_like(gx) if nonlinearity in NEEDS_PRE else None
     if B == 0:
         return y, h_n, pre
+    w = kernel_weight(w_hh)
     launch(
         "rnn_fwd", 1, (kernels.rnn_fwd_resident_kernel, kernels.rnn_fwd_tiled_kernel),
-        [gx.contiguous(), kernel_weight(w_hh), h0.contiguous(), kernel_lengths(lengths, gx), y, h_n, y if pre is None else pre],
+        [gx.contiguous(), w, h0.contiguous(), kernel_lengths(lengths, gx), y, h_n, y if pre is None else pre],
         dict(T=T, B=B, H=H, D=D, NONLINEARITY=NONLINEARITIES[nonlinearity], HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
+        # exchange: the ping-pong of h in the weights' dtype; carry: each program's fp32 state.
+        persistent_kernel=PersistentKernel(kernels.rnn_fwd_persistent_kernel, T, [((2, D, B, H), w.dtype), ((D, B, H), torch.float32)]),
     )
     return y, h_n, pre
 
@@ -74,6 +78,8 @@ def rnn_bwd(
              NONLINEARITY=NONLINEARITIES[nonlinearity], HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(y.dtype),
              CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=y.dtype, device=y.device,
+        # the gradients are exchanged through dgx itself; carry: each program's fp32 partial dh.
+        persistent_kernel=PersistentKernel(kernels.rnn_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)]),
     )
     return dgx, dh0, flow
 

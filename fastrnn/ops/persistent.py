@@ -1,0 +1,230 @@
+"""The persistent strategy: each direction's ``W_hh`` spread over the whole GPU, one slice per program.
+
+Read top to bottom: the knobs, the plan (:class:`PersistentPlan`, :func:`persistent_plan`), the
+mode choice, the launcher (:func:`launch`). The kernels are in ``fastrnn.kernels.<cell>``
+(``<cell>_{fwd,bwd}_persistent_kernel``), their barrier in ``fastrnn.kernels.sync``.
+
+Partition. The grid is ``(slices, batch_groups, directions)``. Program ``(s, b, d)`` owns the
+hidden units ``s*SLICE ... (s+1)*SLICE - 1`` of direction ``d`` for the batch rows
+``b*BLOCK_B ...``: it loads the rows of ``W_hh`` of its units, every gate (so the cell update is
+local), once, and keeps them on chip for the whole sequence, with its part of the state in fp32
+registers. Per step the product is ``W_slice (BLOCK_S x BLOCK_K) @ h^T (BLOCK_K x BLOCK_B)``: the
+weight slice is the M side (padded to ``BLOCK_S >= 16`` rows, as ``tl.dot`` needs), the batch the
+N side. The programs of one (batch group, direction) exchange state every step through a global
+buffer and the flags of ``fastrnn.kernels.sync``; groups never wait for each other.
+
+Knobs (environment variables, read at every launch so tests can set them):
+
+* ``FASTRNN_STRATEGY`` = ``resident`` | ``tiled`` | ``persistent`` (read by
+  ``fastrnn.ops.recurrence.plan``); unset: the plan decides.
+* ``FASTRNN_PERSISTENT_SLICE`` = hidden units per program, a power of two (e.g. ``8`` gives 8
+  programs per direction and batch group at ``H=64``); unset: :func:`persistent_plan` decides.
+* ``FASTRNN_PERSISTENT_MODE`` = ``barrier`` | ``per_step`` | ``auto`` (default ``auto``):
+
+  ``barrier``: one launch for the whole sequence, programs synchronised per step by the flags.
+  On a GPU it is a cooperative launch (``launch_cooperative_grid=True``: the driver refuses a grid
+  that cannot be co-resident instead of letting it deadlock) after checking, from the compiled
+  kernel's registers and shared memory, that the grid fits the device at one program per SM. Under
+  the interpreter it needs ``tests/concurrent_grid.py`` (on the stock interpreter the programs run
+  one by one, the first wait runs out of spins and the launch raises).
+
+  ``per_step``: the same kernel with the barrier compiled out (``BARRIER=False``), one launch per
+  phase: the launch boundary is the barrier. Each program's fp32 state goes through ``carry``
+  between launches. What the stock interpreter runs, and what a GPU runs when the cooperative
+  launch is refused or the grid does not fit.
+
+  ``auto``: ``barrier`` on a GPU where the grid fits and the cooperative launch is accepted
+  (remembered per kernel and grid), ``per_step`` otherwise and under the interpreter.
+
+Kernel interface (what a cell's persistent kernel takes, so every cell launches through
+:func:`launch` unchanged): the cell's own arguments (``args``, then ``meta`` as keywords, exactly as
+its resident kernel takes them), then
+
+* one buffer per ``scratch`` entry ``(shape, dtype)`` (the exchange buffers and the fp32 ``carry``
+  of the program's own state; the cell decides their meaning and documents them in its kernel),
+* ``flags_ptr``: int32 ``(D, batch_groups, slices)``, zeroed per launch (one flag per program;
+  a group's flags contiguous), ``error_ptr``: int32 ``(1,)``, zeroed per launch,
+* ``phase_begin, phase_end``: the kernel runs phases ``phase_begin <= p < phase_end`` of
+  ``0 .. phases - 1`` (barrier mode: all of them in one launch; per_step: one per launch),
+* ``max_spins``: the bound of every wait,
+* constexprs ``SLICE, BLOCK_S, BLOCK_K, BLOCK_FLAGS`` (from the plan; ``BLOCK_B`` too), ``BARRIER``
+  and ``FAULT`` (``fastrnn.kernels.sync``; always 0 except in the tests' mutation checks, which set
+  :data:`FAULT` here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+
+from fastrnn import backend
+
+SLICE_ENV = "FASTRNN_PERSISTENT_SLICE"
+MODE_ENV = "FASTRNN_PERSISTENT_MODE"
+MODES = ("barrier", "per_step", "auto")
+
+#: Gates of the cells that have persistent kernels (the plan only picks the strategy for these).
+CELL_GATES = frozenset({1})
+#: SMs assumed when planning without a GPU: the H100/H200 the GPU matrix is tuned for.
+DEFAULT_SM_COUNT = 132
+#: Smallest slice the plan picks by itself (below it each program's M side is mostly padding
+#: and every program still reads the whole ``h`` per step).
+MIN_SLICE = 4
+#: Widest batch group (the N side of the per-step product).
+MAX_BLOCK_B = 64
+#: Polls before a wait gives up: a step's flag round trip is about a microsecond on a GPU, so this
+#: is seconds; an interpreted poll costs tens of microseconds and programs drift by milliseconds.
+MAX_SPINS = {"gpu": 1 << 22, "interpreter": 200_000}
+#: Test-only: the sync fault compiled into every persistent launch (``fastrnn.kernels.sync``).
+FAULT = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentPlan:
+    """How one layer's recurrence is spread over programs (see the module docstring)."""
+
+    slice: int  # SLICE: hidden units per program
+    block_s: int  # BLOCK_S: rows of each gate's weight tile, max(16, SLICE) (tl.dot's M side)
+    block_k: int  # BLOCK_K: all of h, next power of two >= max(16, H) (the reduction)
+    block_b: int  # BLOCK_B: batch rows per group (tl.dot's N side), a power of two >= 16
+    slices: int  # programs per (batch group, direction): cdiv(H, SLICE)
+    batch_groups: int
+    directions: int
+    gates: int
+    num_warps: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.slices, self.batch_groups, self.directions)
+
+    @property
+    def programs(self) -> int:
+        return self.slices * self.batch_groups * self.directions
+
+    @property
+    def block_flags(self) -> int:
+        return triton.next_power_of_2(self.slices)
+
+    def constexprs(self) -> dict:
+        return dict(SLICE=self.slice, BLOCK_S=self.block_s, BLOCK_K=self.block_k, BLOCK_B=self.block_b,
+                    BLOCK_FLAGS=self.block_flags, num_warps=self.num_warps)
+
+
+def forced_slice() -> int | None:
+    """``$FASTRNN_PERSISTENT_SLICE`` as an int (None when unset); a power of two or ValueError."""
+    raw = os.environ.get(SLICE_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1 or int(raw) & (int(raw) - 1):
+        raise ValueError(f"{SLICE_ENV} must be a power of two (hidden units per program), got {raw!r}")
+    return int(raw)
+
+
+def mode() -> str:
+    """``$FASTRNN_PERSISTENT_MODE``: ``barrier``, ``per_step`` or ``auto`` (default)."""
+    raw = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
+    if raw not in MODES:
+        raise ValueError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {raw!r}")
+    return raw
+
+
+def sm_count(device=None) -> int:
+    """SMs of ``device`` when it is a GPU, else :data:`DEFAULT_SM_COUNT`."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, sms: int = DEFAULT_SM_COUNT) -> PersistentPlan:
+    """The partition for ``gates`` stacked ``hidden``-wide gate blocks, ``batch`` rows and
+    ``directions``: batch groups of ``BLOCK_B = min(64, next_pow2(B))`` (at least 16) rows, and the
+    smallest slice (a power of two, at least :data:`MIN_SLICE`) that keeps all programs at one
+    per SM (``programs <= sms``); ``$FASTRNN_PERSISTENT_SLICE`` overrides the slice."""
+    block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(max(1, batch))))
+    groups = triton.cdiv(max(1, batch), block_b)
+    block_k = max(16, triton.next_power_of_2(hidden))
+    size = forced_slice()
+    if size is None:
+        size = min(MIN_SLICE, block_k)
+        while triton.cdiv(hidden, size) * groups * directions > sms and size < block_k:
+            size *= 2
+    slices = triton.cdiv(hidden, size)
+    block_s = max(16, size)
+    # 8 warps for fp32 (FMA dots spread their operands over threads) or when the weights held
+    # per program pass ~64 registers per thread at 4 warps; else 4.
+    weight_bytes = gates * block_s * block_k * (4 if dtype == torch.float32 else 2)
+    num_warps = 8 if dtype == torch.float32 or weight_bytes > 64 * 4 * 128 else 4
+    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps)
+
+
+# ---------------------------------------------------------------------------------- launching
+#: Barrier-mode decisions on a GPU by (kernel, grid, constexprs): True (co-resident, accepted) or
+#: False (does not fit, or the cooperative launch was refused: run per_step).
+_BARRIER_OK: dict[tuple, bool] = {}
+
+
+def _fits_one_per_sm(kernel, all_args: list, meta: dict, plan: PersistentPlan, device) -> bool:
+    """From the compiled kernel: at least one program fits an SM (registers, shared memory), and
+    the grid is no larger than the SM count, so every program is resident at once."""
+    props = torch.cuda.get_device_properties(device)
+    if plan.programs > props.multi_processor_count:
+        return False
+    compiled = kernel.warmup(*all_args, grid=plan.grid, **meta)
+    compiled._init_handles()
+    threads = 32 * plan.num_warps
+    registers = getattr(props, "regs_per_multiprocessor", 65536)
+    shared = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    return compiled.n_regs * threads <= registers and compiled.metadata.shared <= shared
+
+
+def launch(
+    name: str, kernel, args: list, meta: dict, *, gates: int, B: int, H: int, D: int, dtype: torch.dtype, device,
+    phases: int, scratch: list[tuple[tuple, torch.dtype]],
+) -> str:
+    """Run ``kernel`` (a cell's persistent kernel, interface in the module docstring) over
+    ``phases`` phases on the plan's grid; returns the mode it ran in (``barrier`` or ``per_step``).
+    ``scratch``: the ``(shape, dtype)`` of each buffer the kernel takes after ``args`` (fresh,
+    uninitialised). Raises RuntimeError naming the kernel and grid if a wait ran out of spins."""
+    plan = persistent_plan(gates, H, B, D, dtype, sm_count(device))
+    buffers = [torch.empty(shape, device=device, dtype=dt) for shape, dt in scratch]
+    flags = torch.zeros(plan.grid[::-1], device=device, dtype=torch.int32)
+    error = torch.zeros(1, device=device, dtype=torch.int32)
+    on_gpu = torch.device(device).type == "cuda" and not backend.triton_interpreting()
+    max_spins = MAX_SPINS["gpu" if on_gpu else "interpreter"]
+    meta = dict(meta, **plan.constexprs(), FAULT=FAULT)
+    all_args = [*args, *buffers, flags, error]
+
+    asked = mode()
+    run_barrier = asked == "barrier" or (asked == "auto" and on_gpu)
+    if run_barrier and on_gpu:
+        key = (name, plan.grid, tuple(sorted((k, str(v)) for k, v in meta.items())))
+        if key not in _BARRIER_OK:
+            _BARRIER_OK[key] = _fits_one_per_sm(kernel, [*all_args, 0, phases, max_spins], dict(meta, BARRIER=True), plan, device)
+        if not _BARRIER_OK[key]:
+            if asked == "barrier":
+                raise RuntimeError(f"{name}: FASTRNN_PERSISTENT_MODE=barrier, but grid {plan.grid} ({plan.programs} programs) "
+                                   "cannot be resident at once on this GPU")
+            run_barrier = False
+        else:
+            try:
+                kernel[plan.grid](*all_args, 0, phases, max_spins, **meta, BARRIER=True, launch_cooperative_grid=True)
+            except RuntimeError:
+                if asked == "barrier":
+                    raise
+                _BARRIER_OK[key] = False  # the driver refused the cooperative launch
+                run_barrier = False
+    elif run_barrier:
+        kernel[plan.grid](*all_args, 0, phases, max_spins, **meta, BARRIER=True)
+    if not run_barrier:
+        for phase in range(phases):
+            kernel[plan.grid](*all_args, phase, phase + 1, max_spins, **meta, BARRIER=False)
+    if run_barrier and int(error.item()) != 0:
+        raise RuntimeError(
+            f"{kernel.__name__ if hasattr(kernel, '__name__') else name}: a program waited more than {max_spins} polls "
+            f"at a step barrier (grid {plan.grid} = slices x batch groups x directions, {plan.programs} programs, "
+            "barrier mode): not every program arrived; are all programs co-resident?"
+        )
+    return "barrier" if run_barrier else "per_step"
