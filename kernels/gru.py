@@ -36,19 +36,32 @@ direction ``d``. Direction 1 walks time backwards; a row past its length keeps i
 writes zero output, so the reverse direction starts each row at its own last valid step. In the
 backward such steps pass ``dh`` through unchanged and write zero gradients.
 
-Two strategies (chosen by the launcher, ``fastrnn.ops.gru``, via ``plan(3, H, dtype)``):
+Three strategies (chosen by the launcher, ``fastrnn.ops.gru``, via ``plan(3, H, dtype)``):
 
 * ``*_resident``: the three ``H x H`` blocks of ``W_hh`` (r, z, n) are loaded on chip once
   (``BLOCK_H >= H``) and the fp32 state stays in registers for the whole sequence.
 * ``*_tiled``: ``W_hh`` is re-read per step in ``BLOCK_H x BLOCK_H`` tiles; the fp32 state (or
   state gradient) lives in the ping-pong buffer ``state``, with a barrier between phases.
+* ``*_persistent``: ``W_hh`` split by hidden units over a grid ``(slices, batch_groups, D)``
+  (``fastrnn.ops.persistent``): each program keeps the r, z and n rows of its units on chip and
+  exchanges state with the other programs of its group every step (``fastrnn.kernels.sync``).
 """
 
 import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import sigmoid, tanh
-from fastrnn.kernels.recurrence import clamp_grad, copy_rows, program_tile, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import (
+    clamp_grad,
+    copy_rows,
+    group_flags,
+    load_rows,
+    persistent_tile,
+    program_tile,
+    squared_row_norm,
+    step_time,
+)
+from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
 
 
 @triton.jit
@@ -411,3 +424,212 @@ def gru_bwd_tiled_kernel(
 
     final = state_ptr + (T % 2) * slot + state_rows
     copy_rows(final, dh0_ptr + state_rows, row_ok, H, BLOCK_H)
+
+
+@triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
+def gru_fwd_persistent_kernel(
+    gx_ptr, w_hh_ptr, b_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, saved_ptr,
+    exchange_ptr, carry_ptr, flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+    T, B, H, D,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr,
+):
+    """Forward, ``W_hh`` split by hidden units: program ``(s, g, d)`` holds the rows of all three
+    gates for units ``s*SLICE ...`` (three ``BLOCK_S x BLOCK_K`` tiles on chip) and computes those
+    units of direction ``d`` for batch group ``g``. Phases ``0..T-1``, one per step.
+
+    ``exchange`` (``(2, D, B, H)`` in ``w_hh``'s dtype), ``carry`` (fp32 ``(D, B, H)``), flags and
+    phases exactly as in ``rnn_fwd_persistent_kernel``: phase ``p`` reads all of ``h_{t-1}``
+    (``h0``, or slot ``(p - 1) % 2`` after waiting for flags ``>= p``), forms
+    ``gh_g = (h W_g[units, :]^T)^T (+ b_hh)`` for the three gates and the shared ``gru_gates``
+    update, writes ``y``, ``saved`` and its units of ``h_t`` into slot ``p % 2``, and arrives.
+    Bytes per step and group as the RNN's: ``slices * H * B_group * bytes`` of ``h`` from L2.
+    """
+    direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
+    group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
+    slices = tl.num_programs(0)
+
+    # w_g[k, i] = W_hh[d, g*H + units[i], k] for the gates r, z, n: on chip for the whole launch.
+    w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
+    w_offs = ks[:, None] + units[None, :] * H
+    w_ok = k_ok[:, None] & unit_ok[None, :]
+    w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
+    w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
+    w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    if HAS_BIAS:
+        b_base = b_hh_ptr + direction * 3 * H + units
+        b_r = tl.load(b_base, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+        b_z = tl.load(b_base + H, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+        b_n = tl.load(b_base + 2 * H, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+
+    state_offs = (direction * B + rows64)[None, :] * H + units[:, None]
+    if phase_begin == 0:
+        h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        h = tl.load(carry_ptr + state_offs, mask=tile_ok, other=0.0)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    slot = D * B * H
+    group_rows = exchange_ptr + direction * B * H
+
+    for p in range(phase_begin, phase_end):
+        t = step_time(p, T, direction).to(tl.int64)
+        if p == 0:
+            h_all = load_rows(h0_ptr + direction * B * H, H, rows64, row_ok, ks, k_ok, w_r.dtype)
+        else:
+            if BARRIER:
+                wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+            h_all = load_rows(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, ks, k_ok, w_r.dtype)
+        row_t = (t * B + rows64)[None, :]
+        gx_offs = row_t * (D * 3 * H) + direction * 3 * H + units[:, None]
+        gx_r = tl.load(gx_ptr + gx_offs, mask=tile_ok, other=0.0).to(tl.float32)
+        gx_z = tl.load(gx_ptr + gx_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
+        gx_n = tl.load(gx_ptr + gx_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        # gh_g = (h @ W_g[units, :]^T)^T: batch rows on the product's M side, units on N.
+        gh_r = tl.trans(tl.dot(h_all, w_r, input_precision=INPUT_PRECISION))
+        gh_z = tl.trans(tl.dot(h_all, w_z, input_precision=INPUT_PRECISION))
+        gh_n = tl.trans(tl.dot(h_all, w_n, input_precision=INPUT_PRECISION))
+        if HAS_BIAS:
+            gh_r += b_r
+            gh_z += b_z
+            gh_n += b_n
+        r, z, n, h_new = gru_gates(gx_r, gx_z, gx_n, gh_r, gh_z, gh_n, h)
+
+        saved_offs = row_t * (D * 4 * H) + direction * 4 * H + units[:, None]
+        tl.store(saved_ptr + saved_offs, r.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(saved_ptr + saved_offs + H, z.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(saved_ptr + saved_offs + 2 * H, n.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(saved_ptr + saved_offs + 3 * H, gh_n.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        if HAS_LENGTHS:
+            valid = (t < length)[None, :]
+            h = tl.where(valid, h_new, h)
+            out = tl.where(valid, h_new, 0.0)
+        else:
+            h = h_new
+            out = h_new
+        tl.store(y_ptr + row_t * (D * H) + direction * H + units[:, None], out.to(y_ptr.dtype.element_ty), mask=tile_ok)
+        if BARRIER:
+            if FAULT == FAULT_ARRIVE_EARLY:
+                arrive(own_flag, p + 1, index, FAULT)
+        tl.store(group_rows + (p % 2) * slot + rows64[None, :] * H + units[:, None], h.to(exchange_ptr.dtype.element_ty), mask=tile_ok)
+        if BARRIER:
+            if FAULT != FAULT_ARRIVE_EARLY:
+                arrive(own_flag, p + 1, index, FAULT)
+    if phase_end == T:
+        tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(carry_ptr + state_offs, h, mask=tile_ok)
+
+
+@triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
+def gru_bwd_persistent_kernel(
+    dy_ptr, dh_n_ptr, y_ptr, h0_ptr, saved_ptr, w_hh_ptr, lengths_ptr, dgx_ptr, dgh_ptr, dh0_ptr, flow_ptr,
+    carry_ptr, flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+    T, B, H, D, grad_clip,
+    HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr,
+):
+    """Backward through time, ``W_hh`` split by hidden units; phases ``0..T`` (``T + 1``).
+
+    Exchange: an all-gather of the step's ``dgh`` (the gradient of ``h W_hh^T + b_hh``, all three
+    gates) through ``dgh`` itself. Phase ``p < T`` (time ``t``): the program forms its units'
+    gate gradients with the shared ``gru_gates_grad``, stores them in ``dgx`` and ``dgh``, keeps
+    ``partial = dh * z`` (the carried ``dh`` past a row's length) and arrives (flag ``p + 1``).
+    Phase ``p > 0`` first waits for flags ``>= p``, reads all ``3H`` columns of the previous
+    phase's ``dgh`` and forms its units of ``dh = partial + sum_g (dgh_g W_g[:, units])`` with the
+    weight columns of its slice (three ``BLOCK_K x BLOCK_S`` tiles on chip). Phase ``T`` only does
+    that, for ``dh0``.
+
+    Bytes per step and group: each of the ``slices`` programs reads ``3H x B_group`` gradients
+    (``3 * slices * H * B_group * bytes`` from L2) and writes ``2 * 3 * SLICE x B_group`` (dgx, dgh);
+    weights never. ``flow``: per-program shares added atomically (``flow`` arrives zeroed).
+    ``carry``: fp32 ``(D, B, H)``, ``partial`` between per-step launches.
+    """
+    direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
+    group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
+    slices = tl.num_programs(0)
+
+    # w_g[n, i] = W_hh[d, g*H + n, units[i]]: the slice's columns of each gate's block.
+    w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
+    w_offs = ks[:, None] * H + units[None, :]
+    w_ok = k_ok[:, None] & unit_ok[None, :]
+    w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
+    w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
+    w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+
+    state_offs = (direction * B + rows64)[None, :] * H + units[:, None]
+    h0 = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    if phase_begin == 0:
+        partial = tl.load(dh_n_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        partial = tl.load(carry_ptr + state_offs, mask=tile_ok, other=0.0)
+    dh = partial
+    length = T
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)[None, :]
+
+    g_stride = D * 3 * H  # elements between consecutive batch rows of dgx / dgh
+    for p in range(phase_begin, phase_end):
+        if BARRIER:
+            if p > 0:
+                wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+        # Phase 0 has no previous gradient: its loads are masked off (zeros), so dh = partial.
+        # Products as (dgh @ w_g)^T: the form that compiles without spills in fp32 (as the RNN's).
+        t_prev = step_time(tl.maximum(p - 1, 0), T, 1 - direction).to(tl.int64)
+        gathered = dgh_ptr + t_prev * B * g_stride + direction * 3 * H
+        consume = row_ok & (p > 0)
+        dgh_r = load_rows(gathered, g_stride, rows64, consume, ks, k_ok, w_r.dtype)
+        dgh_z = load_rows(gathered + H, g_stride, rows64, consume, ks, k_ok, w_r.dtype)
+        dgh_n_all = load_rows(gathered + 2 * H, g_stride, rows64, consume, ks, k_ok, w_r.dtype)
+        acc = tl.dot(dgh_r, w_r, input_precision=INPUT_PRECISION)
+        acc += tl.dot(dgh_z, w_z, input_precision=INPUT_PRECISION)
+        acc += tl.dot(dgh_n_all, w_n, input_precision=INPUT_PRECISION)
+        dh = partial + tl.trans(acc)
+        if p < T:
+            # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
+            t = step_time(p, T, 1 - direction).to(tl.int64)
+            row_t = (t * B + rows64)[None, :]
+            # The state step t read: y at the neighbouring step, h0 where a row's walk starts.
+            t_read = t - 1 + 2 * direction
+            start = (t_read < 0) | (t_read >= length)
+            t_read = tl.minimum(tl.maximum(t_read, 0), T - 1)
+            h_prev = tl.load(y_ptr + (t_read * B + rows64)[None, :] * (D * H) + direction * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+            h_prev = tl.where(start, h0, h_prev)
+            dh_total = dh + tl.load(dy_ptr + row_t * (D * H) + direction * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+            saved_offs = row_t * (D * 4 * H) + direction * 4 * H + units[:, None]
+            r = tl.load(saved_ptr + saved_offs, mask=tile_ok, other=0.0).to(tl.float32)
+            z = tl.load(saved_ptr + saved_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
+            n = tl.load(saved_ptr + saved_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
+            gh_n = tl.load(saved_ptr + saved_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+            dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
+            if HAS_LENGTHS:
+                valid = t < length
+            else:
+                valid = row_ok[None, :]
+            if RECORD_FLOW:
+                share = tl.sum(tl.where(valid & unit_ok[:, None], dh_total * dh_total, 0.0), axis=0)
+                tl.atomic_add(flow_ptr + (direction * T + t) * B + rows64, share, mask=row_ok)
+            dr_pre = tl.where(valid, dr_pre, 0.0)
+            dz_pre = tl.where(valid, dz_pre, 0.0)
+            dn_pre = tl.where(valid, dn_pre, 0.0)
+            dgh_n = tl.where(valid, dgh_n, 0.0)
+            partial = tl.where(valid, direct, dh)
+            g_offs = row_t * g_stride + direction * 3 * H + units[:, None]
+            tl.store(dgx_ptr + g_offs, dr_pre.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(dgx_ptr + g_offs + H, dz_pre.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(dgx_ptr + g_offs + 2 * H, dn_pre.to(dgx_ptr.dtype.element_ty), mask=tile_ok)
+            if BARRIER:
+                if FAULT == FAULT_ARRIVE_EARLY:
+                    arrive(own_flag, p + 1, index, FAULT)
+            tl.store(dgh_ptr + g_offs, dr_pre.to(dgh_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(dgh_ptr + g_offs + H, dz_pre.to(dgh_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(dgh_ptr + g_offs + 2 * H, dgh_n.to(dgh_ptr.dtype.element_ty), mask=tile_ok)
+            if BARRIER:
+                if FAULT != FAULT_ARRIVE_EARLY:
+                    arrive(own_flag, p + 1, index, FAULT)
+    if phase_end == T + 1:
+        tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(carry_ptr + state_offs, partial, mask=tile_ok)

@@ -77,6 +77,17 @@ def group_flags(flags_ptr, slices, BLOCK_FLAGS: tl.constexpr):
 
 
 @triton.jit
+def load_rows(src, row_stride, rows64, row_ok, ks, k_ok, dtype):
+    """All ``H`` state columns of a group's rows: the ``(BLOCK_B, BLOCK_K)`` tile
+    ``src[rows * row_stride + k]`` in ``dtype`` (zero outside ``k < H``, ``row < B``): the
+    gathered operand of a persistent step's product ``rows @ W_slice^T``. (Loaded in this
+    orientation, not transposed after the load: a ``tl.trans`` of a freshly loaded operand made
+    the fp32 products spill kilobytes of stack.)"""
+    tile = tl.load(src + rows64[:, None] * row_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    return tile.to(dtype)
+
+
+@triton.jit
 def load_columns(src, row_stride, rows64, row_ok, ks, k_ok, dtype):
     """All ``H`` state columns of a group's rows, transposed: the ``(BLOCK_K, BLOCK_B)`` tile
     ``src[rows * row_stride + k]`` in ``dtype`` (zero outside ``k < H``, ``row < B``): the ``h^T``

@@ -42,6 +42,7 @@ from fastrnn.kernels.recurrence import (
     copy_rows,
     group_flags,
     load_columns,
+    load_rows,
     persistent_tile,
     program_tile,
     squared_row_norm,
@@ -414,8 +415,8 @@ def rnn_bwd_persistent_kernel(
         # (g @ w_cols)^T rather than w_cols^T @ g^T: the same product, and in fp32 (FMA dots) the
         # form that compiles without spills (measured: 2 KB of stack the other way round).
         t_prev = step_time(tl.maximum(p - 1, 0), T, 1 - direction).to(tl.int64)
-        g_all = load_columns(dgx_ptr + t_prev * B * row_stride + direction * H, row_stride, rows64, row_ok & (p > 0), ks, k_ok, w_cols.dtype)
-        dh = partial + tl.trans(tl.dot(tl.trans(g_all), w_cols, input_precision=INPUT_PRECISION))
+        g_all = load_rows(dgx_ptr + t_prev * B * row_stride + direction * H, row_stride, rows64, row_ok & (p > 0), ks, k_ok, w_cols.dtype)
+        dh = partial + tl.trans(tl.dot(g_all, w_cols, input_precision=INPUT_PRECISION))
         if p < T:
             # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
             t = step_time(p, T, 1 - direction).to(tl.int64)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fastrnn.kernels import gru as kernels
 from fastrnn.ops.recurrence import (
+    PersistentKernel,
     compute_dtype,
     flow_buffer,
     input_precision,
@@ -46,12 +47,15 @@ def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: 
     if B == 0:
         return y, h_n, saved
     gx = gx.contiguous()
+    w = kernel_weight(w_hh)
     launch(
         "gru_fwd", GATES, (kernels.gru_fwd_resident_kernel, kernels.gru_fwd_tiled_kernel),
-        [gx, kernel_weight(w_hh), gx if b_hh is None else b_hh.contiguous(), h0.contiguous(),
+        [gx, w, gx if b_hh is None else b_hh.contiguous(), h0.contiguous(),
          kernel_lengths(lengths, gx), y, h_n, saved],
         dict(T=T, B=B, H=H, D=D, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
+        # exchange: the ping-pong of h in the weights' dtype; carry: each program's fp32 state.
+        persistent_kernel=PersistentKernel(kernels.gru_fwd_persistent_kernel, T, [((2, D, B, H), w.dtype), ((D, B, H), torch.float32)]),
     )
     return y, h_n, saved
 
@@ -79,6 +83,8 @@ def gru_bwd(
         dict(T=T, B=B, H=H, D=D, grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(y.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=y.dtype, device=y.device,
+        # the gradients are exchanged through dgh itself; carry: each program's fp32 partial dh.
+        persistent_kernel=PersistentKernel(kernels.gru_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)]),
     )
     return dgx, dgh, dh0, flow
 

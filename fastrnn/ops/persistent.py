@@ -67,7 +67,7 @@ MODE_ENV = "FASTRNN_PERSISTENT_MODE"
 MODES = ("barrier", "per_step", "auto")
 
 #: Gates of the cells that have persistent kernels (the plan only picks the strategy for these).
-CELL_GATES = frozenset({1})
+CELL_GATES = frozenset({1, 3})
 #: SMs assumed when planning without a GPU: the H100/H200 the GPU matrix is tuned for.
 DEFAULT_SM_COUNT = 132
 #: Smallest slice the plan picks by itself (below it each program's M side is mostly padding
@@ -77,7 +77,7 @@ MIN_SLICE = 4
 MAX_BLOCK_B = 64
 #: Polls before a wait gives up: a step's flag round trip is about a microsecond on a GPU, so this
 #: is seconds; an interpreted poll costs tens of microseconds and programs drift by milliseconds.
-MAX_SPINS = {"gpu": 1 << 22, "interpreter": 200_000}
+MAX_SPINS = {"gpu": 1 << 22, "interpreter": 20_000}
 #: Test-only: the sync fault compiled into every persistent launch (``fastrnn.kernels.sync``).
 FAULT = 0
 
@@ -153,10 +153,11 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
             size *= 2
     slices = triton.cdiv(hidden, size)
     block_s = max(16, size)
-    # 8 warps for fp32 (FMA dots spread their operands over threads) or when the weights held
-    # per program pass ~64 registers per thread at 4 warps; else 4.
+    # 8 warps for fp32 (FMA dots spread their operands over threads) or past 16 KB of weights per
+    # program (the dot operands are replicated across warps; the compile report shows spills at
+    # 4 warps beyond that); else 4.
     weight_bytes = gates * block_s * block_k * (4 if dtype == torch.float32 else 2)
-    num_warps = 8 if dtype == torch.float32 or weight_bytes > 64 * 4 * 128 else 4
+    num_warps = 8 if dtype == torch.float32 or weight_bytes > 16 * 1024 else 4
     return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps)
 
 
