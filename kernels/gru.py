@@ -475,17 +475,18 @@ def gru_fwd_persistent_kernel(
 
     for p in range(phase_begin, phase_end):
         t = step_time(p, T, direction).to(tl.int64)
+        # gx of this step does not depend on the other programs: issued before the wait.
+        row_t = (t * B + rows64)[None, :]
+        gx_offs = row_t * (D * 3 * H) + direction * 3 * H + units[:, None]
+        gx_r = tl.load(gx_ptr + gx_offs, mask=tile_ok, other=0.0).to(tl.float32)
+        gx_z = tl.load(gx_ptr + gx_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
+        gx_n = tl.load(gx_ptr + gx_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
         if p == 0:
             h_all = load_rows(h0_ptr + direction * B * H, H, rows64, row_ok, ks, k_ok, w_r.dtype)
         else:
             if BARRIER:
                 wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
             h_all = load_rows(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, ks, k_ok, w_r.dtype)
-        row_t = (t * B + rows64)[None, :]
-        gx_offs = row_t * (D * 3 * H) + direction * 3 * H + units[:, None]
-        gx_r = tl.load(gx_ptr + gx_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        gx_z = tl.load(gx_ptr + gx_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
-        gx_n = tl.load(gx_ptr + gx_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
         # gh_g = (h @ W_g[units, :]^T)^T: batch rows on the product's M side, units on N.
         gh_r = tl.trans(tl.dot(h_all, w_r, input_precision=INPUT_PRECISION))
         gh_z = tl.trans(tl.dot(h_all, w_z, input_precision=INPUT_PRECISION))
@@ -544,7 +545,8 @@ def gru_bwd_persistent_kernel(
 
     Bytes per step and group: each of the ``slices`` programs reads ``3H x B_group`` gradients
     (``3 * slices * H * B_group * bytes`` from L2) and writes ``2 * 3 * SLICE x B_group`` (dgx, dgh);
-    weights never. ``flow``: per-program shares added atomically (``flow`` arrives zeroed).
+    weights never. ``flow``: ``(slices, D, T, B)`` fp32, each program's share of ``||dL/dh_t||^2`` in its own plane
+    (the host sums them: deterministic, no atomics).
     ``carry``: fp32 ``(D, B, H)``, ``partial`` between per-step launches.
     """
     direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
@@ -610,7 +612,7 @@ def gru_bwd_persistent_kernel(
                 valid = row_ok[None, :]
             if RECORD_FLOW:
                 share = tl.sum(tl.where(valid & unit_ok[:, None], dh_total * dh_total, 0.0), axis=0)
-                tl.atomic_add(flow_ptr + (direction * T + t) * B + rows64, share, mask=row_ok)
+                tl.store(flow_ptr + ((index * D + direction) * T + t) * B + rows64, share, mask=row_ok)
             dr_pre = tl.where(valid, dr_pre, 0.0)
             dz_pre = tl.where(valid, dz_pre, 0.0)
             dn_pre = tl.where(valid, dn_pre, 0.0)

@@ -330,14 +330,15 @@ def rnn_fwd_persistent_kernel(
     row_stride = D * H  # elements between consecutive batch rows of gx / y
     for p in range(phase_begin, phase_end):
         t = step_time(p, T, direction).to(tl.int64)
+        # gx of this step does not depend on the other programs: issued before the wait.
+        offs = (t * B + rows64)[None, :] * row_stride + direction * H + units[:, None]
+        gx = tl.load(gx_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
         if p == 0:
             h_all = load_columns(h0_ptr + direction * B * H, H, rows64, row_ok, ks, k_ok, w_slice.dtype)
         else:
             if BARRIER:
                 wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
             h_all = load_columns(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, ks, k_ok, w_slice.dtype)
-        offs = (t * B + rows64)[None, :] * row_stride + direction * H + units[:, None]
-        gx = tl.load(gx_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
         # elman_step(gx, a, b) = act(gx + a @ b): here a = the weight slice, b = h^T.
         h_new, pre = elman_step(gx, w_slice, h_all, NONLINEARITY, INPUT_PRECISION)
         if NONLINEARITY >= NEEDS_PRE:
@@ -386,7 +387,8 @@ def rnn_bwd_persistent_kernel(
     Bytes per step and group: each of the ``slices`` programs reads ``H x B_group`` gradients
     (``slices * H * B_group * bytes`` from L2, the same as the forward's exchange) and writes its
     ``SLICE x B_group``; weights never. ``flow`` (with ``RECORD_FLOW``): each program adds its
-    units' share of ``||dL/dh_t||^2`` per row with an atomic add (``flow`` arrives zeroed).
+    units' share of ``||dL/dh_t||^2`` per row into its own plane of ``flow``
+    (``(slices, D, T, B)`` fp32, zeroed; the host sums the planes: deterministic, no atomics).
     ``carry``: fp32 ``(D, B, H)``, ``partial`` between per-step launches (read when
     ``phase_begin > 0``, written when ``phase_end <= T``).
     """
@@ -434,7 +436,7 @@ def rnn_bwd_persistent_kernel(
             if RECORD_FLOW:
                 d_state = dy + dh
                 share = tl.sum(tl.where(valid & unit_ok[:, None], d_state * d_state, 0.0), axis=0)
-                tl.atomic_add(flow_ptr + (direction * T + t) * B + rows64, share, mask=row_ok)
+                tl.store(flow_ptr + ((index * D + direction) * T + t) * B + rows64, share, mask=row_ok)
             partial = tl.where(valid, 0.0, dh)
             if BARRIER:
                 if FAULT == FAULT_ARRIVE_EARLY:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastrnn.kernels import gru as kernels
+from fastrnn.ops import persistent
 from fastrnn.ops.recurrence import (
     PersistentKernel,
     compute_dtype,
@@ -76,16 +77,19 @@ def gru_bwd(
     flow = flow_buffer(record_flow, D, T, B, y.device)
     if B == 0:
         return dgx, dgh, dh0, flow
+    shares = persistent.flow_shares(flow, GATES, H, B, D, y.dtype)
     launch(
         "gru_bwd", GATES, (kernels.gru_bwd_resident_kernel, kernels.gru_bwd_tiled_kernel),
         [dy.contiguous(), dh_n.contiguous(), y, h0.contiguous(), saved, kernel_weight(w_hh),
-         kernel_lengths(lengths, y), dgx, dgh, dh0, dh0 if flow is None else flow],
+         kernel_lengths(lengths, y), dgx, dgh, dh0, dh0 if flow is None else flow if shares is None else shares],
         dict(T=T, B=B, H=H, D=D, grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(y.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=y.dtype, device=y.device,
         # the gradients are exchanged through dgh itself; carry: each program's fp32 partial dh.
         persistent_kernel=PersistentKernel(kernels.gru_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)]),
     )
+    if shares is not None:
+        flow.copy_(shares.sum(0))
     return dgx, dgh, dh0, flow
 
 

@@ -161,6 +161,19 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps)
 
 
+def flow_shares(flow: torch.Tensor | None, gates: int, H: int, B: int, D: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Where a persistent backward kernel writes the gradient-flow record: each program its
+    share of ``||dL/dh_t||^2`` in a plane of a zeroed ``(slices, D, T, B)`` fp32 tensor (sum the
+    planes into ``flow (D, T, B)`` after the launch). None when ``flow`` is None or the plan for
+    this size is not persistent (the other strategies write ``flow`` directly)."""
+    from fastrnn.ops.recurrence import plan
+
+    if flow is None or plan(gates, H, dtype).strategy != "persistent":
+        return None
+    slices = persistent_plan(gates, H, B, D, dtype, sm_count(flow.device)).slices
+    return flow.new_zeros((slices, *flow.shape))
+
+
 # ---------------------------------------------------------------------------------- launching
 #: Barrier-mode decisions on a GPU by (kernel, grid, constexprs): True (co-resident, accepted) or
 #: False (does not fit, or the cooperative launch was refused: run per_step).

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastrnn.kernels import rnn as kernels
+from fastrnn.ops import persistent
 from fastrnn.ops.recurrence import (
     PersistentKernel,
     compute_dtype,
@@ -70,10 +71,11 @@ def rnn_bwd(
     flow = flow_buffer(record_flow, D, T, B, y.device)
     if B == 0:
         return dgx, dh0, flow
+    shares = persistent.flow_shares(flow, 1, H, B, D, y.dtype)
     launch(
         "rnn_bwd", 1, (kernels.rnn_bwd_resident_kernel, kernels.rnn_bwd_tiled_kernel),
         [dy.contiguous(), dh_n.contiguous(), y, kernel_weight(w_hh), kernel_lengths(lengths, y), dgx, dh0,
-         y if pre is None else pre, dh0 if flow is None else flow],
+         y if pre is None else pre, dh0 if flow is None else flow if shares is None else shares],
         dict(T=T, B=B, H=H, D=D, grad_clip=float(grad_clip or 0.0),
              NONLINEARITY=NONLINEARITIES[nonlinearity], HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(y.dtype),
              CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
@@ -81,6 +83,8 @@ def rnn_bwd(
         # the gradients are exchanged through dgx itself; carry: each program's fp32 partial dh.
         persistent_kernel=PersistentKernel(kernels.rnn_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)]),
     )
+    if shares is not None:
+        flow.copy_(shares.sum(0))
     return dgx, dh0, flow
 
 
