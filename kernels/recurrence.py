@@ -55,7 +55,7 @@ def persistent_tile(B, H, SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: t
     direction, slice index ``s``, hidden units ``s*SLICE + 0..BLOCK_S`` (``unit_ok``: inside the
     slice and ``< H``), batch rows ``g*BLOCK_B ...`` (also int64), all ``BLOCK_K`` state columns
     ``k`` (``k_ok``: ``< H``), and the ``(BLOCK_S, BLOCK_B)`` mask of its units x rows tile.
-    Persistent kernels hold state transposed: units on the M side, batch rows on the N side."""
+    Persistent kernels hold their own state transposed: ``(units, batch rows)`` tiles."""
     index = tl.program_id(0)
     direction = tl.program_id(2)
     lanes = tl.arange(0, BLOCK_S)
@@ -82,15 +82,6 @@ def load_rows(src, row_stride, rows64, row_ok, ks, k_ok, dtype):
     ``src[rows * row_stride + k]`` in ``dtype`` (zero outside ``k < H``, ``row < B``): the
     gathered operand of a persistent step's product ``rows @ W_slice^T``. (Loaded in this
     orientation, not transposed after the load: a ``tl.trans`` of a freshly loaded operand made
-    the fp32 products spill kilobytes of stack.)"""
+    the fp32 products spill kilobytes of stack on sm_90.)"""
     tile = tl.load(src + rows64[:, None] * row_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    return tile.to(dtype)
-
-
-@triton.jit
-def load_columns(src, row_stride, rows64, row_ok, ks, k_ok, dtype):
-    """All ``H`` state columns of a group's rows, transposed: the ``(BLOCK_K, BLOCK_B)`` tile
-    ``src[rows * row_stride + k]`` in ``dtype`` (zero outside ``k < H``, ``row < B``): the ``h^T``
-    (or gradient) operand of a persistent step's product."""
-    tile = tl.load(src + rows64[None, :] * row_stride + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
     return tile.to(dtype)

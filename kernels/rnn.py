@@ -41,7 +41,6 @@ from fastrnn.kernels.recurrence import (
     clamp_grad,
     copy_rows,
     group_flags,
-    load_columns,
     load_rows,
     persistent_tile,
     program_tile,
@@ -307,15 +306,15 @@ def rnn_fwd_persistent_kernel(
     Per step and group: each of the ``slices`` programs reads ``H x BLOCK_B`` exchanged values
     and writes ``SLICE x BLOCK_B``: ``slices * H * B_group * bytes`` read from L2 per step, the
     weights never (on chip for the whole sequence). Per step the product is
-    ``W[units, :] (BLOCK_S x BLOCK_K) @ h^T (BLOCK_K x BLOCK_B)``, the shared ``elman_step``.
+    ``h (BLOCK_B x BLOCK_K) @ W[units, :]^T (BLOCK_K x BLOCK_S)``, the shared ``elman_step``.
     """
     direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
     group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
     slices = tl.num_programs(0)
 
-    # w_slice[i, k] = W_hh[d, units[i], k], on chip for every phase of the launch.
+    # w_slice[k, i] = W_hh[d, units[i], k], on chip for every phase of the launch.
     w_base = w_hh_ptr + direction.to(tl.int64) * H * H
-    w_slice = tl.load(w_base + units[:, None] * H + ks[None, :], mask=unit_ok[:, None] & k_ok[None, :], other=0.0)
+    w_slice = tl.load(w_base + ks[:, None] + units[None, :] * H, mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
     # Own state, transposed: state_offs[i, b] addresses (d, rows[b], units[i]) of a (D, B, H) tensor.
     state_offs = (direction * B + rows64)[None, :] * H + units[:, None]
     if phase_begin == 0:
@@ -334,13 +333,15 @@ def rnn_fwd_persistent_kernel(
         offs = (t * B + rows64)[None, :] * row_stride + direction * H + units[:, None]
         gx = tl.load(gx_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
         if p == 0:
-            h_all = load_columns(h0_ptr + direction * B * H, H, rows64, row_ok, ks, k_ok, w_slice.dtype)
+            h_all = load_rows(h0_ptr + direction * B * H, H, rows64, row_ok, ks, k_ok, w_slice.dtype)
         else:
             if BARRIER:
                 wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-            h_all = load_columns(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, ks, k_ok, w_slice.dtype)
-        # elman_step(gx, a, b) = act(gx + a @ b): here a = the weight slice, b = h^T.
-        h_new, pre = elman_step(gx, w_slice, h_all, NONLINEARITY, INPUT_PRECISION)
+            h_all = load_rows(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, ks, k_ok, w_slice.dtype)
+        # (h @ W[units, :]^T)^T: batch rows on the product's M side, units on N.
+        h_new, pre = elman_step(tl.trans(gx), h_all, w_slice, NONLINEARITY, INPUT_PRECISION)
+        h_new = tl.trans(h_new)
+        pre = tl.trans(pre)
         if NONLINEARITY >= NEEDS_PRE:
             tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=tile_ok)
         if HAS_LENGTHS:

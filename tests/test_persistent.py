@@ -239,8 +239,8 @@ def test_every_gpu_matrix_row_plans_persistent():
 def test_slice_knob_sets_programs_per_direction(monkeypatch):
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "8")
     p = persistent.persistent_plan(3, 64, 100, 2, torch.float32)
-    assert (p.slice, p.slices, p.block_b, p.batch_groups, p.directions) == (8, 8, 64, 2, 2)
-    assert p.grid == (8, 2, 2)
+    assert (p.slice, p.slices, p.block_b, p.batch_groups, p.directions) == (8, 8, 16, 7, 2)
+    assert p.grid == (8, 7, 2)
 
 
 # ---------------------------------------------------------------------------------- PTX

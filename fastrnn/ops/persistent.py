@@ -8,10 +8,14 @@ Partition. The grid is ``(slices, batch_groups, directions)``. Program ``(s, b, 
 hidden units ``s*SLICE ... (s+1)*SLICE - 1`` of direction ``d`` for the batch rows
 ``b*BLOCK_B ...``: it loads the rows of ``W_hh`` of its units, every gate (so the cell update is
 local), once, and keeps them on chip for the whole sequence, with its part of the state in fp32
-registers. Per step the product is ``W_slice (BLOCK_S x BLOCK_K) @ h^T (BLOCK_K x BLOCK_B)``: the
-weight slice is the M side (padded to ``BLOCK_S >= 16`` rows, as ``tl.dot`` needs), the batch the
-N side. The programs of one (batch group, direction) exchange state every step through a global
-buffer and the flags of ``fastrnn.kernels.sync``; groups never wait for each other.
+registers (held transposed, units x batch rows). Per step the product is
+``h (BLOCK_B x BLOCK_K) @ W_slice^T (BLOCK_K x BLOCK_S)``, with ``BLOCK_S >= 16`` (padded) and
+``BLOCK_B = 16`` as ``tl.dot`` needs. (The issue's form, the weight slice on the M side, compiled
+to spills at the GPU matrix's sizes, sm_90: the operands of an M=16, N=16 product are replicated
+across warps; with the batch on M the same product compiles clean at R1's plan. Slices of 64+
+rows, where wgmma would want the weights on M, are not what this plan produces.) The programs of
+one (batch group, direction) exchange state every step through a global buffer and the flags of
+``fastrnn.kernels.sync``; groups never wait for each other.
 
 Knobs (environment variables, read at every launch so tests can set them):
 
@@ -73,8 +77,10 @@ DEFAULT_SM_COUNT = 132
 #: Smallest slice the plan picks by itself (below it each program's M side is mostly padding
 #: and every program still reads the whole ``h`` per step).
 MIN_SLICE = 4
-#: Widest batch group (the N side of the per-step product).
-MAX_BLOCK_B = 64
+#: Widest batch group. 16 (tl.dot's minimum): wider groups hold a ``BLOCK_B x H`` operand per
+#: step and spill at H 512 (sm_90: 1-4 KB of stack at B64 in one group); more groups of 16 rows
+#: use the SMs instead, with smaller slices per program.
+MAX_BLOCK_B = 16
 #: Polls before a wait gives up: a step's flag round trip is about a microsecond on a GPU, so this
 #: is seconds; an interpreted poll costs tens of microseconds and programs drift by milliseconds.
 MAX_SPINS = {"gpu": 1 << 22, "interpreter": 20_000}
@@ -87,9 +93,9 @@ class PersistentPlan:
     """How one layer's recurrence is spread over programs (see the module docstring)."""
 
     slice: int  # SLICE: hidden units per program
-    block_s: int  # BLOCK_S: rows of each gate's weight tile, max(16, SLICE) (tl.dot's M side)
+    block_s: int  # BLOCK_S: units of each gate's weight tile, max(16, SLICE) (tl.dot's N side)
     block_k: int  # BLOCK_K: all of h, next power of two >= max(16, H) (the reduction)
-    block_b: int  # BLOCK_B: batch rows per group (tl.dot's N side), a power of two >= 16
+    block_b: int  # BLOCK_B: batch rows per group (tl.dot's M side), a power of two >= 16
     slices: int  # programs per (batch group, direction): cdiv(H, SLICE)
     batch_groups: int
     directions: int
@@ -140,7 +146,7 @@ def sm_count(device=None) -> int:
 
 def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, sms: int = DEFAULT_SM_COUNT) -> PersistentPlan:
     """The partition for ``gates`` stacked ``hidden``-wide gate blocks, ``batch`` rows and
-    ``directions``: batch groups of ``BLOCK_B = min(64, next_pow2(B))`` (at least 16) rows, and the
+    ``directions``: batch groups of ``BLOCK_B = 16`` rows (:data:`MAX_BLOCK_B`), and the
     smallest slice (a power of two, at least :data:`MIN_SLICE`) that keeps all programs at one
     per SM (``programs <= sms``); ``$FASTRNN_PERSISTENT_SLICE`` overrides the slice."""
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(max(1, batch))))
