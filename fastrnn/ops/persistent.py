@@ -222,7 +222,8 @@ def launch(
     if run_barrier and on_gpu:
         key = (name, plan.grid, tuple(sorted((k, str(v)) for k, v in meta.items())))
         if key not in _BARRIER_OK:
-            _BARRIER_OK[key] = _fits_one_per_sm(kernel, [*all_args, 0, phases, max_spins], dict(meta, BARRIER=True), plan, device)
+            _BARRIER_OK[key] = _fits_one_per_sm(kernel, [*all_args, 0, phases, max_spins],
+                                                dict(meta, BARRIER=True, launch_cooperative_grid=True), plan, device)
         if not _BARRIER_OK[key]:
             if asked == "barrier":
                 raise RuntimeError(f"{name}: FASTRNN_PERSISTENT_MODE=barrier, but grid {plan.grid} ({plan.programs} programs) "
@@ -243,7 +244,7 @@ def launch(
             kernel[plan.grid](*all_args, phase, phase + 1, max_spins, **meta, BARRIER=False)
     if run_barrier and int(error.item()) != 0:
         raise RuntimeError(
-            f"{kernel.__name__ if hasattr(kernel, '__name__') else name}: a program waited more than {max_spins} polls "
+            f"{getattr(kernel, '__name__', name)}: a program waited more than {max_spins} polls "
             f"at a step barrier (grid {plan.grid} = slices x batch groups x directions, {plan.programs} programs, "
             "barrier mode): not every program arrived; are all programs co-resident?"
         )
