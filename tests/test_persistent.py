@@ -61,14 +61,14 @@ def persistent_env(monkeypatch):
     return lambda mode: monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
 
 
-def make(cell, dtype, layers=2, bidirectional=True, nonlinearity="tanh", grad_clip=None, seed=0):
+def make(cell, dtype, layers=2, bidirectional=True, nonlinearity="tanh", grad_clip=None, seed=0, batch=B):
     torch.manual_seed(seed)
     cls, _ = CELLS[cell]
     kwargs = dict(nonlinearity=nonlinearity) if cell == "rnn" else {}
     module = cls(INPUT, H, layers, bidirectional=bidirectional, grad_clip=grad_clip, device=DEVICE, dtype=dtype, **kwargs)
     directions = 2 if bidirectional else 1
-    h0 = torch.randn(layers * directions, B, H, device=DEVICE, dtype=dtype)
-    lengths = torch.tensor([3, T, 1])  # unsorted, one full length
+    h0 = torch.randn(layers * directions, batch, H, device=DEVICE, dtype=dtype)
+    lengths = torch.tensor([3, T, 1] * (batch // 3) + [2] * (batch % 3))  # unsorted, one full length
     x = pack_sequence([torch.randn(int(n), INPUT, device=DEVICE, dtype=dtype) for n in lengths], enforce_sorted=False)
     return module, x, h0
 
@@ -142,6 +142,17 @@ def test_grad_clip_and_flow_record(cell, mode, persistent_env):
     module.grad_clip = None
     unclipped = run(module, x, h0, "reference")
     assert not torch.allclose(unclipped["dweight_hh_l0"], got["dweight_hh_l0"]), "the clip must bind in this test"
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_two_batch_groups_in_barrier_mode(cell, persistent_env):
+    """20 rows: two batch groups of 16, each with its own flags, synchronised independently."""
+    persistent_env("barrier")
+    module, x, h0 = make(cell, torch.float32, layers=1, seed=5, batch=20)
+    assert persistent.persistent_plan(CELLS[cell][1], H, 20, 2, torch.float32).grid == (4, 2, 2)
+    with harness("barrier", seed=11):
+        got = run(module, x, h0, "triton")
+    assert_matches(got, run(module, x, h0, "reference"), 1e-4)
 
 
 # ---------------------------------------------------------------------------------- mutations
