@@ -80,6 +80,26 @@ REDUCE_TILE = tl.constexpr(32)
 
 
 @triton.jit
+def lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS: tl.constexpr):
+    """One cell update (fp32) from the gate pre-activations ``i, f, g, o`` and ``c = c_{t-1}``.
+
+    Returns the activated gates ``sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)`` -- with
+    ``HAS_LENGTHS``, the identity step ``i = g = o = 0, f = 1`` where ``valid`` is false (past a row's
+    length: ``c`` kept exactly, ``m = 0``) -- then ``c_t`` and ``m_t = sigmoid(o) tanh(c_t)``."""
+    i = sigmoid(i)
+    f = sigmoid(f)
+    g = tanh(g)
+    o = sigmoid(o)
+    if HAS_LENGTHS:
+        i = tl.where(valid, i, 0.0)
+        f = tl.where(valid, f, 1.0)
+        g = tl.where(valid, g, 0.0)
+        o = tl.where(valid, o, 0.0)
+    c = f * c + i * g
+    return i, f, g, o, c, o * tanh(c)
+
+
+@triton.jit
 def lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP: tl.constexpr):
     """Gate gradients of one step from ``dm = dL/dm_t`` and the carried ``dc = dL/dc_t`` (fp32).
 
@@ -161,23 +181,15 @@ def lstm_fwd_resident_kernel(
         step = t * B + rows64
         g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + hc[None, :]
         hw = h.to(w_i.dtype)
-        i = sigmoid(tl.load(gx_ptr + g_offs, mask=c_tile, other=0.0).to(tl.float32)
-                    + tl.dot(hw, w_i, input_precision=INPUT_PRECISION))
-        f = sigmoid(tl.load(gx_ptr + g_offs + H, mask=c_tile, other=0.0).to(tl.float32)
-                    + tl.dot(hw, w_f, input_precision=INPUT_PRECISION))
-        g = tanh(tl.load(gx_ptr + g_offs + 2 * H, mask=c_tile, other=0.0).to(tl.float32)
-                 + tl.dot(hw, w_g, input_precision=INPUT_PRECISION))
-        o = sigmoid(tl.load(gx_ptr + g_offs + 3 * H, mask=c_tile, other=0.0).to(tl.float32)
-                    + tl.dot(hw, w_o, input_precision=INPUT_PRECISION))
+        i = tl.load(gx_ptr + g_offs, mask=c_tile, other=0.0).to(tl.float32) + tl.dot(hw, w_i, input_precision=INPUT_PRECISION)
+        f = tl.load(gx_ptr + g_offs + H, mask=c_tile, other=0.0).to(tl.float32) + tl.dot(hw, w_f, input_precision=INPUT_PRECISION)
+        g = tl.load(gx_ptr + g_offs + 2 * H, mask=c_tile, other=0.0).to(tl.float32) + tl.dot(hw, w_g, input_precision=INPUT_PRECISION)
+        o = tl.load(gx_ptr + g_offs + 3 * H, mask=c_tile, other=0.0).to(tl.float32) + tl.dot(hw, w_o, input_precision=INPUT_PRECISION)
         if HAS_LENGTHS:
-            # Past a row's length: the identity step (c unchanged, m = 0, output 0).
             valid = (t < length)[:, None]
-            i = tl.where(valid, i, 0.0)
-            f = tl.where(valid, f, 1.0)
-            g = tl.where(valid, g, 0.0)
-            o = tl.where(valid, o, 0.0)
-        c = f * c + i * g
-        m = o * tanh(c)
+        else:
+            valid = row_ok[:, None]
+        i, f, g, o, c, m = lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS)  # past a row's length: m = 0
         if HAS_PROJ:
             out = tl.dot(m.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
         else:

@@ -1,0 +1,318 @@
+"""Persistent LSTM kernels (with and without projection): each direction's ``W_hh`` spread over many
+programs, every program keeping its slice on chip for the whole sequence.
+
+The step math is ``fastrnn.kernels.lstm``'s (``lstm_cell``, ``lstm_cell_grad``); this file differs
+from the resident and tiled kernels only in where the weights live and how the state is exchanged.
+Shapes and layouts of ``gx``, ``w_hh``, ``w_hr``, ``y``, ``gates``, ``c``, ``dy``, ``dgates``, ``dhp``,
+``lengths`` are those of ``fastrnn.kernels.lstm`` (``H`` cell size, ``K`` size of ``h``: ``H``, or
+``P`` with projection; ``D`` directions; compute dtype = dtype of ``gx``).
+
+Partition. Grid ``(n_slices, n_groups, D)``: program ``(s, g, d)`` owns hidden units
+``s*S ... s*S+S-1`` (its *slice*), batch rows ``g*BLOCK_B ...`` (its *group*) and direction ``d``.
+Every product puts the weight slice on the M side and the batch on the N side (``tl.dot`` needs
+every dimension >= 16, so the four gates of a slice are stacked on M: ``S = 8`` gives ``M = 32``;
+a tile narrower than 16 is padded with masked, zero rows). The programs of one ``(g, d)`` walk time
+together; between stages they synchronise through ``fastrnn.kernels.sync`` (per-program flags
+carrying the stage number, release after a block barrier, acquire reads, ``>=``, bounded spins).
+
+Forward. Program ``(s, g, d)`` holds ``W_hh[d, q*H + n, :]`` for the gates ``q`` and units ``n`` of its
+slice, ``(4*S_TILE, BLOCK_K)`` (and, projecting, ``W_hr[d, p, :]`` for its ``SP`` projected units
+``p = s*SP ...``, ``(BLOCK_SP, BLOCK_H)``), and its slice of ``c`` in fp32 registers. Stages per
+step: one without projection, two with it.
+
+* gate stage (step ``t``): ``gates^T = gx_t^T + W_slice h_{t-1}^T`` from the whole ``h_{t-1}`` (read
+  from the exchange ``h_exchange``), the cell update, the saved ``gates`` and ``c``; without
+  projection ``h_t = m_t`` of the slice goes to ``y`` and to the exchange; with it ``m_t`` of the
+  slice goes to ``m_exchange``.
+* projection stage (``HAS_PROJ``): the whole ``m_t`` (read from ``m_exchange``), the program's
+  ``SP`` units of ``h_t = W_hr m_t`` to ``y`` and to the exchange.
+
+Exchange per step and (group, direction), ``e`` bytes per element of the weight dtype: without
+projection every program writes ``S * BLOCK_B`` and reads ``K * BLOCK_B`` elements of ``h``:
+``n_slices * (S + H) * BLOCK_B * e`` bytes in all; with projection ``m`` (``H`` wide) and ``h``
+(``P`` wide) both go round: ``n_slices * (S + SP + H + P) * BLOCK_B * e``, and two barriers.
+
+Backward. Program ``(s, g, d)`` holds the columns of ``W_hh`` of its ``dh`` units
+``W_hh[d, :, j]`` (``(DH_TILE, BLOCK_G)``, ``BLOCK_G >= 4H``; ``j`` = its slice's units without
+projection, its ``SP`` projected units with it) and, projecting, the columns of ``W_hr`` of its slice
+``W_hr[d, :, n]`` (``(U_TILE, BLOCK_P)``), and carries its slice of ``dc`` and of ``dh`` in fp32.
+The exchanged tensors are the backward's outputs themselves (written anyway): each program
+writes its slice of ``dgates_t`` (all four gates), then every program reads the whole ``dgates_t``
+(``4H`` wide) to form its units of ``dh_{t-1} = dgates_t W_hh``. With projection a second exchange:
+each program writes its ``SP`` units of ``dhp_t = dy_t + dh_t``, then every program reads the whole
+``dhp_t`` (``P`` wide) for ``dm_t = dhp_t W_hr`` of its slice. Bytes per step and (group,
+direction), ``e`` bytes per element of the compute dtype: ``n_slices * (4S + 4H) * BLOCK_B * e``
+without projection, ``n_slices * (4S + 4H + SP + P) * BLOCK_B * e`` with it. (The alternative, every
+program reducing partial ``dh`` over its rows of ``W_hh``, would write ``n_slices * K * BLOCK_B``
+partials per program-group: ``n_slices`` times more writes.) Stages: ``T + 1`` (``2T + 1`` with
+projection): the last one forms ``dh_0`` from the last ``dgates``.
+
+Modes. ``BARRIER`` (constexpr) on: one launch runs ``stage_begin = 0 ... stage_end = n_stages``,
+waiting before each stage's exchange read and arriving after its writes. Off (per-step mode):
+the barrier is compiled out and the launcher runs one stage per launch (the launch boundary is
+the barrier); the carried fp32 state travels between launches through ``c_state`` (forward) and
+``dh_state``, ``dc_state`` (backward), loaded at the start and stored at the end of every launch.
+
+Kernel arguments besides ``fastrnn.kernels.lstm``'s:
+
+* ``h_exchange``: ``(2, D, B, K)`` weight dtype, the ping-pong exchange of ``h``: step ``i`` of the
+  walk reads slot ``i % 2`` and writes slot ``(i + 1) % 2``; the launcher puts ``h0`` in slot 0 and
+  reads ``h_n`` from slot ``T % 2``. Two slots suffice: a program overwrites slot ``i % 2`` at step
+  ``i + 1`` only after every program of its group has arrived at step ``i``, i.e. finished reading it.
+* ``m_exchange``: ``(D, B, H)`` weight dtype (``HAS_PROJ``; else any pointer): ``m_t``; one slot
+  suffices, as two barriers separate its writes from one step to the next.
+* ``c_state``: ``(D, B, H)`` fp32, ``c`` between launches (the launcher fills it with ``c0``).
+* ``dh_state``: ``(D, B, K)`` fp32, ``dc_state``: ``(D, B, H)`` fp32: ``dh``, ``dc`` between launches;
+  filled with ``dh_n``, ``dc_n``; hold ``dh0``, ``dc0`` after the last stage.
+* ``flow``: ``(D, T, n_slices * B)`` fp32 (``RECORD_FLOW``): program ``s``'s part of
+  ``||dL/dh_t||^2`` of each row at ``[d, t, s*B + b]`` (summed on the host).
+* ``flags``: ``(D, n_groups, n_slices)`` int32, zero at launch; ``error``: ``(1,)`` int32 (see
+  ``fastrnn.kernels.sync``); ``max_spins``: the bound of every wait.
+* ``stage_begin``, ``stage_end``: the stages this launch runs.
+"""
+import triton
+import triton.language as tl
+
+from fastrnn.kernels.lstm import lstm_cell, lstm_cell_grad
+from fastrnn.kernels.recurrence import step_time
+from fastrnn.kernels.sync import arrive, wait
+
+
+@triton.jit
+def split_gates(pre, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """``(4*S_TILE, BLOCK_B)`` rows gate-major (row ``q*S_TILE + u``) -> ``i, f, g, o``, each
+    ``(S_TILE, BLOCK_B)``."""
+    quad = tl.permute(tl.reshape(pre, (2, 2, S_TILE, BLOCK_B)), (2, 3, 0, 1))  # [u, b, q // 2, q % 2]
+    even, odd = tl.split(quad)  # q % 2 == 0: (i, g); 1: (f, o)
+    i, g = tl.split(even)
+    f, o = tl.split(odd)
+    return i, f, g, o
+
+
+@triton.jit(do_not_specialize=["stage_begin", "stage_end", "T"])
+def lstm_fwd_persistent_kernel(
+    gx_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
+    y_ptr, gates_ptr, c_ptr,
+    h_exchange_ptr, m_exchange_ptr, c_state_ptr, flags_ptr, error_ptr,
+    stage_begin, stage_end, T, B, H, K, D, max_spins,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
+    S: tl.constexpr, S_TILE: tl.constexpr, SP: tl.constexpr, BLOCK_SP: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Forward stages ``stage_begin ... stage_end - 1`` (``T`` per direction, ``2T`` projecting).
+    Writes ``y``, the saved ``gates`` and ``c``, the exchanges and ``c_state``."""
+    piece = tl.program_id(0)
+    group = tl.program_id(1)
+    direction = tl.program_id(2)
+    n_slices = tl.num_programs(0)
+    d64 = direction.to(tl.int64)
+    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)  # batch rows (the N side)
+    row_ok = rows < B
+    state_rows = (d64 * B + rows.to(tl.int64))[None, :]  # row index into (D, B, .) buffers
+    units = piece * S + tl.arange(0, S_TILE)
+    unit_ok = (tl.arange(0, S_TILE) < S) & (units < H)
+    tile_ok = unit_ok[:, None] & row_ok[None, :]
+    # Gate rows of the slice, gate-major: row r = q*S_TILE + u is W_hh row q*H + s*S + u.
+    r = tl.arange(0, 4 * S_TILE)
+    r_unit = r % S_TILE
+    w_rows = (r // S_TILE) * H + piece * S + r_unit
+    r_ok = (r_unit < S) & (piece * S + r_unit < H)
+    cols_k = tl.arange(0, BLOCK_K)
+    k_ok = cols_k < K
+    w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    if HAS_PROJ:
+        proj_units = piece * SP + tl.arange(0, BLOCK_SP)
+        proj_ok = (tl.arange(0, BLOCK_SP) < SP) & (proj_units < K)
+        cols_h = tl.arange(0, BLOCK_H)
+        w_r = tl.load(w_hr_ptr + d64 * K * H + proj_units[:, None] * H + cols_h[None, :],
+                      mask=proj_ok[:, None] & (cols_h < H)[None, :], other=0.0)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    flags = flags_ptr + (d64 * tl.num_programs(1) + group) * n_slices
+    c = tl.load(c_state_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
+    h_slot = D * B * K
+
+    for stage in range(stage_begin, stage_end):
+        if HAS_PROJ:
+            s = stage // 2
+            phase = stage % 2
+        else:
+            s = stage
+            phase = 0
+        t = step_time(s, T, direction).to(tl.int64)
+        step = (t * B + rows.to(tl.int64))[None, :]
+        if HAS_LENGTHS:
+            valid = (t < length)[None, :]
+        else:
+            valid = row_ok[None, :]
+        h_read = h_exchange_ptr + (s % 2) * h_slot + state_rows * K
+        h_write = h_exchange_ptr + ((s + 1) % 2) * h_slot + state_rows * K
+        if phase == 0:
+            # Gate stage. gx does not depend on the other programs: fetched before the wait.
+            g_offs = step * (D * 4 * H) + direction * 4 * H + w_rows[:, None]
+            pre = tl.load(gx_ptr + g_offs, mask=r_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+            if BARRIER:
+                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+            h_prev = tl.load(h_read + cols_k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+            pre += tl.dot(w, h_prev.to(w.dtype), input_precision=INPUT_PRECISION)
+            i, f, g, o = split_gates(pre, S_TILE, BLOCK_B)
+            i, f, g, o, c, m = lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS)
+            gate_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
+            tl.store(gates_ptr + gate_offs, i.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(gates_ptr + gate_offs + H, f.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(gates_ptr + gate_offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(gates_ptr + gate_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(c_ptr + step * (D * H) + direction * H + units[:, None], c.to(c_ptr.dtype.element_ty), mask=tile_ok)
+            if HAS_PROJ:
+                tl.store(m_exchange_ptr + state_rows * H + units[:, None], m.to(m_exchange_ptr.dtype.element_ty), mask=tile_ok)
+            else:
+                tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], m.to(y_ptr.dtype.element_ty), mask=tile_ok)
+                if HAS_LENGTHS:  # past a row's length h keeps its value
+                    m = tl.where(valid, m, tl.load(h_read + units[:, None], mask=tile_ok, other=0.0).to(tl.float32))
+                tl.store(h_write + units[:, None], m.to(h_exchange_ptr.dtype.element_ty), mask=tile_ok)
+        else:
+            # Projection stage: this program's SP units of h_t = W_hr m_t from the whole m_t.
+            if BARRIER:
+                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+            m_all = tl.load(m_exchange_ptr + state_rows * H + cols_h[:, None], mask=(cols_h < H)[:, None] & row_ok[None, :], other=0.0)
+            h_new = tl.dot(w_r, m_all.to(w_r.dtype), input_precision=INPUT_PRECISION)
+            proj_tile = proj_ok[:, None] & row_ok[None, :]
+            tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
+            if HAS_LENGTHS:  # m = 0 past a row's length, so y is 0 there; h keeps its value
+                h_new = tl.where(valid, h_new, tl.load(h_read + proj_units[:, None], mask=proj_tile, other=0.0).to(tl.float32))
+            tl.store(h_write + proj_units[:, None], h_new.to(h_exchange_ptr.dtype.element_ty), mask=proj_tile)
+        if BARRIER:
+            arrive(flags + piece, stage + 1, piece, FAULT)
+    tl.store(c_state_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
+
+
+@triton.jit
+def _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows, state_rows,
+                     units, tile_ok, grad_clip, CLIP: tl.constexpr):
+    """The gate gradients of step ``t`` for the program's slice (``(U_TILE, BLOCK_B)`` tiles) from
+    ``dm = dL/dm_t`` and the carried ``dc = dL/dc_t``, stored to ``dgates``; returns ``dL/dc_{t-1}``."""
+    step = (t * B + rows.to(tl.int64))[None, :]
+    g_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
+    i = tl.load(gates_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    f = tl.load(gates_ptr + g_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
+    g = tl.load(gates_ptr + g_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
+    o = tl.load(gates_ptr + g_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+    c_cols = direction * H + units[:, None]
+    c_t = tl.load(c_ptr + step * (D * H) + c_cols, mask=tile_ok, other=0.0).to(tl.float32)
+    # The state the forward step read: c[t-1] (forward direction) / c[t+1] (reverse), c0 at the walk's start.
+    t_prev = t - 1 + 2 * direction
+    first = (t_prev < 0) | (t_prev >= T)
+    t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
+    if first:
+        c_prev = tl.load(c0_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        c_prev = tl.load(c_ptr + (t_prev * B + rows.to(tl.int64))[None, :] * (D * H) + c_cols, mask=tile_ok, other=0.0).to(tl.float32)
+    # Past a row's length the saved gates (i = g = o = 0, f = 1) give zero gate gradients and dc_{t-1} = dc.
+    di, df, dg, do, dc_prev = lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
+    tl.store(dgates_ptr + g_offs, di.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(dgates_ptr + g_offs + H, df.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(dgates_ptr + g_offs + 2 * H, dg.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(dgates_ptr + g_offs + 3 * H, do.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+    return dc_prev
+
+
+@triton.jit(do_not_specialize=["stage_begin", "stage_end", "T"])
+def lstm_bwd_persistent_kernel(
+    dy_ptr, gates_ptr, c_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
+    dgates_ptr, dhp_ptr, flow_ptr,
+    dh_state_ptr, dc_state_ptr, flags_ptr, error_ptr,
+    stage_begin, stage_end, T, B, H, K, D, grad_clip, max_spins,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr, BARRIER: tl.constexpr, BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
+    S: tl.constexpr, U_TILE: tl.constexpr, DH_UNITS: tl.constexpr, DH_TILE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Backward stages ``stage_begin ... stage_end - 1`` (``T + 1`` per direction, ``2T + 1``
+    projecting). Stage ``i*PHASES`` of walk step ``i``: ``dh`` from the previous step's whole
+    ``dgates`` (``i > 0``), then ``dh_t = dy_t + dh`` (its squared norm to ``flow``); without projection
+    the gate gradients of the slice follow at once (``dm = dh_t``); with it ``dhp_t`` is written and
+    stage ``i*2 + 1`` reads the whole ``dhp_t`` for ``dm = dhp_t W_hr`` and the gate gradients.
+    Writes ``dgates``, ``dhp``, ``flow`` and the carried ``dh_state``, ``dc_state``."""
+    piece = tl.program_id(0)
+    group = tl.program_id(1)
+    direction = tl.program_id(2)
+    n_slices = tl.num_programs(0)
+    d64 = direction.to(tl.int64)
+    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    state_rows = (d64 * B + rows.to(tl.int64))[None, :]
+    units = piece * S + tl.arange(0, U_TILE)  # the slice's cell units
+    unit_ok = (tl.arange(0, U_TILE) < S) & (units < H)
+    tile_ok = unit_ok[:, None] & row_ok[None, :]
+    dh_units = piece * DH_UNITS + tl.arange(0, DH_TILE)  # the units of h whose gradient this program forms
+    dh_ok = (tl.arange(0, DH_TILE) < DH_UNITS) & (dh_units < K)
+    dh_tile = dh_ok[:, None] & row_ok[None, :]
+    gate_rows = tl.arange(0, BLOCK_G)  # all 4H gate pre-activations, r = q*H + n
+    g_ok = gate_rows < 4 * H
+    # w_cols[j, r] = W_hh[d, r, dh_units[j]]: dh_{t-1}^T = w_cols dgates_t^T.
+    w_cols = tl.load(w_hh_ptr + d64 * 4 * H * K + gate_rows[None, :] * K + dh_units[:, None], mask=dh_ok[:, None] & g_ok[None, :], other=0.0)
+    if HAS_PROJ:
+        cols_p = tl.arange(0, BLOCK_P)
+        p_ok = cols_p < K
+        # w_r_cols[u, p] = W_hr[d, p, units[u]]: dm_t^T = w_r_cols dhp_t^T.
+        w_r_cols = tl.load(w_hr_ptr + d64 * K * H + cols_p[None, :] * H + units[:, None], mask=unit_ok[:, None] & p_ok[None, :], other=0.0)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    flags = flags_ptr + (d64 * tl.num_programs(1) + group) * n_slices
+    dh = tl.load(dh_state_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0)
+    dc = tl.load(dc_state_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
+
+    for stage in range(stage_begin, stage_end):
+        if HAS_PROJ:
+            s = stage // 2
+            phase = stage % 2
+        else:
+            s = stage
+            phase = 0
+        live = s < T  # the last stage only forms dh_0
+        # The reverse of the forward walk (clamped on the last stage, where nothing is read at t).
+        t = step_time(tl.minimum(s, T - 1), T, 1 - direction).to(tl.int64)
+        step = (t * B + rows.to(tl.int64))[None, :]
+        if HAS_LENGTHS:
+            valid = (t < length)[None, :]
+        else:
+            valid = row_ok[None, :]
+        y_offs = step * (D * K) + direction * K
+        if phase == 0:
+            dy_t = tl.load(dy_ptr + y_offs + dh_units[:, None], mask=dh_tile, other=0.0)  # t clamped: in bounds.to(tl.float32)
+            if s > 0:
+                if BARRIER:
+                    wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+                t_before = step_time(s - 1, T, 1 - direction).to(tl.int64)
+                dg_all = tl.load(dgates_ptr + (t_before * B + rows.to(tl.int64))[None, :] * (D * 4 * H) + direction * 4 * H + gate_rows[:, None],
+                                 mask=g_ok[:, None] & row_ok[None, :], other=0.0)
+                dh_new = tl.dot(w_cols, dg_all.to(w_cols.dtype), input_precision=INPUT_PRECISION)
+                if HAS_LENGTHS:  # past a row's length dh passes through
+                    dh = tl.where((t_before < length)[None, :], dh_new, dh)
+                else:
+                    dh = dh_new
+            if live:
+                dh_t = dy_t + dh
+                if HAS_LENGTHS:
+                    dh_t = tl.where(valid, dh_t, 0.0)
+                if RECORD_FLOW:
+                    flow = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
+                    tl.store(flow_ptr + (d64 * T + t) * (n_slices * B) + piece * B + rows, flow, mask=row_ok)
+                if HAS_PROJ:
+                    tl.store(dhp_ptr + y_offs + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
+                else:
+                    dc = _cell_grad_stage(dh_t, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows,
+                                          state_rows, units, tile_ok, grad_clip, CLIP)
+        else:
+            # Projection stage: dm_t of the slice from the whole dhp_t.
+            if BARRIER:
+                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+            dhp_all = tl.load(dhp_ptr + y_offs + cols_p[:, None], mask=p_ok[:, None] & row_ok[None, :], other=0.0)
+            dm = tl.dot(w_r_cols, dhp_all.to(w_r_cols.dtype), input_precision=INPUT_PRECISION)
+            dc = _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows,
+                                  state_rows, units, tile_ok, grad_clip, CLIP)
+        if BARRIER:
+            arrive(flags + piece, stage + 1, piece, FAULT)
+    tl.store(dh_state_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
+    tl.store(dc_state_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)
