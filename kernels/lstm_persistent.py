@@ -89,6 +89,61 @@ def split_gates(pre, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr):
     return i, f, g, o
 
 
+@triton.jit
+def _gate_stage(
+    gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
+    t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
+    flags, n_slices, error_ptr, max_spins,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Step ``t``'s gates for the slice from the whole ``h_{t-1}``; returns ``c_t`` (fp32)."""
+    step = (t * B + rows.to(tl.int64))[None, :]
+    # gx does not depend on the other programs: fetched before the wait.
+    pre = tl.load(gx_ptr + step * (D * 4 * H) + direction * 4 * H + w_rows[:, None], mask=r_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+    if BARRIER:
+        wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+    h_prev = tl.load(h_read + cols_k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+    pre += tl.dot(w, h_prev.to(w.dtype), input_precision=INPUT_PRECISION)
+    i, f, g, o = split_gates(pre, S_TILE, BLOCK_B)
+    i, f, g, o, c, m = lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS)
+    gate_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
+    tl.store(gates_ptr + gate_offs, i.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(gates_ptr + gate_offs + H, f.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(gates_ptr + gate_offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(gates_ptr + gate_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(c_ptr + step * (D * H) + direction * H + units[:, None], c.to(c_ptr.dtype.element_ty), mask=tile_ok)
+    if HAS_PROJ:
+        tl.store(m_exchange_ptr + state_rows * H + units[:, None], m.to(m_exchange_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], m.to(y_ptr.dtype.element_ty), mask=tile_ok)
+        if HAS_LENGTHS:  # past a row's length h keeps its value
+            m = tl.where(valid, m, tl.load(h_read + units[:, None], mask=tile_ok, other=0.0).to(tl.float32))
+        tl.store(h_write + units[:, None], m.to(h_write.dtype.element_ty), mask=tile_ok)
+    return c
+
+
+@triton.jit
+def _projection_stage(
+    w_r, cols_h, proj_units, proj_ok, h_read, h_write, m_exchange_ptr, y_ptr,
+    t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows,
+    flags, n_slices, error_ptr, max_spins,
+    HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
+):
+    """Step ``t``'s ``SP`` projected units of the program, ``h_t = W_hr m_t``, from the whole ``m_t``."""
+    if BARRIER:
+        wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+    m_all = tl.load(m_exchange_ptr + state_rows * H + cols_h[:, None], mask=(cols_h < H)[:, None] & row_ok[None, :], other=0.0)
+    h_new = tl.dot(w_r, m_all.to(w_r.dtype), input_precision=INPUT_PRECISION)
+    proj_tile = proj_ok[:, None] & row_ok[None, :]
+    step = (t * B + rows.to(tl.int64))[None, :]
+    tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
+    if HAS_LENGTHS:  # m = 0 past a row's length, so y is 0 there; h keeps its value
+        h_new = tl.where(valid, h_new, tl.load(h_read + proj_units[:, None], mask=proj_tile, other=0.0).to(tl.float32))
+    tl.store(h_write + proj_units[:, None], h_new.to(h_write.dtype.element_ty), mask=proj_tile)
+
+
 @triton.jit(do_not_specialize=["stage_begin", "stage_end", "T"])
 def lstm_fwd_persistent_kernel(
     gx_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
@@ -100,8 +155,10 @@ def lstm_fwd_persistent_kernel(
     S: tl.constexpr, S_TILE: tl.constexpr, SP: tl.constexpr, BLOCK_SP: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Forward stages ``stage_begin ... stage_end - 1`` (``T`` per direction, ``2T`` projecting).
-    Writes ``y``, the saved ``gates`` and ``c``, the exchanges and ``c_state``."""
+    """Forward stages ``stage_begin ... stage_end - 1`` (``T`` per direction, ``2T`` projecting:
+    stage ``2i`` the gates of walk step ``i``, ``2i + 1`` its projection). Writes ``y``, the saved
+    ``gates`` and ``c``, the exchanges and ``c_state``. ``S_TILE = max(S, 4)`` (so ``4*S_TILE >= 16``),
+    ``BLOCK_K >= K``, ``BLOCK_H >= H``, ``BLOCK_SP = max(SP, 16)``, ``BLOCK_FLAGS >= n_slices``."""
     piece = tl.program_id(0)
     group = tl.program_id(1)
     direction = tl.program_id(2)
@@ -136,52 +193,31 @@ def lstm_fwd_persistent_kernel(
     for stage in range(stage_begin, stage_end):
         if HAS_PROJ:
             s = stage // 2
-            phase = stage % 2
         else:
             s = stage
-            phase = 0
         t = step_time(s, T, direction).to(tl.int64)
-        step = (t * B + rows.to(tl.int64))[None, :]
         if HAS_LENGTHS:
             valid = (t < length)[None, :]
         else:
             valid = row_ok[None, :]
         h_read = h_exchange_ptr + (s % 2) * h_slot + state_rows * K
         h_write = h_exchange_ptr + ((s + 1) % 2) * h_slot + state_rows * K
-        if phase == 0:
-            # Gate stage. gx does not depend on the other programs: fetched before the wait.
-            g_offs = step * (D * 4 * H) + direction * 4 * H + w_rows[:, None]
-            pre = tl.load(gx_ptr + g_offs, mask=r_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
-            if BARRIER:
-                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-            h_prev = tl.load(h_read + cols_k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-            pre += tl.dot(w, h_prev.to(w.dtype), input_precision=INPUT_PRECISION)
-            i, f, g, o = split_gates(pre, S_TILE, BLOCK_B)
-            i, f, g, o, c, m = lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS)
-            gate_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
-            tl.store(gates_ptr + gate_offs, i.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-            tl.store(gates_ptr + gate_offs + H, f.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-            tl.store(gates_ptr + gate_offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-            tl.store(gates_ptr + gate_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-            tl.store(c_ptr + step * (D * H) + direction * H + units[:, None], c.to(c_ptr.dtype.element_ty), mask=tile_ok)
-            if HAS_PROJ:
-                tl.store(m_exchange_ptr + state_rows * H + units[:, None], m.to(m_exchange_ptr.dtype.element_ty), mask=tile_ok)
+        if HAS_PROJ:
+            if stage % 2 == 0:
+                c = _gate_stage(gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
+                                t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
+                                flags, n_slices, error_ptr, max_spins,
+                                HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B)
             else:
-                tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], m.to(y_ptr.dtype.element_ty), mask=tile_ok)
-                if HAS_LENGTHS:  # past a row's length h keeps its value
-                    m = tl.where(valid, m, tl.load(h_read + units[:, None], mask=tile_ok, other=0.0).to(tl.float32))
-                tl.store(h_write + units[:, None], m.to(h_exchange_ptr.dtype.element_ty), mask=tile_ok)
+                _projection_stage(w_r, cols_h, proj_units, proj_ok, h_read, h_write, m_exchange_ptr, y_ptr,
+                                  t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows,
+                                  flags, n_slices, error_ptr, max_spins,
+                                  HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT)
         else:
-            # Projection stage: this program's SP units of h_t = W_hr m_t from the whole m_t.
-            if BARRIER:
-                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-            m_all = tl.load(m_exchange_ptr + state_rows * H + cols_h[:, None], mask=(cols_h < H)[:, None] & row_ok[None, :], other=0.0)
-            h_new = tl.dot(w_r, m_all.to(w_r.dtype), input_precision=INPUT_PRECISION)
-            proj_tile = proj_ok[:, None] & row_ok[None, :]
-            tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
-            if HAS_LENGTHS:  # m = 0 past a row's length, so y is 0 there; h keeps its value
-                h_new = tl.where(valid, h_new, tl.load(h_read + proj_units[:, None], mask=proj_tile, other=0.0).to(tl.float32))
-            tl.store(h_write + proj_units[:, None], h_new.to(h_exchange_ptr.dtype.element_ty), mask=proj_tile)
+            c = _gate_stage(gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
+                            t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
+                            flags, n_slices, error_ptr, max_spins,
+                            HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B)
         if BARRIER:
             arrive(flags + piece, stage + 1, piece, FAULT)
     tl.store(c_state_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
@@ -204,10 +240,9 @@ def _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D
     t_prev = t - 1 + 2 * direction
     first = (t_prev < 0) | (t_prev >= T)
     t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
-    if first:
-        c_prev = tl.load(c0_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
-    else:
-        c_prev = tl.load(c_ptr + (t_prev * B + rows.to(tl.int64))[None, :] * (D * H) + c_cols, mask=tile_ok, other=0.0).to(tl.float32)
+    c_init = tl.load(c0_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+    c_prev = tl.load(c_ptr + (t_prev * B + rows.to(tl.int64))[None, :] * (D * H) + c_cols, mask=tile_ok, other=0.0).to(tl.float32)
+    c_prev = tl.where(first, c_init, c_prev)
     # Past a row's length the saved gates (i = g = o = 0, f = 1) give zero gate gradients and dc_{t-1} = dc.
     di, df, dg, do, dc_prev = lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
     tl.store(dgates_ptr + g_offs, di.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
@@ -215,6 +250,41 @@ def _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D
     tl.store(dgates_ptr + g_offs + 2 * H, dg.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(dgates_ptr + g_offs + 3 * H, do.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     return dc_prev
+
+
+@triton.jit
+def _dh_stage(
+    w_cols, dh, dy_ptr, dgates_ptr, dhp_ptr, flow_ptr, s, stage, t, valid, T, B, H, K, D, direction, rows, row_ok,
+    length, gate_rows, g_ok, dh_units, dh_tile, piece, n_slices, flags, error_ptr, max_spins,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    BARRIER: tl.constexpr, BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
+):
+    """Walk step ``s``'s first stage: ``dh`` (the program's ``dh`` units) from the previous walk
+    step's whole ``dgates`` (``s > 0``), then ``dh_t = dy_t + dh`` (0 past a row's length with
+    projection), its part of ``||dh_t||^2`` to ``flow`` and, projecting, ``dhp_t``. Returns ``dh``, ``dh_t``."""
+    y_offs = (t * B + rows.to(tl.int64))[None, :] * (D * K) + direction * K + dh_units[:, None]
+    dy_t = tl.load(dy_ptr + y_offs, mask=dh_tile, other=0.0).to(tl.float32)  # t is clamped: in bounds at s = T too
+    if s > 0:
+        if BARRIER:
+            wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+        t_before = step_time(s - 1, T, 1 - direction).to(tl.int64)
+        dg_all = tl.load(dgates_ptr + (t_before * B + rows.to(tl.int64))[None, :] * (D * 4 * H) + direction * 4 * H + gate_rows[:, None],
+                         mask=g_ok[:, None] & row_ok[None, :], other=0.0)
+        dh_new = tl.dot(w_cols, dg_all.to(w_cols.dtype), input_precision=INPUT_PRECISION)
+        if HAS_LENGTHS:  # past a row's length dh passes through
+            dh = tl.where((t_before < length)[None, :], dh_new, dh)
+        else:
+            dh = dh_new
+    dh_t = dy_t + dh
+    if s < T:
+        if HAS_PROJ:
+            if HAS_LENGTHS:
+                dh_t = tl.where(valid, dh_t, 0.0)
+            tl.store(dhp_ptr + y_offs, dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
+        if RECORD_FLOW:
+            flow = tl.sum(tl.where(dh_tile & valid, dh_t * dh_t, 0.0), axis=0)
+            tl.store(flow_ptr + (direction * T + t) * (n_slices * B) + piece * B + rows, flow, mask=row_ok)
+    return dh, dh_t
 
 
 @triton.jit(do_not_specialize=["stage_begin", "stage_end", "T"])
@@ -229,11 +299,13 @@ def lstm_bwd_persistent_kernel(
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Backward stages ``stage_begin ... stage_end - 1`` (``T + 1`` per direction, ``2T + 1``
-    projecting). Stage ``i*PHASES`` of walk step ``i``: ``dh`` from the previous step's whole
-    ``dgates`` (``i > 0``), then ``dh_t = dy_t + dh`` (its squared norm to ``flow``); without projection
-    the gate gradients of the slice follow at once (``dm = dh_t``); with it ``dhp_t`` is written and
-    stage ``i*2 + 1`` reads the whole ``dhp_t`` for ``dm = dhp_t W_hr`` and the gate gradients.
-    Writes ``dgates``, ``dhp``, ``flow`` and the carried ``dh_state``, ``dc_state``."""
+    projecting). Stage ``i*PHASES`` of walk step ``i`` (``_dh_stage``): ``dh`` from the previous
+    step's whole ``dgates``, ``dh_t = dy_t + dh``; without projection the gate gradients of the slice
+    follow at once (``dm = dh_t``); with it stage ``2i + 1`` reads the whole ``dhp_t`` for
+    ``dm = dhp_t W_hr`` and the gate gradients. The last stage only forms ``dh_0``. Writes
+    ``dgates``, ``dhp``, ``flow`` and the carried ``dh_state``, ``dc_state``. ``U_TILE = max(S, 16)``,
+    ``DH_UNITS``: ``S`` (no projection) or ``SP``, ``DH_TILE = max(DH_UNITS, 16)``, ``BLOCK_G >= 4H``,
+    ``BLOCK_P >= P``, ``BLOCK_FLAGS >= n_slices``."""
     piece = tl.program_id(0)
     group = tl.program_id(1)
     direction = tl.program_id(2)
@@ -259,6 +331,8 @@ def lstm_bwd_persistent_kernel(
         w_r_cols = tl.load(w_hr_ptr + d64 * K * H + cols_p[None, :] * H + units[:, None], mask=unit_ok[:, None] & p_ok[None, :], other=0.0)
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    else:
+        length = 0
     flags = flags_ptr + (d64 * tl.num_programs(1) + group) * n_slices
     dh = tl.load(dh_state_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0)
     dc = tl.load(dc_state_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
@@ -266,52 +340,35 @@ def lstm_bwd_persistent_kernel(
     for stage in range(stage_begin, stage_end):
         if HAS_PROJ:
             s = stage // 2
-            phase = stage % 2
         else:
             s = stage
-            phase = 0
-        live = s < T  # the last stage only forms dh_0
-        # The reverse of the forward walk (clamped on the last stage, where nothing is read at t).
+        # The reverse of the forward walk (clamped at s = T, where only dh_0 is formed).
         t = step_time(tl.minimum(s, T - 1), T, 1 - direction).to(tl.int64)
-        step = (t * B + rows.to(tl.int64))[None, :]
         if HAS_LENGTHS:
             valid = (t < length)[None, :]
         else:
             valid = row_ok[None, :]
-        y_offs = step * (D * K) + direction * K
-        if phase == 0:
-            dy_t = tl.load(dy_ptr + y_offs + dh_units[:, None], mask=dh_tile, other=0.0)  # t clamped: in bounds.to(tl.float32)
-            if s > 0:
+        if HAS_PROJ:
+            if stage % 2 == 0:
+                dh, dh_t = _dh_stage(w_cols, dh, dy_ptr, dgates_ptr, dhp_ptr, flow_ptr, s, stage, t, valid, T, B, H, K, D, direction,
+                                     rows, row_ok, length, gate_rows, g_ok, dh_units, dh_tile, piece, n_slices, flags, error_ptr,
+                                     max_spins, HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, RECORD_FLOW, BARRIER, BLOCK_FLAGS, FAULT)
+            else:
+                # dm_t of the slice from the whole dhp_t.
                 if BARRIER:
                     wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-                t_before = step_time(s - 1, T, 1 - direction).to(tl.int64)
-                dg_all = tl.load(dgates_ptr + (t_before * B + rows.to(tl.int64))[None, :] * (D * 4 * H) + direction * 4 * H + gate_rows[:, None],
-                                 mask=g_ok[:, None] & row_ok[None, :], other=0.0)
-                dh_new = tl.dot(w_cols, dg_all.to(w_cols.dtype), input_precision=INPUT_PRECISION)
-                if HAS_LENGTHS:  # past a row's length dh passes through
-                    dh = tl.where((t_before < length)[None, :], dh_new, dh)
-                else:
-                    dh = dh_new
-            if live:
-                dh_t = dy_t + dh
-                if HAS_LENGTHS:
-                    dh_t = tl.where(valid, dh_t, 0.0)
-                if RECORD_FLOW:
-                    flow = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
-                    tl.store(flow_ptr + (d64 * T + t) * (n_slices * B) + piece * B + rows, flow, mask=row_ok)
-                if HAS_PROJ:
-                    tl.store(dhp_ptr + y_offs + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
-                else:
-                    dc = _cell_grad_stage(dh_t, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows,
-                                          state_rows, units, tile_ok, grad_clip, CLIP)
+                dhp_all = tl.load(dhp_ptr + (t * B + rows.to(tl.int64))[None, :] * (D * K) + direction * K + cols_p[:, None],
+                                  mask=p_ok[:, None] & row_ok[None, :], other=0.0)
+                dm = tl.dot(w_r_cols, dhp_all.to(w_r_cols.dtype), input_precision=INPUT_PRECISION)
+                dc = _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows,
+                                      state_rows, units, tile_ok, grad_clip, CLIP)
         else:
-            # Projection stage: dm_t of the slice from the whole dhp_t.
-            if BARRIER:
-                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-            dhp_all = tl.load(dhp_ptr + y_offs + cols_p[:, None], mask=p_ok[:, None] & row_ok[None, :], other=0.0)
-            dm = tl.dot(w_r_cols, dhp_all.to(w_r_cols.dtype), input_precision=INPUT_PRECISION)
-            dc = _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows,
-                                  state_rows, units, tile_ok, grad_clip, CLIP)
+            dh, dh_t = _dh_stage(w_cols, dh, dy_ptr, dgates_ptr, dhp_ptr, flow_ptr, s, stage, t, valid, T, B, H, K, D, direction,
+                                 rows, row_ok, length, gate_rows, g_ok, dh_units, dh_tile, piece, n_slices, flags, error_ptr,
+                                 max_spins, HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, RECORD_FLOW, BARRIER, BLOCK_FLAGS, FAULT)
+            if s < T:
+                dc = _cell_grad_stage(dh_t, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows,
+                                      state_rows, units, tile_ok, grad_clip, CLIP)
         if BARRIER:
             arrive(flags + piece, stage + 1, piece, FAULT)
     tl.store(dh_state_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
