@@ -224,10 +224,37 @@ def lstm_fwd_persistent_kernel(
 
 
 @triton.jit
-def _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows, state_rows,
-                     units, tile_ok, grad_clip, CLIP: tl.constexpr):
-    """The gate gradients of step ``t`` for the program's slice (``(U_TILE, BLOCK_B)`` tiles) from
-    ``dm = dL/dm_t`` and the carried ``dc = dL/dc_t``, stored to ``dgates``; returns ``dL/dc_{t-1}``."""
+def join_gates(i, f, g, o, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The inverse of :func:`split_gates`: four ``(S_TILE, BLOCK_B)`` tiles -> ``(4*S_TILE, BLOCK_B)``
+    rows gate-major."""
+    quad = tl.join(tl.join(i, g), tl.join(f, o))  # [u, b, q // 2, q % 2]
+    return tl.reshape(tl.permute(quad, (2, 3, 0, 1)), (4 * S_TILE, BLOCK_B))
+
+
+@triton.jit
+def gather_partials(partial_ptr, n_slices, slot_stride, state_rows, width, units, tile_ok,
+                    GATHER: tl.constexpr, TILE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """``sum_j partial[j, d, b, units]`` over the ``n_slices`` programs ``j`` of the group, in a fixed
+    order (deterministic): ``partial_ptr`` is one ping-pong slot of a ``(n_slices, D, B, width)``
+    fp32 buffer, ``slot_stride = D*B*width``. Returns ``(TILE, BLOCK_B)`` fp32."""
+    acc = tl.zeros((TILE, BLOCK_B), dtype=tl.float32)
+    lanes = tl.arange(0, GATHER)
+    offs = (state_rows * width + units[:, None])[None, :, :]
+    for j0 in range(0, n_slices, GATHER):
+        j = j0 + lanes
+        part = tl.load(partial_ptr + j.to(tl.int64)[:, None, None] * slot_stride + offs,
+                       mask=(j < n_slices)[:, None, None] & tile_ok[None, :, :], other=0.0)
+        acc += tl.sum(part, axis=0)
+    return acc
+
+
+@triton.jit
+def _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh_partial_ptr, t, T, B, H, K, D, direction, rows,
+                     state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip,
+                     CLIP: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Step ``t``'s gate gradients of the slice (``(S_TILE, BLOCK_B)`` tiles) from ``dm = dL/dm_t``
+    and the carried ``dc = dL/dc_t``: stored to ``dgates``, and this program's partial
+    ``dh_{t-1}^T = W_slice^T dgates_slice^T`` (all ``K`` units) to ``dh_partial``; returns ``dL/dc_{t-1}``."""
     step = (t * B + rows.to(tl.int64))[None, :]
     g_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
     i = tl.load(gates_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -249,63 +276,37 @@ def _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D
     tl.store(dgates_ptr + g_offs + H, df.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(dgates_ptr + g_offs + 2 * H, dg.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(dgates_ptr + g_offs + 3 * H, do.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+    # The same rounding of the gate gradients as the resident kernel's product (to the weight dtype).
+    d_slice = join_gates(di, df, dg, do, S_TILE, BLOCK_B).to(w.dtype)
+    partial = tl.dot(tl.trans(w), d_slice, input_precision=INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
+    tl.store(dh_partial_ptr + state_rows * K + cols_k[:, None], partial, mask=k_ok[:, None] & row_ok[None, :])
     return dc_prev
-
-
-@triton.jit
-def _dh_stage(
-    w_cols, dh, dy_ptr, dgates_ptr, dhp_ptr, flow_ptr, s, stage, t, valid, T, B, H, K, D, direction, rows, row_ok,
-    length, gate_rows, g_ok, dh_units, dh_tile, piece, n_slices, flags, error_ptr, max_spins,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, RECORD_FLOW: tl.constexpr,
-    BARRIER: tl.constexpr, BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
-):
-    """Walk step ``s``'s first stage: ``dh`` (the program's ``dh`` units) from the previous walk
-    step's whole ``dgates`` (``s > 0``), then ``dh_t = dy_t + dh`` (0 past a row's length with
-    projection), its part of ``||dh_t||^2`` to ``flow`` and, projecting, ``dhp_t``. Returns ``dh``, ``dh_t``."""
-    y_offs = (t * B + rows.to(tl.int64))[None, :] * (D * K) + direction * K + dh_units[:, None]
-    dy_t = tl.load(dy_ptr + y_offs, mask=dh_tile, other=0.0).to(tl.float32)  # t is clamped: in bounds at s = T too
-    if s > 0:
-        if BARRIER:
-            wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-        t_before = step_time(s - 1, T, 1 - direction).to(tl.int64)
-        dg_all = tl.load(dgates_ptr + (t_before * B + rows.to(tl.int64))[None, :] * (D * 4 * H) + direction * 4 * H + gate_rows[:, None],
-                         mask=g_ok[:, None] & row_ok[None, :], other=0.0)
-        dh_new = tl.dot(w_cols, dg_all.to(w_cols.dtype), input_precision=INPUT_PRECISION)
-        if HAS_LENGTHS:  # past a row's length dh passes through
-            dh = tl.where((t_before < length)[None, :], dh_new, dh)
-        else:
-            dh = dh_new
-    dh_t = dy_t + dh
-    if s < T:
-        if HAS_PROJ:
-            if HAS_LENGTHS:
-                dh_t = tl.where(valid, dh_t, 0.0)
-            tl.store(dhp_ptr + y_offs, dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
-        if RECORD_FLOW:
-            flow = tl.sum(tl.where(dh_tile & valid, dh_t * dh_t, 0.0), axis=0)
-            tl.store(flow_ptr + (direction * T + t) * (n_slices * B) + piece * B + rows, flow, mask=row_ok)
-    return dh, dh_t
 
 
 @triton.jit(do_not_specialize=["stage_begin", "stage_end", "T"])
 def lstm_bwd_persistent_kernel(
     dy_ptr, gates_ptr, c_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
     dgates_ptr, dhp_ptr, flow_ptr,
-    dh_state_ptr, dc_state_ptr, flags_ptr, error_ptr,
+    dh_partial_ptr, dm_partial_ptr, dh_state_ptr, dc_state_ptr, flags_ptr, error_ptr,
     stage_begin, stage_end, T, B, H, K, D, grad_clip, max_spins,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr, BARRIER: tl.constexpr, BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
-    S: tl.constexpr, U_TILE: tl.constexpr, DH_UNITS: tl.constexpr, DH_TILE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr,
+    S: tl.constexpr, S_TILE: tl.constexpr, SP: tl.constexpr, BLOCK_SP: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, GATHER: tl.constexpr,
 ):
-    """Backward stages ``stage_begin ... stage_end - 1`` (``T + 1`` per direction, ``2T + 1``
-    projecting). Stage ``i*PHASES`` of walk step ``i`` (``_dh_stage``): ``dh`` from the previous
-    step's whole ``dgates``, ``dh_t = dy_t + dh``; without projection the gate gradients of the slice
-    follow at once (``dm = dh_t``); with it stage ``2i + 1`` reads the whole ``dhp_t`` for
-    ``dm = dhp_t W_hr`` and the gate gradients. The last stage only forms ``dh_0``. Writes
-    ``dgates``, ``dhp``, ``flow`` and the carried ``dh_state``, ``dc_state``. ``U_TILE = max(S, 16)``,
-    ``DH_UNITS``: ``S`` (no projection) or ``SP``, ``DH_TILE = max(DH_UNITS, 16)``, ``BLOCK_G >= 4H``,
-    ``BLOCK_P >= P``, ``BLOCK_FLAGS >= n_slices``."""
+    """Backward stages ``stage_begin ... stage_end - 1``: ``T + 1`` per direction (``2T + 1``
+    projecting), the last one only forming ``dh_0``. Walk step ``i`` (time ``t``):
+
+    * without projection, stage ``i``: ``dh`` of the slice's units = the sum of every program's
+      partial of the previous step (``i > 0``); ``dm = dh_t = dy_t + dh`` (its squared norm to
+      ``flow``); the gate gradients; this program's partial of ``dh_{t-1}`` (all ``K`` units).
+    * with projection, stage ``2i``: ``dh`` of the program's ``SP`` projected units from the
+      partials; ``dhp_t = dy_t + dh`` (0 past a row's length) to ``dhp`` and ``flow``; this program's
+      partial of ``dm_t = dhp_t W_hr`` (all ``H`` units, from its rows of ``W_hr``). Stage ``2i + 1``:
+      ``dm`` of the slice's units from the partials; the gate gradients; the partial of ``dh_{t-1}``.
+
+    Writes ``dgates``, ``dhp``, ``flow``, the partials and the carried ``dh_state``, ``dc_state``.
+    Same tile sizes as the forward; ``GATHER`` partials are summed per load."""
     piece = tl.program_id(0)
     group = tl.program_id(1)
     direction = tl.program_id(2)
@@ -314,61 +315,84 @@ def lstm_bwd_persistent_kernel(
     rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     state_rows = (d64 * B + rows.to(tl.int64))[None, :]
-    units = piece * S + tl.arange(0, U_TILE)  # the slice's cell units
-    unit_ok = (tl.arange(0, U_TILE) < S) & (units < H)
+    units = piece * S + tl.arange(0, S_TILE)  # the slice's cell units
+    unit_ok = (tl.arange(0, S_TILE) < S) & (units < H)
     tile_ok = unit_ok[:, None] & row_ok[None, :]
-    dh_units = piece * DH_UNITS + tl.arange(0, DH_TILE)  # the units of h whose gradient this program forms
-    dh_ok = (tl.arange(0, DH_TILE) < DH_UNITS) & (dh_units < K)
-    dh_tile = dh_ok[:, None] & row_ok[None, :]
-    gate_rows = tl.arange(0, BLOCK_G)  # all 4H gate pre-activations, r = q*H + n
-    g_ok = gate_rows < 4 * H
-    # w_cols[j, r] = W_hh[d, r, dh_units[j]]: dh_{t-1}^T = w_cols dgates_t^T.
-    w_cols = tl.load(w_hh_ptr + d64 * 4 * H * K + gate_rows[None, :] * K + dh_units[:, None], mask=dh_ok[:, None] & g_ok[None, :], other=0.0)
+    # The forward's rows of W_hh: the partial of dh_{t-1} is W_slice^T dgates_slice^T.
+    r = tl.arange(0, 4 * S_TILE)
+    r_unit = r % S_TILE
+    w_rows = (r // S_TILE) * H + piece * S + r_unit
+    r_ok = (r_unit < S) & (piece * S + r_unit < H)
+    cols_k = tl.arange(0, BLOCK_K)
+    k_ok = cols_k < K
+    w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     if HAS_PROJ:
-        cols_p = tl.arange(0, BLOCK_P)
-        p_ok = cols_p < K
-        # w_r_cols[u, p] = W_hr[d, p, units[u]]: dm_t^T = w_r_cols dhp_t^T.
-        w_r_cols = tl.load(w_hr_ptr + d64 * K * H + cols_p[None, :] * H + units[:, None], mask=unit_ok[:, None] & p_ok[None, :], other=0.0)
+        # The forward's rows of W_hr: the partial of dm_t is W_hr_slice^T dhp_slice^T.
+        dh_units = piece * SP + tl.arange(0, BLOCK_SP)  # the program's projected units
+        dh_ok = (tl.arange(0, BLOCK_SP) < SP) & (dh_units < K)
+        cols_h = tl.arange(0, BLOCK_H)
+        h_ok = cols_h < H
+        w_r = tl.load(w_hr_ptr + d64 * K * H + dh_units[:, None] * H + cols_h[None, :], mask=dh_ok[:, None] & h_ok[None, :], other=0.0)
+    else:
+        dh_units = units
+        dh_ok = unit_ok
+    dh_tile = dh_ok[:, None] & row_ok[None, :]
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    else:
-        length = 0
     flags = flags_ptr + (d64 * tl.num_programs(1) + group) * n_slices
     dh = tl.load(dh_state_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0)
     dc = tl.load(dc_state_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
+    dh_slot = n_slices * D * B * K  # elements per ping-pong slot of the partials
+    dm_slot = n_slices * D * B * H
 
     for stage in range(stage_begin, stage_end):
         if HAS_PROJ:
             s = stage // 2
         else:
             s = stage
-        # The reverse of the forward walk (clamped at s = T, where only dh_0 is formed).
+        # The reverse of the forward walk (t clamped at s = T, where only dh_0 is formed).
         t = step_time(tl.minimum(s, T - 1), T, 1 - direction).to(tl.int64)
         if HAS_LENGTHS:
             valid = (t < length)[None, :]
         else:
             valid = row_ok[None, :]
-        if HAS_PROJ:
-            if stage % 2 == 0:
-                dh, dh_t = _dh_stage(w_cols, dh, dy_ptr, dgates_ptr, dhp_ptr, flow_ptr, s, stage, t, valid, T, B, H, K, D, direction,
-                                     rows, row_ok, length, gate_rows, g_ok, dh_units, dh_tile, piece, n_slices, flags, error_ptr,
-                                     max_spins, HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, RECORD_FLOW, BARRIER, BLOCK_FLAGS, FAULT)
-            else:
-                # dm_t of the slice from the whole dhp_t.
+        step = (t * B + rows.to(tl.int64))[None, :]
+        if (not HAS_PROJ) or (stage % 2 == 0):
+            dy_t = tl.load(dy_ptr + step * (D * K) + direction * K + dh_units[:, None], mask=dh_tile, other=0.0).to(tl.float32)
+            if s > 0:
                 if BARRIER:
                     wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-                dhp_all = tl.load(dhp_ptr + (t * B + rows.to(tl.int64))[None, :] * (D * K) + direction * K + cols_p[:, None],
-                                  mask=p_ok[:, None] & row_ok[None, :], other=0.0)
-                dm = tl.dot(w_r_cols, dhp_all.to(w_r_cols.dtype), input_precision=INPUT_PRECISION)
-                dc = _cell_grad_stage(dm, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows,
-                                      state_rows, units, tile_ok, grad_clip, CLIP)
-        else:
-            dh, dh_t = _dh_stage(w_cols, dh, dy_ptr, dgates_ptr, dhp_ptr, flow_ptr, s, stage, t, valid, T, B, H, K, D, direction,
-                                 rows, row_ok, length, gate_rows, g_ok, dh_units, dh_tile, piece, n_slices, flags, error_ptr,
-                                 max_spins, HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, RECORD_FLOW, BARRIER, BLOCK_FLAGS, FAULT)
+                dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, n_slices, D * B * K, state_rows, K, dh_units, dh_tile,
+                                         GATHER, BLOCK_SP if HAS_PROJ else S_TILE, BLOCK_B)
+                if HAS_LENGTHS:  # past a row's length dh passes through
+                    t_before = step_time(s - 1, T, 1 - direction)
+                    dh = tl.where((t_before < length)[None, :], dh_new, dh)
+                else:
+                    dh = dh_new
             if s < T:
-                dc = _cell_grad_stage(dh_t, dc, gates_ptr, c_ptr, c0_ptr, dgates_ptr, t, T, B, H, D, direction, rows,
-                                      state_rows, units, tile_ok, grad_clip, CLIP)
+                dh_t = dy_t + dh
+                if HAS_LENGTHS:
+                    dh_t = tl.where(valid, dh_t, 0.0)
+                if RECORD_FLOW:
+                    flow = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
+                    tl.store(flow_ptr + (direction * T + t) * (n_slices * B) + piece * B + rows, flow, mask=row_ok)
+                if HAS_PROJ:
+                    tl.store(dhp_ptr + step * (D * K) + direction * K + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
+                    dm_part = tl.dot(tl.trans(w_r), dh_t.to(w_r.dtype), input_precision=INPUT_PRECISION)  # (BLOCK_H, BLOCK_B)
+                    tl.store(dm_partial_ptr + (s % 2) * dm_slot + piece * (D * B * H) + state_rows * H + cols_h[:, None], dm_part,
+                             mask=h_ok[:, None] & row_ok[None, :])
+                else:
+                    dc = _cell_grad_stage(dh_t, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr,
+                                          dh_partial_ptr + (s % 2) * dh_slot + piece * (D * B * K), t, T, B, H, K, D, direction, rows,
+                                          state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B)
+        else:
+            if BARRIER:
+                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+            dm = gather_partials(dm_partial_ptr + (s % 2) * dm_slot, n_slices, D * B * H, state_rows, H, units, tile_ok,
+                                 GATHER, S_TILE, BLOCK_B)
+            dc = _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr,
+                                  dh_partial_ptr + (s % 2) * dh_slot + piece * (D * B * K), t, T, B, H, K, D, direction, rows,
+                                  state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B)
         if BARRIER:
             arrive(flags + piece, stage + 1, piece, FAULT)
     tl.store(dh_state_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
