@@ -32,20 +32,23 @@ projection every program writes ``S * BLOCK_B`` and reads ``K * BLOCK_B`` elemen
 ``n_slices * (S + H) * BLOCK_B * e`` bytes in all; with projection ``m`` (``H`` wide) and ``h``
 (``P`` wide) both go round: ``n_slices * (S + SP + H + P) * BLOCK_B * e``, and two barriers.
 
-Backward. Program ``(s, g, d)`` holds the columns of ``W_hh`` of its ``dh`` units
-``W_hh[d, :, j]`` (``(DH_TILE, BLOCK_G)``, ``BLOCK_G >= 4H``; ``j`` = its slice's units without
-projection, its ``SP`` projected units with it) and, projecting, the columns of ``W_hr`` of its slice
-``W_hr[d, :, n]`` (``(U_TILE, BLOCK_P)``), and carries its slice of ``dc`` and of ``dh`` in fp32.
-The exchanged tensors are the backward's outputs themselves (written anyway): each program
-writes its slice of ``dgates_t`` (all four gates), then every program reads the whole ``dgates_t``
-(``4H`` wide) to form its units of ``dh_{t-1} = dgates_t W_hh``. With projection a second exchange:
-each program writes its ``SP`` units of ``dhp_t = dy_t + dh_t``, then every program reads the whole
-``dhp_t`` (``P`` wide) for ``dm_t = dhp_t W_hr`` of its slice. Bytes per step and (group,
-direction), ``e`` bytes per element of the compute dtype: ``n_slices * (4S + 4H) * BLOCK_B * e``
-without projection, ``n_slices * (4S + 4H + SP + P) * BLOCK_B * e`` with it. (The alternative, every
-program reducing partial ``dh`` over its rows of ``W_hh``, would write ``n_slices * K * BLOCK_B``
-partials per program-group: ``n_slices`` times more writes.) Stages: ``T + 1`` (``2T + 1`` with
-projection): the last one forms ``dh_0`` from the last ``dgates``.
+Backward. Program ``(s, g, d)`` holds the same rows as in the forward (and the same rows of
+``W_hr``) and carries its slice of ``dc`` and its units of ``dh`` (its slice without projection, its
+``SP`` projected units with it) in fp32. Exchange by partial sums: after the gate gradients of its
+slice (``4S`` rows), each program writes its partial of ``dh_{t-1} = dgates_t W_hh`` over all ``K``
+units, ``W_slice^T dgates_slice^T``, to ``dh_partial``; after the barrier each program sums the
+``n_slices`` partials of its own units, in a fixed order (deterministic). With projection the same
+for ``dm_t = dhp_t W_hr``: each program's partial from its ``SP`` units of ``dhp_t``, over all ``H``
+units, to ``dm_partial``, summed by the owner of each slice. Bytes per step and (group, direction),
+fp32 partials: without projection each program writes ``K`` and reads ``n_slices * S = H`` values
+per batch row, ``n_slices * (K + H) * BLOCK_B * 4`` in all; with projection
+``n_slices * (P + n_slices*SP + 2H) * BLOCK_B * 4``, and two barriers per step. The alternative the
+issue names, every program reading the whole ``dgates_t`` (``4H * BLOCK_B * e`` per program, ``e``
+bytes per compute-dtype element: as many bytes in 16-bit, half in fp32), needs each program to
+hold the *columns* of ``W_hh`` of its units (``4H x S``): the product then has ``M = S`` (padded to
+16 when ``S = 8``: twice the weight registers) and a ``4H``-long reduction operand, which spills
+where this form does not (ahead-of-time compiles, ``python -m fastrnn.ops.aot``).
+Stages: ``T + 1`` (``2T + 1`` with projection): the last one forms ``dh_0`` from the last partials.
 
 Modes. ``BARRIER`` (constexpr) on: one launch runs ``stage_begin = 0 ... stage_end = n_stages``,
 waiting before each stage's exchange read and arriving after its writes. Off (per-step mode):
@@ -62,6 +65,8 @@ Kernel arguments besides ``fastrnn.kernels.lstm``'s:
 * ``m_exchange``: ``(D, B, H)`` weight dtype (``HAS_PROJ``; else any pointer): ``m_t``; one slot
   suffices, as two barriers separate its writes from one step to the next.
 * ``c_state``: ``(D, B, H)`` fp32, ``c`` between launches (the launcher fills it with ``c0``).
+* ``dh_partial``: ``(2, n_slices, D, B, K)`` fp32, ``dm_partial``: ``(2, n_slices, D, B, H)`` fp32
+  (``HAS_PROJ``; else any pointer): each program's partials, ping-pong by walk step (``i % 2``).
 * ``dh_state``: ``(D, B, K)`` fp32, ``dc_state``: ``(D, B, H)`` fp32: ``dh``, ``dc`` between launches;
   filled with ``dh_n``, ``dc_n``; hold ``dh0``, ``dc0`` after the last stage.
 * ``flow``: ``(D, T, n_slices * B)`` fp32 (``RECORD_FLOW``): program ``s``'s part of

