@@ -79,8 +79,8 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.lstm import lstm_cell, lstm_cell_grad
-from fastrnn.kernels.recurrence import step_time
-from fastrnn.kernels.sync import arrive, wait
+from fastrnn.kernels.recurrence import group_flags, step_time
+from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
 
 
 @triton.jit
@@ -95,19 +95,34 @@ def split_gates(pre, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def publish(values, dst, mask, own_flag, stage, piece, BARRIER: tl.constexpr, FAULT: tl.constexpr):
+    """Store this program's part of the exchanged state (``values`` to ``dst``), then arrive with
+    ``stage + 1`` phases done (``FAULT_ARRIVE_EARLY``: the other way round, a test-only mutation)."""
+    if BARRIER:
+        if FAULT == FAULT_ARRIVE_EARLY:
+            arrive(own_flag, stage + 1, piece, FAULT)
+    tl.store(dst, values.to(dst.dtype.element_ty), mask=mask)
+    if BARRIER:
+        if FAULT != FAULT_ARRIVE_EARLY:
+            arrive(own_flag, stage + 1, piece, FAULT)
+
+
+@triton.jit
 def _gate_stage(
-    gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
-    t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
-    flags, n_slices, error_ptr, max_spins,
+    gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
+    s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
+    flags, own_flag, piece, n_slices, error_ptr, max_spins,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Step ``t``'s gates for the slice from the whole ``h_{t-1}``; returns ``c_t`` (fp32)."""
+    """Walk step ``s`` (time ``t``): the slice's gates from the whole ``h_{t-1}`` (``h_read``), the
+    cell update, the saved ``gates`` and ``c``; publishes ``m_t`` (projecting) or ``h_t``. Returns ``c_t``."""
     step = (t * B + rows.to(tl.int64))[None, :]
     # gx does not depend on the other programs: fetched before the wait.
     pre = tl.load(gx_ptr + step * (D * 4 * H) + direction * 4 * H + w_rows[:, None], mask=r_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
     if BARRIER:
-        wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+        if s > 0:
+            wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
     h_prev = tl.load(h_read + cols_k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
     pre += tl.dot(w, h_prev.to(w.dtype), input_precision=INPUT_PRECISION)
     i, f, g, o = split_gates(pre, S_TILE, BLOCK_B)
@@ -119,24 +134,27 @@ def _gate_stage(
     tl.store(gates_ptr + gate_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(c_ptr + step * (D * H) + direction * H + units[:, None], c.to(c_ptr.dtype.element_ty), mask=tile_ok)
     if HAS_PROJ:
-        tl.store(m_exchange_ptr + state_rows * H + units[:, None], m.to(m_exchange_ptr.dtype.element_ty), mask=tile_ok)
+        publish(m, m_exchange_ptr + state_rows * H + units[:, None], tile_ok, own_flag, stage, piece, BARRIER, FAULT)
     else:
         tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], m.to(y_ptr.dtype.element_ty), mask=tile_ok)
         if HAS_LENGTHS:  # past a row's length h keeps its value
             m = tl.where(valid, m, tl.load(h_read + units[:, None], mask=tile_ok, other=0.0).to(tl.float32))
-        tl.store(h_write + units[:, None], m.to(h_write.dtype.element_ty), mask=tile_ok)
+        if s == T - 1:
+            tl.store(h_final + units[:, None], m.to(h_final.dtype.element_ty), mask=tile_ok)
+        publish(m, h_write + units[:, None], tile_ok, own_flag, stage, piece, BARRIER, FAULT)
     return c
 
 
 @triton.jit
 def _projection_stage(
-    w_r, cols_h, proj_units, proj_ok, h_read, h_write, m_exchange_ptr, y_ptr,
-    t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows,
-    flags, n_slices, error_ptr, max_spins,
+    w_r, cols_h, proj_units, proj_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr,
+    s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows,
+    flags, own_flag, piece, n_slices, error_ptr, max_spins,
     HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
 ):
-    """Step ``t``'s ``SP`` projected units of the program, ``h_t = W_hr m_t``, from the whole ``m_t``."""
+    """Walk step ``s``'s projection: the program's projected units of ``h_t = W_hr m_t`` from the
+    whole ``m_t``, to ``y`` and published (and to ``h_n`` at the last step)."""
     if BARRIER:
         wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
     m_all = tl.load(m_exchange_ptr + state_rows * H + cols_h[:, None], mask=(cols_h < H)[:, None] & row_ok[None, :], other=0.0)
@@ -146,24 +164,28 @@ def _projection_stage(
     tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
     if HAS_LENGTHS:  # m = 0 past a row's length, so y is 0 there; h keeps its value
         h_new = tl.where(valid, h_new, tl.load(h_read + proj_units[:, None], mask=proj_tile, other=0.0).to(tl.float32))
-    tl.store(h_write + proj_units[:, None], h_new.to(h_write.dtype.element_ty), mask=proj_tile)
+    if s == T - 1:
+        tl.store(h_final + proj_units[:, None], h_new.to(h_final.dtype.element_ty), mask=proj_tile)
+    publish(h_new, h_write + proj_units[:, None], proj_tile, own_flag, stage, piece, BARRIER, FAULT)
 
 
-@triton.jit(do_not_specialize=["stage_begin", "stage_end", "T"])
+@triton.jit(do_not_specialize=["phase_begin", "phase_end", "T"])
 def lstm_fwd_persistent_kernel(
-    gx_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
-    y_ptr, gates_ptr, c_ptr,
-    h_exchange_ptr, m_exchange_ptr, c_state_ptr, flags_ptr, error_ptr,
-    stage_begin, stage_end, T, B, H, K, D, max_spins,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
-    S: tl.constexpr, S_TILE: tl.constexpr, SP: tl.constexpr, BLOCK_SP: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    gx_ptr, w_hh_ptr, w_hr_ptr, h0_ptr, c0_ptr, lengths_ptr, y_ptr, h_n_ptr, gates_ptr, c_ptr,
+    h_exchange_ptr, m_exchange_ptr, carry_ptr, flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+    T, B, H, K, D,
+    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
 ):
-    """Forward stages ``stage_begin ... stage_end - 1`` (``T`` per direction, ``2T`` projecting:
-    stage ``2i`` the gates of walk step ``i``, ``2i + 1`` its projection). Writes ``y``, the saved
-    ``gates`` and ``c``, the exchanges and ``c_state``. ``S_TILE = max(S, 4)`` (so ``4*S_TILE >= 16``),
-    ``BLOCK_K >= K``, ``BLOCK_H >= H``, ``BLOCK_SP = max(SP, 16)``, ``BLOCK_FLAGS >= n_slices``."""
+    """Forward phases ``phase_begin ... phase_end - 1`` (``T`` per direction, ``2T`` projecting:
+    phase ``2i`` the gates of walk step ``i``, ``2i + 1`` its projection). Writes ``y``, ``h_n``, the
+    saved ``gates`` and ``c``, the exchanges and ``carry`` (``c`` between per-step launches: fp32
+    ``(D, B, H)``). The walk's first step reads ``h0`` (and ``c0`` when ``phase_begin = 0``).
+    ``BLOCK_K >= H``, ``BLOCK_HOUT >= K``, ``BLOCK_S = max(SLICE, 16)`` (the projected units, at
+    most ``SLICE`` per program), ``BLOCK_FLAGS >= n_slices``."""
+    S: tl.constexpr = SLICE
+    S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4  # 4 * S_TILE >= 16: tl.dot's smallest M
     piece = tl.program_id(0)
     group = tl.program_id(1)
     direction = tl.program_id(2)
@@ -180,22 +202,27 @@ def lstm_fwd_persistent_kernel(
     r_unit = r % S_TILE
     w_rows = (r // S_TILE) * H + piece * S + r_unit
     r_ok = (r_unit < S) & (piece * S + r_unit < H)
-    cols_k = tl.arange(0, BLOCK_K)
+    cols_k = tl.arange(0, BLOCK_HOUT)
     k_ok = cols_k < K
     w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     if HAS_PROJ:
-        proj_units = piece * SP + tl.arange(0, BLOCK_SP)
-        proj_ok = (tl.arange(0, BLOCK_SP) < SP) & (proj_units < K)
-        cols_h = tl.arange(0, BLOCK_H)
+        # SP = cdiv(P, n_slices) <= SLICE projected units per program (the last ones may have none).
+        sp = tl.cdiv(K, n_slices)
+        proj_units = piece * sp + tl.arange(0, BLOCK_S)
+        proj_ok = (tl.arange(0, BLOCK_S) < sp) & (proj_units < K)
+        cols_h = tl.arange(0, BLOCK_K)
         w_r = tl.load(w_hr_ptr + d64 * K * H + proj_units[:, None] * H + cols_h[None, :],
                       mask=proj_ok[:, None] & (cols_h < H)[None, :], other=0.0)
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    flags = flags_ptr + (d64 * tl.num_programs(1) + group) * n_slices
-    c = tl.load(c_state_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
+    flags, own_flag = group_flags(flags_ptr, n_slices, BLOCK_FLAGS)
+    if phase_begin == 0:
+        c = tl.load(c0_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        c = tl.load(carry_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
     h_slot = D * B * K
 
-    for stage in range(stage_begin, stage_end):
+    for stage in range(phase_begin, phase_end):
         if HAS_PROJ:
             s = stage // 2
         else:
@@ -205,27 +232,30 @@ def lstm_fwd_persistent_kernel(
             valid = (t < length)[None, :]
         else:
             valid = row_ok[None, :]
-        h_read = h_exchange_ptr + (s % 2) * h_slot + state_rows * K
+        # The walk's first step reads h0; step i > 0 reads slot i % 2; step i writes slot (i + 1) % 2.
+        if s == 0:
+            h_read = h0_ptr + state_rows * K
+        else:
+            h_read = h_exchange_ptr + (s % 2) * h_slot + state_rows * K
         h_write = h_exchange_ptr + ((s + 1) % 2) * h_slot + state_rows * K
+        h_final = h_n_ptr + state_rows * K
         if HAS_PROJ:
             if stage % 2 == 0:
-                c = _gate_stage(gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
-                                t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
-                                flags, n_slices, error_ptr, max_spins,
+                c = _gate_stage(gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
+                                s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
+                                flags, own_flag, piece, n_slices, error_ptr, max_spins,
                                 HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B)
             else:
-                _projection_stage(w_r, cols_h, proj_units, proj_ok, h_read, h_write, m_exchange_ptr, y_ptr,
-                                  t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows,
-                                  flags, n_slices, error_ptr, max_spins,
+                _projection_stage(w_r, cols_h, proj_units, proj_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr,
+                                  s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows,
+                                  flags, own_flag, piece, n_slices, error_ptr, max_spins,
                                   HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT)
         else:
-            c = _gate_stage(gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
-                            t, valid, stage, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
-                            flags, n_slices, error_ptr, max_spins,
+            c = _gate_stage(gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
+                            s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
+                            flags, own_flag, piece, n_slices, error_ptr, max_spins,
                             HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B)
-        if BARRIER:
-            arrive(flags + piece, stage + 1, piece, FAULT)
-    tl.store(c_state_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
+    tl.store(carry_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
 
 
 @triton.jit
@@ -255,8 +285,9 @@ def gather_partials(partial_ptr, n_slices, slot_stride, state_rows, width, units
 
 @triton.jit
 def _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh_partial_ptr, t, T, B, H, K, D, direction, rows,
-                     state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip,
-                     CLIP: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr):
+                     state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, own_flag, stage, piece,
+                     CLIP: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BARRIER: tl.constexpr, FAULT: tl.constexpr):
     """Step ``t``'s gate gradients of the slice (``(S_TILE, BLOCK_B)`` tiles) from ``dm = dL/dm_t``
     and the carried ``dc = dL/dc_t``: stored to ``dgates``, and this program's partial
     ``dh_{t-1}^T = W_slice^T dgates_slice^T`` (all ``K`` units) to ``dh_partial``; returns ``dL/dc_{t-1}``."""
@@ -283,35 +314,41 @@ def _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh_partial
     tl.store(dgates_ptr + g_offs + 3 * H, do.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     # The same rounding of the gate gradients as the resident kernel's product (to the weight dtype).
     d_slice = join_gates(di, df, dg, do, S_TILE, BLOCK_B).to(w.dtype)
-    partial = tl.dot(tl.trans(w), d_slice, input_precision=INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
-    tl.store(dh_partial_ptr + state_rows * K + cols_k[:, None], partial, mask=k_ok[:, None] & row_ok[None, :])
+    partial = tl.dot(tl.trans(w), d_slice, input_precision=INPUT_PRECISION)  # (BLOCK_HOUT, BLOCK_B)
+    publish(partial, dh_partial_ptr + state_rows * K + cols_k[:, None], k_ok[:, None] & row_ok[None, :], own_flag, stage, piece, BARRIER, FAULT)
     return dc_prev
 
 
-@triton.jit(do_not_specialize=["stage_begin", "stage_end", "T"])
+@triton.jit(do_not_specialize=["phase_begin", "phase_end", "T"])
 def lstm_bwd_persistent_kernel(
-    dy_ptr, gates_ptr, c_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
-    dgates_ptr, dhp_ptr, flow_ptr,
-    dh_partial_ptr, dm_partial_ptr, dh_state_ptr, dc_state_ptr, flags_ptr, error_ptr,
-    stage_begin, stage_end, T, B, H, K, D, grad_clip, max_spins,
+    dy_ptr, dh_n_ptr, dc_n_ptr, gates_ptr, c_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
+    dgates_ptr, dhp_ptr, dh0_ptr, dc0_ptr, flow_ptr,
+    dh_partial_ptr, dm_partial_ptr, dh_carry_ptr, dc_carry_ptr, flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+    T, B, H, K, D, grad_clip,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr, BARRIER: tl.constexpr, BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
-    S: tl.constexpr, S_TILE: tl.constexpr, SP: tl.constexpr, BLOCK_SP: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, GATHER: tl.constexpr,
+    CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
 ):
-    """Backward stages ``stage_begin ... stage_end - 1``: ``T + 1`` per direction (``2T + 1``
-    projecting), the last one only forming ``dh_0``. Walk step ``i`` (time ``t``):
+    """Backward phases ``phase_begin ... phase_end - 1``: ``T + 1`` per direction (``2T + 1``
+    projecting), the last one only forming ``dh_0`` (and storing ``dh0``, ``dc0``). Walk step ``i``
+    (time ``t``):
 
-    * without projection, stage ``i``: ``dh`` of the slice's units = the sum of every program's
-      partial of the previous step (``i > 0``); ``dm = dh_t = dy_t + dh`` (its squared norm to
+    * without projection, phase ``i``: ``dh`` of the slice's units = the sum of every program's
+      partial of the previous step (``i > 0``); ``dm = dh_t = dy_t + dh`` (its squared norm added to
       ``flow``); the gate gradients; this program's partial of ``dh_{t-1}`` (all ``K`` units).
-    * with projection, stage ``2i``: ``dh`` of the program's ``SP`` projected units from the
-      partials; ``dhp_t = dy_t + dh`` (0 past a row's length) to ``dhp`` and ``flow``; this program's
-      partial of ``dm_t = dhp_t W_hr`` (all ``H`` units, from its rows of ``W_hr``). Stage ``2i + 1``:
-      ``dm`` of the slice's units from the partials; the gate gradients; the partial of ``dh_{t-1}``.
+    * with projection, phase ``2i``: ``dh`` of the program's projected units from the partials;
+      ``dhp_t = dy_t + dh`` (0 past a row's length) to ``dhp`` and ``flow``; this program's partial of
+      ``dm_t = dhp_t W_hr`` (all ``H`` units, from its rows of ``W_hr``). Phase ``2i + 1``: ``dm`` of
+      the slice's units from the partials; the gate gradients; the partial of ``dh_{t-1}``.
 
-    Writes ``dgates``, ``dhp``, ``flow``, the partials and the carried ``dh_state``, ``dc_state``.
-    Same tile sizes as the forward; ``GATHER`` partials are summed per load."""
+    ``flow`` (``RECORD_FLOW``, ``(D, T, B)`` fp32, zeroed): each program atomically adds its units'
+    share of ``||dL/dh_t||^2``. ``dh_carry (D, B, K)``, ``dc_carry (D, B, H)``: fp32, the carried
+    ``dh``, ``dc`` between per-step launches (read when ``phase_begin > 0``; the first phase reads
+    ``dh_n``, ``dc_n``). Same tile sizes as the forward."""
+    S: tl.constexpr = SLICE
+    S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4
+    GATHER: tl.constexpr = BLOCK_FLAGS if BLOCK_FLAGS <= 8 else 8  # partials summed per load
     piece = tl.program_id(0)
     group = tl.program_id(1)
     direction = tl.program_id(2)
@@ -328,29 +365,36 @@ def lstm_bwd_persistent_kernel(
     r_unit = r % S_TILE
     w_rows = (r // S_TILE) * H + piece * S + r_unit
     r_ok = (r_unit < S) & (piece * S + r_unit < H)
-    cols_k = tl.arange(0, BLOCK_K)
+    cols_k = tl.arange(0, BLOCK_HOUT)
     k_ok = cols_k < K
     w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     if HAS_PROJ:
         # The forward's rows of W_hr: the partial of dm_t is W_hr_slice^T dhp_slice^T.
-        dh_units = piece * SP + tl.arange(0, BLOCK_SP)  # the program's projected units
-        dh_ok = (tl.arange(0, BLOCK_SP) < SP) & (dh_units < K)
-        cols_h = tl.arange(0, BLOCK_H)
+        sp = tl.cdiv(K, n_slices)
+        dh_units = piece * sp + tl.arange(0, BLOCK_S)  # the program's projected units
+        dh_ok = (tl.arange(0, BLOCK_S) < sp) & (dh_units < K)
+        cols_h = tl.arange(0, BLOCK_K)
         h_ok = cols_h < H
         w_r = tl.load(w_hr_ptr + d64 * K * H + dh_units[:, None] * H + cols_h[None, :], mask=dh_ok[:, None] & h_ok[None, :], other=0.0)
+        DH_TILE: tl.constexpr = BLOCK_S
     else:
         dh_units = units
         dh_ok = unit_ok
+        DH_TILE: tl.constexpr = S_TILE
     dh_tile = dh_ok[:, None] & row_ok[None, :]
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    flags = flags_ptr + (d64 * tl.num_programs(1) + group) * n_slices
-    dh = tl.load(dh_state_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0)
-    dc = tl.load(dc_state_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
+    flags, own_flag = group_flags(flags_ptr, n_slices, BLOCK_FLAGS)
+    if phase_begin == 0:
+        dh = tl.load(dh_n_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0).to(tl.float32)
+        dc = tl.load(dc_n_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        dh = tl.load(dh_carry_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0)
+        dc = tl.load(dc_carry_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
     dh_slot = n_slices * D * B * K  # elements per ping-pong slot of the partials
     dm_slot = n_slices * D * B * H
 
-    for stage in range(stage_begin, stage_end):
+    for stage in range(phase_begin, phase_end):
         if HAS_PROJ:
             s = stage // 2
         else:
@@ -362,13 +406,14 @@ def lstm_bwd_persistent_kernel(
         else:
             valid = row_ok[None, :]
         step = (t * B + rows.to(tl.int64))[None, :]
+        own_partial = dh_partial_ptr + (s % 2) * dh_slot + piece * (D * B * K)
         if (not HAS_PROJ) or (stage % 2 == 0):
             dy_t = tl.load(dy_ptr + step * (D * K) + direction * K + dh_units[:, None], mask=dh_tile, other=0.0).to(tl.float32)
             if s > 0:
                 if BARRIER:
                     wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
                 dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, n_slices, D * B * K, state_rows, K, dh_units, dh_tile,
-                                         GATHER, BLOCK_SP if HAS_PROJ else S_TILE, BLOCK_B)
+                                         GATHER, DH_TILE, BLOCK_B)
                 if HAS_LENGTHS:  # past a row's length dh passes through
                     t_before = step_time(s - 1, T, 1 - direction)
                     dh = tl.where((t_before < length)[None, :], dh_new, dh)
@@ -379,26 +424,26 @@ def lstm_bwd_persistent_kernel(
                 if HAS_LENGTHS:
                     dh_t = tl.where(valid, dh_t, 0.0)
                 if RECORD_FLOW:
-                    flow = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
-                    tl.store(flow_ptr + (direction * T + t) * (n_slices * B) + piece * B + rows, flow, mask=row_ok)
+                    tl.atomic_add(flow_ptr + (direction * T + t) * B + rows, tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0), mask=row_ok)
                 if HAS_PROJ:
                     tl.store(dhp_ptr + step * (D * K) + direction * K + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
-                    dm_part = tl.dot(tl.trans(w_r), dh_t.to(w_r.dtype), input_precision=INPUT_PRECISION)  # (BLOCK_H, BLOCK_B)
-                    tl.store(dm_partial_ptr + (s % 2) * dm_slot + piece * (D * B * H) + state_rows * H + cols_h[:, None], dm_part,
-                             mask=h_ok[:, None] & row_ok[None, :])
+                    dm_part = tl.dot(tl.trans(w_r), dh_t.to(w_r.dtype), input_precision=INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
+                    publish(dm_part, dm_partial_ptr + (s % 2) * dm_slot + piece * (D * B * H) + state_rows * H + cols_h[:, None],
+                            h_ok[:, None] & row_ok[None, :], own_flag, stage, piece, BARRIER, FAULT)
                 else:
-                    dc = _cell_grad_stage(dh_t, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr,
-                                          dh_partial_ptr + (s % 2) * dh_slot + piece * (D * B * K), t, T, B, H, K, D, direction, rows,
-                                          state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B)
+                    dc = _cell_grad_stage(dh_t, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
+                                          state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, own_flag, stage, piece,
+                                          CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT)
+            else:
+                tl.store(dh0_ptr + state_rows * K + dh_units[:, None], dh.to(dh0_ptr.dtype.element_ty), mask=dh_tile)
+                tl.store(dc0_ptr + state_rows * H + units[:, None], dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok)
         else:
             if BARRIER:
                 wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
             dm = gather_partials(dm_partial_ptr + (s % 2) * dm_slot, n_slices, D * B * H, state_rows, H, units, tile_ok,
                                  GATHER, S_TILE, BLOCK_B)
-            dc = _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr,
-                                  dh_partial_ptr + (s % 2) * dh_slot + piece * (D * B * K), t, T, B, H, K, D, direction, rows,
-                                  state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B)
-        if BARRIER:
-            arrive(flags + piece, stage + 1, piece, FAULT)
-    tl.store(dh_state_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
-    tl.store(dc_state_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)
+            dc = _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
+                                  state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, own_flag, stage, piece,
+                                  CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT)
+    tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
+    tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)

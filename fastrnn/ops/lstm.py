@@ -58,6 +58,7 @@ from torch import Tensor
 from fastrnn.kernels import lstm as kernels
 from fastrnn.kernels import lstm_persistent as persistent_kernels
 from fastrnn.ops.recurrence import (
+    PersistentKernel,
     compute_dtype,
     flow_buffer,
     input_precision,
@@ -73,7 +74,7 @@ from fastrnn.ops.recurrence import (
     triton_next_power_of_2,
     write_flow_record,
 )
-from fastrnn.ops._persistent_interim import launch_persistent, persistent_plan
+from fastrnn.ops import persistent
 
 
 GATES = 4
@@ -102,9 +103,6 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         return y, h0.clone() if T == 0 else h_n, c0.clone(), gates, c
     proj = w_hr is not None
     w_hh_k = kernel_weight(w_hh)
-    if persistent_plan(GATES, H, B, D, gx.dtype) is not None:
-        h_n = lstm_fwd_persistent(gx.contiguous(), w_hh_k, kernel_weight(w_hr) if proj else None, h0, c0, lengths, y, gates, c)
-        return y, h_n, final_cell_state(c, D), gates, c
     args = [
         gx.contiguous(), w_hh_k, kernel_weight(w_hr) if proj else w_hh_k, h0.contiguous(), c0.contiguous(),
         kernel_lengths(lengths, gx), y, h_n, gates, c,
@@ -113,6 +111,12 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         "lstm_fwd", GATES, (kernels.lstm_fwd_resident_kernel, kernels.lstm_fwd_tiled_kernel), args,
         dict(T=T, B=B, H=H, K=K, D=D, HAS_PROJ=proj, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
+        # exchanges: the ping-pong of h and, projecting, m, in the compute dtype; carry: c in fp32.
+        persistent_kernel=PersistentKernel(
+            persistent_kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
+            [((2, D, B, K), gx.dtype), ((D, B, H) if proj else (1,), gx.dtype), ((D, B, H), torch.float32)],
+            dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
+        ),
     )
     return y, h_n, final_cell_state(c, D), gates, c
 
@@ -146,10 +150,7 @@ def lstm_bwd(
     if B == 0:
         return dgates, dhp, dh0, dc0, flow
     w_hh_k = kernel_weight(w_hh)
-    if persistent_plan(GATES, H, B, D, gates.dtype) is not None:
-        dh0, dc0 = lstm_bwd_persistent(dy.contiguous(), dh_n, dc_n, gates, c, c0.contiguous(), w_hh_k, kernel_weight(w_hr) if proj else None,
-                                       lengths, dgates, dhp, flow, grad_clip)
-        return dgates, dhp, dh0, dc0, flow
+    slices = persistent.persistent_plan(GATES, H, B, D, gates.dtype, persistent.sm_count(gates.device)).slices
     args = [
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, c, c0.contiguous(), w_hh_k,
         kernel_weight(w_hr) if proj else w_hh_k, kernel_lengths(lengths, gates),
@@ -160,71 +161,15 @@ def lstm_bwd(
         dict(T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_PROJ=proj, HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(gates.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=gates.dtype, device=gates.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
+        # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
+        persistent_kernel=PersistentKernel(
+            persistent_kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
+            [((2, slices, D, B, K), torch.float32), ((2, slices, D, B, H) if proj else (1,), torch.float32),
+             ((D, B, K), torch.float32), ((D, B, H), torch.float32)],
+            dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
+        ),
     )
     return dgates, dhp, dh0, dc0, flow
-
-
-def lstm_fwd_persistent(gx, w_hh, w_hr, h0, c0, lengths, y, gates, c) -> Tensor:
-    """The persistent forward (``fastrnn.kernels.lstm_persistent``) into ``y``, ``gates``, ``c``;
-    returns ``h_n``. Allocates the exchanges (``h0`` in slot 0 of ``h_exchange``) and the fp32
-    ``c_state``; ``h_n`` is slot ``T % 2`` of the exchange."""
-    T, B, _ = gx.shape
-    D, _, H = c0.shape
-    K = h0.shape[2]
-    p = persistent_plan(GATES, H, B, D, gx.dtype)
-    proj = w_hr is not None
-    h_exchange = torch.empty((2, D, B, K), device=gx.device, dtype=w_hh.dtype)
-    h_exchange[0] = h0
-    m_exchange = torch.empty((D, B, H), device=gx.device, dtype=w_hh.dtype) if proj else h_exchange
-    c_state = c0.to(torch.float32).contiguous().clone()
-    sp = projection_units(K, p.slices) if proj else 1
-    launch_persistent(
-        "lstm_fwd", persistent_kernels.lstm_fwd_persistent_kernel, p, 2 * T if proj else T,
-        dict(gx_ptr=gx, w_hh_ptr=w_hh, w_hr_ptr=w_hr if proj else w_hh, lengths_ptr=kernel_lengths(lengths, gx),
-             y_ptr=y, gates_ptr=gates, c_ptr=c, h_exchange_ptr=h_exchange, m_exchange_ptr=m_exchange, c_state_ptr=c_state,
-             T=T, B=B, H=H, K=K, D=D, HAS_PROJ=proj, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype),
-             S=p.slice, S_TILE=max(4, p.slice), SP=sp, BLOCK_SP=max(16, sp), BLOCK_K=max(16, triton_next_power_of_2(K)),
-             BLOCK_H=max(16, triton_next_power_of_2(H)), BLOCK_B=p.block_b),
-    )
-    return h_exchange[T % 2].to(h0.dtype)
-
-
-def lstm_bwd_persistent(dy, dh_n, dc_n, gates, c, c0, w_hh, w_hr, lengths, dgates, dhp, flow, grad_clip):
-    """The persistent backward into ``dgates``, ``dhp`` and the flow record; returns ``dh0``, ``dc0``.
-    Allocates the fp32 partials and the carried ``dh_state`` (filled with ``dh_n``), ``dc_state``
-    (``dc_n``), which hold ``dh0``, ``dc0`` after the last stage; the kernel's per-program flow parts
-    ``(D, T, n_slices*B)`` are summed into ``flow (D, T, B)``."""
-    T, B, _ = gates.shape
-    D, _, H = c0.shape
-    K = dh_n.shape[2]
-    p = persistent_plan(GATES, H, B, D, gates.dtype)
-    proj = w_hr is not None
-    fp32 = dict(device=gates.device, dtype=torch.float32)
-    dh_partial = torch.empty((2, p.slices, D, B, K), **fp32)
-    dm_partial = torch.empty((2, p.slices, D, B, H), **fp32) if proj else dh_partial
-    dh_state = dh_n.to(torch.float32).contiguous().clone()
-    dc_state = dc_n.to(torch.float32).contiguous().clone()
-    flow_parts = torch.zeros((D, T, p.slices * B), **fp32) if flow is not None else dh_state
-    sp = projection_units(K, p.slices) if proj else 1
-    launch_persistent(
-        "lstm_bwd", persistent_kernels.lstm_bwd_persistent_kernel, p, 2 * T + 1 if proj else T + 1,
-        dict(dy_ptr=dy, gates_ptr=gates, c_ptr=c, c0_ptr=c0, w_hh_ptr=w_hh, w_hr_ptr=w_hr if proj else w_hh,
-             lengths_ptr=kernel_lengths(lengths, gates), dgates_ptr=dgates, dhp_ptr=dhp if proj else dgates, flow_ptr=flow_parts,
-             dh_partial_ptr=dh_partial, dm_partial_ptr=dm_partial, dh_state_ptr=dh_state, dc_state_ptr=dc_state,
-             T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_PROJ=proj, HAS_LENGTHS=lengths is not None,
-             INPUT_PRECISION=input_precision(gates.dtype), CLIP=grad_clip is not None, RECORD_FLOW=flow is not None,
-             S=p.slice, S_TILE=max(4, p.slice), SP=sp, BLOCK_SP=max(16, sp), BLOCK_K=max(16, triton_next_power_of_2(K)),
-             BLOCK_H=max(16, triton_next_power_of_2(H)), BLOCK_B=p.block_b, GATHER=min(8, triton_next_power_of_2(p.slices))),
-    )
-    if flow is not None:
-        flow.copy_(rearrange(flow_parts, "d t (s b) -> d t s b", b=B).sum(2))
-    return dh_state.to(dh_n.dtype), dc_state.to(dc_n.dtype)
-
-
-def projection_units(proj: int, slices: int) -> int:
-    """Projected units per program (``SP``): ``proj`` spread over the ``slices`` programs of a group,
-    rounded up to a power of two (the last programs may have fewer, or none)."""
-    return triton_next_power_of_2(-(-proj // slices))
 
 
 def projection_weight_grad(dhp: Tensor, gates: Tensor, c: Tensor, directions: int) -> Tensor:

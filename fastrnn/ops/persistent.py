@@ -71,7 +71,7 @@ MODE_ENV = "FASTRNN_PERSISTENT_MODE"
 MODES = ("barrier", "per_step", "auto")
 
 #: Gates of the cells that have persistent kernels (the plan only picks the strategy for these).
-CELL_GATES = frozenset({1, 3})
+CELL_GATES = frozenset({1, 3, 4})
 #: SMs assumed when planning without a GPU: the H100/H200 the GPU matrix is tuned for.
 DEFAULT_SM_COUNT = 132
 #: Smallest slice the plan picks by itself (below it each program's M side is mostly padding

@@ -119,6 +119,7 @@ class PersistentKernel:
     kernel: object
     phases: int
     scratch: list
+    meta: dict = dataclasses.field(default_factory=dict)  # constexprs only the persistent kernel takes
 
 
 def launch(
@@ -137,7 +138,7 @@ def launch(
     if p.strategy == "persistent":
         if persistent_kernel is None:
             raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
-        persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,
+        persistent.launch(name, persistent_kernel.kernel, args, dict(meta, **persistent_kernel.meta), gates=gates, B=B, H=H, D=D, dtype=dtype,
                           device=device, phases=persistent_kernel.phases, scratch=persistent_kernel.scratch)
         count_launch(f"{name}_persistent")
         return
