@@ -6,7 +6,8 @@ under ``use_backend("triton")`` and under the oracle (``use_backend("reference")
 dtypes the float64 reference of the same weights) and compares outputs, ``h_n``, ``c_n`` and the
 gradients of the input, ``h0``, ``c0`` and every parameter, asserts every element finite, and
 checks the launch counter to prove the kernels ran (resident and tiled, with and without
-projection). Also: gradient clipping and the gradient-flow record, saturation, empty batch.
+projection; sizes beyond the resident kernels are forced to the tiled kernels here, the persistent
+ones have ``test_persistent_lstm.py``). Also: gradient clipping and the gradient-flow record, saturation, empty batch.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def check(actual, expected, tol):
         assert rel_err(a, e) < tol, f"tensor {index}: rel err {rel_err(a, e):.3g}"
 
 
+def tiled_beyond_resident(monkeypatch, H: int, dtype: torch.dtype) -> None:
+    """Sizes beyond the resident kernels plan to the persistent strategy (tested in
+    ``test_persistent_lstm.py``); here they run the tiled kernels (``FASTRNN_STRATEGY=tiled``), which
+    serve any size while they exist."""
+    if lstm_plan(H, 0, dtype).strategy != "resident":
+        monkeypatch.setenv("FASTRNN_STRATEGY", "tiled")
+
+
 def launched(fn):
     """Run ``fn`` and return the LSTM launch counts it made."""
     before = dict(LAUNCHES)
@@ -101,8 +110,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference_fp32(case):
+def test_matches_reference_fp32(monkeypatch, case):
     T, B, H, P, L, bi, packed, bias = CASES[case]
+    tiled_beyond_resident(monkeypatch, H, torch.float32)
     torch.manual_seed(0)
     module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=bi, proj_size=P, bias=bias, device=DEVICE)
     xs, h0, c0 = make_inputs(T, B, H, P, L, 2 if bi else 1, packed, torch.float32)
@@ -114,7 +124,7 @@ def test_matches_reference_fp32(case):
     assert counts == {f"lstm_fwd_{strategy}": L, f"lstm_bwd_{strategy}": L}
 
 
-#: id -> (T, B, H, P, bidirectional, packed): sizes the plan serves with the tiled kernels in fp32.
+#: id -> (T, B, H, P, bidirectional, packed): sizes beyond the resident kernels in fp32 (forced tiled).
 TILED = {
     "tiled": (3, 3, 80, 0, True, True),
     "tiled_proj": (3, 2, 80, 70, True, True),
@@ -123,8 +133,9 @@ TILED = {
 
 
 @pytest.mark.parametrize("case", list(TILED))
-def test_tiled_matches_reference(case):
+def test_tiled_matches_reference(monkeypatch, case):
     T, B, H, P, bi, packed = TILED[case]
+    tiled_beyond_resident(monkeypatch, H, torch.float32)
     assert lstm_plan(H, P, torch.float32).strategy == "tiled"
     torch.manual_seed(0)
     module = fastrnn.LSTM(I, H, bidirectional=bi, proj_size=P, device=DEVICE)
@@ -146,8 +157,9 @@ def test_tiled_matches_reference(case):
     [(24, 0, 2, 5), (24, 7, 2, 5), (80, 0, 1, 3), (80, 70, 1, 3)],
     ids=["resident", "resident_proj", "tiled", "tiled_proj"],
 )
-def test_half_precision_vs_float64(dtype, tol, H, P, L, T):
+def test_half_precision_vs_float64(monkeypatch, dtype, tol, H, P, L, T):
     """16-bit weights and inputs, fp32 state: against the float64 reference of the same weights."""
+    tiled_beyond_resident(monkeypatch, H, dtype)
     B = 4
     torch.manual_seed(0)
     module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
@@ -164,8 +176,9 @@ def test_half_precision_vs_float64(dtype, tol, H, P, L, T):
 
 @pytest.mark.parametrize("P", [0, 7], ids=["no_proj", "proj"])
 @pytest.mark.parametrize("H", [20, 80], ids=["resident", "tiled"])
-def test_saturation_stays_finite(H, P):
+def test_saturation_stays_finite(monkeypatch, H, P):
     """Huge pre-activations (weights * 1e4) saturate the gates: no NaN/inf where the reference has none."""
+    tiled_beyond_resident(monkeypatch, H, torch.float32)
     T, B = 4, 3
     torch.manual_seed(0)
     module = fastrnn.LSTM(I, H, bidirectional=True, proj_size=P, device=DEVICE)
@@ -206,8 +219,9 @@ def test_empty_batch(P):
 
 @pytest.mark.parametrize("P", [0, 7], ids=["no_proj", "proj"])
 @pytest.mark.parametrize("H", [16, 72], ids=["resident", "tiled"])
-def test_clip_and_flow_match_reference(H, P):
+def test_clip_and_flow_match_reference(monkeypatch, H, P):
     """``grad_clip`` clamps the gate pre-activation gradients; the flow record holds ``||dL/dh_t||``."""
+    tiled_beyond_resident(monkeypatch, H, torch.float32)
     torch.manual_seed(0)
     layers = 2 if H < 64 else 1
     module = fastrnn.LSTM(I, H, layers, bidirectional=True, proj_size=P, grad_clip=0.02, device=DEVICE)

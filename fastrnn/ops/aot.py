@@ -45,7 +45,7 @@ def signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name in ("lengths_ptr", "flags_ptr", "error_ptr"):
             sig[name] = "*i32"
-        elif name in ("state_ptr", "flow_ptr", "carry_ptr"):
+        elif name in ("state_ptr", "flow_ptr") or name.endswith(("carry_ptr", "partial_ptr")):
             sig[name] = "*fp32"
         elif name == "grad_clip":
             sig[name] = "fp32"
@@ -137,6 +137,8 @@ def heaviest_constexprs(kernel, block_b: int, block_h: int, persistent_plan=None
             values[name] = block_h
         elif persistent_plan is not None and name in ("SLICE", "BLOCK_S", "BLOCK_K", "BLOCK_FLAGS"):
             values[name] = persistent_plan.constexprs()[name]
+        elif persistent_plan is not None and name == "BLOCK_HOUT":  # LSTM's h width: at most the cell's
+            values[name] = persistent_plan.block_k
         elif name == "BARRIER":
             values[name] = True
         elif name == "FAULT":
@@ -150,7 +152,7 @@ def variants() -> list[Variant]:
     """Every kernel of every cell at the largest size its resident strategy serves, at one tiled
     size, and (cells with persistent kernels) at one persistent size with the partition the
     launcher picks for 16 rows and one direction, in fp32 and bf16, in its heaviest form."""
-    from fastrnn.ops.persistent import CELL_GATES as PERSISTENT_GATES, persistent_plan
+    from fastrnn.ops.persistent import CELL_GATES as PERSISTENT_GATES, persistent_plan, planned as persistent_planned
     from fastrnn.ops.recurrence import RESIDENT_MAX_BLOCK_H, TILE, TILED_CONFIG, plan
 
     out = []
@@ -162,7 +164,7 @@ def variants() -> list[Variant]:
             tile, warps, stages = TILED_CONFIG[gates, dtype == torch.float32]
             sizes = [(largest_resident, "resident", p.block_b, p.block_h, p.num_warps, p.num_stages, None),
                      (4 * TILE, "tiled", p.block_b, tile, warps, stages, None)]
-            if gates in PERSISTENT_GATES:
+            if gates in PERSISTENT_GATES and persistent_planned(gates, dtype):
                 pp = persistent_plan(gates, 4 * TILE, 16, 1, dtype)
                 sizes.append((4 * TILE, "persistent", pp.block_b, 0, pp.num_warps, 1, pp))
             for hidden, strategy, block_b, block_h, num_warps, num_stages, pp in sizes:

@@ -56,7 +56,7 @@ from einops import rearrange
 from torch import Tensor
 
 from fastrnn.kernels import lstm as kernels
-from fastrnn.kernels import lstm_persistent as persistent_kernels
+
 from fastrnn.ops.recurrence import (
     PersistentKernel,
     compute_dtype,
@@ -113,7 +113,7 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
         # exchanges: the ping-pong of h and, projecting, m, in the compute dtype; carry: c in fp32.
         persistent_kernel=PersistentKernel(
-            persistent_kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
+            kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
             [((2, D, B, K), gx.dtype), ((D, B, H) if proj else (1,), gx.dtype), ((D, B, H), torch.float32)],
             dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
         ),
@@ -163,7 +163,7 @@ def lstm_bwd(
         B=B, H=H, D=D, dtype=gates.dtype, device=gates.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
         # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
         persistent_kernel=PersistentKernel(
-            persistent_kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
+            kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
             [((2, slices, D, B, K), torch.float32), ((2, slices, D, B, H) if proj else (1,), torch.float32),
              ((D, B, K), torch.float32), ((D, B, H), torch.float32)],
             dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),

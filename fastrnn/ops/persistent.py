@@ -72,6 +72,16 @@ MODES = ("barrier", "per_step", "auto")
 
 #: Gates of the cells that have persistent kernels (the plan only picks the strategy for these).
 CELL_GATES = frozenset({1, 3, 4})
+#: (gates, fp32?) the plan does not pick the persistent kernels for by itself (they still run when
+#: forced): LSTM in fp32, whose exact fp32 dots run on FMA units that replicate the full-length
+#: operands over threads and spill on sm_90 at the compile check's persistent size (H256).
+NOT_PLANNED = frozenset({(4, True)})
+
+
+def planned(gates: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`fastrnn.ops.recurrence.plan` picks the persistent strategy for this cell
+    and dtype beyond the resident sizes (else the tiled one)."""
+    return gates in CELL_GATES and (gates, dtype == torch.float32) not in NOT_PLANNED
 #: SMs assumed when planning without a GPU: the H100/H200 the GPU matrix is tuned for.
 DEFAULT_SM_COUNT = 132
 #: Smallest slice the plan picks by itself (below it each program's M side is mostly padding
