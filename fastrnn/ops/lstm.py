@@ -5,7 +5,11 @@ registered operator ``fastrnn::lstm_recurrence`` (its fake, its backward operato
 formula), ``lstm_layer``.
 
 Strategy (``lstm_plan``): ``plan(4, H, dtype)`` of :mod:`fastrnn.ops.recurrence` (resident for
-``BLOCK_H <= 32`` in fp32, ``<= 64`` in fp16/bf16; tiled beyond), warps and stages included. With
+``BLOCK_H <= 32`` in fp32, ``<= 64`` in fp16/bf16; beyond, persistent in fp16/bf16 and tiled in
+fp32, whose FMA dots spill in the persistent form; ``FASTRNN_STRATEGY`` forces any), warps and
+stages included. The persistent kernels (partition: :func:`fastrnn.ops.persistent.persistent_plan`)
+take the resident kernels' arguments plus their scratch (``PersistentKernel`` below: exchanges,
+fp32 partials and carries, shapes in ``fastrnn.kernels.lstm``). With
 projection the resident kernels pad ``h`` (``P`` units) to ``BLOCK_H`` and keep ``W_hr`` on chip as
 a fifth ``BLOCK_H x BLOCK_H`` block, so ``P`` does not change the choice. Ahead-of-time compiles
 (triton 3.9) of the heaviest form (projection, lengths, clip, flow record, ``ieee`` dots) as
@@ -56,7 +60,7 @@ from einops import rearrange
 from torch import Tensor
 
 from fastrnn.kernels import lstm as kernels
-
+from fastrnn.ops import persistent
 from fastrnn.ops.recurrence import (
     PersistentKernel,
     compute_dtype,
@@ -74,7 +78,6 @@ from fastrnn.ops.recurrence import (
     triton_next_power_of_2,
     write_flow_record,
 )
-from fastrnn.ops import persistent
 
 
 GATES = 4
