@@ -142,3 +142,38 @@ def test_never_arriving_program_raises(monkeypatch, P):
         with pytest.raises(RuntimeError, match=r"lstm_fwd_persistent_kernel.*grid \(4, 1, 1\)"):
             with fastrnn.use_backend("triton"):
                 module(xs[0], (h0, c0))
+
+
+@pytest.mark.parametrize("fault", ["FAULT_NO_WAIT", "FAULT_ARRIVE_EARLY", "FAULT_OFF_BY_ONE"])
+def test_broken_barrier_is_caught(monkeypatch, fault):
+    """The LSTM kernels compiled with a broken barrier (test-only faults of ``fastrnn.kernels.sync``;
+    the kernels apply ``FAULT_ARRIVE_EARLY`` themselves, in ``publish``) give wrong numbers or a
+    flagged wait under the harness in at least one of up to four runs (chaos on)."""
+    from fastrnn.kernels import sync
+    from fastrnn.ops import persistent as persistent_ops
+
+    if HARNESS is not None or not triton_interpreting():
+        pytest.skip(HARNESS or "the harness runs under the interpreter")
+    T, B, H, P = 4, 3, 16, 5
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(I, H, proj_size=P, device=DEVICE)
+    xs, h0, c0 = make_inputs(T, B, H, P, 1, 1, False, torch.float32)
+    expected = run(module, "reference", xs, h0, c0, False)
+    monkeypatch.setattr(persistent_ops, "FAULT", int(getattr(sync, fault)))
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "4")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", "barrier")
+    caught = False
+    for attempt in range(4):
+        try:
+            with concurrent_grid(timeout_s=120, chaos=0.5, seed=attempt):
+                actual = run(module, "triton", xs, h0, c0, False)
+        except RuntimeError:
+            caught = True  # a wait ran out of spins: the launcher's error
+            break
+        try:
+            check(actual, expected, 1e-5)
+        except AssertionError:
+            caught = True
+            break
+    assert caught, f"{fault} went unnoticed in 4 runs"
