@@ -291,7 +291,7 @@ def ordering_ops():
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("kernel", ["rnn_fwd", "rnn_bwd", "gru_fwd", "gru_bwd"])
+@pytest.mark.parametrize("kernel", ["rnn_fwd", "rnn_bwd", "gru_fwd", "gru_bwd", "lstm_fwd", "lstm_bwd"])
 def test_ptx_orders_the_exchange(ordering_ops, kernel):
     """Barrier in: acquire reads in the wait (``ld.acquire`` / ``atom.acquire`` or an acquire
     fence), a release atomic at the arrive, no volatile spin. Barrier out (per_step): none."""
