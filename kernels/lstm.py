@@ -137,8 +137,9 @@ Scratch (``fastrnn.ops.lstm`` allocates it; nothing is read before it is written
   (``HAS_PROJ``; else ``(1,)``): fp32, each program's partials, ping-pong by walk step;
   ``dh_carry (D, B, K)``, ``dc_carry (D, B, H)``: fp32.
 
-``flow`` (``RECORD_FLOW``): each program atomically adds its units' share of ``||dL/dh_t||^2`` of
-each row (``flow`` arrives zeroed). ``BLOCK_K >= H`` and ``BLOCK_FLAGS >= n_slices`` come from the
+``flow`` (``RECORD_FLOW``): ``(n_slices, D, T, B)`` fp32, zeroed (``persistent.flow_shares``): each
+program writes its units' share of ``||dL/dh_t||^2`` of each row in its plane; the launcher sums the
+planes (deterministic). ``BLOCK_K >= H`` and ``BLOCK_FLAGS >= n_slices`` come from the
 plan, ``BLOCK_HOUT >= K`` from the launcher.
 """
 import triton
@@ -907,8 +908,8 @@ def lstm_bwd_persistent_kernel(
       ``dm_t = dhp_t W_hr`` (all ``H`` units, from its rows of ``W_hr``). Phase ``2i + 1``: ``dm`` of
       the slice's units from the partials; the gate gradients; the partial of ``dh_{t-1}``.
 
-    ``flow`` (``RECORD_FLOW``, ``(D, T, B)`` fp32, zeroed): each program atomically adds its units'
-    share of ``||dL/dh_t||^2``. ``dh_carry (D, B, K)``, ``dc_carry (D, B, H)``: fp32, the carried
+    ``flow`` (``RECORD_FLOW``): ``(n_slices, D, T, B)`` fp32, program ``s``'s share of
+    ``||dL/dh_t||^2`` in plane ``s``. ``dh_carry (D, B, K)``, ``dc_carry (D, B, H)``: fp32, the carried
     ``dh``, ``dc`` between per-step launches (read when ``phase_begin > 0``; the first phase reads
     ``dh_n``, ``dc_n``). Same tile sizes as the forward."""
     S: tl.constexpr = SLICE
@@ -989,7 +990,8 @@ def lstm_bwd_persistent_kernel(
                 if HAS_LENGTHS:
                     dh_t = tl.where(valid, dh_t, 0.0)
                 if RECORD_FLOW:
-                    tl.atomic_add(flow_ptr + (direction * T + t) * B + rows, tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0), mask=row_ok)
+                    share = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
+                    tl.store(flow_ptr + ((piece * D + direction) * T + t) * B + rows, share, mask=row_ok)
                 if HAS_PROJ:
                     tl.store(dhp_ptr + step * (D * K) + direction * K + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
                     dm_part = tl.dot(tl.trans(w_r), dh_t.to(w_r.dtype), input_precision=INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)

@@ -154,10 +154,11 @@ def lstm_bwd(
         return dgates, dhp, dh0, dc0, flow
     w_hh_k = kernel_weight(w_hh)
     slices = persistent.persistent_plan(GATES, H, B, D, gates.dtype, persistent.sm_count(gates.device)).slices
+    shares = persistent.flow_shares(flow, GATES, H, B, D, gates.dtype)
     args = [
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, c, c0.contiguous(), w_hh_k,
         kernel_weight(w_hr) if proj else w_hh_k, kernel_lengths(lengths, gates),
-        dgates, dhp if proj else dgates, dh0, dc0, dh0 if flow is None else flow,
+        dgates, dhp if proj else dgates, dh0, dc0, dh0 if flow is None else flow if shares is None else shares,
     ]
     launch(
         "lstm_bwd", GATES, (kernels.lstm_bwd_resident_kernel, kernels.lstm_bwd_tiled_kernel), args,
@@ -172,6 +173,8 @@ def lstm_bwd(
             dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
         ),
     )
+    if shares is not None:
+        flow.copy_(shares.sum(0))
     return dgates, dhp, dh0, dc0, flow
 
 
