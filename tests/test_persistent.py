@@ -16,6 +16,7 @@ Under CUDA the same parity tests run the compiled kernels (barrier mode: coopera
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -234,6 +235,9 @@ def test_forcing_a_strategy_that_cannot_serve_raises(monkeypatch):
 def test_every_gpu_matrix_row_plans_persistent():
     """Rows of cells with persistent kernels plan to them; every row's partition fits one program
     per SM of an H100/H200 and fills at least 64 of them from H 512 up."""
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # bench/ is not installed; it runs from the checkout
+        sys.path.insert(0, root)
     from bench.matrix import GATES, GPU_MATRIX
 
     for row in GPU_MATRIX:
