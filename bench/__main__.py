@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +33,10 @@ import time
 from pathlib import Path
 
 import torch
+
+for _needed in ("matplotlib", "triton"):  # the bench extra
+    if importlib.util.find_spec(_needed) is None:
+        sys.exit(f"python -m bench needs {_needed}: pip install -e '.[bench]'")
 
 from bench import dispatch_table, environment, gradflow, interpret, matrix, report, topologies
 from bench.runner import Plan, run_row, skipped_record

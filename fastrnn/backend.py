@@ -23,6 +23,8 @@ reference  The plain PyTorch loop of :mod:`fastrnn.reference` (the test oracle),
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -71,3 +73,30 @@ def triton_interpreting() -> bool:
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+#: What to install for the kernels where PyTorch's wheel brought no Triton (pyproject's extra).
+TRITON_EXTRA = "pip install 'fastrnn[triton]'"
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None.
+    Triton before 3.7 converts one-element arrays with ``int()``, which numpy 2.3 refuses
+    (``TypeError: only 0-dimensional arrays can be converted to Python scalars`` in every loop)."""
+    if importlib.util.find_spec("numpy") is None:
+        return "Triton's interpreter needs numpy: pip install numpy"
+    triton_version = _major_minor(importlib.metadata.version("triton"))
+    numpy_version = _major_minor(importlib.metadata.version("numpy"))
+    if triton_version < (3, 7) and numpy_version >= (2, 3):
+        return (
+            f"Triton {importlib.metadata.version('triton')}'s interpreter fails with numpy "
+            f"{importlib.metadata.version('numpy')}: pip install 'numpy<2.3' (or triton>=3.7)"
+        )
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+

@@ -88,8 +88,12 @@ def plot_gradient_flow(flow: GradientFlow, ax=None, title: str | None = None):
     log scale: the line breaks there, and the step is marked with an ``x`` in the line's colour
     along the bottom of the axes (each line's marks at their own height), with a legend entry
     ``<line>: exactly 0``. Without ``ax``, a new figure with constrained layout and the legend to
-    the right of the axes, so labels and legend fit inside it and off the data."""
-    import matplotlib.pyplot as plt
+    the right of the axes, so labels and legend fit inside it and off the data. Needs matplotlib
+    (``pip install 'fastrnn[plot]'``)."""
+    try:
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(f"plot_gradient_flow draws with matplotlib ({error}): pip install 'fastrnn[plot]'") from error
     from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import blended_transform_factory
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -172,8 +174,28 @@ def test_triton_with_interpreter_resolves_to_triton(clean_env):
 def test_triton_not_installed(clean_env):
     clean_env.setattr(backend, "triton_available", lambda: False)
     with fastrnn.use_backend("triton"):
-        with pytest.raises(RuntimeError, match="not installed"):
+        with pytest.raises(RuntimeError, match=r"not installed: pip install 'fastrnn\[triton\]'"):
             resolve(CUDA)
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.0", True), ("3.6.0", "2.2.6", False), ("3.7.0", "2.4.6", False), ("3.9.0", "2.4.6", False),
+])
+def test_interpreter_refuses_the_numpy_its_triton_cannot_use(monkeypatch, triton_version, numpy_version, refused):
+    """Triton 3.6's interpreter fails in every loop with numpy >= 2.3: fastrnn says what to install instead."""
+    versions = {"triton": triton_version, "numpy": numpy_version}
+    monkeypatch.setattr(backend.importlib.metadata, "version", versions.__getitem__)
+    problem = backend.interpreter_problem.__wrapped__()
+    if refused:
+        assert f"Triton {triton_version}'s interpreter fails with numpy {numpy_version}: pip install 'numpy<2.3'" in problem
+    else:
+        assert problem is None
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fastrnn\[plot\]'"):
+        fastrnn.plot_gradient_flow(fastrnn.GradientFlow())
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("yes", True), ("0", False), ("", False)])

@@ -1,26 +1,73 @@
-"""Ahead-of-time compilation of the kernels for a GPU architecture, on a machine without a GPU.
+"""The compile gate: every kernel compiled ahead of time exactly as the launchers launch it, for a
+GPU architecture, on a machine without a GPU.
 
-Triton compiles for a target without a driver, with the ``ptxas`` it ships; ``cuobjdump`` from the
-same folder reports the resources. Used by ``tests/test_kernel_compile.py`` and
-``python -m fastrnn.ops.aot`` (a table of every kernel at every size class).
+A kernel's binary depends on more than its source. At launch Triton types each pointer by the
+tensor passed (fp32 scratch stays ``*fp32``; a dummy pointer for an unused argument has the dtype
+of whatever stands in), marks pointers and integers divisible by 16 (so loads vectorise), and
+folds integers equal to 1 into constants (``D`` of a unidirectional layer, ``B`` of a batch of
+one). A check that writes signatures by hand compiles some other binary. So this gate runs the real
+launchers and lets Triton's own launch path specialise each launch.
+
+How it works
+------------
+* :func:`capture_launches` (a context manager): inside it, a stand-in driver reports ``sm_{arch}``
+  (no GPU needed) and Triton's ``knobs.runtime.jit_cache_hook`` is set. Every ``kernel[grid](...)``
+  then runs Triton's own launch code (argument binding, per-argument specialisation, launch
+  options) up to the point where it would compile; the hook records the kernel, signature,
+  constants, attributes and options as a :class:`Launch` and tells Triton to skip the compile, so
+  nothing runs. Tensor contents are never read: CPU tensors from ``torch.empty`` serve. Works
+  with triton 3.6 through 3.9 (the hook and ``ASTSource`` take the same forms there).
+* :func:`compile_launch`: ``triton.compile`` of a :class:`Launch` as the launch would have done,
+  then registers, stack, local and shared memory and tensor-core instructions from the cubin
+  (``cuobjdump``, ``nvdisasm`` shipped with Triton).
+* :func:`workloads`: named size classes, each a function that calls real launchers (forward and
+  backward) with tensors of its shapes. For every cell and dtype, every distinct
+  :func:`fastrnn.ops.recurrence.plan` over hidden sizes 16..1024 (resident at each block and warp
+  count, tiled) in three forms: ``plain`` (torch.nn's defaults, one direction, every size
+  divisible by 16: ``D`` folded), ``full`` (every option on: bidirectional, lengths, projection,
+  ``b_hh``, gelu, ``grad_clip``, gradient-flow record; ``B`` and ``H`` not divisible by 16) and
+  ``batch1`` (one row: ``B`` folded). Then the fused generation kernels at the corners of
+  :func:`fastrnn.ops.feedback.compile_corners`, plain and full. Identical launches from
+  different workloads compile once.
+* :func:`check`: the limits every launch is held to (``tests/test_kernel_compile.py``): no local
+  memory, no stack frame on sm_90 (sm_80's small frames are reported, not failed), at most 255
+  registers, shared memory within the card's block limit.
+
+Adding a kernel (a new strategy, a new cell)
+--------------------------------------------
+* A kernel its cell's launcher reaches for some size class (a strategy that ``plan`` returns for
+  some hidden size) is covered with no change: the class shows up as its own workloads.
+* Anything else: write a function that runs its launchers for one size class with CPU tensors
+  and add it to :func:`workloads` under a name saying what it is (``"persistent-lstm-bf16-L1"``);
+  helper :func:`layer_workload` runs a cell's layer function (forward and backward) for given
+  shapes and options. Prefer one plain and one full form per size class.
+* ``tests/test_kernel_compile.py::test_every_kernel_is_covered`` fails while some ``*_kernel`` in
+  any module of ``fastrnn.kernels`` is launched by no workload.
+
+``python -m fastrnn.ops.aot --markdown bench/results/aot-compile.md`` regenerates the report;
+``--workload NAME`` shows one workload; ``--jobs N`` compiles in N processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-import inspect
+import json
 import os
+import pkgutil
 import re
 import subprocess
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 
 import torch
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
 #: Shared memory one block may use: H100/H200 (sm_90) and A100 (sm_80).
 SHARED_LIMIT = {90: 232_448, 80: 166_912}
+#: The architectures the gate compiles for.
+ARCHES = (90, 80)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,34 +83,111 @@ class Resources:
         return self.stack > 0 or self.local > 0
 
 
-def signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
-    """A signature from the argument names: ``*_ptr`` are tensors of ``dtype`` except ``lengths_ptr``
-    (int32), ``state_ptr`` and ``flow_ptr`` (fp32); ``grad_clip`` is fp32, other scalars int32."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("lengths_ptr", "flags_ptr", "error_ptr"):
-            sig[name] = "*i32"
-        elif name in ("state_ptr", "flow_ptr", "carry_ptr"):
-            sig[name] = "*fp32"
-        elif name == "grad_clip":
-            sig[name] = "fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + _TRITON_TYPES[dtype]
-        else:
-            sig[name] = "i32"
-    return sig
+# ------------------------------------------------------------------------------ capture
+@dataclasses.dataclass
+class Launch:
+    """One launch as Triton specialised it: what ``triton.compile`` would have received."""
+
+    kernel: object  # the triton.runtime.JITFunction
+    arch: int
+    signature: dict  # parameter name -> "*bf16", "i32", "constexpr", ...
+    constants: dict  # (index,) -> value: constexpr arguments and integers folded to 1
+    attrs: dict  # (index,) -> [["tt.divisibility", 16]] ...
+    options: dict  # the backend options (num_warps, num_stages, ...)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    @property
+    def key(self) -> str:
+        """Equal for launches that compile to the same binary."""
+        options = {k: v for k, v in self.options.items() if k != "extern_libs"}
+        return repr((self.kernel.fn.__module__, self.name, self.arch, self.signature, sorted(self.constants.items()),
+                     sorted((k, repr(v)) for k, v in self.attrs.items()), sorted(options.items())))
+
+    def specialisation(self) -> str:
+        """What the launch specialised: integers folded to 1, integers divisible by 16, fp32
+        pointers, pointers without the 16-byte alignment hint."""
+        names = list(self.signature)
+        declared = {p.name for p in self.kernel.params if p.is_constexpr}
+        folded = [f"{names[i]}={v}" for (i,), v in self.constants.items() if names[i] not in declared]
+        aligned = {names[i] for (i,), a in self.attrs.items() if ["tt.divisibility", 16] in [list(x) for x in a]}
+        ints = [n for n in names if self.signature[n] in ("i32", "i64") and n in aligned]
+        pointers = [n for n in names if self.signature[n].startswith("*")]
+        fp32 = sum(self.signature[n] == "*fp32" for n in pointers)
+        unaligned = [n for n in pointers if n not in aligned]
+        parts = []
+        if folded:
+            parts.append("folded " + " ".join(folded))
+        parts.append("÷16 " + (" ".join(ints) if ints else "none"))
+        parts.append(f"*fp32 {fp32}/{len(pointers)}")
+        if unaligned:
+            parts.append("unaligned " + " ".join(unaligned))
+        return "; ".join(parts)
 
 
-def compile_kernel(kernel, dtype: torch.dtype, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3) -> Resources:
-    """Compile ``kernel`` (a ``@triton.jit`` function) for ``sm_{arch}`` and read its resources."""
+class _AheadOfTimeDriver:
+    """Stands in for Triton's CUDA driver: reports ``sm_{arch}`` and no device or stream."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.device = ("aot", arch)  # its own key in each kernel's per-device cache
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+@contextlib.contextmanager
+def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
+    """Record every ``@triton.jit`` launch made in the block, as Triton specialises it for
+    ``sm_{arch}``, without compiling or running anything (the launch returns None)."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("capture_launches needs compiled kernels: unset TRITON_INTERPRET (run it in a subprocess)")
+    launches: list[Launch] = []
+
+    def record(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+        options = {k: _tuples(v) for k, v in json.loads(compile["specialization_data"])["options"].items()}
+        launches.append(Launch(fn.jit_function, arch, dict(compile["signature"]), dict(compile["constants"]),
+                               dict(compile["configs"][0]), options))
+        return True  # skip the compile; the launch then returns without running
+
+    previous_driver, previous_hook = driver._active, knobs.runtime.jit_cache_hook
+    driver.set_active(_AheadOfTimeDriver(arch))
+    knobs.runtime.jit_cache_hook = record
+    try:
+        yield launches
+    finally:
+        driver.set_active(previous_driver)
+        knobs.runtime.jit_cache_hook = previous_hook
+
+
+def compile_launch(launch: Launch) -> Resources:
+    """Compile ``launch`` for its architecture as Triton's launch would, and read its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    source = ASTSource(launch.kernel, launch.signature, launch.constants, launch.attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", launch.arch, 32), options=launch.options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -80,144 +204,303 @@ def compile_kernel(kernel, dtype: torch.dtype, constexprs: dict, arch: int = 90,
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One kernel at one size class, as the launcher would run it (``kernel`` names a
-    ``@triton.jit`` function in ``fastrnn.kernels.<cell>``)."""
-
-    cell: str
-    kernel: str
-    dtype: torch.dtype
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-    hidden: int  # the largest H this variant serves
-
-    @property
-    def name(self) -> str:
-        return f"{self.kernel}-{_TRITON_TYPES[self.dtype]}-H{self.hidden}"
-
-    def jit_function(self):
-        module = importlib.import_module(f"fastrnn.kernels.{self.cell}")
-        return getattr(module, self.kernel)
-
-
-#: Gates per cell; the cells whose kernels live in ``fastrnn.kernels.<cell>``.
+# ---------------------------------------------------------------------------- workloads
+#: Steps of every workload (``T`` is never specialised: its value does not change the binary).
+STEPS = 3
+#: Input features of every layer workload (the input projection is a GEMM outside the kernels).
+INPUT_SIZE = 16
+#: Layer gates per cell.
 CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+#: Batch rows of each form: a multiple of 16, not one, and a single row (folded to 1).
+FORM_BATCH = {"plain": 16, "full": 20, "batch1": 1}
 
 
-def constexpr_names(kernel) -> list[str]:
-    """Names of a ``@triton.jit`` function's ``tl.constexpr`` parameters (also under the
-    interpreter, whose functions carry no compiled parameter list)."""
-    import triton.language as tl
+def layer_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, *, bidirectional: bool = False, lengths: bool = False,
+                   proj_size: int = 0, bias: bool = True, nonlinearity: str = "tanh", grad_clip: float | None = None,
+                   record_flow: bool = False) -> None:
+    """One layer of ``cell`` forward and backward through its kernel-backed layer function (what
+    :func:`fastrnn.dispatch.run_stack` calls on CUDA), with CPU tensors of these shapes."""
+    import fastrnn
+    from fastrnn.dispatch import triton_layer
 
-    fn = getattr(kernel, "fn", kernel)
-    return [
-        name for name, param in inspect.signature(fn).parameters.items()
-        if param.annotation is tl.constexpr or str(param.annotation).endswith("constexpr")
-    ]
+    kwargs = dict(bias=bias, bidirectional=bidirectional, dtype=dtype, grad_clip=grad_clip)
+    if cell == "rnn":
+        kwargs["nonlinearity"] = nonlinearity
+    if proj_size:
+        kwargs["proj_size"] = proj_size
+    module = {"rnn": fastrnn.RNN, "gru": fastrnn.GRU, "lstm": fastrnn.LSTM}[cell](INPUT_SIZE, hidden, **kwargs)
+    directions = 2 if bidirectional else 1
+    x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
+    h0 = torch.zeros(directions, batch, proj_size or hidden, dtype=dtype)
+    c0 = torch.zeros(directions, batch, hidden, dtype=dtype) if cell == "lstm" else None
+    options = {"grad_clip": grad_clip}
+    if record_flow:
+        options["flow_record"] = torch.zeros(directions, STEPS)
+    y, _, _ = triton_layer(cell)(
+        cell, x, h0, c0, module._layer_params()[0], torch.full((batch,), STEPS) if lengths else None,
+        nonlinearity if cell == "rnn" else None, **options,
+    )
+    y.float().sum().backward()
 
 
-def heaviest_constexprs(kernel, block_b: int, block_h: int, persistent_plan=None) -> dict:
-    """The kernel's constexprs set to its heaviest form: every optional feature on (``HAS_*``,
-    ``CLIP``, ``RECORD_FLOW``), gelu for the Elman nonlinearity (it reads and writes the
-    pre-activations), exact fp32 dots. An unknown constexpr is an error, so a new one is never
-    silently left out of the check."""
-    values = {}
-    for name in constexpr_names(kernel):
-        if name.startswith("HAS_") or name in ("CLIP", "RECORD_FLOW"):
-            values[name] = True
-        elif name == "NONLINEARITY":
-            values[name] = 5
-        elif name == "INPUT_PRECISION":
-            values[name] = "ieee"
-        elif name == "BLOCK_B":
-            values[name] = block_b
-        elif name == "BLOCK_H":
-            values[name] = block_h
-        elif persistent_plan is not None and name in ("SLICE", "BLOCK_S", "BLOCK_K", "BLOCK_FLAGS"):
-            values[name] = persistent_plan.constexprs()[name]
-        elif name == "BARRIER":
-            values[name] = True
-        elif name == "FAULT":
-            values[name] = 0
+def _layer_forms(cell: str, dtype: torch.dtype, hidden: int) -> dict[str, Callable[[], None]]:
+    """``plain``, ``full`` and ``batch1`` of one size class (``hidden`` the largest H it serves)."""
+    odd = hidden - 8  # same class (same power-of-two block), not divisible by 16
+    full = dict(bidirectional=True, lengths=True, grad_clip=1.0, record_flow=True)
+    if cell == "rnn":
+        full["nonlinearity"] = "gelu"  # its derivative reads the saved pre-activations
+    if cell == "lstm":
+        full["proj_size"] = odd // 2
+    return {
+        "plain": lambda: layer_workload(cell, dtype, hidden, FORM_BATCH["plain"]),
+        "full": lambda: layer_workload(cell, dtype, odd, FORM_BATCH["full"], **full),
+        "batch1": lambda: layer_workload(cell, dtype, hidden, FORM_BATCH["batch1"]),
+    }
+
+
+def size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
+    """The size classes of ``cell``: the plans over hidden sizes 16..1024 grouped by strategy, warps
+    and stages, each named by its strategy, block and warps, with the largest (power-of-two) hidden
+    size it serves (the largest block of a group is its heaviest binary)."""
+    from fastrnn.ops.recurrence import plan
+
+    classes = {}
+    for exponent in range(4, 11):
+        hidden = 2 ** exponent
+        p = plan(CELL_GATES[cell], hidden, dtype)
+        name = f"{p.strategy}{p.block_h}-{p.num_warps}w" if p.strategy == "resident" else p.strategy
+        classes[p.strategy, p.num_warps, p.num_stages] = (name, hidden)
+    return dict(classes.values())
+
+
+def feedback_workload(cell: str, dtype: torch.dtype, hidden: int, output: int, batch: int, *, full: bool) -> None:
+    """Fused free-running generation (``fastrnn.ops.feedback.generate``, what
+    :func:`fastrnn.topologies.free_run` calls on CUDA) forward and backward; ``full``: gelu (Elman),
+    a sigmoid head and ``grad_clip``, else tanh, identity head, no clipping."""
+    import fastrnn
+    from fastrnn.ops.feedback import generate
+
+    nonlinearity = "gelu" if full and cell == "rnn" else "tanh"
+    grad_clip = 1.0 if full else None
+    model = fastrnn.OneToMany(output, hidden, output, cell=cell, feedback=True, nonlinearity=nonlinearity,
+                              output_activation="sigmoid" if full else None, grad_clip=grad_clip, dtype=dtype)
+    x0 = torch.zeros(batch, output, dtype=dtype, requires_grad=True)
+    h0 = torch.zeros(batch, hidden, dtype=dtype)
+    c0 = torch.zeros(batch, hidden, dtype=dtype) if cell == "lstm" else None
+    y, _, _ = generate(cell, x0, h0, c0, model.rnn._layer_params()[0][0], model.head, nonlinearity, STEPS, grad_clip)
+    y.float().sum().backward()
+
+
+@contextlib.contextmanager
+def forced_strategy(strategy: str) -> Iterator[None]:
+    """Run the block with ``FASTRNN_STRATEGY`` set (a strategy ``plan`` picks only when forced)."""
+    from fastrnn.ops.recurrence import STRATEGY_ENV
+
+    previous = os.environ.get(STRATEGY_ENV)
+    os.environ[STRATEGY_ENV] = strategy
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[STRATEGY_ENV]
         else:
-            raise KeyError(f"{kernel.__name__}: no ahead-of-time value for constexpr {name}")
-    return values
+            os.environ[STRATEGY_ENV] = previous
 
 
-def variants() -> list[Variant]:
-    """Every kernel of every cell at the largest size its resident strategy serves, at one tiled
-    size, and (cells with persistent kernels) at one persistent size with the partition the
-    launcher picks for 16 rows and one direction, in fp32 and bf16, in its heaviest form."""
-    from fastrnn.ops.persistent import CELL_GATES as PERSISTENT_GATES, persistent_plan
-    from fastrnn.ops.recurrence import RESIDENT_MAX_BLOCK_H, TILE, TILED_CONFIG, plan
+def _forced(strategy: str, run: Callable[[], None]) -> Callable[[], None]:
+    def forced() -> None:
+        with forced_strategy(strategy):
+            run()
+    return forced
 
-    out = []
-    for cell, gates in CELL_GATES.items():
-        module = importlib.import_module(f"fastrnn.kernels.{cell}")
+
+def indrnn_workload(dtype: torch.dtype, hidden: int, batch: int, *, full: bool) -> None:
+    """One IndRNN layer forward and backward (``fastrnn.ops.indrnn.indrnn_layer``); ``full``:
+    bidirectional, lengths, zoneout, ``grad_clip`` and the gradient-flow record."""
+    from fastrnn.ops.indrnn import indrnn_layer
+
+    directions = 2 if full else 1
+    params = [{"weight_ih": torch.zeros(hidden, INPUT_SIZE, dtype=dtype), "weight_hh": torch.zeros(hidden, dtype=dtype),
+               "bias_ih": torch.zeros(hidden, dtype=dtype), "bias_hh": torch.zeros(hidden, dtype=dtype)} for _ in range(directions)]
+    x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
+    h0 = torch.zeros(directions, batch, hidden, dtype=dtype)
+    options = {}
+    if full:
+        options = dict(zoneout_mask=torch.ones(STEPS, batch, directions * hidden, dtype=dtype), zoneout_p=0.1, grad_clip=1.0,
+                       flow_record=torch.zeros(directions, STEPS))
+    y, _ = indrnn_layer(x, h0, params, torch.full((batch,), STEPS) if full else None, "relu", **options)
+    y.float().sum().backward()
+
+
+def workloads() -> dict[str, Callable[[], None]]:
+    """Every workload of the gate by name (nothing runs until a workload is called)."""
+    from fastrnn.ops.feedback import CELLS, compile_corners
+
+    out: dict[str, Callable[[], None]] = {}
+    for cell in CELL_GATES:
         for dtype in (torch.bfloat16, torch.float32):
-            largest_resident = RESIDENT_MAX_BLOCK_H[gates, dtype == torch.float32][0]
-            p = plan(gates, largest_resident, dtype)
-            tile, warps, stages = TILED_CONFIG[gates, dtype == torch.float32]
-            sizes = [(largest_resident, "resident", p.block_b, p.block_h, p.num_warps, p.num_stages, None),
-                     (4 * TILE, "tiled", p.block_b, tile, warps, stages, None)]
-            if gates in PERSISTENT_GATES:
-                pp = persistent_plan(gates, 4 * TILE, 16, 1, dtype)
-                sizes.append((4 * TILE, "persistent", pp.block_b, 0, pp.num_warps, 1, pp))
-            for hidden, strategy, block_b, block_h, num_warps, num_stages, pp in sizes:
-                for direction in ("fwd", "bwd"):
-                    name = f"{cell}_{direction}_{strategy}_kernel"
-                    constexprs = heaviest_constexprs(getattr(module, name), block_b, block_h, pp)
-                    out.append(Variant(cell, name, dtype, constexprs, num_warps, num_stages, hidden))
+            classes = size_classes(cell, dtype)
+            for size_class, hidden in classes.items():
+                for form, run in _layer_forms(cell, dtype, hidden).items():
+                    out[f"{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = run
+            if "tiled" not in classes:  # tiled only when forced: its largest-H class, forced
+                for form, run in _layer_forms(cell, dtype, 2 ** 10).items():
+                    out[f"{cell}-{_dtype_name(dtype)}-tiled-forced-{form}"] = _forced("tiled", run)
+    for dtype in (torch.bfloat16, torch.float32):
+        out[f"indrnn-{_dtype_name(dtype)}-plain"] = lambda d=dtype: indrnn_workload(d, 256, 16, full=False)
+        out[f"indrnn-{_dtype_name(dtype)}-full"] = lambda d=dtype: indrnn_workload(d, 250, 20, full=True)
+    for cell in CELLS:
+        for dtype, block_h, block_o, warps in compile_corners(cell):
+            for form in ("plain", "full"):
+                odd = 8 if form == "full" else 0
+                out[f"{cell}-feedback-{_dtype_name(dtype)}-{block_h}x{block_o}-{warps}w-{form}"] = (
+                    lambda c=cell, d=dtype, h=block_h - odd, o=block_o - odd, f=form:
+                    feedback_workload(c, d, h, o, FORM_BATCH[f], full=f == "full")
+                )
     return out
 
 
-def report(arches: list[int]) -> list[dict]:
-    """Compile every variant for every arch; one row of resources each."""
-    rows = []
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def kernel_names() -> set[str]:
+    """``module:name`` of every ``*_kernel`` in every module of ``fastrnn.kernels``."""
+    import fastrnn.kernels
+
+    names = set()
+    for info in pkgutil.iter_modules(fastrnn.kernels.__path__):
+        module = importlib.import_module(f"fastrnn.kernels.{info.name}")
+        names |= {f"{module.__name__}:{n}" for n in dir(module) if n.endswith("_kernel")}
+    return names
+
+
+# ------------------------------------------------------------------------------- report
+def capture(arches: tuple[int, ...] = ARCHES, names: list[str] | None = None) -> list[tuple[str, Launch]]:
+    """``(workload, launch)`` for every launch of every workload (or of ``names``) on each arch."""
+    table = workloads()
+    out = []
     for arch in arches:
-        for v in variants():
-            r = compile_kernel(v.jit_function(), v.dtype, v.constexprs, arch, v.num_warps, v.num_stages)
-            rows.append(dict(arch=arch, variant=v.name, num_warps=v.num_warps, num_stages=v.num_stages, **dataclasses.asdict(r)))
+        for name in names or table:
+            with capture_launches(arch) as launches:
+                table[name]()
+            if not launches:
+                raise RuntimeError(f"workload {name} launched no kernel")
+            out += [(name, launch) for launch in launches]
+    return out
+
+
+def report(arches: tuple[int, ...] = ARCHES, names: list[str] | None = None, jobs: int = 1, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """One row per distinct binary: its kernel, arch, options, specialisation, resources and the
+    workloads that launch it. ``jobs > 1`` compiles in that many subprocesses."""
+    if jobs > 1:
+        return _report_in_subprocesses(arches, names, jobs)
+    binaries: dict[str, tuple[Launch, list[str]]] = {}
+    for name, launch in capture(arches, names):
+        binaries.setdefault(launch.key, (launch, []))[1].append(name)
+    rows = []
+    for index, (launch, users) in enumerate(binaries.values()):
+        if index % shard[1] != shard[0]:
+            continue
+        r = compile_launch(launch)
+        rows.append(dict(
+            index=index, arch=launch.arch, kernel=f"{launch.kernel.fn.__module__}:{launch.name}",
+            num_warps=launch.options["num_warps"], num_stages=launch.options["num_stages"],
+            specialisation=launch.specialisation(), workloads=sorted(set(users)), **dataclasses.asdict(r),
+        ))
     return rows
 
 
-def main() -> None:
-    """Print registers, spills and shared memory of every variant; optionally write a report."""
-    import argparse
+def _report_in_subprocesses(arches, names, jobs: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as folder:
+        outs = [os.path.join(folder, f"{i}.json") for i in range(jobs)]
+        command = [sys.executable, "-m", "fastrnn.ops.aot", "--arch", *map(str, arches)]
+        if names:
+            command += ["--workload", *names]
+        procs = [subprocess.Popen(command + ["--shard", f"{i}/{jobs}", "--json", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for i, out in enumerate(outs)]
+        errors = [p.communicate()[1] for p in procs]
+        for p, err in zip(procs, errors):
+            if p.returncode:
+                raise RuntimeError(f"an ahead-of-time compile shard failed:\n{err}")
+        rows = [row for out in outs for row in json.load(open(out))]
+    return sorted(rows, key=lambda row: row["index"])
+
+
+def check(row: dict) -> list[str]:
+    """What breaks the limits in one report row (empty: it holds)."""
+    problems = []
+    where = f"{row['kernel']} on sm_{row['arch']} ({row['specialisation']})"
+    if row["local"]:
+        problems.append(f"{where} uses {row['local']} B of local memory")
+    if row["arch"] >= 90 and row["stack"]:
+        problems.append(f"{where} spills: {row['stack']} B stack frame")
+    if row["registers"] > 255:
+        problems.append(f"{where} uses {row['registers']} registers")
+    if row["shared"] > SHARED_LIMIT[row["arch"]]:
+        problems.append(f"{where} needs {row['shared']} B of shared memory (limit {SHARED_LIMIT[row['arch']]})")
+    return problems
+
+
+def markdown(rows: list[dict]) -> str:
     import datetime
-    import json
 
     import triton
 
+    lines = [
+        f"# Ahead-of-time compile report ({datetime.date.today()}, triton {triton.__version__}, torch {torch.__version__}, compiled on a CPU)",
+        "",
+        "Written by `python -m fastrnn.ops.aot --markdown <this file>`: every kernel as the launchers launch it, "
+        "specialised by Triton's own launch code for each workload (`fastrnn/ops/aot.py` says how). One row per "
+        "distinct binary; the workloads column names what launches it. Specialisation: integers folded to a "
+        "constant, integers with the divisible-by-16 hint, fp32 pointers of all pointers. Shared memory limit per "
+        "block: sm_90 232,448 B, sm_80 166,912 B. Stack or local bytes above 0 mean spills (held to 0 on sm_90).",
+        "",
+        "| arch | kernel | warps | stages | specialisation | registers | stack B | local B | shared B | tensor-core ops | workloads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| sm_{r['arch']} | {r['kernel'].split(':')[1]} | {r['num_warps']} | {r['num_stages']} | {r['specialisation']} | "
+            f"{r['registers']} | {r['stack']} | {r['local']} | {r['shared']} | {r['tensor_core_ops']} | {', '.join(r['workloads'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Compile every workload's launches; print and optionally write the report."""
+    import argparse
+
+    from fastrnn.backend import TRITON_EXTRA, triton_available
+
+    if not triton_available():
+        raise SystemExit(f"python -m fastrnn.ops.aot compiles with Triton, which is not installed: {TRITON_EXTRA}")
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
-    parser.add_argument("--markdown", help="write a markdown table here (e.g. bench/results/aot-compile.md)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHES))
+    parser.add_argument("--workload", nargs="+", help="only these workloads (default: all; --list shows them)")
+    parser.add_argument("--list", action="store_true", help="print the workload names and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", help="write the markdown report here (e.g. bench/results/aot-compile.md)")
     parser.add_argument("--json", help="write the rows as JSON here")
     args = parser.parse_args()
-    rows = report(args.arch)
-    header = "| arch | variant | warps | stages | registers | stack B | local B | shared B | tensor-core ops |"
-    table = [header, "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        table.append(
-            f"| sm_{r['arch']} | {r['variant']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
-            f"{r['stack']} | {r['local']} | {r['shared']} | {r['tensor_core_ops']} |"
-        )
-    print("\n".join(table))
-    if args.markdown:
-        intro = [
-            f"# Ahead-of-time compile report ({datetime.date.today()}, triton {triton.__version__}, compiled on a CPU)",
-            "",
-            "Written by `python -m fastrnn.ops.aot --markdown <this file>`. Shared memory limit per block: "
-            "sm_90 232,448 B, sm_80 166,912 B. Stack or local bytes above 0 mean spills.",
-            "",
-        ]
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(intro + table) + "\n")
+    if args.list:
+        print("\n".join(workloads()))
+        return
+    shard = tuple(int(x) for x in args.shard.split("/"))
+    rows = report(tuple(args.arch), args.workload, args.jobs, shard)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    text = markdown(rows)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    if shard == (0, 1):
+        print(text)
+        for row in rows:
+            for problem in check(row):
+                print("FAILS:", problem)
 
 
 if __name__ == "__main__":

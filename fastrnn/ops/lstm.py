@@ -5,27 +5,14 @@ registered operator ``fastrnn::lstm_recurrence`` (its fake, its backward operato
 formula), ``lstm_layer``.
 
 Strategy (``lstm_plan``): ``plan(4, H, dtype)`` of :mod:`fastrnn.ops.recurrence` (resident for
-``BLOCK_H <= 32`` in fp32, ``<= 64`` in fp16/bf16; tiled beyond), warps and stages included. With
+``BLOCK_H <= 16`` in fp32, ``<= 64`` in fp16/bf16; tiled beyond), warps and stages included. With
 projection the resident kernels pad ``h`` (``P`` units) to ``BLOCK_H`` and keep ``W_hr`` on chip as
-a fifth ``BLOCK_H x BLOCK_H`` block, so ``P`` does not change the choice. Ahead-of-time compiles
-(triton 3.9) of the heaviest form (projection, lengths, clip, flow record, ``ieee`` dots) as
-``tests/test_kernel_compile.py`` runs them, registers per thread (sm_90 / sm_80), no stack in any:
-
-======================================= =========== =========== ============
-kernel                                  fp32        bf16        warps/stages
-======================================= =========== =========== ============
-resident fwd (BLOCK_H fp32 32, bf16 64) 189 / 200   133 / 128   4/3, 8/3
-resident bwd (BLOCK_H fp32 32, bf16 64) 202 / 197   179 / 128   4/3, 8/3
-tiled fwd (64 wide, reduce 32)          222 / 250   226 / 212   8 / 1 or 2
-tiled bwd (64 wide, reduce 32)          244 / 173   233 / 250   8 / 1 or 2
-======================================= =========== =========== ============
+a fifth ``BLOCK_H x BLOCK_H`` block, so ``P`` does not change the choice. Registers, stack and
+shared memory of every launch: ``bench/results/aot-compile.md`` (``python -m fastrnn.ops.aot``).
 
 The tiled kernels' reduction loops run unpipelined (``tl.range(..., num_stages=1)``, so the
 launch's stage count does not matter) and reduce over ``REDUCE_TILE = 32``: pipelined, or 64 wide,
-the fp32 tiled kernels spill (24-136 B of stack). In some lighter forms (no projection, or no
-lengths) ptxas parks a few values of the resident kernels on the stack before the time loop and
-reloads them after it, for the final ``h_n`` / ``dh0`` / ``dc0`` stores (2-14 local-memory
-instructions per launch, none inside any loop).
+the fp32 tiled kernels spill.
 
 What the forward saves for the backward (besides the layer output ``y``, which the next layer or
 the loss holds anyway, the weights and the initial state):

@@ -22,17 +22,13 @@ persistent   anything larger (cells in                     ``W_hh`` split by hid
 ``FASTRNN_STRATEGY`` (``resident`` | ``tiled`` | ``persistent``) forces one; forcing one that cannot
 serve the size (resident beyond its limit, persistent for a cell without persistent kernels)
 raises ValueError. Resident and tiled are one launch for the whole sequence, forward and backward;
-persistent is one launch (barrier mode) or one per step (per_step mode). The limits come from
-ahead-of-time compiles for sm_90 (``python -m fastrnn.ops.aot``, checked by
-``tests/test_kernel_compile.py``): the largest block that compiles without spills. Measured
-(triton 3.9, 16-row batch tiles, with lengths): the Elman kernels at BLOCK_H 256 bf16 spill
-(255 registers + 56-176 bytes of stack at 8 or 16 warps) while 128 bf16 uses 128 registers at
-8 warps; an fp32 ``ieee`` dot runs on FMA units and replicates ``W`` across threads, so fp32 stops
-at 64 (199 registers forward at 8 warps). Tiled (``TILED_CONFIG``): the Elman kernels need
-8 warps and ``num_stages=2`` at 64-wide tiles (4 warps spill; one stage leaves the fp32 backward an
-8-byte stack frame); the GRU kernels are clean on sm_90 only at 8 warps and one stage (two or
-three stages: 255 registers and 32-56 bytes of stack in fp32). On sm_80 a few tiled variants keep
-a small stack frame while using no local memory; ``python -m fastrnn.ops.aot`` lists them.
+persistent is one launch (barrier mode) or one per step (per_step mode). The limits (``RESIDENT_MAX_BLOCK_H``, ``TILED_CONFIG``) are the largest blocks, and the warps and stages, at
+which every launch compiles for sm_90 without spills on triton 3.6 and 3.9: the compile gate
+(``python -m fastrnn.ops.aot``, checked by ``tests/test_kernel_compile.py``) compiles each launch as
+Triton specialises it and ``bench/results/aot-compile.md`` holds the registers, stack and shared
+memory it measured. An fp32 ``ieee`` dot runs on FMA units and replicates ``W`` across threads, so
+the fp32 resident blocks are half the 16-bit ones. The tiled launches pass ``maxnreg``
+(:func:`register_budget`).
 """
 
 from __future__ import annotations
@@ -64,12 +60,12 @@ def count_launch(name: str) -> None:
 #: Largest BLOCK_H kept resident, by (gates, fp32?), and the warps it runs with.
 RESIDENT_MAX_BLOCK_H = {
     (1, False): (128, 8), (1, True): (64, 8),
-    (3, False): (64, 8), (3, True): (32, 4),
-    (4, False): (64, 8), (4, True): (32, 4),
+    (3, False): (64, 8), (3, True): (32, 8),
+    (4, False): (64, 8), (4, True): (16, 4),
 }
 #: The tiled strategy's (tile width, warps, pipeline stages), by (gates, fp32?).
 TILED_CONFIG = {
-    (1, False): (64, 8, 2), (1, True): (64, 8, 2),
+    (1, False): (64, 8, 2), (1, True): (64, 8, 1),
     (3, False): (64, 8, 1), (3, True): (64, 8, 1),
     (4, False): (64, 8, 1), (4, True): (64, 8, 1),
 }
@@ -143,6 +139,8 @@ def launch(
         return
     grid = (triton.cdiv(B, p.block_b), D)
     meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
+    if p.strategy == "tiled":
+        meta["maxnreg"] = register_budget(p.num_warps)
     resident, tiled = kernel_pair
     if p.strategy == "resident":
         resident[grid](*args, **meta)
@@ -151,6 +149,16 @@ def launch(
         buffers = [args[0] if shape is None else torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes]
         tiled[grid](*args, *buffers, **meta)
     count_launch(f"{name}_{p.strategy}")
+
+
+def register_budget(num_warps: int) -> int:
+    """The ``maxnreg`` launch option of the tiled kernels for ``num_warps`` warps: every register
+    one block may have (65,536 per SM, at most 255 per thread). Left uncapped, ptxas parks values of
+    the tiled kernels on the stack far below the limit (the LSTM tiled forward in bf16, launched
+    with one direction: 80 registers and an 8-byte stack frame uncapped, 110 and none capped). Not
+    for the resident and fused-generation kernels: given the whole budget, their heaviest forms use
+    all 255 registers and spill, where uncapped they compile clean (the compile gate shows both)."""
+    return min(255, 65536 // (32 * num_warps))
 
 
 def triton_next_power_of_2(n: int) -> int:
