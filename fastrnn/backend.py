@@ -99,3 +99,4 @@ def interpreter_problem() -> str | None:
 def _major_minor(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+

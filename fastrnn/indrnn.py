@@ -71,7 +71,7 @@ def scan_path(device: torch.device) -> str:
         return "reference"
     if asked == "triton":
         if not backend.triton_available():
-            raise RuntimeError("FASTRNN_BACKEND=triton, but the triton package is not installed")
+            raise RuntimeError(f"FASTRNN_BACKEND=triton, but the triton package is not installed: {backend.TRITON_EXTRA}")
         if device.type != "cuda" and not backend.triton_interpreting():
             raise RuntimeError(
                 f"FASTRNN_BACKEND=triton needs CUDA tensors (got a tensor on {device}); set TRITON_INTERPRET=1 "

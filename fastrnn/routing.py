@@ -258,13 +258,15 @@ def _features(call: CallInfo) -> list[str]:
 
 def _forced_triton(device: DeviceInfo, call: CallInfo, dtype: torch.dtype) -> Route:
     if not device.triton:
-        raise RuntimeError("FASTRNN_BACKEND=triton, but the triton package is not installed")
+        raise RuntimeError(f"FASTRNN_BACKEND=triton, but the triton package is not installed: {backend.TRITON_EXTRA}")
     if device.type != "cuda" and not device.interpreting:
         raise RuntimeError(
             f"FASTRNN_BACKEND=triton needs CUDA tensors (got a tensor on {device.type}); set "
             "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
             "through Triton's interpreter"
         )
+    if device.type != "cuda" and backend.interpreter_problem():
+        raise RuntimeError(backend.interpreter_problem())
     if call.generation and not call.fusable:
         return Route("reference", "the fused generation kernel takes one layer, one direction, no projection and "
                                   "an identity/tanh/sigmoid head: the loop of cell steps runs")

@@ -174,7 +174,7 @@ def test_triton_with_interpreter_resolves_to_triton(clean_env):
 def test_triton_not_installed(clean_env):
     clean_env.setattr(backend, "triton_available", lambda: False)
     with fastrnn.use_backend("triton"):
-        with pytest.raises(RuntimeError, match="not installed"):
+        with pytest.raises(RuntimeError, match=r"not installed: pip install 'fastrnn\[triton\]'"):
             resolve(CUDA)
 
 

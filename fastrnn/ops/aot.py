@@ -26,9 +26,11 @@ How it works
   count, tiled) in three forms: ``plain`` (torch.nn's defaults, one direction, every size
   divisible by 16: ``D`` folded), ``full`` (every option on: bidirectional, lengths, projection,
   ``b_hh``, gelu, ``grad_clip``, gradient-flow record; ``B`` and ``H`` not divisible by 16) and
-  ``batch1`` (one row: ``B`` folded). Then the fused generation kernels at the corners of
-  :func:`fastrnn.ops.feedback.compile_corners`, plain and full. Identical launches from
-  different workloads compile once.
+  ``batch1`` (one row: ``B`` folded). A strategy the plan picks only when forced runs forced
+  (``tiled-forced``: ``FASTRNN_STRATEGY=tiled``); the persistent classes also in barrier mode
+  (``persistent-barrier``; on a CPU the launcher runs per step). Then IndRNN, and the fused
+  generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
+  full. Identical launches from different workloads compile once.
 * :func:`check`: the limits every launch is held to (``tests/test_kernel_compile.py``): no local
   memory, no stack frame on sm_90 (sm_80's small frames are reported, not failed), at most 255
   registers, shared memory within the card's block limit.
@@ -180,14 +182,22 @@ def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
         knobs.runtime.jit_cache_hook = previous_hook
 
 
-def compile_launch(launch: Launch) -> Resources:
-    """Compile ``launch`` for its architecture as Triton's launch would, and read its resources."""
+def compile_binary(launch: Launch):
+    """``triton.compile`` of ``launch`` for its architecture, as Triton's launch would (the
+    compiled kernel: ``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     source = ASTSource(launch.kernel, launch.signature, launch.constants, launch.attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", launch.arch, 32), options=launch.options)
+    return triton.compile(source, target=GPUTarget("cuda", launch.arch, 32), options=launch.options)
+
+
+def compile_launch(launch: Launch) -> Resources:
+    """Compile ``launch`` (:func:`compile_binary`) and read its resources from the cubin."""
+    import triton
+
+    compiled = compile_binary(launch)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -291,6 +301,46 @@ def feedback_workload(cell: str, dtype: torch.dtype, hidden: int, output: int, b
     y.float().sum().backward()
 
 
+@contextlib.contextmanager
+def forced_env(variable: str, value: str) -> Iterator[None]:
+    """Run the block with the environment variable set (a knob such as ``FASTRNN_STRATEGY=tiled``,
+    for what the launchers pick only when forced or only on a GPU)."""
+    previous = os.environ.get(variable)
+    os.environ[variable] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = previous
+
+
+def _forced(variable: str, value: str, run: Callable[[], None]) -> Callable[[], None]:
+    def forced() -> None:
+        with forced_env(variable, value):
+            run()
+    return forced
+
+
+def indrnn_workload(dtype: torch.dtype, hidden: int, batch: int, *, full: bool) -> None:
+    """One IndRNN layer forward and backward (``fastrnn.ops.indrnn.indrnn_layer``); ``full``:
+    bidirectional, lengths, zoneout, ``grad_clip`` and the gradient-flow record."""
+    from fastrnn.ops.indrnn import indrnn_layer
+
+    directions = 2 if full else 1
+    params = [{"weight_ih": torch.zeros(hidden, INPUT_SIZE, dtype=dtype), "weight_hh": torch.zeros(hidden, dtype=dtype),
+               "bias_ih": torch.zeros(hidden, dtype=dtype), "bias_hh": torch.zeros(hidden, dtype=dtype)} for _ in range(directions)]
+    x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
+    h0 = torch.zeros(directions, batch, hidden, dtype=dtype)
+    options = {}
+    if full:
+        options = dict(zoneout_mask=torch.ones(STEPS, batch, directions * hidden, dtype=dtype), zoneout_p=0.1, grad_clip=1.0,
+                       flow_record=torch.zeros(directions, STEPS))
+    y, _ = indrnn_layer(x, h0, params, torch.full((batch,), STEPS) if full else None, "relu", **options)
+    y.float().sum().backward()
+
+
 def workloads() -> dict[str, Callable[[], None]]:
     """Every workload of the gate by name (nothing runs until a workload is called)."""
     from fastrnn.ops.feedback import CELLS, compile_corners
@@ -298,9 +348,18 @@ def workloads() -> dict[str, Callable[[], None]]:
     out: dict[str, Callable[[], None]] = {}
     for cell in CELL_GATES:
         for dtype in (torch.bfloat16, torch.float32):
-            for size_class, hidden in size_classes(cell, dtype).items():
+            classes = size_classes(cell, dtype)
+            for size_class, hidden in classes.items():
                 for form, run in _layer_forms(cell, dtype, hidden).items():
                     out[f"{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = run
+                    if size_class == "persistent":  # on a CPU the launcher runs per step: force the barrier form a GPU runs
+                        out[f"{cell}-{_dtype_name(dtype)}-persistent-barrier-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
+            if "tiled" not in classes:  # tiled only when forced: its largest-H class, forced
+                for form, run in _layer_forms(cell, dtype, 2 ** 10).items():
+                    out[f"{cell}-{_dtype_name(dtype)}-tiled-forced-{form}"] = _forced("FASTRNN_STRATEGY", "tiled", run)
+    for dtype in (torch.bfloat16, torch.float32):
+        out[f"indrnn-{_dtype_name(dtype)}-plain"] = lambda d=dtype: indrnn_workload(d, 256, 16, full=False)
+        out[f"indrnn-{_dtype_name(dtype)}-full"] = lambda d=dtype: indrnn_workload(d, 250, 20, full=True)
     for cell in CELLS:
         for dtype, block_h, block_o, warps in compile_corners(cell):
             for form in ("plain", "full"):

@@ -76,10 +76,10 @@ def supports(hidden: int, output: int, dtype: torch.dtype, cell: str = "rnn") ->
 
 
 def num_warps(block_h: int, block_o: int, cell: str = "rnn", fp32: bool = False) -> int:
-    """4 up to (32, 32), else 8; GRU/LSTM fp32 run 8 from a 32 block on (the LSTM forward spills
-    at (32, 32) on 4 warps)."""
-    if cell != "rnn" and fp32 and max(block_h, block_o) >= 32:
-        return 8
+    """4 up to (32, 32), else 8; GRU/LSTM fp32 run 8 at (16, 16) and 16 from a 32 block on (fewer
+    warps leave a stack frame on sm_90 in some form on triton 3.6 or 3.9: the compile gate)."""
+    if cell != "rnn" and fp32:
+        return 16 if max(block_h, block_o) >= 32 else 8
     return 4 if block_h <= 32 and block_o <= 32 else 8
 
 
@@ -89,7 +89,7 @@ def compile_corners(cell: str = "rnn") -> list[tuple[torch.dtype, int, int, int]
     for dtype in (torch.float32, torch.bfloat16):
         fp32 = dtype == torch.float32
         block_h, block_o = MAX_BLOCKS[cell][fp32]
-        small = 16 if cell != "rnn" and fp32 else 32  # the largest block on 4 warps
+        small = 16 if cell != "rnn" and fp32 else 32  # the smaller corner (the largest block on 4 warps for the Elman cell)
         for bh, bo in ((block_h, block_o), (small, small)):
             corner = (dtype, bh, bo, num_warps(bh, bo, cell, fp32))
             if corner not in corners:

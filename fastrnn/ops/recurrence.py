@@ -22,14 +22,13 @@ persistent   anything larger (cells in                     ``W_hh`` split by hid
 ``FASTRNN_STRATEGY`` (``resident`` | ``tiled`` | ``persistent``) forces one; forcing one that cannot
 serve the size (resident beyond its limit, persistent for a cell without persistent kernels)
 raises ValueError. Resident and tiled are one launch for the whole sequence, forward and backward;
-persistent is one launch (barrier mode) or one per step (per_step mode).
-The limits (``RESIDENT_MAX_BLOCK_H``, ``TILED_CONFIG``) are the largest blocks, and the warps and stages, at
+persistent is one launch (barrier mode) or one per step (per_step mode). The limits (``RESIDENT_MAX_BLOCK_H``, ``TILED_CONFIG``) are the largest blocks, and the warps and stages, at
 which every launch compiles for sm_90 without spills on triton 3.6 and 3.9: the compile gate
 (``python -m fastrnn.ops.aot``, checked by ``tests/test_kernel_compile.py``) compiles each launch as
 Triton specialises it and ``bench/results/aot-compile.md`` holds the registers, stack and shared
 memory it measured. An fp32 ``ieee`` dot runs on FMA units and replicates ``W`` across threads, so
-the fp32 resident blocks are half the 16-bit ones. Every launch passes ``maxnreg``
-(:func:`register_budget`): uncapped, ptxas parks values on the stack far below the register limit.
+the fp32 resident blocks are half the 16-bit ones. The tiled launches pass ``maxnreg``
+(:func:`register_budget`).
 """
 
 from __future__ import annotations
@@ -61,8 +60,8 @@ def count_launch(name: str) -> None:
 #: Largest BLOCK_H kept resident, by (gates, fp32?), and the warps it runs with.
 RESIDENT_MAX_BLOCK_H = {
     (1, False): (128, 8), (1, True): (64, 8),
-    (3, False): (64, 8), (3, True): (32, 4),
-    (4, False): (64, 8), (4, True): (32, 4),
+    (3, False): (64, 8), (3, True): (32, 8),
+    (4, False): (64, 8), (4, True): (16, 4),
 }
 #: The tiled strategy's (tile width, warps, pipeline stages), by (gates, fp32?).
 TILED_CONFIG = {
@@ -101,7 +100,7 @@ def plan(gates: int, hidden: int, dtype: torch.dtype) -> Plan:
         raise ValueError(f"{STRATEGY_ENV}=persistent: no persistent kernels for a cell with {gates} gates yet")
     if forced == "resident" or (forced is None and block_h <= max_block):
         return Plan("resident", BLOCK_B, block_h, warps if block_h == max_block else 4, 3)
-    if forced == "persistent" or (forced is None and persistent.planned(gates, dtype)):
+    if forced == "persistent" or (forced is None and gates in persistent.CELL_GATES):
         return Plan("persistent", BLOCK_B, block_h, 4, 1)  # the launch-time partition decides the rest
     tile, warps, stages = TILED_CONFIG[gates, dtype == torch.float32]
     return Plan("tiled", BLOCK_B, tile, warps, stages)
@@ -116,7 +115,6 @@ class PersistentKernel:
     kernel: object
     phases: int
     scratch: list
-    meta: dict = dataclasses.field(default_factory=dict)  # constexprs only the persistent kernel takes
 
 
 def launch(
@@ -135,13 +133,14 @@ def launch(
     if p.strategy == "persistent":
         if persistent_kernel is None:
             raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
-        persistent.launch(name, persistent_kernel.kernel, args, dict(meta, **persistent_kernel.meta), gates=gates, B=B, H=H, D=D, dtype=dtype,
+        persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,
                           device=device, phases=persistent_kernel.phases, scratch=persistent_kernel.scratch)
         count_launch(f"{name}_persistent")
         return
     grid = (triton.cdiv(B, p.block_b), D)
-    meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages,
-                maxnreg=register_budget(p.num_warps))
+    meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
+    if p.strategy == "tiled":
+        meta["maxnreg"] = register_budget(p.num_warps)
     resident, tiled = kernel_pair
     if p.strategy == "resident":
         resident[grid](*args, **meta)
@@ -153,11 +152,12 @@ def launch(
 
 
 def register_budget(num_warps: int) -> int:
-    """The ``maxnreg`` launch option for ``num_warps`` warps: every register one block may have
-    (65,536 per SM, at most 255 per thread). Left uncapped, ptxas trades registers for occupancy
-    and parks values on the stack even far below the limit (the LSTM tiled forward in bf16, launched
-    with one direction: 80 registers and an 8-byte stack frame uncapped, 110 and none capped); these
-    kernels run one program per SM at most, so occupancy buys nothing."""
+    """The ``maxnreg`` launch option of the tiled kernels for ``num_warps`` warps: every register
+    one block may have (65,536 per SM, at most 255 per thread). Left uncapped, ptxas parks values of
+    the tiled kernels on the stack far below the limit (the LSTM tiled forward in bf16, launched
+    with one direction: 80 registers and an 8-byte stack frame uncapped, 110 and none capped). Not
+    for the resident and fused-generation kernels: given the whole budget, their heaviest forms use
+    all 255 registers and spill, where uncapped they compile clean (the compile gate shows both)."""
     return min(255, 65536 // (32 * num_warps))
 
 
