@@ -31,9 +31,7 @@ import triton
 from torch import Tensor
 
 from fastrnn.kernels import feedback as kernels
-from fastrnn.ops.recurrence import (
-    BLOCK_B, compute_dtype, count_launch, input_precision, kernel_weight, register_budget, triton_next_power_of_2,
-)
+from fastrnn.ops.recurrence import BLOCK_B, compute_dtype, count_launch, input_precision, kernel_weight, triton_next_power_of_2
 from fastrnn.ops.rnn import NEEDS_PRE, NONLINEARITIES
 
 #: Output activation name -> the kernels' ``HEAD`` code.
@@ -102,7 +100,7 @@ def _meta(H: int, O: int, dtype: torch.dtype, nonlinearity: str, head: str) -> d
     return dict(
         NONLINEARITY=NONLINEARITIES[nonlinearity], HEAD=HEADS[head], SAVE_PRE=nonlinearity in NEEDS_PRE,
         INPUT_PRECISION=input_precision(dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_O=block_o,
-        num_warps=num_warps(block_h, block_o), maxnreg=register_budget(num_warps(block_h, block_o)),
+        num_warps=num_warps(block_h, block_o),
     )
 
 
@@ -200,7 +198,6 @@ def _gated_meta(cell: str, H: int, O: int, dtype: torch.dtype, head: str) -> dic
     return dict(
         HEAD=HEADS[head], INPUT_PRECISION=input_precision(dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_O=block_o,
         num_warps=num_warps(block_h, block_o, cell, dtype == torch.float32),
-        maxnreg=register_budget(num_warps(block_h, block_o, cell, dtype == torch.float32)),
     )
 
 
