@@ -5,7 +5,11 @@ registered operator ``fastrnn::lstm_recurrence`` (its fake, its backward operato
 formula), ``lstm_layer``.
 
 Strategy (``lstm_plan``): ``plan(4, H, dtype)`` of :mod:`fastrnn.ops.recurrence` (resident for
-``BLOCK_H <= 16`` in fp32, ``<= 64`` in fp16/bf16; tiled beyond), warps and stages included. With
+``BLOCK_H <= 16`` in fp32, ``<= 64`` in fp16/bf16; beyond, persistent in fp16/bf16 and tiled in
+fp32, whose FMA dots spill in the persistent form; ``FASTRNN_STRATEGY`` forces any), warps and
+stages included. The persistent kernels (partition: :func:`fastrnn.ops.persistent.persistent_plan`)
+take the resident kernels' arguments plus their scratch (``PersistentKernel`` below: exchanges,
+fp32 partials and carries, shapes in ``fastrnn.kernels.lstm``). With
 projection the resident kernels pad ``h`` (``P`` units) to ``BLOCK_H`` and keep ``W_hr`` on chip as
 a fifth ``BLOCK_H x BLOCK_H`` block, so ``P`` does not change the choice. Registers, stack and
 shared memory of every launch: ``bench/results/aot-compile.md`` (``python -m fastrnn.ops.aot``).
@@ -43,7 +47,9 @@ from einops import rearrange
 from torch import Tensor
 
 from fastrnn.kernels import lstm as kernels
+from fastrnn.ops import persistent
 from fastrnn.ops.recurrence import (
+    PersistentKernel,
     compute_dtype,
     flow_buffer,
     input_precision,
@@ -56,6 +62,7 @@ from fastrnn.ops.recurrence import (
     previous_states,
     recurrent_weight_grad,
     stack_params,
+    triton_next_power_of_2,
     write_flow_record,
 )
 
@@ -94,6 +101,12 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         "lstm_fwd", GATES, (kernels.lstm_fwd_resident_kernel, kernels.lstm_fwd_tiled_kernel), args,
         dict(T=T, B=B, H=H, K=K, D=D, HAS_PROJ=proj, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
+        # exchanges: the ping-pong of h and, projecting, m, in the compute dtype; carry: c in fp32.
+        persistent_kernel=PersistentKernel(
+            kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
+            [((2, D, B, K), gx.dtype), ((D, B, H) if proj else (1,), gx.dtype), ((D, B, H), torch.float32)],
+            dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
+        ),
     )
     return y, h_n, final_cell_state(c, D), gates, c
 
@@ -127,17 +140,28 @@ def lstm_bwd(
     if B == 0:
         return dgates, dhp, dh0, dc0, flow
     w_hh_k = kernel_weight(w_hh)
+    slices = persistent.persistent_plan(GATES, H, B, D, gates.dtype, persistent.sm_count(gates.device)).slices
+    shares = persistent.flow_shares(flow, GATES, H, B, D, gates.dtype)
     args = [
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, c, c0.contiguous(), w_hh_k,
         kernel_weight(w_hr) if proj else w_hh_k, kernel_lengths(lengths, gates),
-        dgates, dhp if proj else dgates, dh0, dc0, dh0 if flow is None else flow,
+        dgates, dhp if proj else dgates, dh0, dc0, dh0 if flow is None else flow if shares is None else shares,
     ]
     launch(
         "lstm_bwd", GATES, (kernels.lstm_bwd_resident_kernel, kernels.lstm_bwd_tiled_kernel), args,
         dict(T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_PROJ=proj, HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(gates.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=gates.dtype, device=gates.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
+        # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
+        persistent_kernel=PersistentKernel(
+            kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
+            [((2, slices, D, B, K), torch.float32), ((2, slices, D, B, H) if proj else (1,), torch.float32),
+             ((D, B, K), torch.float32), ((D, B, H), torch.float32)],
+            dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
+        ),
     )
+    if shares is not None:
+        flow.copy_(shares.sum(0))
     return dgates, dhp, dh0, dc0, flow
 
 

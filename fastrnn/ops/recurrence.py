@@ -100,7 +100,7 @@ def plan(gates: int, hidden: int, dtype: torch.dtype) -> Plan:
         raise ValueError(f"{STRATEGY_ENV}=persistent: no persistent kernels for a cell with {gates} gates yet")
     if forced == "resident" or (forced is None and block_h <= max_block):
         return Plan("resident", BLOCK_B, block_h, warps if block_h == max_block else 4, 3)
-    if forced == "persistent" or (forced is None and gates in persistent.CELL_GATES):
+    if forced == "persistent" or (forced is None and persistent.planned(gates, dtype)):
         return Plan("persistent", BLOCK_B, block_h, 4, 1)  # the launch-time partition decides the rest
     tile, warps, stages = TILED_CONFIG[gates, dtype == torch.float32]
     return Plan("tiled", BLOCK_B, tile, warps, stages)
@@ -115,6 +115,7 @@ class PersistentKernel:
     kernel: object
     phases: int
     scratch: list
+    meta: dict = dataclasses.field(default_factory=dict)  # constexprs only the persistent kernel takes
 
 
 def launch(
@@ -133,7 +134,7 @@ def launch(
     if p.strategy == "persistent":
         if persistent_kernel is None:
             raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
-        persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,
+        persistent.launch(name, persistent_kernel.kernel, args, dict(meta, **persistent_kernel.meta), gates=gates, B=B, H=H, D=D, dtype=dtype,
                           device=device, phases=persistent_kernel.phases, scratch=persistent_kernel.scratch)
         count_launch(f"{name}_persistent")
         return
