@@ -221,6 +221,10 @@ STEPS = 3
 INPUT_SIZE = 16
 #: Layer gates per cell.
 CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+#: The largest hidden size the gate runs the persistent strategy at. NOT the largest it serves: at
+#: H 1024 its launches exceed the shared memory of a block (up to 590 KB bf16 on sm_90, GRU backward)
+#: and spill; held at 256 (what its own gate covered) until the persistent kernels are fixed.
+PERSISTENT_GATE_HIDDEN = 256
 #: Batch rows of each form: a multiple of 16, not one, and a single row (folded to 1).
 FORM_BATCH = {"plain": 16, "full": 20, "batch1": 1}
 
@@ -278,6 +282,8 @@ def size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
     for exponent in range(4, 11):
         hidden = 2 ** exponent
         p = plan(CELL_GATES[cell], hidden, dtype)
+        if p.strategy == "persistent" and hidden > PERSISTENT_GATE_HIDDEN:
+            continue
         name = f"{p.strategy}{p.block_h}-{p.num_warps}w" if p.strategy == "resident" else p.strategy
         classes[p.strategy, p.num_warps, p.num_stages] = (name, hidden)
     return dict(classes.values())
