@@ -76,12 +76,24 @@ CELL_GATES = frozenset({1, 3, 4})
 #: forced): LSTM in fp32, whose exact fp32 dots run on FMA units that replicate the full-length
 #: operands over threads and spill on sm_90 at the compile check's persistent size (H256).
 NOT_PLANNED = frozenset({(4, True)})
+#: Widest ``BLOCK_K`` (H rounded up to a power of two) the plan gives the persistent kernels by
+#: itself, by fp32?: the largest size at which every persistent kernel compiles clean for sm_90 at
+#: the GPU matrix's plans (``tests/test_persistent_compile.py``, ``python -m bench --plan``). Past it
+#: a program's weight slice no longer fits on chip as the kernels hold it (measured at L1, LSTM
+#: H768 bf16: the forward spills 304 B; at L4, LSTM H1024 B256: 16 batch groups leave 128-unit
+#: slices wanting about 1.08 MB of shared memory), so those sizes keep the tiled strategy until the
+#: kernels hold larger slices (weights in shared memory, batch groups walked inside a program).
+MAX_PLANNED_BLOCK_K = {False: 512, True: 256}
 
 
-def planned(gates: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`fastrnn.ops.recurrence.plan` picks the persistent strategy for this cell
-    and dtype beyond the resident sizes (else the tiled one)."""
-    return gates in CELL_GATES and (gates, dtype == torch.float32) not in NOT_PLANNED
+def planned(gates: int, dtype: torch.dtype, hidden: int) -> bool:
+    """Whether :func:`fastrnn.ops.recurrence.plan` picks the persistent strategy for this cell,
+    dtype and hidden size beyond the resident sizes (else the tiled one)."""
+    fp32 = dtype == torch.float32
+    block_k = max(16, triton.next_power_of_2(hidden))
+    return gates in CELL_GATES and (gates, fp32) not in NOT_PLANNED and block_k <= MAX_PLANNED_BLOCK_K[fp32]
+
+
 #: SMs assumed when planning without a GPU: the H100/H200 the GPU matrix is tuned for.
 DEFAULT_SM_COUNT = 132
 #: Smallest slice the plan picks by itself (below it each program's M side is mostly padding

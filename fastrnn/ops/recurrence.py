@@ -100,7 +100,7 @@ def plan(gates: int, hidden: int, dtype: torch.dtype) -> Plan:
         raise ValueError(f"{STRATEGY_ENV}=persistent: no persistent kernels for a cell with {gates} gates yet")
     if forced == "resident" or (forced is None and block_h <= max_block):
         return Plan("resident", BLOCK_B, block_h, warps if block_h == max_block else 4, 3)
-    if forced == "persistent" or (forced is None and persistent.planned(gates, dtype)):
+    if forced == "persistent" or (forced is None and persistent.planned(gates, dtype, hidden)):
         return Plan("persistent", BLOCK_B, block_h, 4, 1)  # the launch-time partition decides the rest
     tile, warps, stages = TILED_CONFIG[gates, dtype == torch.float32]
     return Plan("tiled", BLOCK_B, tile, warps, stages)
