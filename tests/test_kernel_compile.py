@@ -81,10 +81,10 @@ def test_specialisation_follows_the_launch(report):
     """The gate compiles what each launch specialises: one direction folds ``D``, one row folds
     ``B``, sizes divisible by 16 get the hint and others don't, the tiled kernels' fp32 scratch
     stays fp32."""
-    (plain,) = _rows(report, "lstm-bf16-tiled-plain", "lstm_fwd_tiled_kernel")
+    (plain,) = _rows(report, "lstm-bf16-tiled-forced-plain", "lstm_fwd_tiled_kernel")
     assert plain["specialisation"].startswith("folded D=1; ÷16 B H K;"), plain
-    (one_row,) = _rows(report, "lstm-bf16-tiled-batch1", "lstm_fwd_tiled_kernel")
+    (one_row,) = _rows(report, "lstm-bf16-tiled-forced-batch1", "lstm_fwd_tiled_kernel")
     assert one_row["specialisation"].startswith("folded B=1 D=1; ÷16 H K;"), one_row
-    (full,) = _rows(report, "lstm-bf16-tiled-full", "lstm_fwd_tiled_kernel")
+    (full,) = _rows(report, "lstm-bf16-tiled-forced-full", "lstm_fwd_tiled_kernel")
     assert full["specialisation"].startswith("÷16 none; *fp32 3/13"), full  # h, c and m state; lengths are *i32
     assert plain["specialisation"].endswith("*fp32 2/13"), plain  # no projection: m_state is a bf16 dummy
