@@ -101,7 +101,7 @@ def markdown(info: dict, rows: list[dict], baseline: list[dict]) -> str:
         f"torch {info['torch']}, commit {info['git']['commit']}; {info['date_utc']}.",
         "Each T in a fresh process with an empty inductor cache, after one discarded warm-up process (the OS file "
         "cache); runs alternate between the T values and the median run is shown (all first-call times in the last "
-        "column). Command: `python -m bench.compile_time --threads 1 --out bench/results`.",
+        "column). Command: `" + " ".join(["python -m bench.compile_time", *(repr(a) if a == "" else a for a in sys.argv[1:])]) + "`.",
         "",
         "| T | first forward (s) | first backward (s) | first call total (s) | frames compiled | fwd+bwd eager / compiled (ms) | fwd eager / compiled (ms) | all runs (s) |",
         "|---|---|---|---|---|---|---|---|",
