@@ -29,6 +29,8 @@ import importlib.util
 import os
 from collections.abc import Iterator
 
+import torch
+
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "FASTRNN_BACKEND"
 
@@ -71,19 +73,30 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Looked up once, at import: torch 2.11's dynamo refuses to trace importlib's find_spec (a layer
+# decides its route while torch.compile traces it).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 #: What to install for the kernels where PyTorch's wheel brought no Triton (pyproject's extra).
 TRITON_EXTRA = "pip install 'fastrnn[triton]'"
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run the kernels with the installed packages, or None.
     Triton before 3.7 converts one-element arrays with ``int()``, which numpy 2.3 refuses
-    (``TypeError: only 0-dimensional arrays can be converted to Python scalars`` in every loop)."""
+    (``TypeError: only 0-dimensional arrays can be converted to Python scalars`` in every loop).
+    A constant to torch.compile: torch 2.11's dynamo refuses to trace importlib's package lookups."""
+    return _interpreter_problem()
+
+
+@functools.cache
+def _interpreter_problem() -> str | None:
     if importlib.util.find_spec("numpy") is None:
         return "Triton's interpreter needs numpy: pip install numpy"
     triton_version = _major_minor(importlib.metadata.version("triton"))

@@ -185,7 +185,7 @@ def test_interpreter_refuses_the_numpy_its_triton_cannot_use(monkeypatch, triton
     """Triton 3.6's interpreter fails in every loop with numpy >= 2.3: fastrnn says what to install instead."""
     versions = {"triton": triton_version, "numpy": numpy_version}
     monkeypatch.setattr(backend.importlib.metadata, "version", versions.__getitem__)
-    problem = backend.interpreter_problem.__wrapped__()
+    problem = backend._interpreter_problem.__wrapped__()
     if refused:
         assert f"Triton {triton_version}'s interpreter fails with numpy {numpy_version}: pip install 'numpy<2.3'" in problem
     else:
