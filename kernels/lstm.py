@@ -973,9 +973,10 @@ def lstm_bwd_persistent_kernel(
     ``dh_n``, ``dc_n``). Same tile sizes as the forward."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4
-    # Partials summed per load: 8, or 4 projecting (two gathers a step; at 8 the projecting
-    # backward keeps a 16-32 B stack frame on sm_90 with Triton 3.6, H256 bidirectional).
-    GATHER_MAX: tl.constexpr = 4 if HAS_PROJ else 8
+    # Partials summed per load: 8, or 4 projecting in barrier mode (measured, sm_90, Triton 3.6,
+    # H256 bidirectional projecting: at 8 the barrier backward keeps a 16-32 B stack frame, at 4
+    # the per-step one keeps 8 B; each is clean at the other width).
+    GATHER_MAX: tl.constexpr = 4 if HAS_PROJ and BARRIER else 8
     GATHER: tl.constexpr = BLOCK_FLAGS if BLOCK_FLAGS <= GATHER_MAX else GATHER_MAX
     piece = tl.program_id(0)
     group = tl.program_id(1)
