@@ -109,14 +109,15 @@ def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches:
     backward = next((l for l in launches if "_bwd_" in l.name), None)
     bwd_params = [p.name for p in backward.kernel.params] if backward else []
     # partials summed per load: a GATHER argument when the kernel takes one, else the rule
-    # kernels/lstm_persistent.py applies inside the kernel (min(BLOCK_FLAGS, 8))
+    # kernels/lstm.py applies inside the kernel (min(BLOCK_FLAGS, 8); 4 projecting in barrier mode)
     gather = min(8, pp.block_flags)
     if backward and "GATHER" in bwd_params:
         gather = backward.constants.get((bwd_params.index("GATHER"),), gather)
     slice_bytes = workload.gates * pp.slice * workload.k * workload.dtype_bytes
     forward_shared = next((k["shared_bytes"] for k in kernels if k["kernel"] == forward.name), 0)
     return cost_model.Partition(
-        "persistent", pp.programs, pp.batch_groups, min(pp.block_b, row.batch), hidden_slice=pp.slice, slices=pp.slices,
+        "persistent", pp.programs, pp.batch_groups, min(pp.group_rows, row.batch), hidden_slice=pp.slice, slices=pp.slices,
+        batch_tiles=pp.group_tiles,
         mode="barrier", weights_in="shared" if forward_shared >= slice_bytes else "registers", num_warps=pp.num_warps,
         bwd_exchange="reduce" if "dh_partial_ptr" in bwd_params else "all_gather", gather=gather,
     )

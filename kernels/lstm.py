@@ -81,7 +81,15 @@ and direction ``d``. Every product puts the weights on the M side and the batch 
 ``tl.dot`` needs every dimension >= 16, so the four gates of a slice are stacked on M
 (``SLICE = 8``: ``M = 32``; ``S_TILE = max(SLICE, 4)`` rows per gate, masked past the slice), and
 the projected units of a program (``SP = cdiv(P, n_slices) <= SLICE``) are padded to
-``BLOCK_S = max(SLICE, 16)`` masked rows. The programs of one ``(g, d)`` walk time together,
+``BLOCK_S = max(SLICE, 16)`` masked rows. The ``K`` units of ``h`` a weight row spans are held (and
+``h`` read) in two power-of-two parts, ``BLOCK_HOUT`` then ``BLOCK_HTAIL`` units (``w``, ``w_tail``;
+``BLOCK_HTAIL = 0``: one part), chosen by ``fastrnn.ops.persistent.reduction_split`` (``768 = 512 +
+256``: a quarter less weight and ``h`` than one 1024-wide part). A group is ``GROUP_TILES``
+sub-tiles of ``BLOCK_B`` rows (the N side of every product): each phase the program walks them one
+after another with the weights loaded once, waiting before the first and arriving after the last
+(``publish``); with ``GROUP_TILES > 1`` the carried fp32 state of each sub-tile (``c`` forward,
+``dh`` and ``dc`` backward) lives in the program's own rows of the ``carry`` buffers instead of
+registers (read and written only by its owner, a block barrier apart). The programs of one ``(g, d)`` walk time together,
 synchronised per phase by ``fastrnn.kernels.sync`` (flags carrying the phase count, release after a
 block barrier, acquire reads, ``>=``, bounded spins); ``publish`` stores a program's part of the
 exchanged state, then arrives.
@@ -139,8 +147,8 @@ Scratch (``fastrnn.ops.lstm`` allocates it; nothing is read before it is written
 
 ``flow`` (``RECORD_FLOW``): ``(n_slices, D, T, B)`` fp32, zeroed (``persistent.flow_shares``): each
 program writes its units' share of ``||dL/dh_t||^2`` of each row in its plane; the launcher sums the
-planes (deterministic). ``BLOCK_K >= H`` and ``BLOCK_FLAGS >= n_slices`` come from the
-plan, ``BLOCK_HOUT >= K`` from the launcher.
+planes (deterministic). ``BLOCK_K >= H``, ``BLOCK_FLAGS >= n_slices`` and ``GROUP_TILES`` come
+from the plan, ``BLOCK_HOUT + BLOCK_HTAIL >= K`` from the launcher.
 """
 import triton
 import triton.language as tl
@@ -650,6 +658,17 @@ def lstm_bwd_tiled_kernel(
 
 
 @triton.jit
+def batch_tile(group_rows, tile, B, d64, unit_ok, BLOCK_B: tl.constexpr):
+    """Batch sub-tile ``tile`` of the group starting at row ``group_rows``: its ``BLOCK_B`` rows
+    (the N side of the step's product), which are ``< B``, their index into ``(D, B, .)`` buffers
+    (``(1, BLOCK_B)`` int64) and the ``(S_TILE, BLOCK_B)`` mask of the slice's units x rows."""
+    rows = group_rows + tile * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    state_rows = (d64 * B + rows.to(tl.int64))[None, :]
+    return rows, row_ok, state_rows, unit_ok[:, None] & row_ok[None, :]
+
+
+@triton.jit
 def split_gates(pre, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr):
     """``(4*S_TILE, BLOCK_B)`` rows gate-major (row ``q*S_TILE + u``) -> ``i, f, g, o``, each
     ``(S_TILE, BLOCK_B)``."""
@@ -661,36 +680,47 @@ def split_gates(pre, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def publish(values, dst, mask, own_flag, stage, piece, BARRIER: tl.constexpr, FAULT: tl.constexpr):
-    """Store this program's part of the exchanged state (``values`` to ``dst``), then arrive with
-    ``stage + 1`` phases done (``FAULT_ARRIVE_EARLY``: the other way round, a test-only mutation)."""
+def publish(values, dst, mask, own_flag, stage, piece, tile, BARRIER: tl.constexpr, FAULT: tl.constexpr,
+            GROUP_TILES: tl.constexpr):
+    """Store this program's part of the exchanged state for batch sub-tile ``tile`` (``values`` to
+    ``dst``); after the last of the ``GROUP_TILES`` sub-tiles, arrive with ``stage + 1`` phases done
+    (``FAULT_ARRIVE_EARLY``: before the first store, a test-only mutation)."""
     if BARRIER:
         if FAULT == FAULT_ARRIVE_EARLY:
-            arrive(own_flag, stage + 1, piece, FAULT)
+            if tile == 0:
+                arrive(own_flag, stage + 1, piece, FAULT)
     tl.store(dst, values.to(dst.dtype.element_ty), mask=mask)
     if BARRIER:
         if FAULT != FAULT_ARRIVE_EARLY:
-            arrive(own_flag, stage + 1, piece, FAULT)
+            if tile == GROUP_TILES - 1:
+                arrive(own_flag, stage + 1, piece, FAULT)
 
 
 @triton.jit
 def _gate_stage(
-    gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
+    gx_ptr, w, w_tail, w_rows, r_ok, cols_k, k_ok, cols_tail, tail_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
     s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
-    flags, own_flag, piece, n_slices, error_ptr, max_spins,
+    flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HTAIL: tl.constexpr,
+    GROUP_TILES: tl.constexpr,
 ):
-    """Walk step ``s`` (time ``t``): the slice's gates from the whole ``h_{t-1}`` (``h_read``), the
-    cell update, the saved ``gates`` and ``c``; publishes ``m_t`` (projecting) or ``h_t``. Returns ``c_t``."""
+    """Walk step ``s`` (time ``t``) on batch sub-tile ``tile`` (rows ``rows``): the slice's gates
+    from the whole ``h_{t-1}`` (``h_read``, in two parts of ``BLOCK_HOUT`` and ``BLOCK_HTAIL``
+    units when ``BLOCK_HTAIL > 0``), the cell update, the saved ``gates`` and ``c``; publishes
+    ``m_t`` (projecting) or ``h_t``. Returns ``c_t``."""
     step = (t * B + rows.to(tl.int64))[None, :]
     # gx does not depend on the other programs: fetched before the wait.
     pre = tl.load(gx_ptr + step * (D * 4 * H) + direction * 4 * H + w_rows[:, None], mask=r_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
     if BARRIER:
         if s > 0:
-            wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+            if tile == 0:
+                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
     h_prev = tl.load(h_read + cols_k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
     pre += tl.dot(w, h_prev.to(w.dtype), input_precision=INPUT_PRECISION)
+    if BLOCK_HTAIL > 0:
+        h_tail = tl.load(h_read + cols_tail[:, None], mask=tail_ok[:, None] & row_ok[None, :], other=0.0)
+        pre += tl.dot(w_tail, h_tail.to(w_tail.dtype), input_precision=INPUT_PRECISION)
     i, f, g, o = split_gates(pre, S_TILE, BLOCK_B)
     i, f, g, o, c, m = lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS)
     gate_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
@@ -700,14 +730,14 @@ def _gate_stage(
     tl.store(gates_ptr + gate_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(c_ptr + step * (D * H) + direction * H + units[:, None], c.to(c_ptr.dtype.element_ty), mask=tile_ok)
     if HAS_PROJ:
-        publish(m, m_exchange_ptr + state_rows * H + units[:, None], tile_ok, own_flag, stage, piece, BARRIER, FAULT)
+        publish(m, m_exchange_ptr + state_rows * H + units[:, None], tile_ok, own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
     else:
         tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], m.to(y_ptr.dtype.element_ty), mask=tile_ok)
         if HAS_LENGTHS:  # past a row's length h keeps its value
             m = tl.where(valid, m, tl.load(h_read + units[:, None], mask=tile_ok, other=0.0).to(tl.float32))
         if s == T - 1:
             tl.store(h_final + units[:, None], m.to(h_final.dtype.element_ty), mask=tile_ok)
-        publish(m, h_write + units[:, None], tile_ok, own_flag, stage, piece, BARRIER, FAULT)
+        publish(m, h_write + units[:, None], tile_ok, own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
     return c
 
 
@@ -715,14 +745,15 @@ def _gate_stage(
 def _projection_stage(
     w_r, cols_h, proj_units, proj_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr,
     s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows,
-    flags, own_flag, piece, n_slices, error_ptr, max_spins,
+    flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
     HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, GROUP_TILES: tl.constexpr,
 ):
-    """Walk step ``s``'s projection: the program's projected units of ``h_t = W_hr m_t`` from the
-    whole ``m_t``, to ``y`` and published (and to ``h_n`` at the last step)."""
+    """Walk step ``s``'s projection on batch sub-tile ``tile``: the program's projected units of
+    ``h_t = W_hr m_t`` from the whole ``m_t``, to ``y`` and published (and to ``h_n`` at the last step)."""
     if BARRIER:
-        wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+        if tile == 0:
+            wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
     m_all = tl.load(m_exchange_ptr + state_rows * H + cols_h[:, None], mask=(cols_h < H)[:, None] & row_ok[None, :], other=0.0)
     h_new = tl.dot(w_r, m_all.to(w_r.dtype), input_precision=INPUT_PRECISION)
     proj_tile = proj_ok[:, None] & row_ok[None, :]
@@ -732,7 +763,7 @@ def _projection_stage(
         h_new = tl.where(valid, h_new, tl.load(h_read + proj_units[:, None], mask=proj_tile, other=0.0).to(tl.float32))
     if s == T - 1:
         tl.store(h_final + proj_units[:, None], h_new.to(h_final.dtype.element_ty), mask=proj_tile)
-    publish(h_new, h_write + proj_units[:, None], proj_tile, own_flag, stage, piece, BARRIER, FAULT)
+    publish(h_new, h_write + proj_units[:, None], proj_tile, own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
 
 
 @triton.jit(do_not_specialize=["phase_begin", "phase_end", "T"])
@@ -743,13 +774,15 @@ def lstm_fwd_persistent_kernel(
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
+    BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr,
 ):
     """Forward phases ``phase_begin ... phase_end - 1`` (``T`` per direction, ``2T`` projecting:
     phase ``2i`` the gates of walk step ``i``, ``2i + 1`` its projection). Writes ``y``, ``h_n``, the
     saved ``gates`` and ``c``, the exchanges and ``carry`` (``c`` between per-step launches: fp32
     ``(D, B, H)``). The walk's first step reads ``h0`` (and ``c0`` when ``phase_begin = 0``).
-    ``BLOCK_K >= H``, ``BLOCK_HOUT >= K``, ``BLOCK_S = max(SLICE, 16)`` (the projected units, at
-    most ``SLICE`` per program), ``BLOCK_FLAGS >= n_slices``."""
+    ``BLOCK_K >= H``, ``BLOCK_HOUT + BLOCK_HTAIL >= K``, ``BLOCK_S = max(SLICE, 16)`` (the
+    projected units, at most ``SLICE`` per program), ``BLOCK_FLAGS >= n_slices``; program
+    ``(s, g, d)`` walks batch rows ``g*GROUP_TILES*BLOCK_B ...`` in ``GROUP_TILES`` sub-tiles."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4  # 4 * S_TILE >= 16: tl.dot's smallest M
     piece = tl.program_id(0)
@@ -757,12 +790,9 @@ def lstm_fwd_persistent_kernel(
     direction = tl.program_id(2)
     n_slices = tl.num_programs(0)
     d64 = direction.to(tl.int64)
-    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)  # batch rows (the N side)
-    row_ok = rows < B
-    state_rows = (d64 * B + rows.to(tl.int64))[None, :]  # row index into (D, B, .) buffers
+    group_rows = group * (GROUP_TILES * BLOCK_B)  # the group's first batch row
     units = piece * S + tl.arange(0, S_TILE)
     unit_ok = (tl.arange(0, S_TILE) < S) & (units < H)
-    tile_ok = unit_ok[:, None] & row_ok[None, :]
     # Gate rows of the slice, gate-major: row r = q*S_TILE + u is W_hh row q*H + s*S + u.
     r = tl.arange(0, 4 * S_TILE)
     r_unit = r % S_TILE
@@ -771,6 +801,13 @@ def lstm_fwd_persistent_kernel(
     cols_k = tl.arange(0, BLOCK_HOUT)
     k_ok = cols_k < K
     w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    TAIL: tl.constexpr = BLOCK_HTAIL if BLOCK_HTAIL > 0 else 16
+    cols_tail = BLOCK_HOUT + tl.arange(0, TAIL)
+    tail_ok = cols_tail < K
+    if BLOCK_HTAIL > 0:
+        w_tail = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_tail[None, :], mask=r_ok[:, None] & tail_ok[None, :], other=0.0)
+    else:
+        w_tail = w
     if HAS_PROJ:
         # SP = cdiv(P, n_slices) <= SLICE projected units per program (the last ones may have none).
         sp = tl.cdiv(K, n_slices)
@@ -779,10 +816,19 @@ def lstm_fwd_persistent_kernel(
         cols_h = tl.arange(0, BLOCK_K)
         w_r = tl.load(w_hr_ptr + d64 * K * H + proj_units[:, None] * H + cols_h[None, :],
                       mask=proj_ok[:, None] & (cols_h < H)[None, :], other=0.0)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     flags, own_flag = group_flags(flags_ptr, n_slices, BLOCK_FLAGS)
-    if phase_begin == 0:
+    # The fp32 c of the slice: in registers for one sub-tile; walking several, in carry (this
+    # program's own units and rows: read and written by this program only, a block barrier apart).
+    rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, 0, B, d64, unit_ok, BLOCK_B)
+    if GROUP_TILES > 1:
+        if phase_begin == 0:
+            for tile in range(GROUP_TILES):
+                rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, tile, B, d64, unit_ok, BLOCK_B)
+                c0 = tl.load(c0_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+                tl.store(carry_ptr + state_rows * H + units[:, None], c0, mask=tile_ok)
+            tl.debug_barrier()
+        c = tl.zeros((S_TILE, BLOCK_B), dtype=tl.float32)
+    elif phase_begin == 0:
         c = tl.load(c0_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
     else:
         c = tl.load(carry_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
@@ -794,34 +840,39 @@ def lstm_fwd_persistent_kernel(
         else:
             s = stage
         t = step_time(s, T, direction).to(tl.int64)
-        if HAS_LENGTHS:
-            valid = (t < length)[None, :]
-        else:
-            valid = row_ok[None, :]
         # The walk's first step reads h0; step i > 0 reads slot i % 2; step i writes slot (i + 1) % 2.
         if s == 0:
-            h_read = h0_ptr + state_rows * K
+            h_read_slot = h0_ptr
         else:
-            h_read = h_exchange_ptr + (s % 2) * h_slot + state_rows * K
-        h_write = h_exchange_ptr + ((s + 1) % 2) * h_slot + state_rows * K
-        h_final = h_n_ptr + state_rows * K
-        if HAS_PROJ:
-            if stage % 2 == 0:
-                c = _gate_stage(gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
-                                s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
-                                flags, own_flag, piece, n_slices, error_ptr, max_spins,
-                                HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B)
+            h_read_slot = h_exchange_ptr + (s % 2) * h_slot
+        h_write_slot = h_exchange_ptr + ((s + 1) % 2) * h_slot
+        for tile in range(GROUP_TILES):
+            rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, tile, B, d64, unit_ok, BLOCK_B)
+            if HAS_LENGTHS:
+                valid = (t < tl.load(lengths_ptr + rows, mask=row_ok, other=0))[None, :]
+            else:
+                valid = row_ok[None, :]
+            h_read = h_read_slot + state_rows * K
+            h_write = h_write_slot + state_rows * K
+            h_final = h_n_ptr + state_rows * K
+            if (not HAS_PROJ) or (stage % 2 == 0):
+                if GROUP_TILES > 1:
+                    c = tl.load(carry_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
+                c = _gate_stage(gx_ptr, w, w_tail, w_rows, r_ok, cols_k, k_ok, cols_tail, tail_ok, h_read, h_write, h_final, m_exchange_ptr,
+                                y_ptr, gates_ptr, c_ptr, c, s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units,
+                                tile_ok, flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
+                                HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B, BLOCK_HTAIL,
+                                GROUP_TILES)
+                if GROUP_TILES > 1:
+                    tl.store(carry_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
             else:
                 _projection_stage(w_r, cols_h, proj_units, proj_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr,
                                   s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows,
-                                  flags, own_flag, piece, n_slices, error_ptr, max_spins,
-                                  HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT)
-        else:
-            c = _gate_stage(gx_ptr, w, w_rows, r_ok, cols_k, k_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
-                            s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
-                            flags, own_flag, piece, n_slices, error_ptr, max_spins,
-                            HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B)
-    tl.store(carry_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
+                                  flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
+                                  HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, GROUP_TILES)
+    if GROUP_TILES == 1:
+        rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, 0, B, d64, unit_ok, BLOCK_B)
+        tl.store(carry_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
 
 
 @triton.jit
@@ -850,10 +901,10 @@ def gather_partials(partial_ptr, n_slices, slot_stride, state_rows, width, units
 
 
 @triton.jit
-def _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh_partial_ptr, t, T, B, H, K, D, direction, rows,
-                     state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, own_flag, stage, piece,
+def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh_partial_ptr, t, T, B, H, K, D, direction, rows,
+                     state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece, tile,
                      CLIP: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BARRIER: tl.constexpr, FAULT: tl.constexpr):
+                     BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr):
     """Step ``t``'s gate gradients of the slice (``(S_TILE, BLOCK_B)`` tiles) from ``dm = dL/dm_t``
     and the carried ``dc = dL/dc_t``: stored to ``dgates``, and this program's partial
     ``dh_{t-1}^T = W_slice^T dgates_slice^T`` (all ``K`` units) to ``dh_partial``; returns ``dL/dc_{t-1}``."""
@@ -881,7 +932,14 @@ def _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh_partial
     # The same rounding of the gate gradients as the resident kernel's product (to the weight dtype).
     d_slice = join_gates(di, df, dg, do, S_TILE, BLOCK_B).to(w.dtype)
     partial = tl.dot(tl.trans(w), d_slice, input_precision=INPUT_PRECISION)  # (BLOCK_HOUT, BLOCK_B)
-    publish(partial, dh_partial_ptr + state_rows * K + cols_k[:, None], k_ok[:, None] & row_ok[None, :], own_flag, stage, piece, BARRIER, FAULT)
+    if BLOCK_HTAIL > 0:
+        tl.store(dh_partial_ptr + state_rows * K + cols_k[:, None], partial, mask=k_ok[:, None] & row_ok[None, :])
+        partial = tl.dot(tl.trans(w_tail), d_slice, input_precision=INPUT_PRECISION)  # (BLOCK_HTAIL, BLOCK_B)
+        publish(partial, dh_partial_ptr + state_rows * K + cols_tail[:, None], tail_ok[:, None] & row_ok[None, :], own_flag, stage, piece,
+                tile, BARRIER, FAULT, GROUP_TILES)
+    else:
+        publish(partial, dh_partial_ptr + state_rows * K + cols_k[:, None], k_ok[:, None] & row_ok[None, :], own_flag, stage, piece,
+                tile, BARRIER, FAULT, GROUP_TILES)
     return dc_prev
 
 
@@ -895,6 +953,7 @@ def lstm_bwd_persistent_kernel(
     CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
+    BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr,
 ):
     """Backward phases ``phase_begin ... phase_end - 1``: ``T + 1`` per direction (``2T + 1``
     projecting), the last one only forming ``dh_0`` (and storing ``dh0``, ``dc0``). Walk step ``i``
@@ -914,18 +973,19 @@ def lstm_bwd_persistent_kernel(
     ``dh_n``, ``dc_n``). Same tile sizes as the forward."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4
-    GATHER: tl.constexpr = BLOCK_FLAGS if BLOCK_FLAGS <= 8 else 8  # partials summed per load
+    # Partials summed per load: 8, or 4 projecting in barrier mode (measured, sm_90, Triton 3.6,
+    # H256 bidirectional projecting: at 8 the barrier backward keeps a 16-32 B stack frame, at 4
+    # the per-step one keeps 8 B; each is clean at the other width).
+    GATHER_MAX: tl.constexpr = 4 if HAS_PROJ and BARRIER else 8
+    GATHER: tl.constexpr = BLOCK_FLAGS if BLOCK_FLAGS <= GATHER_MAX else GATHER_MAX
     piece = tl.program_id(0)
     group = tl.program_id(1)
     direction = tl.program_id(2)
     n_slices = tl.num_programs(0)
     d64 = direction.to(tl.int64)
-    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    state_rows = (d64 * B + rows.to(tl.int64))[None, :]
+    group_rows = group * (GROUP_TILES * BLOCK_B)  # the group's first batch row
     units = piece * S + tl.arange(0, S_TILE)  # the slice's cell units
     unit_ok = (tl.arange(0, S_TILE) < S) & (units < H)
-    tile_ok = unit_ok[:, None] & row_ok[None, :]
     # The forward's rows of W_hh: the partial of dh_{t-1} is W_slice^T dgates_slice^T.
     r = tl.arange(0, 4 * S_TILE)
     r_unit = r % S_TILE
@@ -934,6 +994,13 @@ def lstm_bwd_persistent_kernel(
     cols_k = tl.arange(0, BLOCK_HOUT)
     k_ok = cols_k < K
     w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    TAIL: tl.constexpr = BLOCK_HTAIL if BLOCK_HTAIL > 0 else 16
+    cols_tail = BLOCK_HOUT + tl.arange(0, TAIL)
+    tail_ok = cols_tail < K
+    if BLOCK_HTAIL > 0:
+        w_tail = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_tail[None, :], mask=r_ok[:, None] & tail_ok[None, :], other=0.0)
+    else:
+        w_tail = w
     if HAS_PROJ:
         # The forward's rows of W_hr: the partial of dm_t is W_hr_slice^T dhp_slice^T.
         sp = tl.cdiv(K, n_slices)
@@ -947,11 +1014,24 @@ def lstm_bwd_persistent_kernel(
         dh_units = units
         dh_ok = unit_ok
         DH_TILE: tl.constexpr = S_TILE
-    dh_tile = dh_ok[:, None] & row_ok[None, :]
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     flags, own_flag = group_flags(flags_ptr, n_slices, BLOCK_FLAGS)
-    if phase_begin == 0:
+    # The fp32 dh (the program's units of h) and dc (its slice): in registers for one sub-tile;
+    # walking several, in dh_carry, dc_carry (this program's own units and rows only).
+    rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, 0, B, d64, unit_ok, BLOCK_B)
+    dh_tile = dh_ok[:, None] & row_ok[None, :]
+    if GROUP_TILES > 1:
+        if phase_begin == 0:
+            for tile in range(GROUP_TILES):
+                rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, tile, B, d64, unit_ok, BLOCK_B)
+                dh_tile = dh_ok[:, None] & row_ok[None, :]
+                dh_last = tl.load(dh_n_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0).to(tl.float32)
+                tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh_last, mask=dh_tile)
+                dc_last = tl.load(dc_n_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+                tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc_last, mask=tile_ok)
+            tl.debug_barrier()
+        dh = tl.zeros((DH_TILE, BLOCK_B), dtype=tl.float32)
+        dc = tl.zeros((S_TILE, BLOCK_B), dtype=tl.float32)
+    elif phase_begin == 0:
         dh = tl.load(dh_n_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0).to(tl.float32)
         dc = tl.load(dc_n_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
     else:
@@ -967,50 +1047,65 @@ def lstm_bwd_persistent_kernel(
             s = stage
         # The reverse of the forward walk (t clamped at s = T, where only dh_0 is formed).
         t = step_time(tl.minimum(s, T - 1), T, 1 - direction).to(tl.int64)
-        if HAS_LENGTHS:
-            valid = (t < length)[None, :]
-        else:
-            valid = row_ok[None, :]
-        step = (t * B + rows.to(tl.int64))[None, :]
-        own_partial = dh_partial_ptr + (s % 2) * dh_slot + piece * (D * B * K)
-        if (not HAS_PROJ) or (stage % 2 == 0):
-            dy_t = tl.load(dy_ptr + step * (D * K) + direction * K + dh_units[:, None], mask=dh_tile, other=0.0).to(tl.float32)
-            if s > 0:
-                if BARRIER:
-                    wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-                dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, n_slices, D * B * K, state_rows, K, dh_units, dh_tile,
-                                         GATHER, DH_TILE, BLOCK_B)
-                if HAS_LENGTHS:  # past a row's length dh passes through
-                    t_before = step_time(s - 1, T, 1 - direction)
-                    dh = tl.where((t_before < length)[None, :], dh_new, dh)
-                else:
-                    dh = dh_new
-            if s < T:
-                dh_t = dy_t + dh
-                if HAS_LENGTHS:
-                    dh_t = tl.where(valid, dh_t, 0.0)
-                if RECORD_FLOW:
-                    share = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
-                    tl.store(flow_ptr + ((piece * D + direction) * T + t) * B + rows, share, mask=row_ok)
-                if HAS_PROJ:
-                    tl.store(dhp_ptr + step * (D * K) + direction * K + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
-                    dm_part = tl.dot(tl.trans(w_r), dh_t.to(w_r.dtype), input_precision=INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
-                    publish(dm_part, dm_partial_ptr + (s % 2) * dm_slot + piece * (D * B * H) + state_rows * H + cols_h[:, None],
-                            h_ok[:, None] & row_ok[None, :], own_flag, stage, piece, BARRIER, FAULT)
-                else:
-                    dc = _cell_grad_stage(dh_t, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
-                                          state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, own_flag, stage, piece,
-                                          CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT)
+        for tile in range(GROUP_TILES):
+            rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, tile, B, d64, unit_ok, BLOCK_B)
+            dh_tile = dh_ok[:, None] & row_ok[None, :]
+            if GROUP_TILES > 1:
+                dh = tl.load(dh_carry_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0)
+                dc = tl.load(dc_carry_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
+            if HAS_LENGTHS:
+                length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+                valid = (t < length)[None, :]
             else:
-                tl.store(dh0_ptr + state_rows * K + dh_units[:, None], dh.to(dh0_ptr.dtype.element_ty), mask=dh_tile)
-                tl.store(dc0_ptr + state_rows * H + units[:, None], dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok)
-        else:
-            if BARRIER:
-                wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-            dm = gather_partials(dm_partial_ptr + (s % 2) * dm_slot, n_slices, D * B * H, state_rows, H, units, tile_ok,
-                                 GATHER, S_TILE, BLOCK_B)
-            dc = _cell_grad_stage(dm, dc, w, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
-                                  state_rows, units, tile_ok, cols_k, k_ok, row_ok, grad_clip, own_flag, stage, piece,
-                                  CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT)
-    tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
-    tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)
+                valid = row_ok[None, :]
+            step = (t * B + rows.to(tl.int64))[None, :]
+            own_partial = dh_partial_ptr + (s % 2) * dh_slot + piece * (D * B * K)
+            if (not HAS_PROJ) or (stage % 2 == 0):
+                dy_t = tl.load(dy_ptr + step * (D * K) + direction * K + dh_units[:, None], mask=dh_tile, other=0.0).to(tl.float32)
+                if s > 0:
+                    if BARRIER:
+                        if tile == 0:
+                            wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+                    dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, n_slices, D * B * K, state_rows, K, dh_units, dh_tile,
+                                             GATHER, DH_TILE, BLOCK_B)
+                    if HAS_LENGTHS:  # past a row's length dh passes through
+                        t_before = step_time(s - 1, T, 1 - direction)
+                        dh = tl.where((t_before < length)[None, :], dh_new, dh)
+                    else:
+                        dh = dh_new
+                if s < T:
+                    dh_t = dy_t + dh
+                    if HAS_LENGTHS:
+                        dh_t = tl.where(valid, dh_t, 0.0)
+                    if RECORD_FLOW:
+                        share = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
+                        tl.store(flow_ptr + ((piece * D + direction) * T + t) * B + rows, share, mask=row_ok)
+                    if HAS_PROJ:
+                        tl.store(dhp_ptr + step * (D * K) + direction * K + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
+                        dm_part = tl.dot(tl.trans(w_r), dh_t.to(w_r.dtype), input_precision=INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
+                        publish(dm_part, dm_partial_ptr + (s % 2) * dm_slot + piece * (D * B * H) + state_rows * H + cols_h[:, None],
+                                h_ok[:, None] & row_ok[None, :], own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
+                    else:
+                        dc = _cell_grad_stage(dh_t, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
+                                              state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
+                                              tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES)
+                else:
+                    tl.store(dh0_ptr + state_rows * K + dh_units[:, None], dh.to(dh0_ptr.dtype.element_ty), mask=dh_tile)
+                    tl.store(dc0_ptr + state_rows * H + units[:, None], dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok)
+            else:
+                if BARRIER:
+                    if tile == 0:
+                        wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+                dm = gather_partials(dm_partial_ptr + (s % 2) * dm_slot, n_slices, D * B * H, state_rows, H, units, tile_ok,
+                                     GATHER, S_TILE, BLOCK_B)
+                dc = _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
+                                      state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
+                                      tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES)
+            if GROUP_TILES > 1:
+                tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
+                tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)
+    if GROUP_TILES == 1:
+        rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, 0, B, d64, unit_ok, BLOCK_B)
+        dh_tile = dh_ok[:, None] & row_ok[None, :]
+        tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
+        tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)

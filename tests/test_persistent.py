@@ -254,9 +254,25 @@ def test_every_gpu_matrix_row_plans_persistent():
             assert plan(gates, row.hidden, row.torch_dtype).strategy == "tiled", row.name
         p = persistent.persistent_plan(gates, row.hidden, row.batch, row.directions, row.torch_dtype)
         assert p.programs <= persistent.DEFAULT_SM_COUNT, (row.name, p)
-        assert p.slices * p.slice >= row.hidden and p.batch_groups * p.block_b >= row.batch, (row.name, p)
+        assert p.slices * p.slice >= row.hidden and p.batch_groups * p.group_rows >= row.batch, (row.name, p)
         if row.hidden >= 512:
             assert p.programs >= 64, (row.name, p)
+
+
+def test_large_lstm_rows_plan_split_reductions_and_walked_groups():
+    """L1 (LSTM B16 H768 bf16): 96 programs of 8 units, ``h`` held as 512 + 256 units; L4 (B256
+    H1024): 64 slices of 16 units x 2 groups of 128 rows, each walked as 8 sub-tiles of 16, the
+    weight slice within :data:`MAX_SLICE_WEIGHT_BYTES`. Both persistent by the plan."""
+    l1 = persistent.persistent_plan(4, 768, 16, 1, torch.bfloat16)
+    assert (l1.slice, l1.slices, l1.batch_groups, l1.group_tiles, l1.programs) == (8, 96, 1, 1, 96)
+    assert persistent.reduction_split(768, l1.weight_rows) == (512, 256)
+    l4 = persistent.persistent_plan(4, 1024, 256, 1, torch.bfloat16)
+    assert (l4.slice, l4.slices, l4.batch_groups, l4.group_tiles, l4.group_rows, l4.programs) == (16, 64, 2, 8, 128, 128)
+    assert persistent.reduction_split(1024, l4.weight_rows) == (1024, 0)
+    assert l4.weight_rows * 1024 * 2 <= persistent.MAX_SLICE_WEIGHT_BYTES
+    assert "GROUP_TILES" in l4.constexprs() and "GROUP_TILES" not in persistent.persistent_plan(3, 1024, 256, 1, torch.bfloat16).constexprs()
+    for hidden in (768, 1024):
+        assert plan(4, hidden, torch.bfloat16).strategy == "persistent"
 
 
 def test_slice_knob_sets_programs_per_direction(monkeypatch):

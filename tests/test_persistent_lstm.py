@@ -131,6 +131,43 @@ def test_clip_and_flow_match_reference(monkeypatch, P, mode):
     assert any(not torch.allclose(a, b) for a, b in zip(unclipped[3:], actual[3:])), "the clip must bind"
 
 
+#: id -> (dtype, tol, P): the reduction split in two parts and the batch group walked in sub-tiles.
+SPLIT_WALK_CASES = {
+    "fp32": (torch.float32, 1e-5, 0),
+    "fp32_proj": (torch.float32, 1e-5, 40),
+    "bf16": (torch.bfloat16, 5e-2, 0),
+}
+
+
+@pytest.mark.parametrize("mode", ["per_step", "barrier"])
+@pytest.mark.parametrize("case", list(SPLIT_WALK_CASES))
+def test_split_reduction_and_walked_batch_group(monkeypatch, case, mode):
+    """The forms L1 and L4 plan to, at a tiny size: ``h`` of 48 units (40 projecting) held and read
+    as two parts of 32 + 16 (``persistent.reduction_split``), and a batch group of 20 rows walked
+    by each program as 2 sub-tiles of 16 (``GROUP_TILES = 2``, forced by lowering
+    ``MAX_SLICE_WEIGHT_BYTES``), 6 programs per direction, bidirectional, packed."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    dtype, tol, P = SPLIT_WALK_CASES[case]
+    T, B, H, L = 4, 20, 48, 1
+    monkeypatch.setattr(persistent_ops, "MAX_SLICE_WEIGHT_BYTES", 1)
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "8")
+    plan = persistent_ops.persistent_plan(4, H, B, 2, dtype)
+    assert (plan.group_tiles, plan.batch_groups, plan.slices) == (2, 1, 6), plan
+    assert persistent_ops.reduction_split(P or H, plan.weight_rows) == (32, 16)
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
+    reference = copy.deepcopy(module).double()
+    xs, h0, c0 = make_inputs(T, B, H, P, L, 2, True, dtype)
+    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), True)
+    result = {}
+    with persistent(monkeypatch, mode, 8):
+        counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, True)))
+    assert all(t.dtype == dtype for t in result["out"])
+    check(result["out"], expected, tol)
+    assert counts == expected_launches(L)
+
+
 @pytest.mark.parametrize("P", [0, 5], ids=["no_proj", "proj"])
 def test_never_arriving_program_raises(monkeypatch, P):
     """Program 0 of every group never arrives (test-only fault): every wait runs out of its

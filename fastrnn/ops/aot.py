@@ -28,7 +28,10 @@ How it works
   ``b_hh``, gelu, ``grad_clip``, gradient-flow record; ``B`` and ``H`` not divisible by 16) and
   ``batch1`` (one row: ``B`` folded). A strategy the plan picks only when forced runs forced
   (``tiled-forced``: ``FASTRNN_STRATEGY=tiled``); the persistent classes also in barrier mode
-  (``persistent-barrier``; on a CPU the launcher runs per step). Then IndRNN, and the fused
+  (``persistent-barrier``; on a CPU the launcher runs per step); past
+  :data:`PERSISTENT_GATE_HIDDEN`, the cells of :data:`PERSISTENT_GATE_CELLS` get one persistent class
+  per hidden size (``persistent-H1024``) and the GPU matrix's rows by shape
+  (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, and the fused
   generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
   full. Identical launches from different workloads compile once.
 * :func:`check`: the limits every launch is held to (``tests/test_kernel_compile.py``): no local
@@ -221,10 +224,17 @@ STEPS = 3
 INPUT_SIZE = 16
 #: Layer gates per cell.
 CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-#: The largest hidden size the gate runs the persistent strategy at. NOT the largest it serves: at
-#: H 1024 its launches exceed the shared memory of a block (up to 590 KB bf16 on sm_90, GRU backward)
-#: and spill; held at 256 (what its own gate covered) until the persistent kernels are fixed.
+#: The largest hidden size the gate runs the persistent strategy at, except for the cells of
+#: :data:`PERSISTENT_GATE_CELLS`. NOT the largest it serves: at H 1024 the RNN/GRU launches exceed the
+#: shared memory of a block (up to 590 KB bf16 on sm_90, GRU backward) and spill; held at 256 (what
+#: its own gate covered) until those persistent kernels are fixed.
 PERSISTENT_GATE_HIDDEN = 256
+#: Cells whose persistent kernels the gate also runs past :data:`PERSISTENT_GATE_HIDDEN`, at every
+#: hidden size the plan gives them the strategy (each its own size class, ``persistent-H<h>``, in
+#: barrier mode only: what a GPU runs; the per-step form is covered up to the limit), and
+#: at the GPU matrix's persistent LSTM rows beyond it by shape (``bench/matrix.py``: L1 B16 H768,
+#: L4 B256 H1024, whose plans split the reduction and walk batch groups in sub-tiles).
+PERSISTENT_GATE_CELLS = {"lstm": {"L1": (768, 16), "L4": (1024, 256)}}
 #: Batch rows of each form: a multiple of 16, not one, and a single row (folded to 1).
 FORM_BATCH = {"plain": 16, "full": 20, "batch1": 1}
 
@@ -283,6 +293,8 @@ def size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
         hidden = 2 ** exponent
         p = plan(CELL_GATES[cell], hidden, dtype)
         if p.strategy == "persistent" and hidden > PERSISTENT_GATE_HIDDEN:
+            if cell in PERSISTENT_GATE_CELLS:
+                classes[p.strategy, hidden] = (f"persistent-H{hidden}", hidden)
             continue
         name = f"{p.strategy}{p.block_h}-{p.num_warps}w" if p.strategy == "resident" else p.strategy
         classes[p.strategy, p.num_warps, p.num_stages] = (name, hidden)
@@ -357,9 +369,15 @@ def workloads() -> dict[str, Callable[[], None]]:
             classes = size_classes(cell, dtype)
             for size_class, hidden in classes.items():
                 for form, run in _layer_forms(cell, dtype, hidden).items():
-                    out[f"{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = run
-                    if size_class == "persistent":  # on a CPU the launcher runs per step: force the barrier form a GPU runs
-                        out[f"{cell}-{_dtype_name(dtype)}-persistent-barrier-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
+                    if not size_class.startswith("persistent-H"):  # past PERSISTENT_GATE_HIDDEN: the barrier forms only
+                        out[f"{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = run
+                    if size_class.startswith("persistent"):  # on a CPU the launcher runs per step: force the barrier form a GPU runs
+                        barrier = size_class.replace("persistent", "persistent-barrier", 1)
+                        out[f"{cell}-{_dtype_name(dtype)}-{barrier}-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
+            if cell in PERSISTENT_GATE_CELLS and dtype != torch.float32:
+                for row, (hidden, batch) in PERSISTENT_GATE_CELLS[cell].items():
+                    out[f"{cell}-{_dtype_name(dtype)}-persistent-barrier-{row}"] = _forced(
+                        "FASTRNN_PERSISTENT_MODE", "barrier", lambda c=cell, d=dtype, h=hidden, b=batch: layer_workload(c, d, h, b))
             if "tiled" not in classes:  # tiled only when forced: its largest-H class, forced
                 for form, run in _layer_forms(cell, dtype, 2 ** 10).items():
                     out[f"{cell}-{_dtype_name(dtype)}-tiled-forced-{form}"] = _forced("FASTRNN_STRATEGY", "tiled", run)

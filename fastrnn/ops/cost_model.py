@@ -137,11 +137,13 @@ class Partition:
     num_warps: int = 8
     bwd_exchange: str = "reduce"  # or "all_gather" (see the module docstring)
     gather: int = 8  # partials summed per load ("reduce")
+    batch_tiles: int = 1  # sub-tiles a program walks its batch group in, one product after another
 
     def describe(self) -> str:
         if self.strategy == "persistent":
+            walked = f" (walked as {self.batch_tiles} sub-tiles)" if self.batch_tiles > 1 else ""
             return (f"{self.slices} slices of {self.hidden_slice} x {self.batch_groups} batch groups of "
-                    f"{self.batch_per_group} = {self.programs} programs, {self.mode}")
+                    f"{self.batch_per_group}{walked} = {self.programs} programs, {self.mode}")
         return f"{self.programs} programs ({self.batch_per_group}-row batch tiles x directions)"
 
 
@@ -219,7 +221,9 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
         exchange_bwd = p.programs * read_bwd + w.directions * w.batch * G * H * x
         bwd_loads, bwd_m, bwd_k = 1, S, G * H
     # per_step mode: the fp32 state a program carries (c; dh and dc backward) in and out of every launch
-    carried = 2 * S * Bg * 4 * (2 if w.cell == "lstm" else 1) if p.mode == "per_step" else 0
+    # (also in barrier mode when a program walks its group in sub-tiles: the state of each goes
+    # through the program's carry rows every step)
+    carried = 2 * S * Bg * 4 * (2 if w.cell == "lstm" else 1) if p.mode == "per_step" or p.batch_tiles > 1 else 0
     # streamed, prefetched: gx slice in, y / saved gates (and c) out
     stream_fwd = p.programs * Bg * (G * S + S + G * S + (S if w.cell == "lstm" else 0)) * e
     l2_fwd = weights_reread + exchange_fwd + stream_fwd
@@ -227,9 +231,13 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
     def step(read_bytes, m, k, loads=1, best=False):
         per_sm = figure("l2_bytes_per_clk_per_sm_best" if best else "l2_bytes_per_clk_per_sm")
         bw = _bandwidth(p.programs, per_sm)
-        load = loads * lat + (read_bytes + (slice_bytes + carried if p.mode == "per_step" else 0)) / bw
-        weights = slice_bytes / figure("shared_bytes_per_clk_per_sm") if p.weights_in == "shared" and p.mode == "barrier" else 0.0
-        chain, rate = _product_clk(w, m, Bg, k, p.k_chains)
+        load = loads * p.batch_tiles * lat + (read_bytes + (slice_bytes if p.mode == "per_step" else 0) + carried) / bw
+        weights = (p.batch_tiles * slice_bytes / figure("shared_bytes_per_clk_per_sm")
+                   if p.weights_in == "shared" and p.mode == "barrier" else 0.0)  # read once per sub-tile's product
+        # a walked group: per sub-tile, its h load and its product, one sub-tile after another
+        # (the L2 latencies and the mma chains add up)
+        chain, rate = _product_clk(w, m, max(1, Bg // p.batch_tiles), k, p.k_chains)
+        chain, rate = chain * p.batch_tiles, rate * p.batch_tiles
         pointwise = _pointwise_clk(G * S * Bg, p.num_warps)
         floor = l2_fwd / figure("l2_total_bytes_per_clk")
         terms = {"launch": launch, "flag": clk_to_us(flag), "exchange_load": clk_to_us(load),

@@ -93,6 +93,7 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         return y, h0.clone() if T == 0 else h_n, c0.clone(), gates, c
     proj = w_hr is not None
     w_hh_k = kernel_weight(w_hh)
+    weight_rows = persistent.persistent_plan(GATES, H, B, D, gx.dtype, persistent.sm_count(gx.device)).weight_rows
     args = [
         gx.contiguous(), w_hh_k, kernel_weight(w_hr) if proj else w_hh_k, h0.contiguous(), c0.contiguous(),
         kernel_lengths(lengths, gx), y, h_n, gates, c,
@@ -105,7 +106,7 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         persistent_kernel=PersistentKernel(
             kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
             [((2, D, B, K), gx.dtype), ((D, B, H) if proj else (1,), gx.dtype), ((D, B, H), torch.float32)],
-            dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
+            dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, weight_rows))),
         ),
     )
     return y, h_n, final_cell_state(c, D), gates, c
@@ -140,7 +141,7 @@ def lstm_bwd(
     if B == 0:
         return dgates, dhp, dh0, dc0, flow
     w_hh_k = kernel_weight(w_hh)
-    slices = persistent.persistent_plan(GATES, H, B, D, gates.dtype, persistent.sm_count(gates.device)).slices
+    partition = persistent.persistent_plan(GATES, H, B, D, gates.dtype, persistent.sm_count(gates.device))
     shares = persistent.flow_shares(flow, GATES, H, B, D, gates.dtype)
     args = [
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, c, c0.contiguous(), w_hh_k,
@@ -155,9 +156,9 @@ def lstm_bwd(
         # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
         persistent_kernel=PersistentKernel(
             kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
-            [((2, slices, D, B, K), torch.float32), ((2, slices, D, B, H) if proj else (1,), torch.float32),
+            [((2, partition.slices, D, B, K), torch.float32), ((2, partition.slices, D, B, H) if proj else (1,), torch.float32),
              ((D, B, K), torch.float32), ((D, B, H), torch.float32)],
-            dict(BLOCK_HOUT=max(16, triton_next_power_of_2(K))),
+            dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, partition.weight_rows))),
         ),
     )
     if shares is not None:

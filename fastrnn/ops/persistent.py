@@ -17,6 +17,23 @@ rows, where wgmma would want the weights on M, are not what this plan produces.)
 one (batch group, direction) exchange state every step through a global buffer and the flags of
 ``fastrnn.kernels.sync``; groups never wait for each other.
 
+The LSTM's kernels (``fastrnn.kernels.lstm``) hold larger slices in two ways, so the GPU matrix's
+large rows plan persistent (:data:`CELL_MAX_PLANNED_BLOCK_K`): their product puts the weights on
+the M side with the slice's four gates stacked (an 8-unit slice is a 32-row tile, not four padded
+16-row ones), and
+
+* the reduction over ``h`` is held and read in at most two power-of-two parts
+  (:func:`reduction_split`: ``BLOCK_HOUT + BLOCK_HTAIL``): L1's ``768 = 512 + 256`` holds 48 KB of
+  weights per program where one 1024-wide part held 64 KB and spilled;
+* a batch group may be wider than the ``BLOCK_B = 16`` rows of one product: the program loads its
+  weights once and walks the group's ``GROUP_TILES`` sub-tiles every step (the fp32 state of each
+  in the program's own rows of ``carry``; one wait before the first, one arrive after the last),
+  so the plan can keep slices small at large batches (L4: 64 slices of 16 units x 2 groups of
+  128 rows, :data:`MAX_SLICE_WEIGHT_BYTES`). The flags stay per (batch group, direction).
+
+The compiled figures of each plan (registers, stack, shared memory: the weight slice lives in
+shared memory at L4, in registers at L1) are in ``python -m bench --plan``'s report.
+
 Knobs (environment variables, read at every launch so tests can set them):
 
 * ``FASTRNN_STRATEGY`` = ``resident`` | ``tiled`` | ``persistent`` (read by
@@ -51,7 +68,8 @@ its resident kernel takes them), then
 * ``phase_begin, phase_end``: the kernel runs phases ``phase_begin <= p < phase_end`` of
   ``0 .. phases - 1`` (barrier mode: all of them in one launch; per_step: one per launch),
 * ``max_spins``: the bound of every wait,
-* constexprs ``SLICE, BLOCK_S, BLOCK_K, BLOCK_FLAGS`` (from the plan; ``BLOCK_B`` too), ``BARRIER``
+* constexprs ``SLICE, BLOCK_S, BLOCK_K, BLOCK_FLAGS`` (from the plan; ``BLOCK_B`` too, and
+  ``GROUP_TILES`` for the cells in :data:`WALKING_GATES`), ``BARRIER``
   and ``FAULT`` (``fastrnn.kernels.sync``; always 0 except in the tests' mutation checks, which set
   :data:`FAULT` here).
 """
@@ -81,9 +99,24 @@ NOT_PLANNED = frozenset({(4, True)})
 #: the GPU matrix's plans (``tests/test_persistent_compile.py``, ``python -m bench --plan``). Past it
 #: a program's weight slice no longer fits on chip as the kernels hold it (measured at L1, LSTM
 #: H768 bf16: the forward spills 304 B; at L4, LSTM H1024 B256: 16 batch groups leave 128-unit
-#: slices wanting about 1.08 MB of shared memory), so those sizes keep the tiled strategy until the
-#: kernels hold larger slices (weights in shared memory, batch groups walked inside a program).
+#: slices wanting about 1.08 MB of shared memory), so those sizes keep the tiled strategy for the
+#: cells whose kernels do not hold larger slices (the LSTM's do: :data:`CELL_MAX_PLANNED_BLOCK_K`).
 MAX_PLANNED_BLOCK_K = {False: 512, True: 256}
+#: Per (gates, fp32?), where a cell's kernels hold larger slices than :data:`MAX_PLANNED_BLOCK_K`
+#: allows: the LSTM's 16-bit kernels split the reduction in two power-of-two parts
+#: (:func:`reduction_split`) and walk wide batch groups in sub-tiles (:data:`WALKING_GATES`), so
+#: the GPU matrix's L1 (H768 B16) and L4 (H1024 B256) compile clean at their plans.
+CELL_MAX_PLANNED_BLOCK_K = {(4, False): 1024}
+#: Gates of the cells whose persistent kernels walk a batch group wider than ``BLOCK_B`` in
+#: ``GROUP_TILES`` sub-tiles of ``BLOCK_B`` rows (the weights loaded once, the fp32 state of each
+#: sub-tile kept in the program's ``carry`` rows). The others get one sub-tile per group.
+WALKING_GATES = frozenset({4})
+#: Most bytes of ``W_hh`` one program holds (all gates of its slice stacked, ``h`` as
+#: :func:`reduction_split` parts it) before the plan widens the batch groups instead of the slices (walking cells only):
+#: LSTM H1024 bf16 at a 16-unit slice (4 x 16 x 1024 x 2 B) compiles clean with the weights in
+#: shared memory (sm_90: 200 registers, 164,864 B of shared memory, within sm_80's 166,912 too;
+#: ``python -m bench --plan``); a 32-unit slice would need twice that.
+MAX_SLICE_WEIGHT_BYTES = 128 * 1024
 
 
 def planned(gates: int, dtype: torch.dtype, hidden: int) -> bool:
@@ -91,7 +124,8 @@ def planned(gates: int, dtype: torch.dtype, hidden: int) -> bool:
     dtype and hidden size beyond the resident sizes (else the tiled one)."""
     fp32 = dtype == torch.float32
     block_k = max(16, triton.next_power_of_2(hidden))
-    return gates in CELL_GATES and (gates, fp32) not in NOT_PLANNED and block_k <= MAX_PLANNED_BLOCK_K[fp32]
+    limit = CELL_MAX_PLANNED_BLOCK_K.get((gates, fp32), MAX_PLANNED_BLOCK_K[fp32])
+    return gates in CELL_GATES and (gates, fp32) not in NOT_PLANNED and block_k <= limit
 
 
 #: SMs assumed when planning without a GPU: the H100/H200 the GPU matrix is tuned for.
@@ -99,9 +133,10 @@ DEFAULT_SM_COUNT = 132
 #: Smallest slice the plan picks by itself (below it each program's M side is mostly padding
 #: and every program still reads the whole ``h`` per step).
 MIN_SLICE = 4
-#: Widest batch group. 16 (tl.dot's minimum): wider groups hold a ``BLOCK_B x H`` operand per
-#: step and spill at H 512 (sm_90: 1-4 KB of stack at B64 in one group); more groups of 16 rows
-#: use the SMs instead, with smaller slices per program.
+#: Rows of one product (``BLOCK_B``, a batch group's sub-tile). 16 (tl.dot's minimum): wider
+#: products hold a ``BLOCK_B x H`` operand per step and spill at H 512 (sm_90: 1-4 KB of stack at
+#: B64 in one group); more groups of 16 rows use the SMs instead, with smaller slices per program,
+#: or (:data:`WALKING_GATES`) a program walks a wider group in sub-tiles of 16.
 MAX_BLOCK_B = 16
 #: Polls before a wait gives up: a step's flag round trip is about a microsecond on a GPU, so this
 #: is seconds; an interpreted poll costs tens of microseconds and programs drift by milliseconds.
@@ -117,12 +152,13 @@ class PersistentPlan:
     slice: int  # SLICE: hidden units per program
     block_s: int  # BLOCK_S: units of each gate's weight tile, max(16, SLICE) (tl.dot's N side)
     block_k: int  # BLOCK_K: all of h, next power of two >= max(16, H) (the reduction)
-    block_b: int  # BLOCK_B: batch rows per group (tl.dot's M side), a power of two >= 16
+    block_b: int  # BLOCK_B: batch rows per sub-tile (tl.dot's N side), a power of two >= 16
     slices: int  # programs per (batch group, direction): cdiv(H, SLICE)
     batch_groups: int
     directions: int
     gates: int
     num_warps: int
+    group_tiles: int = 1  # GROUP_TILES: sub-tiles of BLOCK_B rows a program walks per step (its group)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -136,9 +172,42 @@ class PersistentPlan:
     def block_flags(self) -> int:
         return triton.next_power_of_2(self.slices)
 
+    @property
+    def weight_rows(self) -> int:
+        """Rows of ``W_hh`` a program holds when its kernel stacks the slice's gates on one tile
+        axis (the LSTM's: ``gates * max(SLICE, 4)``, at least 16)."""
+        return max(16, self.gates * max(self.slice, 4))
+
+    @property
+    def group_rows(self) -> int:
+        """Batch rows of one group: ``GROUP_TILES * BLOCK_B``."""
+        return self.group_tiles * self.block_b
+
     def constexprs(self) -> dict:
+        walk = dict(GROUP_TILES=self.group_tiles) if self.gates in WALKING_GATES else {}
         return dict(SLICE=self.slice, BLOCK_S=self.block_s, BLOCK_K=self.block_k, BLOCK_B=self.block_b,
-                    BLOCK_FLAGS=self.block_flags, num_warps=self.num_warps)
+                    BLOCK_FLAGS=self.block_flags, num_warps=self.num_warps, **walk)
+
+
+def reduction_split(k: int, weight_rows: int) -> tuple[int, int]:
+    """The reduction over ``k`` units of ``h`` as at most two power-of-two parts ``(head, tail)``
+    (``tail`` 0: one part), each at least 16 (``tl.dot``'s smallest side), for a program holding
+    ``weight_rows`` rows of ``W_hh`` (its slice's gates stacked). A program holds its weight
+    slice and reads ``h`` in these parts. Two parts when they pad less than one (``768 = 512 +
+    256`` instead of ``1024``, ``48 = 32 + 16`` instead of ``64``), and ``1024 = 512 + 512`` when
+    the block has at most 32 rows. Measured by ahead-of-time compiles for sm_90 (Triton 3.9, LSTM
+    bf16, 8 warps, ``python -m bench --plan``): at L1 (H768, 32 rows) one 1024-wide part spills
+    304 B, two parts compile clean (232 registers); at H1024 B16 (32 rows) likewise (one part 304 B
+    of stack, two 224 registers); at L4 (H1024, 64 rows, weights in shared memory) one part is
+    clean (196 registers) and two spill 24 B."""
+    whole = max(16, triton.next_power_of_2(k))
+    head = max(16, whole // 2)
+    if k <= head:
+        return whole, 0
+    tail = max(16, triton.next_power_of_2(k - head))
+    if head + tail < whole or (whole >= 1024 and weight_rows <= 32):
+        return head, tail
+    return whole, 0
 
 
 def forced_slice() -> int | None:
@@ -168,17 +237,31 @@ def sm_count(device=None) -> int:
 
 def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, sms: int = DEFAULT_SM_COUNT) -> PersistentPlan:
     """The partition for ``gates`` stacked ``hidden``-wide gate blocks, ``batch`` rows and
-    ``directions``: batch groups of ``BLOCK_B = 16`` rows (:data:`MAX_BLOCK_B`), and the
-    smallest slice (a power of two, at least :data:`MIN_SLICE`) that keeps all programs at one
-    per SM (``programs <= sms``); ``$FASTRNN_PERSISTENT_SLICE`` overrides the slice."""
+    ``directions``: sub-tiles of ``BLOCK_B = 16`` rows (:data:`MAX_BLOCK_B`), one per batch group,
+    and the smallest slice (a power of two, at least :data:`MIN_SLICE`) that keeps all programs at
+    one per SM (``programs <= sms``). For the cells that walk batch groups (:data:`WALKING_GATES`),
+    while that slice's weights exceed :data:`MAX_SLICE_WEIGHT_BYTES` the groups double in width
+    (``GROUP_TILES`` sub-tiles each, fewer groups) so the slices can shrink: L4 (LSTM B256 H1024)
+    gets 64 slices of 16 units x 2 groups of 128 rows, 128 programs, instead of 8 slices of 128
+    units (1 MB of weights each) x 16 groups. ``$FASTRNN_PERSISTENT_SLICE`` overrides the slice
+    (the groups then stay one sub-tile wide unless the weights exceed the limit)."""
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(max(1, batch))))
-    groups = triton.cdiv(max(1, batch), block_b)
+    tiles = triton.cdiv(max(1, batch), block_b)
     block_k = max(16, triton.next_power_of_2(hidden))
-    size = forced_slice()
-    if size is None:
-        size = min(MIN_SLICE, block_k)
-        while triton.cdiv(hidden, size) * groups * directions > sms and size < block_k:
-            size *= 2
+    forced = forced_slice()
+    group_tiles = 1
+    while True:
+        groups = triton.cdiv(tiles, group_tiles)
+        size = forced
+        if size is None:
+            size = min(MIN_SLICE, block_k)
+            while triton.cdiv(hidden, size) * groups * directions > sms and size < block_k:
+                size *= 2
+        rows = max(16, gates * size)  # the slice's gates stacked on M
+        weight_bytes = rows * sum(reduction_split(hidden, rows)) * (4 if dtype == torch.float32 else 2)
+        if gates not in WALKING_GATES or weight_bytes <= MAX_SLICE_WEIGHT_BYTES or group_tiles >= tiles:
+            break
+        group_tiles *= 2
     slices = triton.cdiv(hidden, size)
     block_s = max(16, size)
     # 8 warps for fp32 (FMA dots spread their operands over threads) or past 16 KB of weights per
@@ -186,7 +269,7 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     # 4 warps beyond that); else 4.
     weight_bytes = gates * block_s * block_k * (4 if dtype == torch.float32 else 2)
     num_warps = 8 if dtype == torch.float32 or weight_bytes > 16 * 1024 else 4
-    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps)
+    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles)
 
 
 def flow_shares(flow: torch.Tensor | None, gates: int, H: int, B: int, D: int, dtype: torch.dtype) -> torch.Tensor | None:
