@@ -54,7 +54,10 @@ Layouts (contiguous; ``D`` directions; direction ``d``, gate ``q``, unit ``j`` a
   ``||dL/dh_t||^2`` of each row (0 past its length). ``grad_clip``, ``zoneout_p``: fp32 scalars.
 
 Direction 1 walks time backwards, so the reverse direction starts each row at its own last valid
-step. Offsets are int64; ``T`` is not specialised.
+step. Offsets are int64; ``T`` is not specialised (the launchers never launch ``T = 0``). The final
+state (``h_n``; backward ``dh0``, ``dc0``) is stored inside the time loop, masked to its last step:
+stored after the loop, its address stays live across the loop and ptxas parks it in an 8-byte
+stack frame on sm_90 in several forms (measured by the compile gate, triton 3.9).
 """
 
 import triton
@@ -107,6 +110,13 @@ def zoneout_keep(keep_ptr, offs, tile_ok, zoneout_p, ZONEOUT: tl.constexpr):
         return tl.load(keep_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
     else:
         return zoneout_p
+
+
+@triton.jit
+def at_last_step(tile_ok, s, T):
+    """``tile_ok`` at the walk's last step ``s == T - 1``, all false before (built as a tensor:
+    under Triton's interpreter ``s`` and ``T`` are Python ints, and a mask must be an array)."""
+    return tile_ok & ((tl.zeros_like(tile_ok.to(tl.int32)) + s) == T - 1)
 
 
 @triton.jit
@@ -214,7 +224,7 @@ def layer_norm_lstm_fwd_kernel(
         tl.store(c_hat_ptr + u_offs, c_hat.to(c_hat_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(stats_ptr + stats_offs, rstd, mask=row_ok)
         tl.store(stats_ptr + stats_offs + 1, c_rstd, mask=row_ok)
-    tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=at_last_step(tile_ok, s, T))  # the final state: module docstring
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -285,10 +295,12 @@ def layer_norm_lstm_bwd_kernel(
         d_state_c = tl.where(valid, dc, 0.0)
         if RECORD_FLOW:
             tl.store(flow_ptr + (direction * T + t) * B + rows64, squared_row_norm(d_state_h, valid), mask=row_ok)
-        if ZONEOUT != 0:
+        if ZONEOUT != 0:  # the part kept from the previous state goes straight to it
             keep = zoneout_keep(keep_ptr, u_offs, tile_ok, zoneout_p, ZONEOUT)
-            d_h_new = (1.0 - keep) * d_state_h
-            d_c_zoned = (1.0 - keep) * d_state_c
+            carried_h = keep * d_state_h
+            carried_c = keep * d_state_c
+            d_h_new = d_state_h - carried_h
+            d_c_zoned = d_state_c - carried_c
         else:
             d_h_new = d_state_h
             d_c_zoned = d_state_c
@@ -355,14 +367,16 @@ def layer_norm_lstm_bwd_kernel(
         dh_prev += tl.dot(e_f.to(w_f.dtype), w_f, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(e_g.to(w_g.dtype), w_g, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(e_o.to(w_o.dtype), w_o, input_precision=INPUT_PRECISION)
-        dc_prev = d_c_new * f
         if ZONEOUT != 0:
-            dh_prev += keep * d_state_h
-            dc_prev += keep * d_state_c
+            dh_prev += carried_h
+            dc_prev = tl.fma(d_c_new, f, carried_c)  # as a multiply then an add, LLVM's SLP vectorizer asserts (triton 3.9, sm_90)
+        else:
+            dc_prev = d_c_new * f
         dh = tl.where(valid, dh_prev, dh)
         dc = tl.where(valid, dc_prev, dc)
-    tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(dc0_ptr + state_offs, dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok)
+        last = at_last_step(tile_ok, s, T)  # the final gradients: module docstring
+        tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=last)
+        tl.store(dc0_ptr + state_offs, dc.to(dc0_ptr.dtype.element_ty), mask=last)
     store_norm_partials(d_norm_ptr, d_gain_i, d_gain_f, d_gain_g, d_gain_o, d_gain_c, d_bias_c, H, cols, col_ok)
 
 
@@ -443,7 +457,7 @@ def layer_norm_gru_fwd_kernel(
         tl.store(r_hat_ptr + g_offs + H, r_z.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(r_hat_ptr + g_offs + 2 * H, r_n.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(stats_ptr + step * D + direction, rstd, mask=row_ok)
-    tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=at_last_step(tile_ok, s, T))  # the final state: module docstring
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -546,5 +560,5 @@ def layer_norm_gru_bwd_kernel(
         if ZONEOUT != 0:
             dh_prev += keep * d_state
         dh = tl.where(valid, dh_prev, dh)
-    tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=at_last_step(tile_ok, s, T))  # the final gradient: module docstring
     store_norm_partials(d_norm_ptr, d_gain_r, d_gain_z, d_gain_n, d_bias_r, d_bias_z, d_bias_n, H, cols, col_ok)
