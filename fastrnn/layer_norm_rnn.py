@@ -396,6 +396,7 @@ class _LayerNormRecurrence(StackedRecurrence):
         self._no_kernel = ops.why_not(self.GATES, self.hidden_size, dtype)
         if self._no_kernel is not None:
             return None
+        self._kernel_strategy = ops.strategy(self.GATES, self.hidden_size, dtype)
         return ops.layer_norm_lstm_kernel_layer if self.HAS_CELL else ops.layer_norm_gru_kernel_layer
 
     def own_route(self, input):
@@ -406,7 +407,8 @@ class _LayerNormRecurrence(StackedRecurrence):
 
         data = input.data if isinstance(input, PackedSequence) else input
         if self._kernel_layer(data) is not None:
-            return Route("triton", f"{self.NAME}: the fused Triton kernels (W_hh on chip, the recurrent and cell norms in "
+            where = "W_hh on chip" if self._kernel_strategy == "resident" else "W_hh re-read per step in tiles"
+            return Route("triton", f"{self.NAME}: the fused Triton kernels ({where}, the recurrent and cell norms in "
                                    "the step), one launch per layer each way")
         if self._no_kernel is not None:
             return Route("reference", f"{self.NAME}: the PyTorch loop with a hand-written backward through time "

@@ -18,11 +18,13 @@ with the same mask), and past a row's length the state is kept and the output is
 input side ``ax = LN(W_ih x; gain_ih) + b_ih (+ b_hh for the LSTM)`` is one pass over all steps on
 the host before the launch; its backward is autograd's.
 
-Strategy: one program per ``(batch tile, direction)``, grid ``(cdiv(B, BLOCK_B), D)``, holding
-all ``G`` blocks of ``W_hh`` on chip (``BLOCK_H >= H``, as the resident kernels of
-``fastrnn.kernels.lstm`` / ``gru``) and the state in fp32 registers, so a row's layer-norm
-statistics over its ``G*H`` pre-activations are a reduction inside the program, fused in the
-step. The cell step math is the plain cells' (``lstm_cell``, ``gru_gates``, ``gru_gates_grad``).
+Strategies. One program per ``(batch tile, direction)``, grid ``(cdiv(B, BLOCK_B), D)``, so a
+row's layer-norm statistics over its ``G*H`` pre-activations are a reduction inside the program,
+fused in the step. ``*_kernel`` (resident): all ``G`` blocks of ``W_hh`` on chip (``BLOCK_H >= H``,
+as the resident kernels of ``fastrnn.kernels.lstm`` / ``gru``) and the state in fp32 registers.
+``layer_norm_lstm_*_tiled_kernel`` (LSTM, any ``H``): ``W_hh`` re-read every step in tiles, the
+fp32 state and the raw products in scratch, block barriers between the phases of a step (their
+docstrings). The cell step math is the plain cells' (``lstm_cell``, ``gru_gates``, ``gru_gates_grad``).
 
 Layouts (contiguous; ``D`` directions; direction ``d``, gate ``q``, unit ``j`` at feature
 ``d*G*H + q*H + j``; "compute dtype" is the dtype of ``ax``):
@@ -65,8 +67,8 @@ import triton.language as tl
 
 from fastrnn.kernels.activations import tanh
 from fastrnn.kernels.gru import _previous_time, gru_gates, gru_gates_grad
-from fastrnn.kernels.lstm import lstm_cell
-from fastrnn.kernels.recurrence import clamp_grad, program_tile, squared_row_norm, step_time
+from fastrnn.kernels.lstm import REDUCE_TILE, lstm_cell
+from fastrnn.kernels.recurrence import clamp_grad, copy_rows, program_tile, squared_row_norm, step_time
 
 EPS = tl.constexpr(1e-5)
 
@@ -562,3 +564,326 @@ def layer_norm_gru_bwd_kernel(
         dh = tl.where(valid, dh_prev, dh)
         tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=at_last_step(tile_ok, s, T))  # the final gradient: module docstring
     store_norm_partials(d_norm_ptr, d_gain_r, d_gain_z, d_gain_n, d_bias_r, d_bias_z, d_bias_n, H, cols, col_ok)
+
+
+# ------------------------------------------------------------------ LayerNormLSTM, W_hh streamed
+@triton.jit
+def _tiled_row_product(src_ptr, src_stride_rows, w_ptr, row_ok, cols_n, n_ok, K, W_ROW_STRIDE, W_COL_STRIDE,
+                       INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``src @ W`` for the output columns ``cols_n``: ``src`` fp32 rows (``(BLOCK_B, 1)`` row
+    offsets ``src_stride_rows`` from ``src_ptr``, ``K`` wide) times ``W[k, n]`` at ``w_ptr + k *
+    W_ROW_STRIDE + n * W_COL_STRIDE``, reduced ``REDUCE_TILE`` columns at a time (unpipelined)."""
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in tl.range(0, K, REDUCE_TILE, num_stages=1):
+        cols_k = k0 + tl.arange(0, REDUCE_TILE)
+        k_ok = cols_k < K
+        src = tl.load(src_ptr + src_stride_rows + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols_k[:, None] * W_ROW_STRIDE + cols_n[None, :] * W_COL_STRIDE, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(src.to(w.dtype), w, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["T"])
+def layer_norm_lstm_fwd_tiled_kernel(
+    ax_ptr, w_hh_ptr, gain_hh_ptr, gain_c_ptr, bias_c_ptr, h0_ptr, c0_ptr, lengths_ptr, keep_ptr,
+    y_ptr, h_n_ptr, gates_ptr, r_hat_ptr, c_ptr, c_hat_ptr, stats_ptr,
+    h_state_ptr, c_state_ptr, pre_ptr, cell_ptr,
+    T, B, H, D, zoneout_p,
+    HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward for any ``H``: the resident kernel's step with ``W_hh`` re-read (from L2) every step
+    in ``BLOCK_H x REDUCE_TILE`` tiles, in three phases per step separated by block barriers:
+    (1) ``r = h_{t-1} W_hh^T`` tile by tile over all ``4H`` outputs into ``pre``, with each row's
+    sum and sum of squares; (2) per ``BLOCK_H`` units, the normalised ``rhat``, the gates and
+    ``c_new`` (into ``cell``), with the cell's moments; (3) the cell norm, ``h_t``, zoneout,
+    lengths, the outputs and the state. fp32 scratch (each element written before it is read):
+    ``h_state (2, D, B, H)`` ping-pong (step ``s`` reads slot ``s % 2``), ``c_state (D, B, H)``,
+    ``pre (D, B, 4H)``, ``cell (D, B, H)``. The variance is ``E[v^2] - mean^2`` in fp32."""
+    direction = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    d64 = direction.to(tl.int64)
+    state_rows = ((direction * B + rows64) * H)[:, None]
+    pre_rows = ((direction * B + rows64) * 4 * H)[:, None]
+    slot = D * B * H
+    w_base = w_hh_ptr + d64 * 4 * H * H
+    gain = gain_hh_ptr + d64 * 4 * H
+    copy_rows(h0_ptr + state_rows, h_state_ptr + state_rows, row_ok, H, BLOCK_H)
+    copy_rows(c0_ptr + state_rows, c_state_ptr + state_rows, row_ok, H, BLOCK_H)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = step_time(s, T, direction).to(tl.int64)
+        step = t * B + rows64
+        h_read = h_state_ptr + (s % 2) * slot
+        h_write = h_state_ptr + ((s + 1) % 2) * slot
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+        else:
+            valid = row_ok[:, None]
+
+        # (1) the recurrent product over all 4H outputs, and each row's moments.
+        total = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        square = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for n0 in range(0, 4 * H, BLOCK_H):
+            cols_n = n0 + tl.arange(0, BLOCK_H)
+            n_ok = cols_n < 4 * H
+            acc = _tiled_row_product(h_read, state_rows, w_base, row_ok, cols_n, n_ok, H, 1, H, INPUT_PRECISION, BLOCK_B, BLOCK_H)
+            tl.store(pre_ptr + pre_rows + cols_n[None, :], acc, mask=row_ok[:, None] & n_ok[None, :])
+            total += tl.sum(acc, axis=1)
+            square += tl.sum(acc * acc, axis=1)
+        mean = total / (4 * H)
+        rstd = 1.0 / tl.sqrt(tl.maximum(square / (4 * H) - mean * mean, 0.0) + EPS)
+        tl.debug_barrier()
+
+        # (2) the normalised product, the gates and the new cell, unit tile by unit tile.
+        c_total = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        c_square = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for u0 in range(0, H, BLOCK_H):
+            cols = u0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            ok = row_ok[:, None] & col_ok[None, :]
+            g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
+            pre = pre_ptr + pre_rows + cols[None, :]
+            r_i = (tl.load(pre, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+            r_f = (tl.load(pre + H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+            r_g = (tl.load(pre + 2 * H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+            r_o = (tl.load(pre + 3 * H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+            i = tl.load(ax_ptr + g_offs, mask=ok, other=0.0).to(tl.float32) + r_i * load_row_vector(gain, cols, col_ok)
+            f = tl.load(ax_ptr + g_offs + H, mask=ok, other=0.0).to(tl.float32) + r_f * load_row_vector(gain + H, cols, col_ok)
+            g = tl.load(ax_ptr + g_offs + 2 * H, mask=ok, other=0.0).to(tl.float32) + r_g * load_row_vector(gain + 2 * H, cols, col_ok)
+            o = tl.load(ax_ptr + g_offs + 3 * H, mask=ok, other=0.0).to(tl.float32) + r_o * load_row_vector(gain + 3 * H, cols, col_ok)
+            c_prev = tl.load(c_state_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            i, f, g, o, c_new, _ = lstm_cell(i, f, g, o, c_prev, row_ok[:, None], False)
+            c_new = tl.where(ok, c_new, 0.0)
+            tl.store(cell_ptr + state_rows + cols[None, :], c_new, mask=ok)
+            c_total += tl.sum(c_new, axis=1)
+            c_square += tl.sum(c_new * c_new, axis=1)
+            tl.store(r_hat_ptr + g_offs, r_i.to(r_hat_ptr.dtype.element_ty), mask=ok)
+            tl.store(r_hat_ptr + g_offs + H, r_f.to(r_hat_ptr.dtype.element_ty), mask=ok)
+            tl.store(r_hat_ptr + g_offs + 2 * H, r_g.to(r_hat_ptr.dtype.element_ty), mask=ok)
+            tl.store(r_hat_ptr + g_offs + 3 * H, r_o.to(r_hat_ptr.dtype.element_ty), mask=ok)
+            tl.store(gates_ptr + g_offs, i.to(gates_ptr.dtype.element_ty), mask=ok)
+            tl.store(gates_ptr + g_offs + H, f.to(gates_ptr.dtype.element_ty), mask=ok)
+            tl.store(gates_ptr + g_offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=ok)
+            tl.store(gates_ptr + g_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=ok)
+        c_mean = c_total / H
+        c_rstd = 1.0 / tl.sqrt(tl.maximum(c_square / H - c_mean * c_mean, 0.0) + EPS)
+        tl.debug_barrier()
+
+        # (3) the cell norm, h_t, zoneout and lengths; outputs and the state.
+        for u0 in range(0, H, BLOCK_H):
+            cols = u0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            ok = row_ok[:, None] & col_ok[None, :]
+            g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
+            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            c_new = tl.load(cell_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            o = tl.load(gates_ptr + g_offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            c_hat = (c_new - c_mean[:, None]) * c_rstd[:, None]
+            h_new = o * tanh(c_hat * load_row_vector(gain_c_ptr + d64 * H, cols, col_ok) + load_row_vector(bias_c_ptr + d64 * H, cols, col_ok))
+            h_prev = tl.load(h_read + state_rows + cols[None, :], mask=ok, other=0.0)
+            c_prev = tl.load(c_state_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            if ZONEOUT != 0:
+                keep = zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)
+                h_new = keep * h_prev + (1.0 - keep) * h_new
+                c_new = keep * c_prev + (1.0 - keep) * c_new
+            h = tl.where(valid, h_new, h_prev)
+            c = tl.where(valid, c_new, c_prev)
+            tl.store(y_ptr + u_offs, tl.where(valid, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(c_ptr + u_offs, c.to(c_ptr.dtype.element_ty), mask=ok)
+            tl.store(c_hat_ptr + u_offs, c_hat.to(c_hat_ptr.dtype.element_ty), mask=ok)
+            tl.store(h_write + state_rows + cols[None, :], h, mask=ok)
+            tl.store(c_state_ptr + state_rows + cols[None, :], c, mask=ok)
+            tl.store(h_n_ptr + state_rows + cols[None, :], h.to(h_n_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+        stats_offs = (step * D + direction) * 2
+        tl.store(stats_ptr + stats_offs, rstd, mask=row_ok)
+        tl.store(stats_ptr + stats_offs + 1, c_rstd, mask=row_ok)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T"])
+def layer_norm_lstm_bwd_tiled_kernel(
+    dy_ptr, dh_n_ptr, dc_n_ptr, gates_ptr, r_hat_ptr, c_ptr, c_hat_ptr, stats_ptr, c0_ptr, keep_ptr,
+    w_hh_ptr, gain_hh_ptr, gain_c_ptr, bias_c_ptr, lengths_ptr,
+    d_ax_ptr, d_r_ptr, dh0_ptr, dc0_ptr, d_norm_ptr, flow_ptr,
+    dh_state_ptr, dc_state_ptr, d_chat_ptr, d_pre_ptr,
+    T, B, H, D, zoneout_p, grad_clip,
+    HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward for any ``H``: the resident backward's step in four phases per step, ``W_hh``
+    re-read in tiles: (1) per unit tile, ``dL/dchat`` into ``d_chat`` and its rows' moments; (2)
+    the cell norm's input gradient, the gate gradients (``d_ax``), ``dc_{t-1}``, and ``e = dgates *
+    gain_hh`` into ``d_pre`` with its moments; (3) ``d_r`` over all ``4H`` (into ``d_r`` and, fp32,
+    back into ``d_pre``); (4) ``dh_{t-1} = d_r W_hh`` plus the zoneout carry. fp32 scratch:
+    ``dh_state (2, D, B, H)`` ping-pong, ``dc_state (D, B, H)``, ``d_chat (D, B, H)``, ``d_pre (D,
+    B, 4H)``. ``d_norm`` must be zeroed by the launcher: each program adds into its plane."""
+    direction = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    d64 = direction.to(tl.int64)
+    state_rows = ((direction * B + rows64) * H)[:, None]
+    pre_rows = ((direction * B + rows64) * 4 * H)[:, None]
+    slot = D * B * H
+    w_base = w_hh_ptr + d64 * 4 * H * H
+    gain = gain_hh_ptr + d64 * 4 * H
+    norm_plane = d_norm_ptr + ((direction * tl.num_programs(0) + tl.program_id(0)) * 6).to(tl.int64) * H
+    copy_rows(dh_n_ptr + state_rows, dh_state_ptr + state_rows, row_ok, H, BLOCK_H)
+    copy_rows(dc_n_ptr + state_rows, dc_state_ptr + state_rows, row_ok, H, BLOCK_H)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = step_time(s, T, 1 - direction).to(tl.int64)
+        t_prev = t - 1 + 2 * direction
+        first = (t_prev < 0) | (t_prev >= T)
+        t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
+        step = t * B + rows64
+        dh_read = dh_state_ptr + (s % 2) * slot
+        dh_write = dh_state_ptr + ((s + 1) % 2) * slot
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None] & row_ok[:, None]
+        else:
+            valid = row_ok[:, None]
+        stats_offs = (step * D + direction) * 2
+        rstd = tl.load(stats_ptr + stats_offs, mask=row_ok, other=0.0)
+        c_rstd = tl.load(stats_ptr + stats_offs + 1, mask=row_ok, other=0.0)
+
+        # (1) dL/dchat of the cell norm, its moments, the cell norm's parameter gradients.
+        mean_d = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        mean_dx = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        flow = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for u0 in range(0, H, BLOCK_H):
+            cols = u0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            ok = row_ok[:, None] & col_ok[None, :]
+            g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
+            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            d_state_h = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
+                                 + tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0), 0.0)
+            if RECORD_FLOW:
+                flow += tl.sum(d_state_h * d_state_h, axis=1)
+            if ZONEOUT != 0:
+                d_state_h = (1.0 - zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)) * d_state_h
+            o = tl.load(gates_ptr + g_offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            c_hat = tl.load(c_hat_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
+            gain_c = load_row_vector(gain_c_ptr + d64 * H, cols, col_ok)
+            tanh_u = tanh(c_hat * gain_c + load_row_vector(bias_c_ptr + d64 * H, cols, col_ok))
+            d_u = d_state_h * o * (1.0 - tanh_u * tanh_u)
+            tl.store(norm_plane + 4 * H + cols, tl.load(norm_plane + 4 * H + cols, mask=col_ok, other=0.0) + tl.sum(d_u * c_hat, axis=0), mask=col_ok)
+            tl.store(norm_plane + 5 * H + cols, tl.load(norm_plane + 5 * H + cols, mask=col_ok, other=0.0) + tl.sum(d_u, axis=0), mask=col_ok)
+            d_chat = d_u * gain_c
+            tl.store(d_chat_ptr + state_rows + cols[None, :], d_chat, mask=ok)
+            mean_d += tl.sum(d_chat, axis=1)
+            mean_dx += tl.sum(d_chat * c_hat, axis=1)
+        if RECORD_FLOW:
+            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
+        mean_d = mean_d / H
+        mean_dx = mean_dx / H
+        tl.debug_barrier()
+
+        # (2) the gate gradients, dc_{t-1}, and e = dgates * gain_hh with its moments.
+        e_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        e_mean_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for u0 in range(0, H, BLOCK_H):
+            cols = u0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            ok = row_ok[:, None] & col_ok[None, :]
+            g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
+            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            d_state_h = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
+                                 + tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0), 0.0)
+            dc = tl.load(dc_state_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            d_state_c = tl.where(valid, dc, 0.0)
+            if ZONEOUT != 0:
+                keep = zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)
+                carried_c = keep * d_state_c
+                d_h_new = d_state_h - keep * d_state_h
+                d_c_zoned = d_state_c - carried_c
+            else:
+                d_h_new = d_state_h
+                d_c_zoned = d_state_c
+            c_hat = tl.load(c_hat_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
+            d_chat = tl.load(d_chat_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            d_c_new = d_c_zoned + norm_input_grad(d_chat, c_hat, mean_d, mean_dx, c_rstd, col_ok)
+            i = tl.load(gates_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
+            f = tl.load(gates_ptr + g_offs + H, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(gates_ptr + g_offs + 2 * H, mask=ok, other=0.0).to(tl.float32)
+            o = tl.load(gates_ptr + g_offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            c_prev = tl.load(c_ptr + (t_prev * B + rows64)[:, None] * (D * H) + direction * H + cols[None, :], mask=ok, other=0.0)
+            c_prev = tl.where(first, tl.load(c0_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32), c_prev.to(tl.float32))
+            tanh_u = tanh(c_hat * load_row_vector(gain_c_ptr + d64 * H, cols, col_ok) + load_row_vector(bias_c_ptr + d64 * H, cols, col_ok))
+            di = d_c_new * g * i * (1.0 - i)
+            df = d_c_new * c_prev * f * (1.0 - f)
+            dg = d_c_new * i * (1.0 - g * g)
+            do = d_h_new * tanh_u * o * (1.0 - o)
+            if CLIP:
+                di = clamp_grad(di, grad_clip)
+                df = clamp_grad(df, grad_clip)
+                dg = clamp_grad(dg, grad_clip)
+                do = clamp_grad(do, grad_clip)
+            if ZONEOUT != 0:
+                dc_prev = tl.fma(d_c_new, f, carried_c)  # as the resident backward
+            else:
+                dc_prev = d_c_new * f
+            dc = tl.where(valid, dc_prev, dc)
+            tl.store(dc_state_ptr + state_rows + cols[None, :], dc, mask=ok)
+            tl.store(dc0_ptr + state_rows + cols[None, :], dc.to(dc0_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+            tl.store(d_ax_ptr + g_offs, di.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            tl.store(d_ax_ptr + g_offs + H, df.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            tl.store(d_ax_ptr + g_offs + 2 * H, dg.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            tl.store(d_ax_ptr + g_offs + 3 * H, do.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            for q in tl.static_range(4):
+                if q == 0:
+                    dq = di
+                elif q == 1:
+                    dq = df
+                elif q == 2:
+                    dq = dg
+                else:
+                    dq = do
+                r_q = tl.load(r_hat_ptr + g_offs + q * H, mask=ok, other=0.0).to(tl.float32)
+                partial = norm_plane + q * H + cols
+                tl.store(partial, tl.load(partial, mask=col_ok, other=0.0) + tl.sum(dq * r_q, axis=0), mask=col_ok)
+                e_q = dq * load_row_vector(gain + q * H, cols, col_ok)
+                tl.store(d_pre_ptr + pre_rows + q * H + cols[None, :], e_q, mask=ok)
+                e_mean += tl.sum(e_q, axis=1)
+                e_mean_x += tl.sum(e_q * r_q, axis=1)
+        e_mean = e_mean / (4 * H)
+        e_mean_x = e_mean_x / (4 * H)
+        tl.debug_barrier()
+
+        # (3) d_r, the gradient of W_hh h_{t-1}, over all 4H.
+        for n0 in range(0, 4 * H, BLOCK_H):
+            cols_n = n0 + tl.arange(0, BLOCK_H)
+            n_ok = cols_n < 4 * H
+            ok = row_ok[:, None] & n_ok[None, :]
+            r_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols_n[None, :]
+            e = tl.load(d_pre_ptr + pre_rows + cols_n[None, :], mask=ok, other=0.0)
+            d_r = norm_input_grad(e, tl.load(r_hat_ptr + r_offs, mask=ok, other=0.0).to(tl.float32), e_mean, e_mean_x, rstd, n_ok)
+            tl.store(d_r_ptr + r_offs, d_r.to(d_r_ptr.dtype.element_ty), mask=ok)
+            tl.store(d_pre_ptr + pre_rows + cols_n[None, :], d_r, mask=ok)
+        tl.debug_barrier()
+
+        # (4) dh_{t-1} = d_r W_hh + the zoneout carry; passed through past a row's length.
+        for u0 in range(0, H, BLOCK_H):
+            cols = u0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            ok = row_ok[:, None] & col_ok[None, :]
+            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            dh_prev = _tiled_row_product(d_pre_ptr, pre_rows, w_base, row_ok, cols, col_ok, 4 * H, H, 1, INPUT_PRECISION, BLOCK_B, BLOCK_H)
+            dh = tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0)
+            if ZONEOUT != 0:
+                d_state_h = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32) + dh, 0.0)
+                dh_prev += zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT) * d_state_h
+            dh = tl.where(valid, dh_prev, dh)
+            tl.store(dh_write + state_rows + cols[None, :], dh, mask=ok)
+            tl.store(dh0_ptr + state_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+        tl.debug_barrier()

@@ -23,6 +23,8 @@ CASES = {
     "lstm-bidir-packed-zoneout-clip": ("lstm", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 6),
     "lstm-2layer-dropconnect-dropout": ("lstm", dict(num_layers=2, recurrent_dropout=0.4, dropout=0.3), True, False, 3, 6),
     "lstm-zoneout-eval-two-tiles": ("lstm", dict(zoneout=0.25, forget_bias=1.0), False, True, 17, 5),
+    "lstm-tiled-bidir-packed-zoneout-clip": ("lstm", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 70),
+    "lstm-tiled-2layer-dropconnect-eval-zoneout": ("lstm", dict(num_layers=2, zoneout=0.25), False, False, 17, 20),
     "gru-bidir-packed-zoneout-clip": ("gru", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 6),
     "gru-2layer-dropconnect-dropout": ("gru", dict(num_layers=2, recurrent_dropout=0.4, dropout=0.3), True, False, 3, 6),
     "gru-zoneout-eval-two-tiles": ("gru", dict(zoneout=0.25), False, True, 17, 20),
@@ -96,7 +98,8 @@ def run_case(name: str, dtype: torch.dtype, clip_override: float | None = None):
 def test_fp32_matches_float64_equations(name):
     names, actual, expected, counts, module = run_case(name, torch.float32)
     cell = CASES[name][0]
-    assert counts == {f"layer_norm_{cell}_fwd": module.num_layers, f"layer_norm_{cell}_bwd": module.num_layers}
+    tiled = "_tiled" if "tiled" in name else ""  # fp32 LayerNormLSTM beyond H 16: W_hh streamed in tiles
+    assert counts == {f"layer_norm_{cell}_fwd{tiled}": module.num_layers, f"layer_norm_{cell}_bwd{tiled}": module.num_layers}
     for label, a, e in zip(names, actual, expected):
         assert a.dtype == torch.float32, label
         assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-4, msg=lambda m, label=label: f"{label}: {m}")
@@ -151,8 +154,9 @@ def test_no_bias_matches_the_float64_loop(cls):
 
 
 def test_beyond_the_on_chip_size_runs_the_loop_and_says_why():
-    """fp32 LayerNormLSTM at H 32 (BLOCK_H 32 > 16): the hand-written BPTT loop, named by explain."""
-    module = fastrnn.LayerNormLSTM(3, 32)
+    """fp32 LayerNormGRU at H 40 (BLOCK_H 64 > 32, no tiled GRU kernel): the hand-written BPTT
+    loop, named by explain."""
+    module = fastrnn.LayerNormGRU(3, 40)
     x = torch.randn(4, 2, 3)
     before = dict(launches("layer_norm_"))
     with fastrnn.use_backend("triton"):

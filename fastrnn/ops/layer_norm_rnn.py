@@ -40,6 +40,7 @@ from fastrnn.ops.recurrence import (
     kernel_weight,
     previous_states,
     recurrent_weight_grad,
+    register_budget,
     triton_next_power_of_2,
     write_flow_record,
 )
@@ -53,8 +54,13 @@ MAX_BLOCK_H = {(4, False): (64, 8), (4, True): (16, 4), (3, False): (64, 8), (3,
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+#: The LayerNormLSTM tiled kernels' unit tile and warps (the plain LSTM tiled kernels' 16-bit
+#: configuration, ``fastrnn.ops.recurrence.TILED_CONFIG``); their launches pass ``maxnreg``.
+TILED_BLOCK_H, TILED_WARPS = 64, 8
+
+
 def kernel_blocks(gates: int, hidden: int, dtype: torch.dtype) -> tuple[int, int] | None:
-    """``(BLOCK_H, num_warps)`` of the kernels for this size, or None where they can't hold it."""
+    """``(BLOCK_H, num_warps)`` of the resident kernels for this size, or None where they can't hold it."""
     if dtype not in KERNEL_DTYPES:
         return None
     block_h = max(16, triton_next_power_of_2(hidden))
@@ -64,14 +70,23 @@ def kernel_blocks(gates: int, hidden: int, dtype: torch.dtype) -> tuple[int, int
     return block_h, (warps if block_h == largest else 4)
 
 
+def strategy(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
+    """``"resident"``, ``"tiled"`` (LayerNormLSTM beyond the resident size) or None (no kernel)."""
+    if dtype not in KERNEL_DTYPES:
+        return None
+    if kernel_blocks(gates, hidden, dtype) is not None:
+        return "resident"
+    return "tiled" if gates == 4 else None
+
+
 def why_not(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
     """Why the kernels can't run a layer of this size and dtype (None: they can), for ``fastrnn.explain``."""
     if dtype not in KERNEL_DTYPES:
         return f"no kernel computes in {str(dtype).replace('torch.', '')}"
-    if kernel_blocks(gates, hidden, dtype) is None:
+    if strategy(gates, hidden, dtype) is None:
         largest = MAX_BLOCK_H[gates, dtype == torch.float32][0]
         return (f"hidden size {hidden} is beyond what one program holds on chip ({largest} units per gate in "
-                f"{str(dtype).replace('torch.', '')}); there is no tiled or persistent form of these kernels yet")
+                f"{str(dtype).replace('torch.', '')}); there is no tiled or persistent LayerNormGRU kernel yet")
     return None
 
 
@@ -83,9 +98,17 @@ def zoneout_mode(keep: Tensor | None, zoneout_p: float) -> int:
 
 
 def _meta(gates: int, hidden: int, dtype: torch.dtype, lengths, keep, zoneout_p) -> dict:
+    meta = dict(HAS_LENGTHS=lengths is not None, ZONEOUT=zoneout_mode(keep, zoneout_p), INPUT_PRECISION=input_precision(dtype),
+                BLOCK_B=BLOCK_B)
+    if strategy(gates, hidden, dtype) == "tiled":
+        return dict(meta, BLOCK_H=TILED_BLOCK_H, num_warps=TILED_WARPS, num_stages=1, maxnreg=register_budget(TILED_WARPS))
     block_h, warps = kernel_blocks(gates, hidden, dtype)
-    return dict(HAS_LENGTHS=lengths is not None, ZONEOUT=zoneout_mode(keep, zoneout_p), INPUT_PRECISION=input_precision(dtype),
-                BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=warps)
+    return dict(meta, BLOCK_H=block_h, num_warps=warps)
+
+
+def _scratch(*shapes, device) -> list[Tensor]:
+    """The tiled kernels' fp32 scratch (each element written before it is read)."""
+    return [torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes]
 
 
 def _norm_partials(directions: int, batch: int, hidden: int, device) -> Tensor:
@@ -105,13 +128,17 @@ def layer_norm_lstm_fwd(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep
     gates, r_hat = torch.empty_like(ax), torch.empty_like(ax)
     c, c_hat = torch.empty_like(y), torch.empty_like(y)
     stats = torch.empty((T, B, D, 2), device=ax.device, dtype=torch.float32)
-    kernels.layer_norm_lstm_fwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+    tiled = strategy(4, H, ax.dtype) == "tiled"
+    kernel = kernels.layer_norm_lstm_fwd_tiled_kernel if tiled else kernels.layer_norm_lstm_fwd_kernel
+    # tiled scratch: h ping-pong, c, the raw products, the new cell
+    scratch = _scratch((2, D, B, H), (D, B, H), (D, B, 4 * H), (D, B, H), device=ax.device) if tiled else []
+    kernel[(triton.cdiv(B, BLOCK_B), D)](
         ax.contiguous(), kernel_weight(w_hh), gain_hh.contiguous(), gain_c.contiguous(), bias_c.contiguous(),
         h0.contiguous(), c0.contiguous(), kernel_lengths(lengths, ax), y if keep is None else keep.contiguous(),
-        y, h_n, gates, r_hat, c, c_hat, stats,
+        y, h_n, gates, r_hat, c, c_hat, stats, *scratch,
         T, B, H, D, float(zoneout_p), **_meta(4, H, ax.dtype, lengths, keep, zoneout_p),
     )
-    count_launch("layer_norm_lstm_fwd")
+    count_launch("layer_norm_lstm_fwd_tiled" if tiled else "layer_norm_lstm_fwd")
     return y, h_n, final_cell_state(c, D), (gates, r_hat, c, c_hat, stats)
 
 
@@ -124,17 +151,23 @@ def layer_norm_lstm_bwd(dy, dh_n, dc_n, saved, c0, keep, zoneout_p, w_hh, gain_h
     D, _, H = c0.shape
     d_ax, d_r = torch.empty_like(gates), torch.empty_like(gates)
     dh0, dc0 = torch.empty_like(c0), torch.empty_like(c0)
+    tiled = strategy(4, H, gates.dtype) == "tiled"
     d_norm = _norm_partials(D, B, H, gates.device)
+    if tiled:
+        d_norm.zero_()  # the tiled kernel adds into it step by step
     flow = flow_buffer(record_flow, D, T, B, gates.device)
-    kernels.layer_norm_lstm_bwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+    kernel = kernels.layer_norm_lstm_bwd_tiled_kernel if tiled else kernels.layer_norm_lstm_bwd_kernel
+    # tiled scratch: dh ping-pong, dc, dL/dchat, the gate gradients times gain_hh (then d_r)
+    scratch = _scratch((2, D, B, H), (D, B, H), (D, B, H), (D, B, 4 * H), device=gates.device) if tiled else []
+    kernel[(triton.cdiv(B, BLOCK_B), D)](
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, r_hat, c, c_hat, stats, c0.contiguous(),
         c if keep is None else keep.contiguous(), kernel_weight(w_hh), gain_hh.contiguous(), gain_c.contiguous(),
         bias_c.contiguous(), kernel_lengths(lengths, gates),
-        d_ax, d_r, dh0, dc0, d_norm, d_norm if flow is None else flow,
+        d_ax, d_r, dh0, dc0, d_norm, d_norm if flow is None else flow, *scratch,
         T, B, H, D, float(zoneout_p), float(grad_clip or 0.0),
         CLIP=grad_clip is not None, RECORD_FLOW=record_flow, **_meta(4, H, gates.dtype, lengths, keep, zoneout_p),
     )
-    count_launch("layer_norm_lstm_bwd")
+    count_launch("layer_norm_lstm_bwd_tiled" if tiled else "layer_norm_lstm_bwd")
     return d_ax, d_r, dh0, dc0, d_norm.sum(1), flow
 
 
