@@ -30,10 +30,11 @@ Paths: the ``reference`` backend runs the plain autograd loop (:func:`lstm_refer
 :func:`gru_reference_direction`; differentiable twice). Every other backend runs
 :class:`LayerNormLSTMFunction` / :class:`LayerNormGRUFunction`: the same equations with a
 hand-written backward through time (no autograd graph per step; the ``W_hh`` gradient is one GEMM
-over all steps). With ``FASTRNN_BACKEND=triton`` (and ``auto`` on CUDA) the layers whose ``W_hh``
-one program holds on chip run the fused Triton kernels of :mod:`fastrnn.ops.layer_norm_rnn` (zoneout,
-DropConnect, lengths, ``grad_clip`` and the gradient-flow record included); other sizes run
-:class:`LayerNormLSTMFunction` / :class:`LayerNormGRUFunction`, and :func:`fastrnn.explain` says which.
+over all steps). With ``FASTRNN_BACKEND=triton`` (and ``auto`` on CUDA) fp32/fp16/bf16 layers run
+the fused Triton kernels of :mod:`fastrnn.ops.layer_norm_rnn` (``W_hh`` on chip where one program
+holds it, re-read per step in tiles beyond; zoneout, DropConnect, lengths, ``grad_clip`` and the
+gradient-flow record included); other dtypes run :class:`LayerNormLSTMFunction` /
+:class:`LayerNormGRUFunction`, and :func:`fastrnn.explain` says which ran and why.
 
 Parameters per layer ``k`` (and ``_reverse``): torch.nn's ``weight_ih_l{k}``, ``weight_hh_l{k}``,
 ``bias_ih_l{k}``, ``bias_hh_l{k}`` (uniform in ``+-1/sqrt(H)``), and ``gain_ih_l{k}``,

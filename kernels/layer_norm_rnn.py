@@ -22,9 +22,9 @@ Strategies. One program per ``(batch tile, direction)``, grid ``(cdiv(B, BLOCK_B
 row's layer-norm statistics over its ``G*H`` pre-activations are a reduction inside the program,
 fused in the step. ``*_kernel`` (resident): all ``G`` blocks of ``W_hh`` on chip (``BLOCK_H >= H``,
 as the resident kernels of ``fastrnn.kernels.lstm`` / ``gru``) and the state in fp32 registers.
-``layer_norm_lstm_*_tiled_kernel`` (LSTM, any ``H``): ``W_hh`` re-read every step in tiles, the
-fp32 state and the raw products in scratch, block barriers between the phases of a step (their
-docstrings). The cell step math is the plain cells' (``lstm_cell``, ``gru_gates``, ``gru_gates_grad``).
+``*_tiled_kernel`` (any ``H``): ``W_hh`` re-read every step (from L2) in ``BLOCK_H x REDUCE_TILE``
+tiles, the fp32 state and the raw products in scratch, block barriers between the phases of a step
+(their docstrings); they take the resident kernels' arguments, then their scratch. The cell step math is the plain cells' (``lstm_cell``, ``gru_gates``, ``gru_gates_grad``).
 
 Layouts (contiguous; ``D`` directions; direction ``d``, gate ``q``, unit ``j`` at feature
 ``d*G*H + q*H + j``; "compute dtype" is the dtype of ``ax``):
@@ -883,6 +883,226 @@ def layer_norm_lstm_bwd_tiled_kernel(
             if ZONEOUT != 0:
                 d_state_h = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32) + dh, 0.0)
                 dh_prev += zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT) * d_state_h
+            dh = tl.where(valid, dh_prev, dh)
+            tl.store(dh_write + state_rows + cols[None, :], dh, mask=ok)
+            tl.store(dh0_ptr + state_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+        tl.debug_barrier()
+
+
+# ------------------------------------------------------------------- LayerNormGRU, W_hh streamed
+@triton.jit(do_not_specialize=["T"])
+def layer_norm_gru_fwd_tiled_kernel(
+    ax_ptr, w_hh_ptr, gain_hh_ptr, b_hh_ptr, h0_ptr, lengths_ptr, keep_ptr,
+    y_ptr, h_n_ptr, gates_ptr, r_hat_ptr, stats_ptr,
+    h_state_ptr, pre_ptr,
+    T, B, H, D, zoneout_p,
+    HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward for any ``H``, ``W_hh`` re-read every step in tiles, two phases per step: (1) ``r =
+    h_{t-1} W_hh^T`` over all ``3H`` outputs into ``pre`` with each row's moments; (2) per unit
+    tile, ``rhat``, ``b_t``, the gates, zoneout, lengths, the outputs and the state. fp32 scratch:
+    ``h_state (2, D, B, H)`` ping-pong (step ``s`` reads slot ``s % 2``), ``pre (D, B, 3H)``."""
+    direction = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    d64 = direction.to(tl.int64)
+    state_rows = ((direction * B + rows64) * H)[:, None]
+    pre_rows = ((direction * B + rows64) * 3 * H)[:, None]
+    slot = D * B * H
+    w_base = w_hh_ptr + d64 * 3 * H * H
+    gain = gain_hh_ptr + d64 * 3 * H
+    bias = b_hh_ptr + d64 * 3 * H
+    copy_rows(h0_ptr + state_rows, h_state_ptr + state_rows, row_ok, H, BLOCK_H)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = step_time(s, T, direction).to(tl.int64)
+        step = t * B + rows64
+        h_read = h_state_ptr + (s % 2) * slot
+        h_write = h_state_ptr + ((s + 1) % 2) * slot
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None]
+        else:
+            valid = row_ok[:, None]
+
+        # (1) the recurrent product over all 3H outputs, and each row's moments.
+        total = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        square = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for n0 in range(0, 3 * H, BLOCK_H):
+            cols_n = n0 + tl.arange(0, BLOCK_H)
+            n_ok = cols_n < 3 * H
+            acc = _tiled_row_product(h_read, state_rows, w_base, row_ok, cols_n, n_ok, H, 1, H, INPUT_PRECISION, BLOCK_B, BLOCK_H)
+            tl.store(pre_ptr + pre_rows + cols_n[None, :], acc, mask=row_ok[:, None] & n_ok[None, :])
+            total += tl.sum(acc, axis=1)
+            square += tl.sum(acc * acc, axis=1)
+        mean = total / (3 * H)
+        rstd = 1.0 / tl.sqrt(tl.maximum(square / (3 * H) - mean * mean, 0.0) + EPS)
+        tl.debug_barrier()
+
+        # (2) the normalised product, the gates, h_t; outputs and the state.
+        for u0 in range(0, H, BLOCK_H):
+            cols = u0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            ok = row_ok[:, None] & col_ok[None, :]
+            g_offs = step[:, None] * (D * 3 * H) + direction * 3 * H + cols[None, :]
+            saved_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
+            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            pre = pre_ptr + pre_rows + cols[None, :]
+            r_r = (tl.load(pre, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+            r_z = (tl.load(pre + H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+            r_n = (tl.load(pre + 2 * H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+            b_n = r_n * load_row_vector(gain + 2 * H, cols, col_ok) + load_row_vector(bias + 2 * H, cols, col_ok)
+            h_prev = tl.load(h_read + state_rows + cols[None, :], mask=ok, other=0.0)
+            r, z, n, h_new = gru_gates(
+                tl.load(ax_ptr + g_offs, mask=ok, other=0.0).to(tl.float32),
+                tl.load(ax_ptr + g_offs + H, mask=ok, other=0.0).to(tl.float32),
+                tl.load(ax_ptr + g_offs + 2 * H, mask=ok, other=0.0).to(tl.float32),
+                r_r * load_row_vector(gain, cols, col_ok) + load_row_vector(bias, cols, col_ok),
+                r_z * load_row_vector(gain + H, cols, col_ok) + load_row_vector(bias + H, cols, col_ok), b_n, h_prev,
+            )
+            if ZONEOUT != 0:
+                keep = zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)
+                h_new = keep * h_prev + (1.0 - keep) * h_new
+            h = tl.where(valid, h_new, h_prev)
+            tl.store(y_ptr + u_offs, tl.where(valid, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(gates_ptr + saved_offs, r.to(gates_ptr.dtype.element_ty), mask=ok)
+            tl.store(gates_ptr + saved_offs + H, z.to(gates_ptr.dtype.element_ty), mask=ok)
+            tl.store(gates_ptr + saved_offs + 2 * H, n.to(gates_ptr.dtype.element_ty), mask=ok)
+            tl.store(gates_ptr + saved_offs + 3 * H, b_n.to(gates_ptr.dtype.element_ty), mask=ok)
+            tl.store(r_hat_ptr + g_offs, r_r.to(r_hat_ptr.dtype.element_ty), mask=ok)
+            tl.store(r_hat_ptr + g_offs + H, r_z.to(r_hat_ptr.dtype.element_ty), mask=ok)
+            tl.store(r_hat_ptr + g_offs + 2 * H, r_n.to(r_hat_ptr.dtype.element_ty), mask=ok)
+            tl.store(h_write + state_rows + cols[None, :], h, mask=ok)
+            tl.store(h_n_ptr + state_rows + cols[None, :], h.to(h_n_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+        tl.store(stats_ptr + step * D + direction, rstd, mask=row_ok)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T"])
+def layer_norm_gru_bwd_tiled_kernel(
+    dy_ptr, dh_n_ptr, y_ptr, gates_ptr, r_hat_ptr, stats_ptr, h0_ptr, keep_ptr, w_hh_ptr, gain_hh_ptr, lengths_ptr,
+    d_ax_ptr, d_r_ptr, dh0_ptr, d_norm_ptr, flow_ptr,
+    dh_state_ptr, d_pre_ptr,
+    T, B, H, D, zoneout_p, grad_clip,
+    HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward for any ``H``, three phases per step: (1) per unit tile, the gate gradients
+    (``d_ax``), ``e = d_b * gain_hh`` into ``d_pre`` with its moments, the norm's parameter
+    gradients; (2) ``d_r`` over all ``3H`` (into ``d_r`` and, fp32, back into ``d_pre``); (3)
+    ``dh_{t-1} = (1 - k) dh_t z + d_r W_hh + k dh_t``. fp32 scratch: ``dh_state (2, D, B, H)``
+    ping-pong, ``d_pre (D, B, 3H)``. ``d_norm`` must be zeroed by the launcher."""
+    direction = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    d64 = direction.to(tl.int64)
+    state_rows = ((direction * B + rows64) * H)[:, None]
+    pre_rows = ((direction * B + rows64) * 3 * H)[:, None]
+    slot = D * B * H
+    w_base = w_hh_ptr + d64 * 3 * H * H
+    gain = gain_hh_ptr + d64 * 3 * H
+    norm_plane = d_norm_ptr + ((direction * tl.num_programs(0) + tl.program_id(0)) * 6).to(tl.int64) * H
+    copy_rows(dh_n_ptr + state_rows, dh_state_ptr + state_rows, row_ok, H, BLOCK_H)
+    length = T
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = step_time(s, T, 1 - direction).to(tl.int64)
+        step = t * B + rows64
+        dh_read = dh_state_ptr + (s % 2) * slot
+        dh_write = dh_state_ptr + ((s + 1) % 2) * slot
+        if HAS_LENGTHS:
+            valid = (t < length)[:, None] & row_ok[:, None]
+        else:
+            valid = row_ok[:, None]
+        t_prev, start = _previous_time(t, direction, T, length, HAS_LENGTHS)
+        rstd = tl.load(stats_ptr + step * D + direction, mask=row_ok, other=0.0)
+
+        # (1) the gate gradients, e = d_b * gain_hh and its moments.
+        e_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        e_mean_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        flow = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for u0 in range(0, H, BLOCK_H):
+            cols = u0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            ok = row_ok[:, None] & col_ok[None, :]
+            g_offs = step[:, None] * (D * 3 * H) + direction * 3 * H + cols[None, :]
+            saved_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
+            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            h_prev = tl.load(y_ptr + (t_prev * B + rows64)[:, None] * (D * H) + direction * H + cols[None, :], mask=ok, other=0.0)
+            h_prev = tl.where(start, tl.load(h0_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32),
+                              h_prev.to(tl.float32))
+            d_state = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
+                               + tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0), 0.0)
+            if RECORD_FLOW:
+                flow += tl.sum(d_state * d_state, axis=1)
+            if ZONEOUT != 0:
+                d_state = (1.0 - zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)) * d_state
+            r = tl.load(gates_ptr + saved_offs, mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(gates_ptr + saved_offs + H, mask=ok, other=0.0).to(tl.float32)
+            n = tl.load(gates_ptr + saved_offs + 2 * H, mask=ok, other=0.0).to(tl.float32)
+            b_n = tl.load(gates_ptr + saved_offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            dr_pre, dz_pre, dn_pre, db_n, _ = gru_gates_grad(d_state, h_prev, r, z, n, b_n, grad_clip, CLIP)
+            tl.store(d_ax_ptr + g_offs, dr_pre.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            tl.store(d_ax_ptr + g_offs + H, dz_pre.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            tl.store(d_ax_ptr + g_offs + 2 * H, dn_pre.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            for q in tl.static_range(3):
+                if q == 0:
+                    dq = dr_pre
+                elif q == 1:
+                    dq = dz_pre
+                else:
+                    dq = db_n
+                r_q = tl.load(r_hat_ptr + g_offs + q * H, mask=ok, other=0.0).to(tl.float32)
+                gain_partial = norm_plane + q * H + cols
+                tl.store(gain_partial, tl.load(gain_partial, mask=col_ok, other=0.0) + tl.sum(dq * r_q, axis=0), mask=col_ok)
+                bias_partial = norm_plane + (3 + q) * H + cols
+                tl.store(bias_partial, tl.load(bias_partial, mask=col_ok, other=0.0) + tl.sum(dq, axis=0), mask=col_ok)
+                e_q = dq * load_row_vector(gain + q * H, cols, col_ok)
+                tl.store(d_pre_ptr + pre_rows + q * H + cols[None, :], e_q, mask=ok)
+                e_mean += tl.sum(e_q, axis=1)
+                e_mean_x += tl.sum(e_q * r_q, axis=1)
+        if RECORD_FLOW:
+            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
+        e_mean = e_mean / (3 * H)
+        e_mean_x = e_mean_x / (3 * H)
+        tl.debug_barrier()
+
+        # (2) d_r, the gradient of W_hh h_{t-1}, over all 3H.
+        for n0 in range(0, 3 * H, BLOCK_H):
+            cols_n = n0 + tl.arange(0, BLOCK_H)
+            n_ok = cols_n < 3 * H
+            ok = row_ok[:, None] & n_ok[None, :]
+            r_offs = step[:, None] * (D * 3 * H) + direction * 3 * H + cols_n[None, :]
+            e = tl.load(d_pre_ptr + pre_rows + cols_n[None, :], mask=ok, other=0.0)
+            d_r = norm_input_grad(e, tl.load(r_hat_ptr + r_offs, mask=ok, other=0.0).to(tl.float32), e_mean, e_mean_x, rstd, n_ok)
+            tl.store(d_r_ptr + r_offs, d_r.to(d_r_ptr.dtype.element_ty), mask=ok)
+            tl.store(d_pre_ptr + pre_rows + cols_n[None, :], d_r, mask=ok)
+        tl.debug_barrier()
+
+        # (3) dh_{t-1}; passed through past a row's length.
+        for u0 in range(0, H, BLOCK_H):
+            cols = u0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            ok = row_ok[:, None] & col_ok[None, :]
+            saved_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
+            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            dh_prev = _tiled_row_product(d_pre_ptr, pre_rows, w_base, row_ok, cols, col_ok, 3 * H, H, 1, INPUT_PRECISION, BLOCK_B, BLOCK_H)
+            dh = tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0)
+            d_state = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32) + dh, 0.0)
+            z = tl.load(gates_ptr + saved_offs + H, mask=ok, other=0.0).to(tl.float32)
+            if ZONEOUT != 0:
+                keep = zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)
+                dh_prev += (1.0 - keep) * d_state * z + keep * d_state
+            else:
+                dh_prev += d_state * z
             dh = tl.where(valid, dh_prev, dh)
             tl.store(dh_write + state_rows + cols[None, :], dh, mask=ok)
             tl.store(dh0_ptr + state_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))

@@ -25,6 +25,8 @@ CASES = {
     "lstm-zoneout-eval-two-tiles": ("lstm", dict(zoneout=0.25, forget_bias=1.0), False, True, 17, 5),
     "lstm-tiled-bidir-packed-zoneout-clip": ("lstm", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 70),
     "lstm-tiled-2layer-dropconnect-eval-zoneout": ("lstm", dict(num_layers=2, zoneout=0.25), False, False, 17, 20),
+    "gru-tiled-bidir-packed-zoneout-clip": ("gru", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 70),
+    "gru-tiled-2layer-eval-zoneout-two-tiles": ("gru", dict(num_layers=2, zoneout=0.25), False, False, 17, 40),
     "gru-bidir-packed-zoneout-clip": ("gru", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 6),
     "gru-2layer-dropconnect-dropout": ("gru", dict(num_layers=2, recurrent_dropout=0.4, dropout=0.3), True, False, 3, 6),
     "gru-zoneout-eval-two-tiles": ("gru", dict(zoneout=0.25), False, True, 17, 20),
@@ -98,7 +100,7 @@ def run_case(name: str, dtype: torch.dtype, clip_override: float | None = None):
 def test_fp32_matches_float64_equations(name):
     names, actual, expected, counts, module = run_case(name, torch.float32)
     cell = CASES[name][0]
-    tiled = "_tiled" if "tiled" in name else ""  # fp32 LayerNormLSTM beyond H 16: W_hh streamed in tiles
+    tiled = "_tiled" if "tiled" in name else ""  # beyond the resident size: W_hh streamed in tiles
     assert counts == {f"layer_norm_{cell}_fwd{tiled}": module.num_layers, f"layer_norm_{cell}_bwd{tiled}": module.num_layers}
     for label, a, e in zip(names, actual, expected):
         assert a.dtype == torch.float32, label
@@ -124,11 +126,16 @@ def test_grad_clip_binds(name):
 TOLERANCE = {torch.float16: (5e-3, 1e-2), torch.bfloat16: (5e-2, 1.5e-1)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("name", ["lstm-bidir-packed-zoneout-clip", "gru-2layer-dropconnect-dropout"])
+@pytest.mark.parametrize(("name", "dtype"), [
+    ("lstm-bidir-packed-zoneout-clip", torch.float16), ("lstm-bidir-packed-zoneout-clip", torch.bfloat16),
+    ("gru-2layer-dropconnect-dropout", torch.float16), ("gru-2layer-dropconnect-dropout", torch.bfloat16),
+    ("lstm-tiled-bidir-packed-zoneout-clip", torch.bfloat16),  # H 70: beyond the resident 64 in 16-bit
+], ids=lambda v: {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(v, v))
 def test_16bit_matches_float64_equations(name, dtype):
-    names, actual, expected, counts, _ = run_case(name, dtype)
-    assert counts, "the kernels did not run"
+    names, actual, expected, counts, module = run_case(name, dtype)
+    tiled = "_tiled" if "tiled" in name else ""
+    cell = CASES[name][0]
+    assert counts == {f"layer_norm_{cell}_fwd{tiled}": module.num_layers, f"layer_norm_{cell}_bwd{tiled}": module.num_layers}
     for label, a, e in zip(names, actual, expected):
         assert a.dtype == dtype, label
         assert torch.isfinite(a).all(), label
@@ -153,16 +160,18 @@ def test_no_bias_matches_the_float64_loop(cls):
         assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-4)
 
 
-def test_beyond_the_on_chip_size_runs_the_loop_and_says_why():
-    """fp32 LayerNormGRU at H 40 (BLOCK_H 64 > 32, no tiled GRU kernel): the hand-written BPTT
-    loop, named by explain."""
-    module = fastrnn.LayerNormGRU(3, 40)
+def test_explain_names_the_strategy_and_other_dtypes_run_the_loop():
+    """Beyond the resident size the tiled kernels run (explain says so); float64 has no kernel:
+    the hand-written BPTT loop runs, and explain says why."""
     x = torch.randn(4, 2, 3)
-    before = dict(launches("layer_norm_"))
     with fastrnn.use_backend("triton"):
-        route = fastrnn.explain(module, x)
-        module(x)[0].sum().backward()
-    assert route.startswith("reference:") and "beyond what one program holds on chip" in route
+        assert "W_hh on chip" in fastrnn.explain(fastrnn.LayerNormGRU(3, 32), x)
+        assert "re-read per step in tiles" in fastrnn.explain(fastrnn.LayerNormGRU(3, 40), x)
+        module = fastrnn.LayerNormLSTM(3, 8, dtype=torch.float64)
+        before = dict(launches("layer_norm_"))
+        route = fastrnn.explain(module, x.double())
+        module(x.double())[0].sum().backward()
+    assert route.startswith("reference:") and "no kernel computes in float64" in route
     assert launches("layer_norm_") == before
 
 

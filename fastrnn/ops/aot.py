@@ -374,15 +374,15 @@ def layer_norm_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, 
     y.float().sum().backward()
 
 
-#: The hidden size the LayerNormLSTM tiled kernels are compiled at: the GPU matrix's LayerNormLSTM
+#: The hidden size the LayerNorm tiled kernels are compiled at: the GPU matrix's LayerNormLSTM
 #: row (B64 T512 H256 bf16). Their binary does not depend on H beyond divisibility.
 LAYER_NORM_TILED_HIDDEN = 256
 
 
 def layer_norm_size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
     """The LayerNorm kernels' classes over hidden sizes 16..1024: the largest (power-of-two) hidden
-    size of each resident (block, warps) the kernels serve, by name, and ``tiled`` (LayerNormLSTM)
-    at :data:`LAYER_NORM_TILED_HIDDEN`."""
+    size of each resident (block, warps) the kernels serve, by name, and ``tiled`` at
+    :data:`LAYER_NORM_TILED_HIDDEN`."""
     from fastrnn.ops.layer_norm_rnn import kernel_blocks, strategy
 
     classes = {}

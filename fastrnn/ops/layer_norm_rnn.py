@@ -1,6 +1,7 @@
 """LayerNormLSTM and LayerNormGRU on the fused kernels of ``fastrnn.kernels.layer_norm_rnn``.
 
-Read top to bottom: which sizes the kernels serve (``kernel_blocks``), the LSTM's forward and
+Read top to bottom: which kernels serve a size (``strategy``: resident where one program holds
+its direction's ``W_hh`` on chip, ``kernel_blocks``; tiled beyond), the LSTM's forward and
 backward launchers and autograd Function, the GRU's, then the layer functions the modules of
 :mod:`fastrnn.layer_norm_rnn` call.
 
@@ -54,7 +55,7 @@ MAX_BLOCK_H = {(4, False): (64, 8), (4, True): (16, 4), (3, False): (64, 8), (3,
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-#: The LayerNormLSTM tiled kernels' unit tile and warps (the plain LSTM tiled kernels' 16-bit
+#: The tiled kernels' unit tile and warps (the plain LSTM tiled kernels' 16-bit
 #: configuration, ``fastrnn.ops.recurrence.TILED_CONFIG``); their launches pass ``maxnreg``.
 TILED_BLOCK_H, TILED_WARPS = 64, 8
 
@@ -71,22 +72,18 @@ def kernel_blocks(gates: int, hidden: int, dtype: torch.dtype) -> tuple[int, int
 
 
 def strategy(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
-    """``"resident"``, ``"tiled"`` (LayerNormLSTM beyond the resident size) or None (no kernel)."""
+    """``"resident"``, ``"tiled"`` (beyond the resident size) or None (no kernel for the dtype)."""
     if dtype not in KERNEL_DTYPES:
         return None
     if kernel_blocks(gates, hidden, dtype) is not None:
         return "resident"
-    return "tiled" if gates == 4 else None
+    return "tiled"
 
 
 def why_not(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
     """Why the kernels can't run a layer of this size and dtype (None: they can), for ``fastrnn.explain``."""
     if dtype not in KERNEL_DTYPES:
         return f"no kernel computes in {str(dtype).replace('torch.', '')}"
-    if strategy(gates, hidden, dtype) is None:
-        largest = MAX_BLOCK_H[gates, dtype == torch.float32][0]
-        return (f"hidden size {hidden} is beyond what one program holds on chip ({largest} units per gate in "
-                f"{str(dtype).replace('torch.', '')}); there is no tiled or persistent LayerNormGRU kernel yet")
     return None
 
 
@@ -211,13 +208,16 @@ def layer_norm_gru_fwd(ax, w_hh, gain_hh, b_hh, h0, lengths, keep, zoneout_p):
     gates = ax.new_empty((T, B, D * 4 * H))
     r_hat = torch.empty_like(ax)
     stats = torch.empty((T, B, D), device=ax.device, dtype=torch.float32)
-    kernels.layer_norm_gru_fwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+    tiled = strategy(3, H, ax.dtype) == "tiled"
+    kernel = kernels.layer_norm_gru_fwd_tiled_kernel if tiled else kernels.layer_norm_gru_fwd_kernel
+    scratch = _scratch((2, D, B, H), (D, B, 3 * H), device=ax.device) if tiled else []  # h ping-pong, the raw products
+    kernel[(triton.cdiv(B, BLOCK_B), D)](
         ax.contiguous(), kernel_weight(w_hh), gain_hh.contiguous(), b_hh.contiguous(), h0.contiguous(),
         kernel_lengths(lengths, ax), y if keep is None else keep.contiguous(),
-        y, h_n, gates, r_hat, stats,
+        y, h_n, gates, r_hat, stats, *scratch,
         T, B, H, D, float(zoneout_p), **_meta(3, H, ax.dtype, lengths, keep, zoneout_p),
     )
-    count_launch("layer_norm_gru_fwd")
+    count_launch("layer_norm_gru_fwd_tiled" if tiled else "layer_norm_gru_fwd")
     return y, h_n, (gates, r_hat, stats)
 
 
@@ -230,16 +230,21 @@ def layer_norm_gru_bwd(dy, dh_n, y, saved, h0, keep, zoneout_p, w_hh, gain_hh, l
     D, _, H = h0.shape
     d_ax, d_r = torch.empty_like(r_hat), torch.empty_like(r_hat)
     dh0 = torch.empty_like(h0)
+    tiled = strategy(3, H, y.dtype) == "tiled"
     d_norm = _norm_partials(D, B, H, y.device)
+    if tiled:
+        d_norm.zero_()  # the tiled kernel adds into it step by step
     flow = flow_buffer(record_flow, D, T, B, y.device)
-    kernels.layer_norm_gru_bwd_kernel[(triton.cdiv(B, BLOCK_B), D)](
+    kernel = kernels.layer_norm_gru_bwd_tiled_kernel if tiled else kernels.layer_norm_gru_bwd_kernel
+    scratch = _scratch((2, D, B, H), (D, B, 3 * H), device=y.device) if tiled else []  # dh ping-pong, e then d_r
+    kernel[(triton.cdiv(B, BLOCK_B), D)](
         dy.contiguous(), dh_n.contiguous(), y, gates, r_hat, stats, h0.contiguous(), y if keep is None else keep.contiguous(),
         kernel_weight(w_hh), gain_hh.contiguous(), kernel_lengths(lengths, y),
-        d_ax, d_r, dh0, d_norm, d_norm if flow is None else flow,
+        d_ax, d_r, dh0, d_norm, d_norm if flow is None else flow, *scratch,
         T, B, H, D, float(zoneout_p), float(grad_clip or 0.0),
         CLIP=grad_clip is not None, RECORD_FLOW=record_flow, **_meta(3, H, y.dtype, lengths, keep, zoneout_p),
     )
-    count_launch("layer_norm_gru_bwd")
+    count_launch("layer_norm_gru_bwd_tiled" if tiled else "layer_norm_gru_bwd")
     return d_ax, d_r, dh0, d_norm.sum(1), flow
 
 
