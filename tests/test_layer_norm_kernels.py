@@ -24,7 +24,7 @@ CASES = {
     "lstm-2layer-dropconnect-dropout": ("lstm", dict(num_layers=2, recurrent_dropout=0.4, dropout=0.3), True, False, 3, 6),
     "lstm-zoneout-eval-two-tiles": ("lstm", dict(zoneout=0.25, forget_bias=1.0), False, True, 17, 5),
     "lstm-tiled-bidir-packed-zoneout-clip": ("lstm", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 70),
-    "lstm-tiled-2layer-dropconnect-eval-zoneout": ("lstm", dict(num_layers=2, zoneout=0.25), False, False, 17, 20),
+    "lstm-tiled-2layer-eval-zoneout-two-tiles": ("lstm", dict(num_layers=2, zoneout=0.25), False, False, 17, 20),
     "gru-tiled-bidir-packed-zoneout-clip": ("gru", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 70),
     "gru-tiled-2layer-eval-zoneout-two-tiles": ("gru", dict(num_layers=2, zoneout=0.25), False, False, 17, 40),
     "gru-bidir-packed-zoneout-clip": ("gru", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 6),
