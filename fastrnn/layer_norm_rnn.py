@@ -30,7 +30,11 @@ Paths: the ``reference`` backend runs the plain autograd loop (:func:`lstm_refer
 :func:`gru_reference_direction`; differentiable twice). Every other backend runs
 :class:`LayerNormLSTMFunction` / :class:`LayerNormGRUFunction`: the same equations with a
 hand-written backward through time (no autograd graph per step; the ``W_hh`` gradient is one GEMM
-over all steps). There is no Triton kernel for these cells yet: on CUDA they run that path too.
+over all steps). With ``FASTRNN_BACKEND=triton`` (and ``auto`` on CUDA) fp32/fp16/bf16 layers run
+the fused Triton kernels of :mod:`fastrnn.ops.layer_norm_rnn` (``W_hh`` on chip where one program
+holds it, re-read per step in tiles beyond; zoneout, DropConnect, lengths, ``grad_clip`` and the
+gradient-flow record included); other dtypes run :class:`LayerNormLSTMFunction` /
+:class:`LayerNormGRUFunction`, and :func:`fastrnn.explain` says which ran and why.
 
 Parameters per layer ``k`` (and ``_reverse``): torch.nn's ``weight_ih_l{k}``, ``weight_hh_l{k}``,
 ``bias_ih_l{k}``, ``bias_hh_l{k}`` (uniform in ``+-1/sqrt(H)``), and ``gain_ih_l{k}``,
@@ -40,6 +44,7 @@ Parameters per layer ``k`` (and ``_reverse``): torch.nn's ``weight_ih_l{k}``, ``
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 
@@ -379,10 +384,36 @@ class _LayerNormRecurrence(StackedRecurrence):
     def _fast(self) -> bool:
         return backend.get_backend() != "reference"
 
+    def _kernel_layer(self, x: Tensor):
+        """The fused kernels' layer function (:mod:`fastrnn.ops.layer_norm_rnn`) where they run a
+        call with input ``x``, else None; the reason they don't in ``self._no_kernel``."""
+        from fastrnn.indrnn import scan_path  # the kernels-or-loop choice every fastrnn layer makes
+
+        self._no_kernel = None
+        if scan_path(x.device) != "triton" or x.numel() == 0:
+            return None
+        ops = importlib.import_module("fastrnn.ops.layer_norm_rnn")  # imports triton: only when asked for
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        self._no_kernel = ops.why_not(self.GATES, self.hidden_size, dtype)
+        if self._no_kernel is not None:
+            return None
+        self._kernel_strategy = ops.strategy(self.GATES, self.hidden_size, dtype)
+        return ops.layer_norm_lstm_kernel_layer if self.HAS_CELL else ops.layer_norm_gru_kernel_layer
+
     def own_route(self, input):
-        """For :func:`fastrnn.explain`: which PyTorch loop runs (there is no kernel for these cells yet)."""
+        """For :func:`fastrnn.explain`: the fused kernels, or which PyTorch loop runs and why."""
+        from torch.nn.utils.rnn import PackedSequence
+
         from fastrnn.routing import Route
 
+        data = input.data if isinstance(input, PackedSequence) else input
+        if self._kernel_layer(data) is not None:
+            where = "W_hh on chip" if self._kernel_strategy == "resident" else "W_hh re-read per step in tiles"
+            return Route("triton", f"{self.NAME}: the fused Triton kernels ({where}, the recurrent and cell norms in "
+                                   "the step), one launch per layer each way")
+        if self._no_kernel is not None:
+            return Route("reference", f"{self.NAME}: the PyTorch loop with a hand-written backward through time "
+                                      f"({self._no_kernel})")
         if self._fast():
             return Route("reference", f"{self.NAME}: the PyTorch loop with a hand-written backward through time "
                                       "(no Triton kernel for this cell yet)")
@@ -417,6 +448,9 @@ class LayerNormLSTM(_LayerNormRecurrence):
         return super().extra_repr() + ("" if self.forget_bias is None else f", forget_bias={self.forget_bias}")
 
     def _run_layer(self, x, h0, c0, params, lengths, zoneout_mask, flow_record):
+        kernel_layer = self._kernel_layer(x)
+        if kernel_layer is not None:
+            return kernel_layer(x, h0, c0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record)
         return layer_norm_lstm_layer(x, h0, c0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record, self._fast())
 
 
@@ -429,6 +463,9 @@ class LayerNormGRU(_LayerNormRecurrence):
     GATES = 3
 
     def _run_layer(self, x, h0, c0, params, lengths, zoneout_mask, flow_record):
+        kernel_layer = self._kernel_layer(x)
+        if kernel_layer is not None:
+            return (*kernel_layer(x, h0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record), None)
         y, h_n = layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record, self._fast())
         return y, h_n, None
 

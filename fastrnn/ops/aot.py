@@ -359,6 +359,54 @@ def indrnn_workload(dtype: torch.dtype, hidden: int, batch: int, *, full: bool) 
     y.float().sum().backward()
 
 
+def layer_norm_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, form: str) -> None:
+    """One LayerNormLSTM / LayerNormGRU layer (``cell`` ``"lstm"`` / ``"gru"``) forward and backward
+    through :mod:`fastrnn.ops.layer_norm_rnn`'s kernels. ``form`` ``plain``: one direction, no
+    options; ``full``: bidirectional, lengths, a zoneout mask, ``grad_clip``, the gradient-flow
+    record; ``batch1``: eval-mode zoneout (its own binary)."""
+    from fastrnn.ops.layer_norm_rnn import layer_norm_gru_kernel_layer, layer_norm_lstm_kernel_layer
+
+    gates, directions = (4 if cell == "lstm" else 3), (2 if form == "full" else 1)
+    shapes = {"weight_ih": (gates * hidden, INPUT_SIZE), "weight_hh": (gates * hidden, hidden), "bias_ih": (gates * hidden,),
+              "bias_hh": (gates * hidden,), "gain_ih": (gates * hidden,), "gain_hh": (gates * hidden,)}
+    if cell == "lstm":
+        shapes |= {"gain_cell": (hidden,), "bias_cell": (hidden,)}
+    params = [{k: torch.zeros(shape, dtype=dtype, requires_grad=True) for k, shape in shapes.items()} for _ in range(directions)]
+    x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
+    h0 = torch.zeros(directions, batch, hidden, dtype=dtype)
+    full = form == "full"
+    options = dict(lengths=torch.full((batch,), STEPS) if full else None,
+                   zoneout_mask=torch.ones(STEPS, batch, directions * hidden, dtype=dtype) if full else None,
+                   zoneout_p=0.1 if form != "plain" else 0.0, grad_clip=1.0 if full else None,
+                   flow_record=torch.zeros(directions, STEPS) if full else None)
+    if cell == "lstm":
+        y, _, _ = layer_norm_lstm_kernel_layer(x, h0, torch.zeros_like(h0), params, **options)
+    else:
+        y, _ = layer_norm_gru_kernel_layer(x, h0, params, **options)
+    y.float().sum().backward()
+
+
+#: The hidden size the LayerNorm tiled kernels are compiled at: the GPU matrix's LayerNormLSTM
+#: row (B64 T512 H256 bf16). Their binary does not depend on H beyond divisibility.
+LAYER_NORM_TILED_HIDDEN = 256
+
+
+def layer_norm_size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
+    """The LayerNorm kernels' classes over hidden sizes 16..1024: the largest (power-of-two) hidden
+    size of each resident (block, warps) the kernels serve, by name, and ``tiled`` at
+    :data:`LAYER_NORM_TILED_HIDDEN`."""
+    from fastrnn.ops.layer_norm_rnn import kernel_blocks, strategy
+
+    classes = {}
+    for exponent in range(4, 11):
+        blocks = kernel_blocks(CELL_GATES[cell], 2 ** exponent, dtype)
+        if blocks is not None:
+            classes[blocks[1]] = (f"resident{blocks[0]}-{blocks[1]}w", 2 ** exponent)
+    if strategy(CELL_GATES[cell], LAYER_NORM_TILED_HIDDEN, dtype) == "tiled":
+        classes["tiled"] = ("tiled", LAYER_NORM_TILED_HIDDEN)
+    return dict(classes.values())
+
+
 def workloads() -> dict[str, Callable[[], None]]:
     """Every workload of the gate by name (nothing runs until a workload is called)."""
     from fastrnn.ops.feedback import CELLS, compile_corners
@@ -384,6 +432,13 @@ def workloads() -> dict[str, Callable[[], None]]:
     for dtype in (torch.bfloat16, torch.float32):
         out[f"indrnn-{_dtype_name(dtype)}-plain"] = lambda d=dtype: indrnn_workload(d, 256, 16, full=False)
         out[f"indrnn-{_dtype_name(dtype)}-full"] = lambda d=dtype: indrnn_workload(d, 250, 20, full=True)
+    for cell in ("lstm", "gru"):
+        for dtype in (torch.bfloat16, torch.float32):
+            for size_class, hidden in layer_norm_size_classes(cell, dtype).items():
+                for form in ("plain", "full", "batch1"):
+                    size = hidden - 8 if form == "full" else hidden  # same block, not divisible by 16
+                    out[f"layer-norm-{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = (
+                        lambda c=cell, d=dtype, h=size, f=form: layer_norm_workload(c, d, h, FORM_BATCH[f], f))
     for cell in CELLS:
         for dtype, block_h, block_o, warps in compile_corners(cell):
             for form in ("plain", "full"):
