@@ -147,6 +147,18 @@ def test_matches_handwritten_float64(name, path):
         assert_close(g, g_ref, atol=1e-9, msg=lambda m, pname=pname: f"{pname}: {m}")
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_time_chunks_match_handwritten_float64(name, monkeypatch):
+    """The hand-written path walks time in chunks (:data:`fastrnn.layer_norm_rnn.CHUNK_ELEMENTS`):
+    with chunks of two steps (T=5: two full chunks and one of one step, in both directions) it
+    still matches the oracle, gradients summed across chunks included."""
+    import fastrnn.layer_norm_rnn
+
+    cell = CASES[name][0]
+    monkeypatch.setattr(fastrnn.layer_norm_rnn, "CHUNK_ELEMENTS", 2 * 3 * (4 if cell == "lstm" else 3) * 6)  # B3 H6
+    test_matches_handwritten_float64(name, "auto")
+
+
 def test_forget_bias_and_forms():
     lstm = fastrnn.LayerNormLSTM(3, 4, 2, batch_first=True, forget_bias=1.5)
     for layer in range(2):
