@@ -193,6 +193,24 @@ def _outputs(chunks: list[_Chunk], reverse: bool) -> Tensor:
     return torch.cat([chunk.y for chunk in (chunks[::-1] if reverse else chunks)])
 
 
+def _lstm_chunk_slopes(ch: _Chunk, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """What the LSTM backward of a chunk needs per step that does not depend on the incoming
+    gradient, computed for the whole chunk at once: ``d gates / d c_t`` for ``i, f, g`` and
+    ``d gates / d h_t`` for ``o`` (``(n, B, 4H)``: ``i' g``, ``f' c_{t-1}``, ``g' i``, ``o' tanh(LN c_t)``
+    with ``s' = s (1 - s)`` and ``g' = 1 - g^2 = 4 s_g (1 - s_g)``), ``d LN(c_t) / d h_t = o (1 -
+    tanh^2)`` ``(n, B, H)``, and ``f`` (a view)."""
+    s_i, s_f, s_g, s_o = ch.gates.split(ch.sig_c.shape[-1], dim=2)
+    slope = ch.gates - ch.gates * ch.gates
+    tanh_c = ch.sig_c * 2 - 1
+    d_c_norm_dh = torch.addcmul(s_o, s_o * tanh_c, tanh_c, value=-1)
+    i_slope, f_slope, g_slope, o_slope = slope.split(ch.sig_c.shape[-1], dim=2)
+    i_slope.mul_(s_g * 2 - 1)
+    f_slope.mul_(ch.cs[1:] if reverse else ch.cs[:-1])
+    g_slope.mul_(s_i).mul_(4)
+    o_slope.mul_(tanh_c)
+    return slope, d_c_norm_dh, s_f
+
+
 class LayerNormLSTMFunction(torch.autograd.Function):
     """One direction of a LayerNormLSTM layer, input side included: ``(x (T,B,I), w_ih, gain_ih,
     bias (4H,) = b_ih + b_hh or None, w_hh, gain_hh, gain_cell, bias_cell, h0, c0) -> (y (T,B,H),
@@ -221,8 +239,8 @@ class LayerNormLSTMFunction(torch.autograd.Function):
             ch = _Chunk(lo, hi, z, (x_mean, x_rstd), x.new_empty(n + 1, batch, hidden))
             hs, cs = ch.hs, x.new_empty(n + 1, batch, hidden)
             r = x.new_empty(n, batch, 4 * hidden)  # W_hh h_{t-1}
-            gates = x.new_empty(n, batch, 4 * hidden)  # i, f, g, o after their activations
-            tanh_c = x.new_empty(n, batch, hidden)  # tanh(LN(c_t))
+            gates = x.new_empty(n, batch, 4 * hidden)  # sigmoid of i, f, 2 g, o: g's tanh is 2 sigmoid(2x) - 1
+            sig_c = x.new_empty(n, batch, hidden)  # sigmoid(2 LN(c_t)): tanh(LN(c_t)) = 2 sig_c - 1
             cell = (cs[:-1] if reverse else cs[1:]) if plain else x.new_empty(n, batch, hidden)  # c_t before zoneout
             y = (hs[:-1] if reverse else hs[1:]) if valid is None else x.new_empty(n, batch, hidden)
             stats_r, stats_c = [None] * n, [None] * n
@@ -234,16 +252,14 @@ class LayerNormLSTMFunction(torch.autograd.Function):
                 r_norm, r_mean, r_rstd = torch.native_layer_norm(r[k], (4 * hidden,), gain_hh_2, None, EPS)
                 stats_r[k] = r_mean, r_rstd
                 gate = torch.addcmul(r_norm, ax[k], scale, out=gates[k]).sigmoid_()
-                i, f, g, o = gate.split(hidden, dim=1)
-                _tanh_by_sigmoid_(g)
-                c_new = torch.mul(f, c, out=cell[k]).addcmul_(i, g)
+                i, f, s_g, o = gate.split(hidden, dim=1)
+                c_new = torch.mul(f, c, out=cell[k]).addcmul_(i, s_g, value=2).sub_(i)  # f c + i (2 s_g - 1)
                 c_norm, c_mean, c_rstd = torch.native_layer_norm(c_new, (hidden,), gain_c_2, bias_c_2, EPS)
                 stats_c[k] = c_mean, c_rstd
-                tanh_ct = _tanh_by_sigmoid_(torch.sigmoid(c_norm, out=tanh_c[k]))
+                s_c = torch.sigmoid(c_norm, out=sig_c[k])
+                h_new = torch.mul(o, s_c, out=hs[nxt] if plain else None).mul_(2).sub_(o)  # o (2 s_c - 1)
                 if plain:
-                    torch.mul(o, tanh_ct, out=hs[nxt])
                     continue
-                h_new = o * tanh_ct
                 if zoneout_p:
                     keep = _keep(mask, zoneout_p, lo + k)
                     h_new, c_new = keep * h + (1 - keep) * h_new, keep * c + (1 - keep) * c_new
@@ -255,7 +271,7 @@ class LayerNormLSTMFunction(torch.autograd.Function):
                     torch.where(v, c_new, c, out=cs[nxt])
                     y[k] = torch.where(v, h_new, 0.0)
             h, c = hs[0 if reverse else n], cs[0 if reverse else n]
-            ch.cs, ch.r, ch.gates, ch.tanh_c, ch.cell, ch.y, ch.stats_r, ch.stats_c = cs, r, gates, tanh_c, cell, y, stats_r, stats_c
+            ch.cs, ch.r, ch.gates, ch.sig_c, ch.cell, ch.y, ch.stats_r, ch.stats_c = cs, r, gates, sig_c, cell, y, stats_r, stats_c
             chunks.append(ch)
         ctx.save_for_backward(x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, mask)
         ctx.chunks, ctx.lengths = chunks, lengths
@@ -269,16 +285,15 @@ class LayerNormLSTMFunction(torch.autograd.Function):
         steps, hidden = dy.shape[0], dh_n.shape[-1]
         valid = _valid(ctx.lengths, steps, dy)
         dh, dc = dh_n, dc_n
-        one = dy.new_ones(())
         grads = _input_grads(x, w_ih, ctx.needs_input_grad[0])
         d_w_hh, d_gain_hh, d_gain_c, d_bias_c = torch.zeros_like(w_hh), [], [], []
         for ch in reversed(ctx.chunks):
-            n = ch.hi - ch.lo
-            d_pre = x.new_empty(n, dy.shape[1], 4 * hidden)  # the gate pre-activation gradient (what reaches ax)
+            n, batch = ch.hi - ch.lo, dy.shape[1]
+            slope, d_c_norm_dh, f = _lstm_chunk_slopes(ch, reverse)
+            d_pre = x.new_empty(n, batch, 4 * hidden)  # the gate pre-activation gradient (what reaches ax)
             d_r_all = torch.empty_like(d_pre)  # the gradient of W_hh h_{t-1}
             for k in _walk(n, not reverse):
                 t = ch.lo + k
-                prev, _ = _slots(k, reverse)
                 v = None if valid is None else valid[t]
                 d_state_h = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
                 d_state_c = dc if v is None else torch.where(v, dc, 0.0)
@@ -286,24 +301,15 @@ class LayerNormLSTMFunction(torch.autograd.Function):
                     flow_record[t] = d_state_h.double().norm().to(flow_record.dtype)
                 keep = _keep(mask, zoneout_p, t)
                 d_h_new, d_c_zoned = (d_state_h * (1 - keep), d_state_c * (1 - keep)) if zoneout_p else (d_state_h, d_state_c)
-                gate, tanh_ct = ch.gates[k], ch.tanh_c[k]
-                i, f, g, o = gate.split(hidden, dim=1)
-                d_cn = torch.addcmul(o, o * tanh_ct, tanh_ct, value=-1).mul_(d_h_new)  # through h = o tanh(LN(c))
                 d_c, dg_c, db_c = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
-                    d_cn, ch.cell[k], (hidden,), *ch.stats_c[k], gain_c, gain_c, [True, True, True])  # one exists
+                    d_c_norm_dh[k] * d_h_new, ch.cell[k], (hidden,), *ch.stats_c[k], gain_c, gain_c, [True, True, True])  # one exists
                 d_gain_c.append(dg_c)
                 d_bias_c.append(db_c)
                 d_c_new = d_c.add_(d_c_zoned)
-                square = gate * gate  # the activations' slopes: s (1 - s) for i, f, o and 1 - g^2 for g
-                slope = gate - square
-                torch.sub(one, square[:, 2 * hidden:3 * hidden], out=slope[:, 2 * hidden:3 * hidden])
                 d_gates = d_pre[k]
-                d_i, d_f, d_g, d_o = d_gates.split(hidden, dim=1)
-                torch.mul(d_c_new, g, out=d_i)
-                torch.mul(d_c_new, ch.cs[prev], out=d_f)
-                torch.mul(d_c_new, i, out=d_g)
-                torch.mul(d_h_new, tanh_ct, out=d_o)
-                d_gates.mul_(slope)
+                torch.mul(slope[k, :, :3 * hidden].view(batch, 3, hidden), d_c_new[:, None],  # i, f, g: through c_t
+                          out=d_gates[:, :3 * hidden].view(batch, 3, hidden))
+                torch.mul(slope[k, :, 3 * hidden:], d_h_new, out=d_gates[:, 3 * hidden:])  # o: through h_t
                 if grad_clip is not None:
                     d_gates.clamp_(-grad_clip, grad_clip)
                 d_r, dg_hh, _ = torch.ops.aten.native_layer_norm_backward(
@@ -311,7 +317,7 @@ class LayerNormLSTMFunction(torch.autograd.Function):
                 d_gain_hh.append(dg_hh)
                 d_r_all[k] = d_r
                 dh_prev = torch.mm(d_r, w_hh)
-                dc_prev = d_c_new * f
+                dc_prev = d_c_new * f[k]
                 if zoneout_p:
                     dh_prev, dc_prev = dh_prev + d_state_h * keep, dc_prev + d_state_c * keep
                 if v is None:
@@ -323,6 +329,17 @@ class LayerNormLSTMFunction(torch.autograd.Function):
             _input_chunk_backward(d_pre, ch, x, w_ih, gain_ih, bias, grads)
         return (grads["x"], grads["w_ih"], _total(grads["gain_ih"]), None if bias is None else _total(grads["bias"]), d_w_hh,
                 _total(d_gain_hh), _total(d_gain_c), _total(d_bias_c), dh, dc, None, None, None, None, None, None)
+
+
+def _gru_chunk_slopes(ch: _Chunk, reverse: bool) -> Tensor:
+    """The GRU backward's per-step factors that do not depend on the incoming gradient, for the
+    whole chunk at once, ``(n, B, 3H)``: ``r (1 - r)``, ``(h_{t-1} - n) z (1 - z)`` and ``1 - n^2``."""
+    hidden = ch.hs.shape[-1]
+    square = ch.gates * ch.gates
+    slope = ch.gates - square
+    slope[..., 2 * hidden:] = 1 - square[..., 2 * hidden:]
+    slope[..., hidden:2 * hidden].mul_((ch.hs[1:] if reverse else ch.hs[:-1]) - ch.gates[..., 2 * hidden:])
+    return slope
 
 
 class LayerNormGRUFunction(torch.autograd.Function):
@@ -389,40 +406,35 @@ class LayerNormGRUFunction(torch.autograd.Function):
         steps, hidden = dy.shape[0], dh_n.shape[-1]
         valid = _valid(ctx.lengths, steps, dy)
         dh = dh_n
-        one = dy.new_ones(())
         grads = _input_grads(x, w_ih, ctx.needs_input_grad[0])
         d_w_hh, d_gain_hh, d_b_hh = torch.zeros_like(w_hh), [], []
         for ch in reversed(ctx.chunks):
             n = ch.hi - ch.lo
+            r_all, z_all, _ = ch.gates.split(hidden, dim=2)
+            slope = _gru_chunk_slopes(ch, reverse)
             d_ax = x.new_empty(n, dy.shape[1], 3 * hidden)  # the gradient of the input side a_t, (r, z, n)
             d_r_all = torch.empty_like(d_ax)  # the gradient of W_hh h_{t-1}
             for k in _walk(n, not reverse):
                 t = ch.lo + k
-                prev, _ = _slots(k, reverse)
                 v = None if valid is None else valid[t]
                 d_state = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
                 if flow_record is not None:
                     flow_record[t] = d_state.double().norm().to(flow_record.dtype)
                 keep = _keep(mask, zoneout_p, t)
                 d_h_new = d_state * (1 - keep) if zoneout_p else d_state
-                gate = ch.gates[k]
-                r, zg, ng = gate.split(hidden, dim=1)
-                square = gate * gate  # the activations' slopes: s (1 - s) for r, z and 1 - n^2 for n
-                slope = gate - square
-                torch.sub(one, square[:, 2 * hidden:], out=slope[:, 2 * hidden:])
                 d_a = d_ax[k]
                 d_r_pre, d_z_pre, d_n_pre = d_a.split(hidden, dim=1)
-                d_through_z = d_h_new * zg  # what reaches h_{t-1} directly
-                torch.sub(d_h_new, d_through_z, out=d_n_pre)  # (1 - z) dh
-                torch.mul(torch.sub(ch.hs[prev], ng), d_h_new, out=d_z_pre)
-                d_a[:, hidden:].mul_(slope[:, hidden:])
+                d_through_z = d_h_new * z_all[k]  # what reaches h_{t-1} directly
+                torch.sub(d_h_new, d_through_z, out=d_n_pre)  # (1 - z) dh, then n's slope
+                torch.mul(slope[k, :, hidden:2 * hidden], d_h_new, out=d_z_pre)
+                d_n_pre.mul_(slope[k, :, 2 * hidden:])
                 if grad_clip is not None:
                     d_a[:, hidden:].clamp_(-grad_clip, grad_clip)
-                torch.mul(d_n_pre, ch.b_n[k], out=d_r_pre).mul_(slope[:, :hidden])
+                torch.mul(d_n_pre, ch.b_n[k], out=d_r_pre).mul_(slope[k, :, :hidden])
                 if grad_clip is not None:
                     d_r_pre.clamp_(-grad_clip, grad_clip)
                 d_b = d_a.clone()  # the gradient reaching b_t = LN(W_hh h; gain_hh) + b_hh: (d_r, d_z, r d_n)
-                d_b[:, 2 * hidden:].mul_(r)
+                d_b[:, 2 * hidden:].mul_(r_all[k])
                 d_r, dg, db = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
                     d_b, ch.rec[k], (3 * hidden,), *ch.stats[k], gain_hh, gain_hh, [True, True, True])  # one exists
                 d_gain_hh.append(dg)
@@ -458,7 +470,7 @@ def layer_norm_lstm_layer(x, h0, c0, params, lengths, zoneout_mask, zoneout_p, g
         ys.append(y)
         hs.append(h)
         cs.append(c)
-    return torch.cat(ys, dim=-1), torch.stack(hs), torch.stack(cs)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)), torch.stack(hs), torch.stack(cs)
 
 
 def layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, zoneout_p, grad_clip, flow_record, fast: bool):
@@ -479,7 +491,7 @@ def layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, zoneout_p, grad_c
             y, h, _ = gru_reference_direction(ax, h0[d], p, lengths, d == 1, mask, zoneout_p, grad_clip, record)
         ys.append(y)
         hs.append(h)
-    return torch.cat(ys, dim=-1), torch.stack(hs)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)), torch.stack(hs)
 
 
 # ----------------------------------------------------------------------------------- modules
