@@ -88,18 +88,20 @@ def user_loop(cell: nn.Module, x: torch.Tensor, state: tuple) -> torch.Tensor:
     return torch.stack(outputs)
 
 
-def user_cell_from(module, kind: str) -> nn.Module:
-    """The user's cell holding ``module``'s layer-0 parameters."""
+def user_cell_from(module, kind: str, cell: nn.Module | None = None) -> nn.Module:
+    """The user's cell holding ``module``'s layer-0 parameters (copied into ``cell`` if given, else
+    into a new cell in ``module``'s dtype: the LSTM's one bias is ``b_ih + b_hh`` summed in that dtype,
+    as fastrnn sums them)."""
     p = {name.rsplit("_l0", 1)[0]: w for name, w in module.named_parameters()}
     I, H = module.input_size, module.hidden_size
+    if cell is None:
+        cell = (UserLayerNormLSTMCell(I, H) if kind == "lstm" else UserLayerNormGRUCell(I, H)).to(p["weight_ih"])
     with torch.no_grad():
         if kind == "lstm":
-            cell = UserLayerNormLSTMCell(I, H)
             cell.bias.copy_(p["bias_ih"] + p["bias_hh"])
             cell.ln_cell.weight.copy_(p["gain_cell"])
             cell.ln_cell.bias.copy_(p["bias_cell"])
         else:
-            cell = UserLayerNormGRUCell(I, H)
             cell.ih.bias.copy_(p["bias_ih"])
             cell.bias_hh.copy_(p["bias_hh"])
         cell.ih.weight.copy_(p["weight_ih"])
@@ -138,7 +140,7 @@ def run(kind: str, B: int, T: int, I: int, H: int, compile_cell: bool = True, bu
     # Agreement in float64 (over 256 steps a layer-normalised LSTM amplifies fp32 rounding, on
     # all sides alike): the same outputs to 1e-9, then the float32 timings. The compiled cell
     # compiles here (float64) and again at the float32 warm-up; neither is timed.
-    module.double(), cell.double()
+    module.double(), user_cell_from(module, kind, cell.double())  # b_ih + b_hh summed in float64 too
     x, state = x.double(), tuple(s.double() for s in state)
     ours = fastrnn_step().detach()
     worst, compile_s = {}, {}

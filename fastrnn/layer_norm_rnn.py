@@ -452,9 +452,26 @@ class LayerNormGRUFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------ layers
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _widened(x, h0, c0, params, zoneout_mask):
+    """``x``, ``h0``, ``c0``, the parameters and the zoneout mask in float32 (differentiably): the
+    hand-written loop keeps fp16/bf16 layers' states and sums in float32, as the kernels do."""
+    def wide(t):
+        return None if t is None else t.float()
+
+    return wide(x), wide(h0), wide(c0), [{k: wide(v) for k, v in p.items()} for p in params], wide(zoneout_mask)
+
+
 def layer_norm_lstm_layer(x, h0, c0, params, lengths, zoneout_mask, zoneout_p, grad_clip, flow_record, fast: bool):
     """One LayerNormLSTM layer, every direction: ``x (T, B, I)``, ``h0``/``c0`` ``(D, B, H)``,
-    ``zoneout_mask (T, B, D*H)`` or None. Returns ``y (T, B, D*H)``, ``h_n``, ``c_n`` ``(D, B, H)``."""
+    ``zoneout_mask (T, B, D*H)`` or None. Returns ``y (T, B, D*H)``, ``h_n``, ``c_n`` ``(D, B, H)``.
+    The hand-written path computes fp16/bf16 layers in float32 (:func:`_widened`)."""
+    if fast and x.dtype in HALF_DTYPES:
+        x_, h0_, c0_, params_, mask_ = _widened(x, h0, c0, params, zoneout_mask)
+        y, h, c = layer_norm_lstm_layer(x_, h0_, c0_, params_, lengths, mask_, zoneout_p, grad_clip, flow_record, fast=True)
+        return y.to(x.dtype), h.to(x.dtype), c.to(x.dtype)
     hidden = h0.shape[-1]
     ys, hs, cs = [], [], []
     for d, p in enumerate(params):
@@ -475,6 +492,10 @@ def layer_norm_lstm_layer(x, h0, c0, params, lengths, zoneout_mask, zoneout_p, g
 
 def layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, zoneout_p, grad_clip, flow_record, fast: bool):
     """One LayerNormGRU layer, every direction: as :func:`layer_norm_lstm_layer` without ``c``."""
+    if fast and x.dtype in HALF_DTYPES:
+        x_, h0_, _, params_, mask_ = _widened(x, h0, None, params, zoneout_mask)
+        y, h = layer_norm_gru_layer(x_, h0_, params_, lengths, mask_, zoneout_p, grad_clip, flow_record, fast=True)
+        return y.to(x.dtype), h.to(x.dtype)
     hidden = h0.shape[-1]
     ys, hs = [], []
     for d, p in enumerate(params):
