@@ -108,7 +108,7 @@ class UserLoop(nn.Module):
     def __init__(self, cell: nn.Module, hidden: int, cell_state: bool, step: nn.Module | None = None):
         super().__init__()
         self.cell, self.hidden, self.cell_state = cell, hidden, cell_state
-        self.step = step or cell
+        self.step = cell if step is None else step
 
     def forward(self, x: Tensor):
         zeros = x.new_zeros(x.shape[1], self.hidden)
