@@ -7,7 +7,9 @@ section (:mod:`bench.topologies`: a training step of each of the five topology m
 its torch.nn construction, and loss curves of both on synthetic tasks; off in --quick and
 --dry-run unless --topologies) and the gradient-flow section (:mod:`bench.gradflow`: per-step
 ||dL/dh_t|| of an untrained tanh RNN and LSTM on the adding problem, T=100; off in --dry-run
-unless --gradient-flow). Progress goes to stderr, the tables (at most 120 columns) to stdout,
+unless --gradient-flow) and the cells section (:mod:`bench.cells`: LayerNormLSTM, LayerNormGRU and
+IndRNN against the plain-PyTorch loop a user writes, eager and with torch.compile of the cell;
+the GPU rows N1, I1 on CUDA and shrunk in --dry-run, CPU rows C5-C7 on a CPU; off with --no-cells). Progress goes to stderr, the tables (at most 120 columns) to stdout,
 and the results to ``<out>/<device>[-quick|-dry-run]-<YYYY-MM-DD>[-N].json`` with a markdown
 report (every column) and PNG plots drawn from that JSON (:mod:`bench.report`). ``<out>`` is
 ``bench/out/`` (ignored by git) unless ``--out`` says otherwise; the results the project commits
@@ -38,7 +40,7 @@ for _needed in ("matplotlib", "triton"):  # the bench extra
     if importlib.util.find_spec(_needed) is None:
         sys.exit(f"python -m bench needs {_needed}: pip install -e '.[bench]'")
 
-from bench import dispatch_table, environment, gradflow, interpret, matrix, report, topologies
+from bench import cells, dispatch_table, environment, gradflow, interpret, matrix, report, topologies
 from bench.runner import Plan, run_row, skipped_record
 
 #: Where the results this project commits live (the README cites them); a run writes there only
@@ -100,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the topology section (training steps and loss curves of the five modules)")
     parser.add_argument("--gradient-flow", action="store_true", help="run the gradient-flow section in --dry-run too")
     parser.add_argument("--no-gradient-flow", action="store_true", help="skip the gradient-flow section")
+    parser.add_argument("--no-cells", action="store_true",
+                        help="skip the cells section (LayerNormLSTM, LayerNormGRU, IndRNN vs the user's loop)")
     parser.add_argument("--plan", action="store_true",
                         help="no timing: the plan report (strategy, grid, sm_90 compile resources, cost-model estimates per GPU row; bench/plan.py)")
     parser.add_argument("--json", action="store_true", help="with --plan: print a JSON list, one object per GPU-matrix row")
@@ -128,7 +132,7 @@ def sections(args: argparse.Namespace, mode: str) -> dict[str, bool]:
     full run, the gradient-flow section in the full and quick runs; the flags override."""
     topologies = (mode == "full" or args.topologies) and not args.no_topologies
     flow = (mode != "dry-run" or args.gradient_flow) and not args.no_gradient_flow
-    return {"topologies": topologies, "gradient_flow": flow}
+    return {"topologies": topologies, "gradient_flow": flow, "cells": not args.no_cells}
 
 
 def make_plan(args: argparse.Namespace, device: torch.device, mode: str) -> Plan:
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "interpreter": None,
         "topologies": None,
         "gradient_flow": None,
+        "cells": None,
         "seconds": 0.0,
     }
 
@@ -266,6 +271,17 @@ def main(argv: list[str] | None = None) -> int:
             data["gradient_flow"] = gradflow.run_section(device, args.backend, log=log)
             save()
 
+    if chosen["cells"]:
+        if reason := budget_spent():
+            data["cells"] = {"skipped": reason}
+            log("cells: skipped (time budget)")
+        else:
+            log("cells: LayerNormLSTM, LayerNormGRU, IndRNN against the user's loop (eager, torch.compile(cell))")
+            data["cells"] = {}
+            cells.run_section(device, args.backend, dry_run=mode == "dry-run", divisors=matrix.DRY_RUN_DIVISORS,
+                              compile_cell=plan.compile, log=lambda line: log(f"    {line}"), save=save, section=data["cells"])
+            save()
+
     if device.type == "cpu" and mode != "dry-run" and not args.no_interpret:
         log("Triton kernels through the interpreter (child process) ...")
         interpreter = data["interpreter"] = interpret.run_pass()
@@ -284,13 +300,19 @@ def main(argv: list[str] | None = None) -> int:
     data["complete"] = True
     save()
     md_path = report.write_report(json_path)
+    if data["cells"] and data["cells"].get("rows"):
+        with md_path.open("a") as md:
+            md.write("\n" + cells.markdown(data["cells"]))
     print(report.text_table(data))
+    if data["cells"] and data["cells"].get("rows"):
+        print("\n" + cells.table(data["cells"]))
     extra_tables = report.topology_text(data)
     if extra_tables:
         print("\n" + extra_tables)
     print(f"\nwrote {_shown(json_path)} and {_shown(md_path)} (every column), {data['seconds']:.0f} s")
     bad = [r["name"] for r in data["rows"] + sweep["rows"] if r["status"] in ("failed", "error", "missing")]
     bad += report.section_problems(data)
+    bad += cells.problems(data["cells"])
     if bad:
         log(f"rows not ok: {', '.join(bad)}")
     return 1 if bad else 0

@@ -62,10 +62,10 @@ EPS = 1e-5
 
 def input_side(x: Tensor, p: dict, fold_hidden_bias: bool) -> Tensor:
     """``LN(W_ih x_t; gain_ih) + b_ih (+ b_hh)`` for every step at once: ``(T, B, G*H)``."""
-    a = F.layer_norm(F.linear(x, p["weight_ih"]), (p["weight_ih"].shape[0],), p["gain_ih"], None, EPS)
-    if p.get("bias_ih") is not None:
-        a = a + (p["bias_ih"] + p["bias_hh"] if fold_hidden_bias else p["bias_ih"])
-    return a
+    bias = p.get("bias_ih")
+    if bias is not None and fold_hidden_bias:
+        bias = bias + p["bias_hh"]
+    return F.layer_norm(F.linear(x, p["weight_ih"]), (p["weight_ih"].shape[0],), p["gain_ih"], bias, EPS)  # LN's shift: one pass
 
 
 # ----------------------------------------------------------------------------- reference loops
@@ -107,23 +107,31 @@ def gru_reference_direction(ax, h0, p, lengths, reverse, mask, zoneout_p, grad_c
 
 
 # ------------------------------------------------------------------- hand-written backward path
-def _norm(v: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``LN(v; weight, bias)`` over the last axis, with the row means and ``rstd`` ``(.., 1)`` the
-    backward takes (``torch.native_layer_norm``: one fused pass)."""
-    return torch.native_layer_norm(v, (v.shape[-1],), weight, bias, EPS)
+#: Elements of one ``(steps, B, G*H)`` buffer of a time chunk (2 MiB in float32). The hand-written
+#: path walks time in chunks of this size: the input-side GEMM and norm run per chunk (their
+#: output still in cache when the steps read it), the weight gradients are summed chunk by chunk,
+#: and no buffer of the whole sequence is allocated. Measured here (glibc, 2026-12-01): a 16 MiB
+#: tensor allocated on every call page-faults each time (4096 faults, tens of ms per training
+#: step), while 2 MiB blocks are reused from the heap without a fault.
+CHUNK_ELEMENTS = 1 << 19
 
 
-def _norm_grad(d_out: Tensor, v: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Gradient reaching ``v`` through ``LN(v; weight)`` given ``dL/dLN`` (the fused backward)."""
-    return torch.ops.aten.native_layer_norm_backward(d_out, v, (v.shape[-1],), mean, rstd, weight, None, [True, False, False])[0]
-
-
-def _clamp(g: Tensor, grad_clip: float | None) -> Tensor:
-    return g if grad_clip is None else g.clamp(-grad_clip, grad_clip)
+def _chunks(steps: int, batch: int, width: int, reverse: bool) -> list[tuple[int, int]]:
+    """``[lo, hi)`` time chunks covering ``range(steps)`` in walk order."""
+    size = max(1, CHUNK_ELEMENTS // max(1, batch * width))
+    chunks = [(lo, min(lo + size, steps)) for lo in range(0, steps, size)]
+    return chunks[::-1] if reverse else chunks
 
 
 def _walk(steps: int, reverse: bool):
     return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
+def _slots(step: int, reverse: bool) -> tuple[int, int]:
+    """Where step ``step`` of a chunk reads its state and writes the new one in the chunk's
+    ``(steps+1, B, H)`` state buffer: walking forward slot ``k`` holds the state entering step
+    ``k``; walking back slot ``k+1`` does. Either way the slots before the steps are contiguous."""
+    return (step + 1, step) if reverse else (step, step + 1)
 
 
 def _valid(lengths: Tensor | None, steps: int, like: Tensor) -> Tensor | None:
@@ -138,223 +146,378 @@ def _keep(mask: Tensor | None, zoneout_p: float, t: int):
     return mask[t] if mask is not None else zoneout_p
 
 
+def _tanh_by_sigmoid_(v: Tensor) -> Tensor:
+    """``2 v - 1`` in place: with ``v = sigmoid(2x)`` this is ``tanh(x)``. ATen's CPU ``tanh``
+    costs about seven ``sigmoid``\\ s per element (measured here); the doubling is exact, so the
+    two differ only in rounding."""
+    return v.mul_(2).sub_(1)
+
+
+def _total(per_step: list[Tensor]) -> Tensor:
+    """The sum of per-step (or per-chunk) gradients of one parameter."""
+    return torch.stack(per_step).sum(0)
+
+
+class _Chunk:
+    """What the forward of one time chunk ``[lo, hi)`` keeps for the backward: the input-side
+    product ``z (n*B, G*H)`` and its norm's statistics, the states ``hs``/``cs`` ``(n+1, B, H)``
+    (see :func:`_slots`), the step outputs ``y (n, B, H)`` and the cell's per-step tensors."""
+
+    def __init__(self, lo: int, hi: int, z: Tensor, x_stats: tuple[Tensor, Tensor], hs: Tensor):
+        self.lo, self.hi, self.z, self.x_stats, self.hs = lo, hi, z, x_stats, hs
+
+
+def _input_chunk(x: Tensor, lo: int, hi: int, w_ih: Tensor, gain_ih: Tensor, bias: Tensor | None):
+    """``LN(W_ih x_t; gain_ih, bias)`` of the steps ``[lo, hi)``: ``(a (n, B, G*H), z, mean, rstd)``."""
+    z = torch.mm(x[lo:hi].reshape((hi - lo) * x.shape[1], x.shape[2]), w_ih.T)
+    a, mean, rstd = torch.native_layer_norm(z, (z.shape[1],), gain_ih, bias, EPS)
+    return a.view(hi - lo, x.shape[1], -1), z, mean, rstd
+
+
+def _input_chunk_backward(d_a: Tensor, chunk: _Chunk, x: Tensor, w_ih: Tensor, gain_ih: Tensor, bias: Tensor | None,
+                          grads: dict) -> None:
+    """Back through :func:`_input_chunk`: adds into ``grads`` (``w_ih``, lists ``gain_ih``/``bias``,
+    ``x`` when it is wanted)."""
+    width = chunk.z.shape[1]
+    d_z, d_gain, d_bias = torch.ops.aten.native_layer_norm_backward(
+        d_a.view(-1, width), chunk.z, (width,), *chunk.x_stats, gain_ih, bias, [True, True, bias is not None])
+    grads["gain_ih"].append(d_gain)
+    if bias is not None:
+        grads["bias"].append(d_bias)
+    grads["w_ih"].addmm_(d_z.T, x[chunk.lo:chunk.hi].reshape(d_z.shape[0], x.shape[2]))
+    if grads["x"] is not None:
+        torch.mm(d_z, w_ih, out=grads["x"][chunk.lo:chunk.hi].view(d_z.shape[0], x.shape[2]))
+
+
+def _input_grads(x: Tensor, w_ih: Tensor, wants_x: bool) -> dict:
+    return {"x": x.new_empty(x.shape) if wants_x else None, "w_ih": torch.zeros_like(w_ih), "gain_ih": [], "bias": []}
+
+
+def _outputs(chunks: list[_Chunk], reverse: bool) -> Tensor:
+    """The step outputs of every chunk, in time order: ``(T, B, H)``."""
+    return torch.cat([chunk.y for chunk in (chunks[::-1] if reverse else chunks)])
+
+
+def _lstm_chunk_slopes(ch: _Chunk, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """What the LSTM backward of a chunk needs per step that does not depend on the incoming
+    gradient, computed for the whole chunk at once: ``d gates / d c_t`` for ``i, f, g`` and
+    ``d gates / d h_t`` for ``o`` (``(n, B, 4H)``: ``i' g``, ``f' c_{t-1}``, ``g' i``, ``o' tanh(LN c_t)``
+    with ``s' = s (1 - s)`` and ``g' = 1 - g^2 = 4 s_g (1 - s_g)``), ``d LN(c_t) / d h_t = o (1 -
+    tanh^2)`` ``(n, B, H)``, and ``f`` (a view)."""
+    s_i, s_f, s_g, s_o = ch.gates.split(ch.sig_c.shape[-1], dim=2)
+    slope = ch.gates - ch.gates * ch.gates
+    tanh_c = ch.sig_c * 2 - 1
+    d_c_norm_dh = torch.addcmul(s_o, s_o * tanh_c, tanh_c, value=-1)
+    i_slope, f_slope, g_slope, o_slope = slope.split(ch.sig_c.shape[-1], dim=2)
+    i_slope.mul_(s_g * 2 - 1)
+    f_slope.mul_(ch.cs[1:] if reverse else ch.cs[:-1])
+    g_slope.mul_(s_i).mul_(4)
+    o_slope.mul_(tanh_c)
+    return slope, d_c_norm_dh, s_f
+
+
 class LayerNormLSTMFunction(torch.autograd.Function):
-    """One direction of a LayerNormLSTM layer: ``(ax (T,B,4H), w_hh, gain_hh, gain_cell, bias_cell,
-    h0, c0) -> (y (T,B,H), h_n, c_n)`` with a hand-written backward through time."""
+    """One direction of a LayerNormLSTM layer, input side included: ``(x (T,B,I), w_ih, gain_ih,
+    bias (4H,) = b_ih + b_hh or None, w_hh, gain_hh, gain_cell, bias_cell, h0, c0) -> (y (T,B,H),
+    h_n, c_n)`` with a hand-written backward through time.
+
+    Time runs in chunks (:data:`CHUNK_ELEMENTS`). Per step the forward is one GEMM and ten
+    elementwise ops: the ``g`` gate's ``tanh`` and the cell's are ``2 sigmoid(2x) - 1`` (the
+    factor 2 folded into the gains, so one ``sigmoid`` covers the four gates), the states are
+    written straight into the chunk's state buffers, and the norms' statistics are kept for the
+    backward. The backward is one GEMM and about sixteen ops per step; the weight, gain and bias
+    gradients are summed per chunk (one GEMM each) and over the chunks."""
 
     @staticmethod
-    def forward(ctx, ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, reverse, mask, zoneout_p, grad_clip, flow_record):
-        steps, hidden = ax.shape[0], h0.shape[-1]
-        valid = _valid(lengths, steps, ax)
-        h, c = h0, c0
-        y = ax.new_empty(ax.shape[0], ax.shape[1], hidden)  # every step writes its output
-        saved = {k: ax.new_empty((steps, ax.shape[1], n)) for k, n in
-                 (("h_prev", hidden), ("c_prev", hidden), ("r", 4 * hidden), ("r_mean", 1), ("r_rstd", 1),
-                  ("gates", 4 * hidden), ("c", hidden), ("c_mean", 1), ("c_rstd", 1), ("tanh_c", hidden))}
-        for t in _walk(steps, reverse):
-            r = torch.mm(h, w_hh.T, out=saved["r"][t])
-            r_norm, saved["r_mean"][t], saved["r_rstd"][t] = _norm(r, gain_hh)
-            gates = saved["gates"][t]
-            torch.add(ax[t], r_norm, out=gates)
-            torch.sigmoid(gates[:, :2 * hidden], out=gates[:, :2 * hidden])
-            torch.tanh(gates[:, 2 * hidden:3 * hidden], out=gates[:, 2 * hidden:3 * hidden])
-            torch.sigmoid(gates[:, 3 * hidden:], out=gates[:, 3 * hidden:])
-            i, f, g, o = gates.chunk(4, dim=-1)
-            saved["h_prev"][t], saved["c_prev"][t] = h, c
-            c_new = torch.addcmul(f * c, i, g, out=saved["c"][t])
-            c_norm, saved["c_mean"][t], saved["c_rstd"][t] = _norm(c_new, gain_c, bias_c)
-            tanh_c = torch.tanh(c_norm, out=saved["tanh_c"][t])
-            h_new = o * tanh_c
-            keep = _keep(mask, zoneout_p, t)
-            if zoneout_p:
-                h_new, c_new = keep * h + (1 - keep) * h_new, keep * c + (1 - keep) * c_new
-            if valid is None:
-                h, c, y[t] = h_new, c_new, h_new
-            else:
-                h, c = torch.where(valid[t], h_new, h), torch.where(valid[t], c_new, c)
-                y[t] = torch.where(valid[t], h_new, 0.0)
-        ctx.save_for_backward(w_hh, gain_hh, gain_c, lengths, mask, *saved.values())
+    def forward(ctx, x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, reverse, mask, zoneout_p,
+                grad_clip, flow_record):
+        steps, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
+        valid = _valid(lengths, steps, x)
+        plain = valid is None and not zoneout_p  # every new state is the step's output: written in place
+        scale = torch.ones_like(gain_hh)
+        scale[2 * hidden:3 * hidden] = 2  # the g gate's pre-activation doubled: sigmoid(2x) gives tanh(x)
+        gain_hh_2, gain_c_2, bias_c_2 = gain_hh * scale, 2 * gain_c, 2 * bias_c
+        h, c, chunks = h0, c0, []
+        for lo, hi in _chunks(steps, batch, 4 * hidden, reverse):
+            n = hi - lo
+            ax, z, x_mean, x_rstd = _input_chunk(x, lo, hi, w_ih, gain_ih, bias)
+            ch = _Chunk(lo, hi, z, (x_mean, x_rstd), x.new_empty(n + 1, batch, hidden))
+            hs, cs = ch.hs, x.new_empty(n + 1, batch, hidden)
+            r = x.new_empty(n, batch, 4 * hidden)  # W_hh h_{t-1}
+            gates = x.new_empty(n, batch, 4 * hidden)  # sigmoid of i, f, 2 g, o: g's tanh is 2 sigmoid(2x) - 1
+            sig_c = x.new_empty(n, batch, hidden)  # sigmoid(2 LN(c_t)): tanh(LN(c_t)) = 2 sig_c - 1
+            cell = (cs[:-1] if reverse else cs[1:]) if plain else x.new_empty(n, batch, hidden)  # c_t before zoneout
+            y = (hs[:-1] if reverse else hs[1:]) if valid is None else x.new_empty(n, batch, hidden)
+            stats_r, stats_c = [None] * n, [None] * n
+            hs[n if reverse else 0], cs[n if reverse else 0] = h, c
+            for k in _walk(n, reverse):
+                prev, nxt = _slots(k, reverse)
+                h, c = hs[prev], cs[prev]
+                torch.mm(h, w_hh.T, out=r[k])
+                r_norm, r_mean, r_rstd = torch.native_layer_norm(r[k], (4 * hidden,), gain_hh_2, None, EPS)
+                stats_r[k] = r_mean, r_rstd
+                gate = torch.addcmul(r_norm, ax[k], scale, out=gates[k]).sigmoid_()
+                i, f, s_g, o = gate.split(hidden, dim=1)
+                c_new = torch.mul(f, c, out=cell[k]).addcmul_(i, s_g, value=2).sub_(i)  # f c + i (2 s_g - 1)
+                c_norm, c_mean, c_rstd = torch.native_layer_norm(c_new, (hidden,), gain_c_2, bias_c_2, EPS)
+                stats_c[k] = c_mean, c_rstd
+                s_c = torch.sigmoid(c_norm, out=sig_c[k])
+                h_new = torch.mul(o, s_c, out=hs[nxt] if plain else None).mul_(2).sub_(o)  # o (2 s_c - 1)
+                if plain:
+                    continue
+                if zoneout_p:
+                    keep = _keep(mask, zoneout_p, lo + k)
+                    h_new, c_new = keep * h + (1 - keep) * h_new, keep * c + (1 - keep) * c_new
+                if valid is None:
+                    hs[nxt], cs[nxt] = h_new, c_new
+                else:
+                    v = valid[lo + k]
+                    torch.where(v, h_new, h, out=hs[nxt])
+                    torch.where(v, c_new, c, out=cs[nxt])
+                    y[k] = torch.where(v, h_new, 0.0)
+            h, c = hs[0 if reverse else n], cs[0 if reverse else n]
+            ch.cs, ch.r, ch.gates, ch.sig_c, ch.cell, ch.y, ch.stats_r, ch.stats_c = cs, r, gates, sig_c, cell, y, stats_r, stats_c
+            chunks.append(ch)
+        ctx.save_for_backward(x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, mask)
+        ctx.chunks, ctx.lengths = chunks, lengths
         ctx.options = (reverse, zoneout_p, grad_clip, flow_record)
-        return y, h, c.clone()  # c may be a view of the saved cell states: hand out a tensor of its own
+        return _outputs(chunks, reverse), h.clone(), c.clone()  # the final states as tensors of their own
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
-        w_hh, gain_hh, gain_c, lengths, mask, h_prev, c_prev, r, r_mean, r_rstd, gates, c, c_mean, c_rstd, tanh_c = ctx.saved_tensors
+        x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, mask = ctx.saved_tensors
         reverse, zoneout_p, grad_clip, flow_record = ctx.options
-        steps = dy.shape[0]
-        valid = _valid(lengths, steps, dy)
-        dh, dc = dh_n.clone(), dc_n.clone()
-        hidden = dh.shape[-1]
-        d_pre = torch.empty_like(gates)  # per step: the gate pre-activation gradient
-        d_r_all = torch.empty_like(gates)  # per step: the gradient of W_hh h_{t-1}
-        d_gain_hh = torch.zeros_like(gain_hh)
-        d_gain_c = torch.zeros_like(gain_c)
-        d_bias_c = torch.zeros_like(gain_c)
-        slots = [slice(k * hidden, (k + 1) * hidden) for k in range(4)]
-        for t in _walk(steps, not reverse):
-            v = None if valid is None else valid[t]
-            d_state_h = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
-            d_state_c = dc if v is None else torch.where(v, dc, 0.0)
-            if flow_record is not None:
-                flow_record[t] = d_state_h.double().norm().to(flow_record.dtype)
-            keep = _keep(mask, zoneout_p, t)
-            d_h_new, d_c_zoned = (d_state_h * (1 - keep), d_state_c * (1 - keep)) if zoneout_p else (d_state_h, d_state_c)
-            i, f, g, o = gates[t].chunk(4, dim=-1)
-            tanh_ct = tanh_c[t]
-            d_cn = d_h_new * o * (1 - tanh_ct * tanh_ct)
-            d_c, dg_c, db_c = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
-                d_cn, c[t], (hidden,), c_mean[t], c_rstd[t], gain_c, gain_c, [True, True, True])  # one exists
-            d_gain_c += dg_c
-            d_bias_c += db_c
-            d_c_new = d_c_zoned + d_c
-            d_gates = d_pre[t]  # the gate gradients, written in place: (i, f, g, o)
-            torch.mul(d_c_new * g, i * (1 - i), out=d_gates[:, slots[0]])
-            torch.mul(d_c_new * c_prev[t], f * (1 - f), out=d_gates[:, slots[1]])
-            torch.mul(d_c_new * i, 1 - g * g, out=d_gates[:, slots[2]])
-            torch.mul(d_h_new * tanh_ct, o * (1 - o), out=d_gates[:, slots[3]])
-            if grad_clip is not None:
-                d_gates.clamp_(-grad_clip, grad_clip)
-            d_r, dg_hh, _ = torch.ops.aten.native_layer_norm_backward(
-                d_gates, r[t], (4 * hidden,), r_mean[t], r_rstd[t], gain_hh, None, [True, True, False])
-            d_gain_hh += dg_hh
-            d_r_all[t] = d_r
-            dh_prev = d_r @ w_hh
-            dc_prev = d_c_new * f
-            if zoneout_p:
-                dh_prev, dc_prev = dh_prev + d_state_h * keep, dc_prev + d_state_c * keep
-            if v is None:
-                dh, dc = dh_prev, dc_prev
-            else:
-                dh, dc = torch.where(v, dh_prev, dh), torch.where(v, dc_prev, dc)
-        d_w_hh = _weight_grad(d_r_all, h_prev)
-        return (d_pre, d_w_hh, d_gain_hh, d_gain_c, d_bias_c, dh, dc, None, None, None, None, None, None)
+        steps, hidden = dy.shape[0], dh_n.shape[-1]
+        valid = _valid(ctx.lengths, steps, dy)
+        dh, dc = dh_n, dc_n
+        grads = _input_grads(x, w_ih, ctx.needs_input_grad[0])
+        d_w_hh, d_gain_hh, d_gain_c, d_bias_c = torch.zeros_like(w_hh), [], [], []
+        for ch in reversed(ctx.chunks):
+            n, batch = ch.hi - ch.lo, dy.shape[1]
+            slope, d_c_norm_dh, f = _lstm_chunk_slopes(ch, reverse)
+            d_pre = x.new_empty(n, batch, 4 * hidden)  # the gate pre-activation gradient (what reaches ax)
+            d_r_all = torch.empty_like(d_pre)  # the gradient of W_hh h_{t-1}
+            for k in _walk(n, not reverse):
+                t = ch.lo + k
+                v = None if valid is None else valid[t]
+                d_state_h = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
+                d_state_c = dc if v is None else torch.where(v, dc, 0.0)
+                if flow_record is not None:
+                    flow_record[t] = d_state_h.double().norm().to(flow_record.dtype)
+                keep = _keep(mask, zoneout_p, t)
+                d_h_new, d_c_zoned = (d_state_h * (1 - keep), d_state_c * (1 - keep)) if zoneout_p else (d_state_h, d_state_c)
+                d_c, dg_c, db_c = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
+                    d_c_norm_dh[k] * d_h_new, ch.cell[k], (hidden,), *ch.stats_c[k], gain_c, gain_c, [True, True, True])  # one exists
+                d_gain_c.append(dg_c)
+                d_bias_c.append(db_c)
+                d_c_new = d_c.add_(d_c_zoned)
+                d_gates = d_pre[k]
+                torch.mul(slope[k, :, :3 * hidden].view(batch, 3, hidden), d_c_new[:, None],  # i, f, g: through c_t
+                          out=d_gates[:, :3 * hidden].view(batch, 3, hidden))
+                torch.mul(slope[k, :, 3 * hidden:], d_h_new, out=d_gates[:, 3 * hidden:])  # o: through h_t
+                if grad_clip is not None:
+                    d_gates.clamp_(-grad_clip, grad_clip)
+                d_r, dg_hh, _ = torch.ops.aten.native_layer_norm_backward(
+                    d_gates, ch.r[k], (4 * hidden,), *ch.stats_r[k], gain_hh, None, [True, True, False])
+                d_gain_hh.append(dg_hh)
+                d_r_all[k] = d_r
+                dh_prev = torch.mm(d_r, w_hh)
+                dc_prev = d_c_new * f[k]
+                if zoneout_p:
+                    dh_prev, dc_prev = dh_prev + d_state_h * keep, dc_prev + d_state_c * keep
+                if v is None:
+                    dh, dc = dh_prev, dc_prev
+                else:
+                    dh, dc = torch.where(v, dh_prev, dh), torch.where(v, dc_prev, dc)
+            h_prev = ch.hs[1:] if reverse else ch.hs[:-1]
+            d_w_hh.addmm_(d_r_all.view(-1, 4 * hidden).T, h_prev.reshape(-1, hidden))
+            _input_chunk_backward(d_pre, ch, x, w_ih, gain_ih, bias, grads)
+        return (grads["x"], grads["w_ih"], _total(grads["gain_ih"]), None if bias is None else _total(grads["bias"]), d_w_hh,
+                _total(d_gain_hh), _total(d_gain_c), _total(d_bias_c), dh, dc, None, None, None, None, None, None)
 
 
-def _weight_grad(d_r: Tensor, h_prev: Tensor) -> Tensor:
-    """``dW_hh = sum_{t,b} d_r^T h_prev``: one GEMM over all T*B rows."""
-    return d_r.reshape(-1, d_r.shape[-1]).T @ h_prev.reshape(-1, h_prev.shape[-1])
+def _gru_chunk_slopes(ch: _Chunk, reverse: bool) -> Tensor:
+    """The GRU backward's per-step factors that do not depend on the incoming gradient, for the
+    whole chunk at once, ``(n, B, 3H)``: ``r (1 - r)``, ``(h_{t-1} - n) z (1 - z)`` and ``1 - n^2``."""
+    hidden = ch.hs.shape[-1]
+    square = ch.gates * ch.gates
+    slope = ch.gates - square
+    slope[..., 2 * hidden:] = 1 - square[..., 2 * hidden:]
+    slope[..., hidden:2 * hidden].mul_((ch.hs[1:] if reverse else ch.hs[:-1]) - ch.gates[..., 2 * hidden:])
+    return slope
 
 
 class LayerNormGRUFunction(torch.autograd.Function):
-    """One direction of a LayerNormGRU layer: ``(ax (T,B,3H), w_hh, gain_hh, b_hh, h0) -> (y (T,B,H), h_n)``
-    with a hand-written backward through time."""
+    """One direction of a LayerNormGRU layer, input side included: ``(x (T,B,I), w_ih, gain_ih, b_ih
+    (3H,) or None, w_hh, gain_hh, b_hh (3H,), h0) -> (y (T,B,H), h_n)`` with a hand-written backward
+    through time, in time chunks as :class:`LayerNormLSTMFunction`. Per step the forward is one GEMM
+    and eight ops (``n``'s ``tanh`` as ``2 sigmoid(2x) - 1``, the 2 folded into the input norm's
+    gain and shift for ``n``; ``h = lerp(n, h_{t-1}, z)``), the backward one GEMM and about fifteen."""
 
     @staticmethod
-    def forward(ctx, ax, w_hh, gain_hh, b_hh, h0, lengths, reverse, mask, zoneout_p, grad_clip, flow_record):
-        steps, batch, hidden = ax.shape[0], ax.shape[1], h0.shape[-1]
-        valid = _valid(lengths, steps, ax)
-        h = h0
-        y = ax.new_empty(steps, batch, hidden)  # every step writes its output
-        saved = {k: ax.new_empty((steps, batch, n)) for k, n in
-                 (("h_prev", hidden), ("rec", 3 * hidden), ("r_mean", 1), ("r_rstd", 1), ("gates", 3 * hidden), ("b_n", hidden))}
-        for t in _walk(steps, reverse):
-            rec = torch.mm(h, w_hh.T, out=saved["rec"][t])
-            b, saved["r_mean"][t], saved["r_rstd"][t] = _norm(rec, gain_hh, b_hh)
-            b_r, b_z, b_n = b.chunk(3, dim=-1)
-            a_r, a_z, a_n = ax[t].chunk(3, dim=-1)
-            r, z = torch.sigmoid(a_r + b_r), torch.sigmoid(a_z + b_z)
-            n = torch.tanh(a_n + r * b_n)
-            h_new = (1 - z) * n + z * h
-            if zoneout_p:
-                keep = _keep(mask, zoneout_p, t)
-                h_new = keep * h + (1 - keep) * h_new
-            saved["h_prev"][t], saved["b_n"][t] = h, b_n
-            saved["gates"][t] = torch.cat([r, z, n], dim=-1)
-            if valid is None:
-                h, y[t] = h_new, h_new
-            else:
-                h = torch.where(valid[t], h_new, h)
-                y[t] = torch.where(valid[t], h_new, 0.0)
-        ctx.save_for_backward(w_hh, gain_hh, lengths, mask, *saved.values())
+    def forward(ctx, x, w_ih, gain_ih, b_ih, w_hh, gain_hh, b_hh, h0, lengths, reverse, mask, zoneout_p, grad_clip, flow_record):
+        steps, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
+        valid = _valid(lengths, steps, x)
+        plain = valid is None and not zoneout_p
+        scale = torch.ones_like(gain_ih)
+        scale[2 * hidden:] = 2  # a_n doubled: sigmoid(2 (a_n + r b_n)) gives n's tanh
+        gain_ih_2, b_ih_2 = gain_ih * scale, None if b_ih is None else b_ih * scale
+        h, chunks = h0, []
+        for lo, hi in _chunks(steps, batch, 3 * hidden, reverse):
+            n = hi - lo
+            ax, z, x_mean, x_rstd = _input_chunk(x, lo, hi, w_ih, gain_ih_2, b_ih_2)
+            ch = _Chunk(lo, hi, z, (x_mean, x_rstd), x.new_empty(n + 1, batch, hidden))
+            hs = ch.hs
+            rec = x.new_empty(n, batch, 3 * hidden)  # W_hh h_{t-1}
+            gates = x.new_empty(n, batch, 3 * hidden)  # r, z, n after their activations
+            y = (hs[:-1] if reverse else hs[1:]) if valid is None else x.new_empty(n, batch, hidden)
+            stats, b_n = [None] * n, [None] * n
+            hs[n if reverse else 0] = h
+            for k in _walk(n, reverse):
+                prev, nxt = _slots(k, reverse)
+                h = hs[prev]
+                torch.mm(h, w_hh.T, out=rec[k])
+                b, r_mean, r_rstd = torch.native_layer_norm(rec[k], (3 * hidden,), gain_hh, b_hh, EPS)
+                stats[k], b_n[k] = (r_mean, r_rstd), b[:, 2 * hidden:]
+                gate = gates[k]
+                torch.add(ax[k, :, :2 * hidden], b[:, :2 * hidden], out=gate[:, :2 * hidden]).sigmoid_()
+                r, zg, ng = gate.split(hidden, dim=1)
+                _tanh_by_sigmoid_(torch.addcmul(ax[k, :, 2 * hidden:], r, b_n[k], value=2, out=ng).sigmoid_())
+                if plain:
+                    torch.lerp(ng, h, zg, out=hs[nxt])  # (1 - z) n + z h
+                    continue
+                h_new = torch.lerp(ng, h, zg)
+                if zoneout_p:
+                    keep = _keep(mask, zoneout_p, lo + k)
+                    h_new = keep * h + (1 - keep) * h_new
+                if valid is None:
+                    hs[nxt] = h_new
+                else:
+                    v = valid[lo + k]
+                    torch.where(v, h_new, h, out=hs[nxt])
+                    y[k] = torch.where(v, h_new, 0.0)
+            h = hs[0 if reverse else n]
+            ch.rec, ch.gates, ch.y, ch.stats, ch.b_n = rec, gates, y, stats, b_n
+            chunks.append(ch)
+        ctx.save_for_backward(x, w_ih, gain_ih, b_ih, w_hh, gain_hh, mask)
+        ctx.chunks, ctx.lengths = chunks, lengths
         ctx.options = (reverse, zoneout_p, grad_clip, flow_record)
-        return y, h
+        return _outputs(chunks, reverse), h.clone()
 
     @staticmethod
     def backward(ctx, dy, dh_n):
-        w_hh, gain_hh, lengths, mask, h_prev, rec, r_mean, r_rstd, gates, b_n = ctx.saved_tensors
+        x, w_ih, gain_ih, b_ih, w_hh, gain_hh, mask = ctx.saved_tensors
         reverse, zoneout_p, grad_clip, flow_record = ctx.options
-        steps = dy.shape[0]
-        valid = _valid(lengths, steps, dy)
-        dh = dh_n.clone()
-        hidden = dh.shape[-1]
-        d_ax = torch.empty_like(gates)  # per step: the gradient of the input side a_t, (r, z, n)
-        d_r_all = torch.empty_like(gates)  # per step: the gradient of W_hh h_{t-1}
-        d_gain_hh = torch.zeros_like(gain_hh)
-        d_b_hh = torch.zeros_like(gain_hh)
-        r_slot, z_slot, n_slot = (slice(k * hidden, (k + 1) * hidden) for k in range(3))
-        d_b = torch.empty_like(gates[0])  # the gradient reaching b_t = LN(W_hh h; gain_hh) + b_hh
-        for t in _walk(steps, not reverse):
-            v = None if valid is None else valid[t]
-            d_state = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
-            if flow_record is not None:
-                flow_record[t] = d_state.double().norm().to(flow_record.dtype)
-            keep = _keep(mask, zoneout_p, t)
-            d_h_new = d_state * (1 - keep) if zoneout_p else d_state
-            r, z, n = gates[t].chunk(3, dim=-1)
-            d_a = d_ax[t]
-            d_n_pre, d_z_pre, d_r_pre = d_a[:, n_slot], d_a[:, z_slot], d_a[:, r_slot]
-            torch.mul(d_h_new * (1 - z), 1 - n * n, out=d_n_pre)
-            torch.mul(d_h_new * (h_prev[t] - n), z * (1 - z), out=d_z_pre)
-            if grad_clip is not None:
-                d_n_pre.clamp_(-grad_clip, grad_clip)
-                d_z_pre.clamp_(-grad_clip, grad_clip)
-            torch.mul(d_n_pre * b_n[t], r * (1 - r), out=d_r_pre)
-            if grad_clip is not None:
-                d_r_pre.clamp_(-grad_clip, grad_clip)
-            d_b[:, r_slot], d_b[:, z_slot] = d_r_pre, d_z_pre
-            torch.mul(d_n_pre, r, out=d_b[:, n_slot])
-            d_r, dg, db = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
-                d_b, rec[t], (3 * hidden,), r_mean[t], r_rstd[t], gain_hh, gain_hh, [True, True, True])  # one exists
-            d_gain_hh += dg
-            d_b_hh += db
-            d_r_all[t] = d_r
-            dh_prev = torch.addmm(d_h_new * z, d_r, w_hh)
-            if zoneout_p:
-                dh_prev = dh_prev + d_state * keep
-            dh = dh_prev if v is None else torch.where(v, dh_prev, dh)
-        return (d_ax, _weight_grad(d_r_all, h_prev), d_gain_hh, d_b_hh, dh, None, None, None, None, None, None)
+        steps, hidden = dy.shape[0], dh_n.shape[-1]
+        valid = _valid(ctx.lengths, steps, dy)
+        dh = dh_n
+        grads = _input_grads(x, w_ih, ctx.needs_input_grad[0])
+        d_w_hh, d_gain_hh, d_b_hh = torch.zeros_like(w_hh), [], []
+        for ch in reversed(ctx.chunks):
+            n = ch.hi - ch.lo
+            r_all, z_all, _ = ch.gates.split(hidden, dim=2)
+            slope = _gru_chunk_slopes(ch, reverse)
+            d_ax = x.new_empty(n, dy.shape[1], 3 * hidden)  # the gradient of the input side a_t, (r, z, n)
+            d_r_all = torch.empty_like(d_ax)  # the gradient of W_hh h_{t-1}
+            for k in _walk(n, not reverse):
+                t = ch.lo + k
+                v = None if valid is None else valid[t]
+                d_state = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
+                if flow_record is not None:
+                    flow_record[t] = d_state.double().norm().to(flow_record.dtype)
+                keep = _keep(mask, zoneout_p, t)
+                d_h_new = d_state * (1 - keep) if zoneout_p else d_state
+                d_a = d_ax[k]
+                d_r_pre, d_z_pre, d_n_pre = d_a.split(hidden, dim=1)
+                d_through_z = d_h_new * z_all[k]  # what reaches h_{t-1} directly
+                torch.sub(d_h_new, d_through_z, out=d_n_pre)  # (1 - z) dh, then n's slope
+                torch.mul(slope[k, :, hidden:2 * hidden], d_h_new, out=d_z_pre)
+                d_n_pre.mul_(slope[k, :, 2 * hidden:])
+                if grad_clip is not None:
+                    d_a[:, hidden:].clamp_(-grad_clip, grad_clip)
+                torch.mul(d_n_pre, ch.b_n[k], out=d_r_pre).mul_(slope[k, :, :hidden])
+                if grad_clip is not None:
+                    d_r_pre.clamp_(-grad_clip, grad_clip)
+                d_b = d_a.clone()  # the gradient reaching b_t = LN(W_hh h; gain_hh) + b_hh: (d_r, d_z, r d_n)
+                d_b[:, 2 * hidden:].mul_(r_all[k])
+                d_r, dg, db = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
+                    d_b, ch.rec[k], (3 * hidden,), *ch.stats[k], gain_hh, gain_hh, [True, True, True])  # one exists
+                d_gain_hh.append(dg)
+                d_b_hh.append(db)
+                d_r_all[k] = d_r
+                dh_prev = torch.addmm(d_through_z, d_r, w_hh)
+                if zoneout_p:
+                    dh_prev = dh_prev + d_state * keep
+                dh = dh_prev if v is None else torch.where(v, dh_prev, dh)
+            h_prev = ch.hs[1:] if reverse else ch.hs[:-1]
+            d_w_hh.addmm_(d_r_all.view(-1, 3 * hidden).T, h_prev.reshape(-1, hidden))
+            _input_chunk_backward(d_ax, ch, x, w_ih, gain_ih, b_ih, grads)
+        return (grads["x"], grads["w_ih"], _total(grads["gain_ih"]), None if b_ih is None else _total(grads["bias"]), d_w_hh,
+                _total(d_gain_hh), _total(d_b_hh), dh, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------ layers
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _widened(x, h0, c0, params, zoneout_mask):
+    """``x``, ``h0``, ``c0``, the parameters and the zoneout mask in float32 (differentiably): the
+    hand-written loop keeps fp16/bf16 layers' states and sums in float32, as the kernels do."""
+    def wide(t):
+        return None if t is None else t.float()
+
+    return wide(x), wide(h0), wide(c0), [{k: wide(v) for k, v in p.items()} for p in params], wide(zoneout_mask)
+
+
 def layer_norm_lstm_layer(x, h0, c0, params, lengths, zoneout_mask, zoneout_p, grad_clip, flow_record, fast: bool):
     """One LayerNormLSTM layer, every direction: ``x (T, B, I)``, ``h0``/``c0`` ``(D, B, H)``,
-    ``zoneout_mask (T, B, D*H)`` or None. Returns ``y (T, B, D*H)``, ``h_n``, ``c_n`` ``(D, B, H)``."""
+    ``zoneout_mask (T, B, D*H)`` or None. Returns ``y (T, B, D*H)``, ``h_n``, ``c_n`` ``(D, B, H)``.
+    The hand-written path computes fp16/bf16 layers in float32 (:func:`_widened`)."""
+    if fast and x.dtype in HALF_DTYPES:
+        x_, h0_, c0_, params_, mask_ = _widened(x, h0, c0, params, zoneout_mask)
+        y, h, c = layer_norm_lstm_layer(x_, h0_, c0_, params_, lengths, mask_, zoneout_p, grad_clip, flow_record, fast=True)
+        return y.to(x.dtype), h.to(x.dtype), c.to(x.dtype)
     hidden = h0.shape[-1]
     ys, hs, cs = [], [], []
     for d, p in enumerate(params):
-        ax = input_side(x, p, fold_hidden_bias=True)
         mask = None if zoneout_mask is None else zoneout_mask[..., d * hidden:(d + 1) * hidden]
         record = None if flow_record is None else flow_record[d]
         if fast:
-            y, h, c = LayerNormLSTMFunction.apply(ax, p["weight_hh"], p["gain_hh"], p["gain_cell"], p["bias_cell"], h0[d], c0[d],
-                                                  lengths, d == 1, mask, zoneout_p, grad_clip, record)
+            bias = None if p.get("bias_ih") is None else p["bias_ih"] + p["bias_hh"]
+            y, h, c = LayerNormLSTMFunction.apply(x, p["weight_ih"], p["gain_ih"], bias, p["weight_hh"], p["gain_hh"], p["gain_cell"],
+                                                  p["bias_cell"], h0[d], c0[d], lengths, d == 1, mask, zoneout_p, grad_clip, record)
         else:
+            ax = input_side(x, p, fold_hidden_bias=True)
             y, h, c = lstm_reference_direction(ax, h0[d], c0[d], p, lengths, d == 1, mask, zoneout_p, grad_clip, record)
         ys.append(y)
         hs.append(h)
         cs.append(c)
-    return torch.cat(ys, dim=-1), torch.stack(hs), torch.stack(cs)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)), torch.stack(hs), torch.stack(cs)
 
 
 def layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, zoneout_p, grad_clip, flow_record, fast: bool):
     """One LayerNormGRU layer, every direction: as :func:`layer_norm_lstm_layer` without ``c``."""
+    if fast and x.dtype in HALF_DTYPES:
+        x_, h0_, _, params_, mask_ = _widened(x, h0, None, params, zoneout_mask)
+        y, h = layer_norm_gru_layer(x_, h0_, params_, lengths, mask_, zoneout_p, grad_clip, flow_record, fast=True)
+        return y.to(x.dtype), h.to(x.dtype)
     hidden = h0.shape[-1]
     ys, hs = [], []
     for d, p in enumerate(params):
-        ax = input_side(x, p, fold_hidden_bias=False)
         mask = None if zoneout_mask is None else zoneout_mask[..., d * hidden:(d + 1) * hidden]
         record = None if flow_record is None else flow_record[d]
         if fast:
             b_hh = p.get("bias_hh")
             if b_hh is None:
-                b_hh = ax.new_zeros(3 * hidden)
-            y, h = LayerNormGRUFunction.apply(ax, p["weight_hh"], p["gain_hh"], b_hh, h0[d], lengths, d == 1, mask, zoneout_p,
-                                              grad_clip, record)
+                b_hh = x.new_zeros(3 * hidden)
+            y, h = LayerNormGRUFunction.apply(x, p["weight_ih"], p["gain_ih"], p.get("bias_ih"), p["weight_hh"], p["gain_hh"], b_hh,
+                                              h0[d], lengths, d == 1, mask, zoneout_p, grad_clip, record)
         else:
+            ax = input_side(x, p, fold_hidden_bias=False)
             y, h, _ = gru_reference_direction(ax, h0[d], p, lengths, d == 1, mask, zoneout_p, grad_clip, record)
         ys.append(y)
         hs.append(h)
-    return torch.cat(ys, dim=-1), torch.stack(hs)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)), torch.stack(hs)
 
 
 # ----------------------------------------------------------------------------------- modules
