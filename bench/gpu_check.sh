@@ -115,7 +115,7 @@ if [ "$MODE" != "bench" ]; then
     for f in tests/test_persistent*.py tests/test_concurrent_grid.py; do  # the compile gate runs in CI, not here
         [ -e "$f" ] && [ "$f" != tests/test_persistent_compile.py ] && TESTS+=("$f")
     done
-    TESTS+=(tests/test_kernels_rnn.py tests/test_kernels_gru.py tests/test_kernels_lstm.py tests/test_gradient_control.py)
+    TESTS+=(tests/test_kernels_rnn.py tests/test_kernels_gru.py tests/test_kernels_lstm.py tests/test_gradient_control.py tests/test_regularized_kernels.py)
     [ "$MODE" = "check" ] || TESTS+=(tests/test_topologies.py)
     echo "pytest ${TESTS[*]}"
     timeout "$PYTEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -rfE "${TESTS[@]}"

@@ -8,7 +8,8 @@ given call is decided by :func:`fastrnn.routing.decide`:
 backend    what runs
 ========== ================================================================================
 auto       CUDA: the Triton kernels where they are the only fused option (``grad_clip``,
-           gradient-flow recording, the extra nonlinearities, fused free-running generation)
+           gradient-flow recording, the extra nonlinearities, fused free-running generation,
+           zoneout at the resident kernels' sizes)
            or where the shipped dispatch table measured them faster than cuDNN; cuDNN
            otherwise, exactly what ``torch.nn`` runs. CPU: PyTorch's native RNN kernels
            (``torch._VF``); where those can't serve (``grad_clip``, recording, the

@@ -361,22 +361,13 @@ class RNN(RecurrentBase):
 
 class _Regularized:
     """Keyword-only ``zoneout`` and ``recurrent_dropout`` of GRU and LSTM (fastrnn.regularization);
-    a call that uses them runs fastrnn.regularized_rnn's reference loop."""
+    a call that uses them runs through fastrnn.regularized_rnn (the path: fastrnn.explain)."""
 
     def _set_regularizers(self, zoneout: float, recurrent_dropout: float) -> None:
         from fastrnn.regularization import check_probability
 
         self.zoneout = check_probability("zoneout", zoneout)
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout, below_one=True)
-
-    def own_route(self, input):
-        """For :func:`fastrnn.explain`: the regularised loop's route when a call takes it, else None."""
-        if not (self.zoneout or (self.recurrent_dropout and self.training)):
-            return None
-        from fastrnn.routing import Route
-
-        return Route("reference", "zoneout / recurrent_dropout: fastrnn.regularized_rnn's loop of reference cell steps "
-                                  "(no kernel zones out yet), on every device")
 
     def _regularizer_repr(self) -> str:
         s = f", zoneout={self.zoneout}" if self.zoneout else ""

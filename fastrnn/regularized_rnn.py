@@ -1,24 +1,35 @@
-"""``zoneout`` and ``recurrent_dropout`` for ``fastrnn.LSTM`` and ``fastrnn.GRU``: the reference path.
+"""``zoneout`` and ``recurrent_dropout`` for ``fastrnn.LSTM`` and ``fastrnn.GRU``.
 
 A ``fastrnn.LSTM``/``GRU`` with ``zoneout > 0`` (training or eval) or with ``recurrent_dropout > 0``
-in training runs here instead of :func:`fastrnn.dispatch.run_stack`: the plain PyTorch cell steps
-of :mod:`fastrnn.reference` (``grad_clip``, ``proj_size`` and gradient-flow recording included)
-in the time loop of :func:`fastrnn.stacked.time_loop`, with the masks of
-:mod:`fastrnn.regularization` (drawn in its documented order). Neither PyTorch's native kernels
-nor fastrnn's Triton kernels zone out or drop connections yet, so these calls run this loop on
-every device and backend (differentiable twice). The options are off by default, and then a layer
-runs exactly as before.
+in training runs here instead of :func:`fastrnn.dispatch.run_stack`, layer by layer on padded,
+time-major input with per-row lengths, drawing the masks of :mod:`fastrnn.regularization` in its
+documented order (so every path below gives the same result under one seed):
+
+* DropConnect: each direction's ``W_hh`` is masked on the host (``W_hh * M / (1 - p)``, autograd
+  carries the gradient back through the mask); without zoneout the layer then runs on the path
+  :func:`fastrnn.routing.route_stack` gives the call (the Triton kernels, cuDNN or PyTorch's native
+  op, ``native-bptt``, the reference), one layer at a time.
+* zoneout: where routing says ``triton`` (CUDA, or ``FASTRNN_BACKEND=triton``, at sizes the
+  resident kernels hold), :func:`fastrnn.ops.zoneout.zoneout_layer` (the mask into the kernels);
+  else the plain PyTorch cell steps of :mod:`fastrnn.reference` in the time loop of
+  :func:`fastrnn.stacked.time_loop` (``grad_clip``, ``proj_size`` and gradient-flow recording
+  included; differentiable twice). PyTorch's native kernels cannot zone out.
+
+The options are off by default, and then a layer runs exactly as before.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastrnn import gradient_flow
-from fastrnn.reference import gru_step, lstm_step
+from fastrnn import gradient_flow, routing
+from fastrnn.native_bptt import native_bptt_layer
+from fastrnn.reference import gru_step, lstm_step, reference_layer
 from fastrnn.regularization import drop_connect, zoneout_mask
 from fastrnn.stacked import time_loop
 
@@ -32,53 +43,97 @@ def run_stack(module, cell: str, nonlinearity, input: Tensor, batch_sizes: Tenso
               sorted_indices: Tensor | None = None):
     """The signature and results of :func:`fastrnn.dispatch.run_stack` (plus ``sorted_indices``, so
     that row ``b`` of a zoneout mask is the caller's row ``b``), for ``cell`` ``"lstm"`` or ``"gru"``."""
+    path = routing.route_stack(module, cell, nonlinearity, input, batch_sizes).path
     lengths = lengths_cpu = None
     if batch_sizes is not None:
         x, lengths_cpu = pad_packed_sequence(PackedSequence(input, batch_sizes))
         lengths = lengths_cpu.to(input.device)
     else:
         x = input.transpose(0, 1) if module.batch_first else input
-    recorder = gradient_flow.active() if torch.is_grad_enabled() else None
+    recorder = gradient_flow.active() if torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
     directions = 2 if module.bidirectional else 1
-    p_zone, clip = module.zoneout, module.grad_clip
+    p_zone = module.zoneout
     h_out, c_out = [], []
     for index, params in enumerate(module._layer_params()):
         if index > 0 and module.dropout > 0 and module.training:
             x = F.dropout(x, module.dropout, training=True)
-        w_hh = [drop_connect(p["w_hh"], module.recurrent_dropout, module.training) for p in params]
-        hidden = h0.shape[-1]
+        params = [dict(p, w_hh=drop_connect(p["w_hh"], module.recurrent_dropout, module.training)) for p in params]
         mask = zoneout_mask(p_zone, module.training, (x.shape[0], x.shape[1], directions * module.hidden_size), x)
         if mask is not None and sorted_indices is not None:
             mask = mask.index_select(1, sorted_indices.to(mask.device))
+        rows = slice(index * directions, (index + 1) * directions)
+        h0_layer, c0_layer = h0[rows], (None if c0 is None else c0[rows])
         record = None if recorder is None else recorder.new_record(module, index, directions, x.shape[0], x.device)
-        ys = []
-        for d, p in enumerate(params):
-            row = slice(index * directions + d, index * directions + d + 1)
-            gx = F.linear(x, p["w_ih"], p["b_ih"])
-            if cell == "lstm":
-                def step(t, state, gx=gx, p=p, w=w_hh[d]):
-                    return lstm_step(gx[t], state[0], state[1], w, p["b_hh"], p["w_hr"], clip)
-
-                state = (h0[row][0], c0[row][0])
-            else:
-                def step(t, state, gx=gx, p=p, w=w_hh[d]):
-                    return (gru_step(gx[t], state[0], w, p["b_hh"], clip),)
-
-                state = (h0[row][0],)
-            # zoneout mixes h (H_out wide) and c (H wide): with a projection the h mask is the first H_out units
-            d_mask = None if mask is None else mask[..., d * module.hidden_size:(d + 1) * module.hidden_size]
-            y, final = _zoned_time_loop(step, x.shape[0], state, lengths, d == 1, d_mask, p_zone, hidden,
-                                        None if record is None else record[d])
-            ys.append(y)
-            h_out.append(final[0])
-            if cell == "lstm":
-                c_out.append(final[1])
-        x = torch.cat(ys, dim=-1)
+        options = dict(grad_clip=module.grad_clip, flow_record=record)
+        if p_zone and path == "triton":
+            zoneout = importlib.import_module("fastrnn.ops.zoneout")  # imports triton: only once the kernels are chosen
+            x, h_n, c_n = zoneout.zoneout_layer(cell, x, h0_layer, c0_layer, params, lengths, mask, p_zone, **options)
+        elif p_zone:
+            x, h_n, c_n = _zoned_reference_layer(module, cell, x, h0_layer, c0_layer, params, lengths, mask, record)
+        else:
+            x, h_n, c_n = _plain_layer(module, path, cell, nonlinearity, x, h0_layer, c0_layer, params, lengths, options)
+        h_out.append(h_n)
+        if cell == "lstm":
+            c_out.append(c_n)
     if batch_sizes is not None:
         output = pack_padded_sequence(x, lengths_cpu, enforce_sorted=True).data
     else:
         output = x.transpose(0, 1) if module.batch_first else x
-    return output, torch.stack(h_out), (torch.stack(c_out) if c0 is not None else None)
+    return output, torch.cat(h_out), (torch.cat(c_out) if c0 is not None else None)
+
+
+def _plain_layer(module, path, cell, nonlinearity, x, h0, c0, params, lengths, options):
+    """One layer (DropConnect-masked ``params``, no zoneout) on ``path``: the layer functions of
+    :func:`fastrnn.dispatch.run_padded`; ``cudnn``/``native``: PyTorch's op for one layer
+    (``native-bptt``'s operator with lengths, as :func:`fastrnn.dispatch.run_stack` does)."""
+    if path in ("cudnn", "native") and lengths is None:
+        return _native_layer(module, cell, x, h0, c0, params)
+    if path == "triton":
+        from fastrnn.dispatch import triton_layer
+
+        layer = triton_layer(cell)
+    else:
+        layer = reference_layer if path == "reference" else native_bptt_layer
+    options = {k: v for k, v in options.items() if v is not None}
+    return layer(cell, x, h0, c0, params, lengths, nonlinearity, **options)
+
+
+def _native_layer(module, cell, x, h0, c0, params):
+    """One layer on PyTorch's RNN op (cuDNN on CUDA), the masked weights in ``torch.nn``'s flat order."""
+    names = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+    weights = [p[name] for p in params for name in names if p[name] is not None]
+    fn = _VF.lstm if cell == "lstm" else _VF.gru
+    result = fn(x, (h0, c0) if cell == "lstm" else h0, weights, module.bias, 1, 0.0, module.training,
+                module.bidirectional, False)
+    return result[0], result[1], (result[2] if cell == "lstm" else None)
+
+
+def _zoned_reference_layer(module, cell, x, h0, c0, params, lengths, mask, record):
+    """One layer with zoneout on the reference cell steps (every direction), ``mask (T, B, D*H)`` or
+    None (eval)."""
+    hidden, p_zone, clip = h0.shape[-1], module.zoneout, module.grad_clip
+    ys, hs, cs = [], [], []
+    for d, p in enumerate(params):
+        gx = F.linear(x, p["w_ih"], p["b_ih"])
+        if cell == "lstm":
+            def step(t, state, gx=gx, p=p):
+                return lstm_step(gx[t], state[0], state[1], p["w_hh"], p["b_hh"], p["w_hr"], clip)
+
+            state = (h0[d], c0[d])
+        else:
+            def step(t, state, gx=gx, p=p):
+                return (gru_step(gx[t], state[0], p["w_hh"], p["b_hh"], clip),)
+
+            state = (h0[d],)
+        # zoneout mixes h (H_out wide) and c (H wide): with a projection the h mask is the first H_out units
+        d_mask = None if mask is None else mask[..., d * module.hidden_size:(d + 1) * module.hidden_size]
+        y, final = _zoned_time_loop(step, x.shape[0], state, lengths, d == 1, d_mask, p_zone, hidden,
+                                    None if record is None else record[d])
+        ys.append(y)
+        hs.append(final[0])
+        if cell == "lstm":
+            cs.append(final[1])
+    return torch.cat(ys, dim=-1), torch.stack(hs), (torch.stack(cs) if cell == "lstm" else None)
 
 
 def _zoned_time_loop(step, steps, state, lengths, reverse, mask, p, hidden_out, record):

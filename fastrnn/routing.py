@@ -25,10 +25,19 @@ CPU (any other device)                         ``native`` (``torch._VF``, what `
                                                native kernels cannot do (the features above): one
                                                operator per layer, the native forward inside and
                                                fastrnn's backward (:mod:`fastrnn.native_bptt`)
+LSTM/GRU with ``zoneout`` (training or eval)   CUDA: ``triton`` where the resident kernels hold the
+                                               size (``CallInfo.zoneout_fits``; cuDNN cannot zone
+                                               out), else ``reference`` (the loop of
+                                               :mod:`fastrnn.regularized_rnn`), also while
+                                               ``torch.compile`` traces. CPU: ``reference``.
 ============================================== ===============================================
 
+``recurrent_dropout`` (DropConnect) in training masks ``W_hh`` on the host
+(:mod:`fastrnn.regularized_rnn`); the masked weights then run wherever the call without it would.
+
 ``FASTRNN_BACKEND=triton`` forces the kernels on every call (an error where they cannot run:
-no CUDA without the interpreter, float64); ``reference`` forces the loop.
+no CUDA without the interpreter, float64; a zoneout call past the resident kernels' sizes runs the
+loop, and says so); ``reference`` forces the loop.
 
 The decision is :func:`decide`, a pure function of a :class:`DeviceInfo`, a :class:`CallInfo`,
 the table, the requested backend, whether ``torch.compile`` is tracing and the autocast dtype;
@@ -109,7 +118,9 @@ class CallInfo:
     input); ``needs_grad``: autograd will differentiate the call; ``generation``: free-running
     generation with feedback (:mod:`fastrnn.topologies`), ``fusable``: in a shape the fused
     generation kernel takes (one layer, one direction, no projection, a head it knows; its size
-    limits are checked by :func:`route_generation`)."""
+    limits are checked by :func:`route_generation`); ``zoneout``: an LSTM/GRU call with zoneout
+    (training or eval), ``zoneout_fits``: the resident kernels, the only ones that zone out, hold
+    its size (:func:`fastrnn.ops.zoneout.zoneout_fits`)."""
 
     cell: str
     dtype: torch.dtype
@@ -126,6 +137,8 @@ class CallInfo:
     needs_grad: bool = True
     generation: bool = False
     fusable: bool = False
+    zoneout: bool = False
+    zoneout_fits: bool = False
 
     def describe(self, dtype: torch.dtype | None = None) -> str:
         """E.g. ``LSTM bf16 H768 B16``, ``GRU bidir packed fp32 H256 B64``."""
@@ -306,9 +319,15 @@ def decide(device: DeviceInfo, call: CallInfo, table: dict, requested: str = "au
     if requested == "reference":
         return Route("reference", "FASTRNN_BACKEND=reference forces the reference loop")
     if requested == "triton":
-        return _forced_triton(device, call, dtype)
+        forced = _forced_triton(device, call, dtype)
+        if call.zoneout and not call.zoneout_fits:
+            return Route("reference", f"FASTRNN_BACKEND=triton, but zoneout runs on the resident kernels only and "
+                                      f"{call.describe(dtype)} plans past them: {_ZONEOUT_LOOP}")
+        return forced
     if requested != "auto":
         raise ValueError(f"unknown fastrnn backend {requested!r}; choose one of {', '.join(backend.BACKENDS)}")
+    if call.zoneout:
+        return _zoneout_route(device, call, dtype, compiling)
 
     features = _features(call)
     needs = " and ".join(features)
@@ -367,6 +386,27 @@ def decide(device: DeviceInfo, call: CallInfo, table: dict, requested: str = "au
                          f"so {torch_path} runs", tuple(entries))
 
 
+_ZONEOUT_LOOP = "fastrnn.regularized_rnn's loop of reference cell steps"
+
+
+def _zoneout_route(device: DeviceInfo, call: CallInfo, dtype: torch.dtype, compiling: bool) -> Route:
+    """``auto`` for a zoneout call: the resident kernels on CUDA where they hold it, else the loop."""
+    if device.type != "cuda":
+        return Route("reference", f"zoneout on the {device.type.upper()}: PyTorch's native kernels cannot zone out, "
+                                  f"so {_ZONEOUT_LOOP} runs (the kernels only under FASTRNN_BACKEND=triton)")
+    if compiling:
+        return Route("reference", f"zoneout while torch.compile traces: {_ZONEOUT_LOOP} is traced (the zoneout "
+                                  "kernels are no registered operator)")
+    if not device.triton or dtype not in KERNEL_DTYPES:
+        why_not = "triton is not installed" if not device.triton else f"the kernels compute in fp32/fp16/bf16, not {DTYPE_NAMES.get(dtype, dtype)}"
+        return Route("reference", f"zoneout: cuDNN cannot zone out and {why_not}, so {_ZONEOUT_LOOP} runs")
+    if not call.zoneout_fits:
+        return Route("reference", f"zoneout: cuDNN cannot zone out and only the resident kernels do, which "
+                                  f"{call.describe(dtype)} is too large for: {_ZONEOUT_LOOP}")
+    return Route("triton", "zoneout: cuDNN cannot zone out, and the resident kernels fuse it (one launch per layer "
+                           "each way, masks drawn on the host as fastrnn.regularization documents)")
+
+
 # ------------------------------------------------------------------------- the live call sites
 @functools.lru_cache(maxsize=16)
 def _cuda_identity(index: int) -> tuple[str, str]:
@@ -415,6 +455,7 @@ def stack_call(module, cell: str, nonlinearity: str | None, input: Tensor, batch
     else:
         batch, steps = (input.shape[0], input.shape[1]) if module.batch_first else (input.shape[1], input.shape[0])
     grad = torch.is_grad_enabled()
+    zoneout = cell in ("lstm", "gru") and bool(getattr(module, "zoneout", 0.0))
     return CallInfo(
         cell=cell, dtype=input.dtype, hidden=module.hidden_size, batch=int(batch), steps=int(steps),
         layers=module.num_layers, directions=2 if module.bidirectional else 1,
@@ -422,12 +463,29 @@ def stack_call(module, cell: str, nonlinearity: str | None, input: Tensor, batch
         grad_clip=getattr(module, "grad_clip", None) is not None,
         flow=grad and gradient_flow.active() is not None,
         needs_grad=grad and (input.requires_grad or any(p.requires_grad for p in module.parameters())),
+        zoneout=zoneout, zoneout_fits=zoneout and _zoneout_fits(cell, module.hidden_size, input),
     )
 
 
+def _zoneout_fits(cell: str, hidden: int, input: Tensor) -> bool:
+    """:func:`fastrnn.ops.zoneout.zoneout_fits` where the kernels could run the call (CUDA, or the
+    triton backend asked for: importing the launchers imports triton), else False."""
+    if torch.compiler.is_compiling() or not _triton_installed():
+        return False
+    if input.device.type != "cuda" and backend.get_backend() != "triton":
+        return False
+    dtype = _autocast_dtype(input.device) or input.dtype
+    return importlib.import_module("fastrnn.ops.zoneout").zoneout_fits(cell, hidden, dtype)
+
+
 def route_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_sizes: Tensor | None) -> Route:
-    """The path of a layer's forward, as :func:`fastrnn.dispatch.run_stack` takes it."""
-    return _route(input.device, stack_call(module, cell, nonlinearity, input, batch_sizes))
+    """The path of a layer's forward, as :func:`fastrnn.dispatch.run_stack` (or, with zoneout or
+    DropConnect, :func:`fastrnn.regularized_rnn.run_stack`) takes it."""
+    found = _route(input.device, stack_call(module, cell, nonlinearity, input, batch_sizes))
+    if getattr(module, "recurrent_dropout", 0.0) and module.training and not getattr(module, "zoneout", 0.0):
+        found = dataclasses.replace(found, reason="recurrent_dropout: W_hh masked on the host by "
+                                                  f"fastrnn.regularized_rnn, then {found.path} as without it: {found.reason}")
+    return found
 
 
 def route_generation(layer, head, x0: Tensor) -> Route:

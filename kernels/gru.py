@@ -30,6 +30,11 @@ Layouts (contiguous; ``D`` directions, direction ``d``'s gate ``g`` unit ``j`` a
   ``||dL/dh_t||^2`` (``dy_t`` plus the carried gradient), zero past a row's length.
 * ``grad_clip``: with ``CLIP``, the gate pre-activation gradients ``dr_pre, dz_pre, dn_pre`` are
   clamped to ``[-grad_clip, grad_clip]`` before they flow anywhere (``dgh_n = clamp(dn_pre) * r``).
+* Zoneout (resident kernels only; ``ZONEOUT`` constexpr, 0 compiles them as without it): 1
+  training, ``keep (T, B, D*H)`` compute dtype, the 0/1 mask of :mod:`fastrnn.regularization`
+  (the layout of ``y``); 2 eval, the scalar ``zoneout_p`` (fp32) in its place. The state is
+  ``h_t = keep * h_{t-1} + (1 - keep) * h'`` (``y`` holds it; ``saved`` is unchanged, the backward
+  reads ``h_{t-1}`` from ``y`` as before). Past a row's length nothing is mixed.
 
 Grid: ``(cdiv(B, BLOCK_B), D)``; program ``(i, d)`` owns batch rows ``i*BLOCK_B ...`` of
 direction ``d``. Direction 1 walks time backwards; a row past its length keeps its state and
@@ -62,6 +67,7 @@ from fastrnn.kernels.recurrence import (
     step_time,
 )
 from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
+from fastrnn.kernels.zoneout import zoneout_keep
 
 
 @triton.jit
@@ -112,6 +118,7 @@ def gru_fwd_resident_kernel(
     T, B, H, D,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    keep_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0,
 ):
     """Forward, ``W_hh`` on chip. Writes ``y (T, B, D*H)``, ``h_n (D, B, H)``, ``saved (T, B, D*4H)``."""
     direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
@@ -156,6 +163,10 @@ def gru_fwd_resident_kernel(
         tl.store(saved_ptr + saved_offs + H, z.to(saved_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(saved_ptr + saved_offs + 2 * H, n.to(saved_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(saved_ptr + saved_offs + 3 * H, gh_n.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        y_offs = row_t * (D * H) + direction * H + cols[None, :]
+        if ZONEOUT != 0:
+            keep = zoneout_keep(keep_ptr, y_offs, tile_ok, zoneout_p, ZONEOUT)
+            h_new = keep * h + (1.0 - keep) * h_new
         if HAS_LENGTHS:
             valid = (t < length)[:, None]
             h = tl.where(valid, h_new, h)
@@ -163,7 +174,6 @@ def gru_fwd_resident_kernel(
         else:
             h = h_new
             out = h_new
-        y_offs = row_t * (D * H) + direction * H + cols[None, :]
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -174,12 +184,14 @@ def gru_bwd_resident_kernel(
     T, B, H, D, grad_clip,
     HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    keep_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0,
 ):
     """Backward through time, ``W_hh`` on chip. Writes ``dgx``, ``dgh (T, B, D*3H)`` and ``dh0 (D, B, H)``.
 
     Per step: ``dh = dy_t + carried``; the gate gradients from ``saved``; the carried gradient
     becomes ``dh * z + dgh @ W_hh`` (fp32 registers). Steps past a row's length pass the carried
-    gradient through unchanged and write zero gradients."""
+    gradient through unchanged and write zero gradients. With ``ZONEOUT`` the gates see
+    ``(1 - keep) * dh`` and ``keep * dh`` passes straight to the previous state."""
     direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
 
     # w_g[n, k] = W_hh[d, g*H + n, k]: the gradient to the previous state is dgh_g @ w_g.
@@ -215,7 +227,12 @@ def gru_bwd_resident_kernel(
         z = tl.load(saved_ptr + saved_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
         n = tl.load(saved_ptr + saved_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
         gh_n = tl.load(saved_ptr + saved_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
-        dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
+        if ZONEOUT != 0:
+            keep = zoneout_keep(keep_ptr, y_offs, tile_ok, zoneout_p, ZONEOUT)
+            dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad((1.0 - keep) * dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
+            direct += keep * dh_total
+        else:
+            dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
         if RECORD_FLOW:
             if HAS_LENGTHS:
                 flow = squared_row_norm(dh_total, (t < length)[:, None])

@@ -43,6 +43,14 @@ Kernel arguments (shapes in elements):
   length.
 * ``flow`` (backward output, ``RECORD_FLOW``; else any pointer, never written): ``(D, T, B)``
   fp32, ``||dL/dh_t||^2`` of each row (0 past its length). ``grad_clip``: fp32 scalar (``CLIP``).
+* Zoneout (resident kernels only; ``ZONEOUT`` constexpr, 0 compiles them as without it): 1
+  training, ``keep (T, B, D*H)`` compute dtype, the 0/1 mask of :mod:`fastrnn.regularization`
+  (direction ``d`` in features ``d*H:(d+1)*H``; ``h`` is zoned by its first ``K`` units); 2 eval,
+  the scalar ``zoneout_p`` (fp32) in its place. The step's cell computes ``c'``, ``h'`` as above,
+  then ``c_t = keep * c_{t-1} + (1 - keep) * c'`` and ``h_t = keep * h_{t-1} + (1 - keep) * h'``
+  (``y`` and the saved ``c`` hold the zoned states). ``cand (T, B, D*H)`` compute dtype, written by
+  the forward, read by the backward: ``c'`` of every step (the backward's ``tanh``, and with
+  projection ``m_t = sigmoid(o) tanh(c')`` for ``dW_hr``). Past a row's length nothing is mixed.
 * Tiled scratch (fp32, each element written before it is read): forward ``h_state (2, D, B, K)``,
   ``c_state (2, D, B, H)``, ``m_state (D, B, H)`` (``HAS_PROJ``); backward ``dh_state (2, D, B, K)``,
   ``dc_state (2, D, B, H)``, ``dm_state (D, B, H)`` (``HAS_PROJ``). Step ``s`` reads slot ``s % 2``
@@ -156,6 +164,7 @@ import triton.language as tl
 from fastrnn.kernels.activations import sigmoid, tanh
 from fastrnn.kernels.recurrence import clamp_grad, copy_rows, group_flags, squared_row_norm, step_time
 from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
+from fastrnn.kernels.zoneout import zoneout_keep
 
 #: Width of the reduction tiles of the tiled kernels' products (their output tiles are ``BLOCK_H``
 #: wide): narrower than ``BLOCK_H`` keeps an fp32 FMA dot's operands within the registers of
@@ -226,8 +235,10 @@ def lstm_fwd_resident_kernel(
     T, B, H, K, D,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    keep_ptr=None, cand_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0,
 ):
-    """Forward, weights on chip. Writes ``y``, ``h_n`` and the saved ``gates``, ``c``."""
+    """Forward, weights on chip. Writes ``y``, ``h_n`` and the saved ``gates``, ``c``; with
+    ``ZONEOUT`` (the zoneout item above) also ``cand``."""
     pid_b = tl.program_id(0)
     direction = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -273,11 +284,24 @@ def lstm_fwd_resident_kernel(
             valid = (t < length)[:, None]
         else:
             valid = row_ok[:, None]
+        c_prev = c
         i, f, g, o, c, m = lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS)  # past a row's length: m = 0
         if HAS_PROJ:
             out = tl.dot(m.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
         else:
             out = m
+        if ZONEOUT != 0:
+            c_offs = step[:, None] * (D * H) + direction * H + hc[None, :]
+            tl.store(cand_ptr + c_offs, c.to(cand_ptr.dtype.element_ty), mask=c_tile)
+            keep_c = zoneout_keep(keep_ptr, c_offs, c_tile, zoneout_p, ZONEOUT)
+            keep_h = keep_c
+            if HAS_PROJ:  # h (K units) is zoned with the first K units of the direction's mask
+                keep_h = zoneout_keep(keep_ptr, step[:, None] * (D * H) + direction * H + kc[None, :], h_tile, zoneout_p, ZONEOUT)
+            c = keep_c * c_prev + (1.0 - keep_c) * c
+            out = keep_h * h + (1.0 - keep_h) * out
+            if HAS_LENGTHS:
+                c = tl.where(valid, c, c_prev)
+                out = tl.where(valid, out, 0.0)
         if HAS_LENGTHS:
             h = tl.where(valid, out, h)
         else:
@@ -299,12 +323,15 @@ def lstm_bwd_resident_kernel(
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    keep_ptr=None, cand_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0,
 ):
     """Backward through time, weights on chip; ``dh`` and ``dc`` carried in fp32 registers.
 
     Per step: ``dh_t = dy_t + dh`` (written to ``dhp`` when projecting), ``dm = dh_t W_hr``
     (or ``dh_t``), the gate gradients into ``dgates``, ``dc_{t-1} = dc_t sigmoid(f)``,
     ``dh_{t-1} = dgates W_hh``. Steps past a row's length pass ``dh``, ``dc`` through and write 0.
+    With ``ZONEOUT`` the step's cell sees ``(1 - keep)`` of ``dh_t`` and ``dc_t`` (its ``tanh`` of
+    the candidate ``cand``) and ``keep`` of them passes straight to ``dh_{t-1}``, ``dc_{t-1}``.
     """
     pid_b = tl.program_id(0)
     direction = tl.program_id(1)
@@ -360,26 +387,44 @@ def lstm_bwd_resident_kernel(
             else:
                 flow = squared_row_norm(dh_t, row_ok[:, None])
             tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
+        dh_cell = dh_t
+        dc_cell = dc
+        if ZONEOUT != 0:
+            c_zone_offs = step[:, None] * (D * H) + c_offs
+            keep_c = zoneout_keep(keep_ptr, c_zone_offs, c_tile, zoneout_p, ZONEOUT)
+            keep_h = keep_c
+            if HAS_PROJ:
+                keep_h = zoneout_keep(keep_ptr, step[:, None] * (D * H) + direction * H + kc[None, :], h_tile, zoneout_p, ZONEOUT)
+            dh_cell = (1.0 - keep_h) * dh_t
+            dc_cell = (1.0 - keep_c) * dc
         if HAS_PROJ:
             if HAS_LENGTHS:
-                dh_t = tl.where(valid, dh_t, 0.0)
-            tl.store(dhp_ptr + y_offs, dh_t.to(dhp_ptr.dtype.element_ty), mask=h_tile)
-            dm = tl.dot(dh_t.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
+                dh_cell = tl.where(valid, dh_cell, 0.0)
+            tl.store(dhp_ptr + y_offs, dh_cell.to(dhp_ptr.dtype.element_ty), mask=h_tile)
+            dm = tl.dot(dh_cell.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
         else:
-            dm = dh_t
+            dm = dh_cell
         i = tl.load(gates_ptr + g_offs, mask=c_tile, other=0.0).to(tl.float32)
         f = tl.load(gates_ptr + g_offs + H, mask=c_tile, other=0.0).to(tl.float32)
         g = tl.load(gates_ptr + g_offs + 2 * H, mask=c_tile, other=0.0).to(tl.float32)
         o = tl.load(gates_ptr + g_offs + 3 * H, mask=c_tile, other=0.0).to(tl.float32)
-        c_t = tl.load(c_ptr + step[:, None] * (D * H) + c_offs, mask=c_tile, other=0.0).to(tl.float32)
+        if ZONEOUT != 0:  # the cell's own c_t before zoneout mixed it with c_{t-1}
+            c_t = tl.load(cand_ptr + c_zone_offs, mask=c_tile, other=0.0).to(tl.float32)
+        else:
+            c_t = tl.load(c_ptr + step[:, None] * (D * H) + c_offs, mask=c_tile, other=0.0).to(tl.float32)
         c_prev = tl.load(c_ptr + (t_prev * B + rows64)[:, None] * (D * H) + c_offs, mask=c_tile, other=0.0).to(tl.float32)
         c_prev = tl.where(first, c_init, c_prev)
 
-        di, df, dg, do, dc_prev = lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
+        di, df, dg, do, dc_prev = lstm_cell_grad(dm, dc_cell, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
         dh_prev = tl.dot(di.to(w_i.dtype), w_i, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(df.to(w_f.dtype), w_f, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(dg.to(w_g.dtype), w_g, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(do.to(w_o.dtype), w_o, input_precision=INPUT_PRECISION)
+        if ZONEOUT != 0:
+            dh_prev += keep_h * dh_t
+            dc_prev += keep_c * dc
+            if HAS_LENGTHS:
+                dc_prev = tl.where(valid, dc_prev, dc)
         if HAS_LENGTHS:
             dh = tl.where(valid, dh_prev, dh)
         else:

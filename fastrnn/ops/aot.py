@@ -116,7 +116,8 @@ class Launch:
         pointers, pointers without the 16-byte alignment hint."""
         names = list(self.signature)
         declared = {p.name for p in self.kernel.params if p.is_constexpr}
-        folded = [f"{names[i]}={v}" for (i,), v in self.constants.items() if names[i] not in declared]
+        # None: an optional argument left out (``keep_ptr=None``), not a value Triton folded
+        folded = [f"{names[i]}={v}" for (i,), v in self.constants.items() if names[i] not in declared and v is not None]
         aligned = {names[i] for (i,), a in self.attrs.items() if ["tt.divisibility", 16] in [list(x) for x in a]}
         ints = [n for n in names if self.signature[n] in ("i32", "i64") and n in aligned]
         pointers = [n for n in names if self.signature[n].startswith("*")]
@@ -319,6 +320,25 @@ def feedback_workload(cell: str, dtype: torch.dtype, hidden: int, output: int, b
     y.float().sum().backward()
 
 
+def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int) -> None:
+    """One LSTM or GRU layer with zoneout in training (the mask read by both resident kernels) forward
+    and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option on as in the ``full``
+    form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a projection (LSTM)."""
+    import fastrnn
+    from fastrnn.ops.zoneout import zoneout_layer
+
+    proj_size = hidden // 2 if cell == "lstm" else 0
+    kwargs = dict(bidirectional=True, dtype=dtype, **({"proj_size": proj_size} if proj_size else {}))
+    module = {"gru": fastrnn.GRU, "lstm": fastrnn.LSTM}[cell](INPUT_SIZE, hidden, **kwargs)
+    x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
+    h0 = torch.zeros(2, batch, proj_size or hidden, dtype=dtype)
+    c0 = torch.zeros(2, batch, hidden, dtype=dtype) if cell == "lstm" else None
+    keep = torch.ones(STEPS, batch, 2 * hidden, dtype=dtype)
+    y, _, _ = zoneout_layer(cell, x, h0, c0, module._layer_params()[0], torch.full((batch,), STEPS), keep, 0.1,
+                            grad_clip=1.0, flow_record=torch.zeros(2, STEPS))
+    y.float().sum().backward()
+
+
 @contextlib.contextmanager
 def forced_env(variable: str, value: str) -> Iterator[None]:
     """Run the block with the environment variable set (a knob such as ``FASTRNN_STRATEGY=tiled``,
@@ -447,6 +467,11 @@ def workloads() -> dict[str, Callable[[], None]]:
                     lambda c=cell, d=dtype, h=block_h - odd, o=block_o - odd, f=form:
                     feedback_workload(c, d, h, o, FORM_BATCH[f], full=f == "full")
                 )
+    for cell in ("lstm", "gru"):  # zoneout (only the resident kernels take it): their largest class, full form
+        for dtype in (torch.bfloat16, torch.float32):
+            hidden, size_class = max((h, name) for name, h in size_classes(cell, dtype).items() if name.startswith("resident"))
+            out[f"{cell}-{_dtype_name(dtype)}-{size_class}-zoneout-full"] = (
+                lambda c=cell, d=dtype, h=hidden - 8: zoneout_workload(c, d, h, FORM_BATCH["full"]))
     return out
 
 

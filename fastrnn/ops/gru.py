@@ -37,9 +37,11 @@ from fastrnn.ops.recurrence import (
 GATES = 3
 
 
-def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: Tensor | None,
+            zoneout: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``gx (T, B, D*3H)``, ``w_hh (D, 3H, H)``, ``b_hh (D, 3H)`` or None, ``h0 (D, B, H)`` ->
-    ``y (T, B, D*H)``, ``h_n (D, B, H)``, ``saved (T, B, D*4H)`` (``[r, z, n, gh_n]`` per step)."""
+    ``y (T, B, D*H)``, ``h_n (D, B, H)``, ``saved (T, B, D*4H)`` (``[r, z, n, gh_n]`` per step).
+    ``zoneout``: the resident kernels' zoneout arguments (:func:`fastrnn.ops.zoneout.zoneout_args`)."""
     T, B, _ = gx.shape
     D, _, H = h0.shape
     y = gx.new_empty((T, B, D * H))
@@ -55,6 +57,7 @@ def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: 
          kernel_lengths(lengths, gx), y, h_n, saved],
         dict(T=T, B=B, H=H, D=D, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
+        resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
         # exchange: the ping-pong of h in the weights' dtype; carry: each program's fp32 state.
         persistent_kernel=PersistentKernel(kernels.gru_fwd_persistent_kernel, T, [((2, D, B, H), w.dtype), ((D, B, H), torch.float32)]),
     )
@@ -63,9 +66,9 @@ def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: 
 
 def gru_bwd(
     dy: Tensor, dh_n: Tensor, y: Tensor, h0: Tensor, saved: Tensor, w_hh: Tensor, lengths: Tensor | None,
-    grad_clip: float | None = None, record_flow: bool = False,
+    grad_clip: float | None = None, record_flow: bool = False, zoneout: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Backward through time: ``dgx (T, B, D*3H)`` (gradient of ``gx``), ``dgh (T, B, D*3H)``
+    """Backward through time (``zoneout`` as :func:`gru_fwd` takes it): ``dgx (T, B, D*3H)`` (gradient of ``gx``), ``dgh (T, B, D*3H)``
     (gradient of ``h W_hh^T + b_hh``), ``dh0 (D, B, H)``; gate gradients clamped to
     ``[-grad_clip, grad_clip]`` when given; with ``record_flow`` the squared norms
     ``||dL/dh_t||^2`` per direction, step and row ``(D, T, B)``."""
@@ -85,6 +88,7 @@ def gru_bwd(
         dict(T=T, B=B, H=H, D=D, grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(y.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=y.dtype, device=y.device,
+        resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
         # the gradients are exchanged through dgh itself; carry: each program's fp32 partial dh.
         persistent_kernel=PersistentKernel(kernels.gru_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)]),
     )

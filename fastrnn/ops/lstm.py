@@ -78,10 +78,12 @@ def lstm_plan(hidden: int, proj: int, dtype: torch.dtype) -> Plan:
     return plan(GATES, hidden, dtype)
 
 
-def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None):
+def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None,
+             zoneout: dict | None = None):
     """``gx (T, B, D*4H)``, ``w_hh (D, 4H, K)``, ``w_hr (D, P, H)`` or None, ``h0 (D, B, K)``,
     ``c0 (D, B, H)`` -> ``y (T, B, D*K)``, ``h_n (D, B, K)``, ``c_n (D, B, H)`` and the saved
-    ``gates (T, B, D*4H)``, ``c (T, B, D*H)`` (compute dtype)."""
+    ``gates (T, B, D*4H)``, ``c (T, B, D*H)`` (compute dtype). ``zoneout``: the resident kernels'
+    zoneout arguments (:func:`fastrnn.ops.zoneout.zoneout_args`), None without zoneout."""
     T, B, _ = gx.shape
     D, _, H = c0.shape
     K = h0.shape[2]
@@ -102,6 +104,7 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         "lstm_fwd", GATES, (kernels.lstm_fwd_resident_kernel, kernels.lstm_fwd_tiled_kernel), args,
         dict(T=T, B=B, H=H, K=K, D=D, HAS_PROJ=proj, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
+        resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
         # exchanges: the ping-pong of h and, projecting, m, in the compute dtype; carry: c in fp32.
         persistent_kernel=PersistentKernel(
             kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
@@ -123,9 +126,9 @@ def final_cell_state(c: Tensor, directions: int) -> Tensor:
 
 def lstm_bwd(
     dy: Tensor, dh_n: Tensor, dc_n: Tensor, gates: Tensor, c: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
-    lengths: Tensor | None, grad_clip: float | None = None, record_flow: bool = False,
+    lengths: Tensor | None, grad_clip: float | None = None, record_flow: bool = False, zoneout: dict | None = None,
 ):
-    """Backward through time: ``dgates (T, B, D*4H)`` (gradient of ``gx``; gate pre-activation
+    """Backward through time (``zoneout`` as :func:`lstm_fwd` takes it): ``dgates (T, B, D*4H)`` (gradient of ``gx``; gate pre-activation
     gradients clamped to ``[-grad_clip, grad_clip]`` when given), ``dhp (T, B, D*P)`` (gradient of
     each step's projected ``h``; None without projection), ``dh0``, ``dc0``, and with
     ``record_flow`` the squared norms ``||dL/dh_t||^2`` per direction, step and row ``(D, T, B)``."""
@@ -153,6 +156,7 @@ def lstm_bwd(
         dict(T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_PROJ=proj, HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(gates.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=gates.dtype, device=gates.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
+        resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
         # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
         persistent_kernel=PersistentKernel(
             kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,

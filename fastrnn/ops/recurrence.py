@@ -121,7 +121,7 @@ class PersistentKernel:
 def launch(
     name: str, gates: int, kernel_pair: tuple, args: list, meta: dict, *,
     B: int, H: int, D: int, dtype: torch.dtype, device, scratch: list | None = None,
-    persistent_kernel: PersistentKernel | None = None,
+    persistent_kernel: PersistentKernel | None = None, resident_meta: dict | None = None,
 ) -> None:
     """Launch the resident or the tiled kernel of ``kernel_pair`` as :func:`plan` says, on the
     grid ``(cdiv(B, BLOCK_B), D)``, or ``persistent_kernel`` on its own grid
@@ -129,8 +129,13 @@ def launch(
     The tiled kernel takes trailing fp32 scratch buffers, one per
     shape in ``scratch`` (default: one ping-pong state ``(2, D, B, H)``; a ``None`` shape passes a
     dummy pointer the kernel never reads). ``meta`` holds the scalar and constexpr arguments.
-    One launch is counted per call, also when the persistent kernel runs one launch per step."""
+    One launch is counted per call, also when the persistent kernel runs one launch per step.
+    ``resident_meta``: arguments only the resident kernels take (zoneout, ``fastrnn.ops.zoneout``);
+    a plan other than resident then raises ValueError."""
     p = plan(gates, H, dtype)
+    if resident_meta and p.strategy != "resident":
+        raise ValueError(f"{name}: {', '.join(resident_meta)} run on the resident kernels only, and hidden size {H} "
+                         f"({dtype}) plans to the {p.strategy} strategy")
     if p.strategy == "persistent":
         if persistent_kernel is None:
             raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
@@ -144,7 +149,7 @@ def launch(
         meta["maxnreg"] = register_budget(p.num_warps)
     resident, tiled = kernel_pair
     if p.strategy == "resident":
-        resident[grid](*args, **meta)
+        resident[grid](*args, **meta, **(resident_meta or {}))
     else:
         shapes = [(2, D, B, H)] if scratch is None else scratch
         buffers = [args[0] if shape is None else torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes]
