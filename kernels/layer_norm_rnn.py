@@ -69,6 +69,7 @@ from fastrnn.kernels.activations import tanh
 from fastrnn.kernels.gru import _previous_time, gru_gates, gru_gates_grad
 from fastrnn.kernels.lstm import REDUCE_TILE, lstm_cell
 from fastrnn.kernels.recurrence import clamp_grad, copy_rows, program_tile, squared_row_norm, step_time
+from fastrnn.kernels.zoneout import zoneout_keep
 
 EPS = tl.constexpr(1e-5)
 
@@ -103,15 +104,6 @@ def norm_input_grad(d_hat, x_hat, mean_d, mean_dx, rstd, col_ok):
 def load_row_vector(ptr, cols, col_ok):
     """A ``(1, BLOCK_H)`` fp32 row of a per-unit parameter (zero in the padding columns)."""
     return tl.load(ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit
-def zoneout_keep(keep_ptr, offs, tile_ok, zoneout_p, ZONEOUT: tl.constexpr):
-    """The weight of the previous state: the mask (``ZONEOUT == 1``) or ``zoneout_p`` (2)."""
-    if ZONEOUT == 1:
-        return tl.load(keep_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-    else:
-        return zoneout_p
 
 
 @triton.jit
