@@ -547,21 +547,21 @@ class _LayerNormRecurrence(StackedRecurrence):
     def _fast(self) -> bool:
         return backend.get_backend() != "reference"
 
-    def _kernel_layer(self, x: Tensor):
-        """The fused kernels' layer function (:mod:`fastrnn.ops.layer_norm_rnn`) where they run a
-        call with input ``x``, else None; the reason they don't in ``self._no_kernel``."""
+    def _kernel_choice(self, x: Tensor) -> tuple[object, str | None]:
+        """``(layer function, strategy)`` of the fused kernels (:mod:`fastrnn.ops.layer_norm_rnn`)
+        where they run a call with input ``x``; else ``(None, why not)`` (why: None where the
+        backend does not ask for kernels)."""
         from fastrnn.indrnn import scan_path  # the kernels-or-loop choice every fastrnn layer makes
 
-        self._no_kernel = None
         if scan_path(x.device) != "triton" or x.numel() == 0:
-            return None
+            return None, None
         ops = importlib.import_module("fastrnn.ops.layer_norm_rnn")  # imports triton: only when asked for
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        self._no_kernel = ops.why_not(self.GATES, self.hidden_size, dtype)
-        if self._no_kernel is not None:
-            return None
-        self._kernel_strategy = ops.strategy(self.GATES, self.hidden_size, dtype)
-        return ops.layer_norm_lstm_kernel_layer if self.HAS_CELL else ops.layer_norm_gru_kernel_layer
+        reason = ops.why_not(self.GATES, self.hidden_size, dtype)
+        if reason is not None:
+            return None, reason
+        layer = ops.layer_norm_lstm_kernel_layer if self.HAS_CELL else ops.layer_norm_gru_kernel_layer
+        return layer, ops.strategy(self.GATES, self.hidden_size, dtype)
 
     def own_route(self, input):
         """For :func:`fastrnn.explain`: the fused kernels, or which PyTorch loop runs and why."""
@@ -570,16 +570,16 @@ class _LayerNormRecurrence(StackedRecurrence):
         from fastrnn.routing import Route
 
         data = input.data if isinstance(input, PackedSequence) else input
-        if self._kernel_layer(data) is not None:
-            where = "W_hh on chip" if self._kernel_strategy == "resident" else "W_hh re-read per step in tiles"
+        layer, detail = self._kernel_choice(data)
+        if layer is not None:
+            where = "W_hh on chip" if detail == "resident" else "W_hh re-read per step in tiles"
             return Route("triton", f"{self.NAME}: the fused Triton kernels ({where}, the recurrent and cell norms in "
                                    "the step), one launch per layer each way")
-        if self._no_kernel is not None:
-            return Route("reference", f"{self.NAME}: the PyTorch loop with a hand-written backward through time "
-                                      f"({self._no_kernel})")
+        if detail is not None:
+            return Route("reference", f"{self.NAME}: the PyTorch loop with a hand-written backward through time ({detail})")
         if self._fast():
             return Route("reference", f"{self.NAME}: the PyTorch loop with a hand-written backward through time "
-                                      "(no Triton kernel for this cell yet)")
+                                      f"(on {data.device.type}; the Triton kernels run on CUDA or with FASTRNN_BACKEND=triton)")
         return Route("reference", f"{self.NAME}: the autograd reference loop (FASTRNN_BACKEND=reference)")
 
 
@@ -611,7 +611,7 @@ class LayerNormLSTM(_LayerNormRecurrence):
         return super().extra_repr() + ("" if self.forget_bias is None else f", forget_bias={self.forget_bias}")
 
     def _run_layer(self, x, h0, c0, params, lengths, zoneout_mask, flow_record):
-        kernel_layer = self._kernel_layer(x)
+        kernel_layer, _ = self._kernel_choice(x)
         if kernel_layer is not None:
             return kernel_layer(x, h0, c0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record)
         return layer_norm_lstm_layer(x, h0, c0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record, self._fast())
@@ -626,7 +626,7 @@ class LayerNormGRU(_LayerNormRecurrence):
     GATES = 3
 
     def _run_layer(self, x, h0, c0, params, lengths, zoneout_mask, flow_record):
-        kernel_layer = self._kernel_layer(x)
+        kernel_layer, _ = self._kernel_choice(x)
         if kernel_layer is not None:
             return (*kernel_layer(x, h0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record), None)
         y, h_n = layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record, self._fast())

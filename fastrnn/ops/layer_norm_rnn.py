@@ -100,8 +100,11 @@ def _meta(gates: int, hidden: int, dtype: torch.dtype, lengths, keep, zoneout_p)
     if strategy(gates, hidden, dtype) == "tiled":
         return dict(meta, BLOCK_H=TILED_BLOCK_H, num_warps=TILED_WARPS, num_stages=1, maxnreg=register_budget(TILED_WARPS))
     block_h, warps = kernel_blocks(gates, hidden, dtype)
-    # maxnreg: left to itself ptxas stops some one-row (B = 1) forms at 128 registers with an
-    # 8-byte stack frame on sm_90; given the whole budget they compile clean (the compile gate).
+    if dtype == torch.float32:
+        return dict(meta, BLOCK_H=block_h, num_warps=warps)
+    # 16-bit: left to itself ptxas stops two one-row (B = 1) forms at 128 registers with an 8-byte
+    # stack frame on sm_90; given the whole budget they compile clean. fp32 gets no cap: with it
+    # the GRU backward at BLOCK_H 32 uses all 255 registers and a 32-byte frame (the compile gate).
     return dict(meta, BLOCK_H=block_h, num_warps=warps, maxnreg=register_budget(warps))
 
 
