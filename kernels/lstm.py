@@ -162,6 +162,7 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import sigmoid, tanh
+from fastrnn.kernels.precision import weight_product
 from fastrnn.kernels.recurrence import clamp_grad, copy_rows, group_flags, squared_row_norm, step_time
 from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
 from fastrnn.kernels.zoneout import zoneout_keep
@@ -762,10 +763,10 @@ def _gate_stage(
             if tile == 0:
                 wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
     h_prev = tl.load(h_read + cols_k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-    pre += tl.dot(w, h_prev.to(w.dtype), input_precision=INPUT_PRECISION)
+    pre += weight_product(w, h_prev.to(w.dtype), INPUT_PRECISION)
     if BLOCK_HTAIL > 0:
         h_tail = tl.load(h_read + cols_tail[:, None], mask=tail_ok[:, None] & row_ok[None, :], other=0.0)
-        pre += tl.dot(w_tail, h_tail.to(w_tail.dtype), input_precision=INPUT_PRECISION)
+        pre += weight_product(w_tail, h_tail.to(w_tail.dtype), INPUT_PRECISION)
     i, f, g, o = split_gates(pre, S_TILE, BLOCK_B)
     i, f, g, o, c, m = lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS)
     gate_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
@@ -800,7 +801,7 @@ def _projection_stage(
         if tile == 0:
             wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
     m_all = tl.load(m_exchange_ptr + state_rows * H + cols_h[:, None], mask=(cols_h < H)[:, None] & row_ok[None, :], other=0.0)
-    h_new = tl.dot(w_r, m_all.to(w_r.dtype), input_precision=INPUT_PRECISION)
+    h_new = weight_product(w_r, m_all.to(w_r.dtype), INPUT_PRECISION)
     proj_tile = proj_ok[:, None] & row_ok[None, :]
     step = (t * B + rows.to(tl.int64))[None, :]
     tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
@@ -976,10 +977,10 @@ def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh
     tl.store(dgates_ptr + g_offs + 3 * H, do.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     # The same rounding of the gate gradients as the resident kernel's product (to the weight dtype).
     d_slice = join_gates(di, df, dg, do, S_TILE, BLOCK_B).to(w.dtype)
-    partial = tl.dot(tl.trans(w), d_slice, input_precision=INPUT_PRECISION)  # (BLOCK_HOUT, BLOCK_B)
+    partial = weight_product(tl.trans(w), d_slice, INPUT_PRECISION)  # (BLOCK_HOUT, BLOCK_B)
     if BLOCK_HTAIL > 0:
         tl.store(dh_partial_ptr + state_rows * K + cols_k[:, None], partial, mask=k_ok[:, None] & row_ok[None, :])
-        partial = tl.dot(tl.trans(w_tail), d_slice, input_precision=INPUT_PRECISION)  # (BLOCK_HTAIL, BLOCK_B)
+        partial = weight_product(tl.trans(w_tail), d_slice, INPUT_PRECISION)  # (BLOCK_HTAIL, BLOCK_B)
         publish(partial, dh_partial_ptr + state_rows * K + cols_tail[:, None], tail_ok[:, None] & row_ok[None, :], own_flag, stage, piece,
                 tile, BARRIER, FAULT, GROUP_TILES)
     else:
@@ -1127,7 +1128,7 @@ def lstm_bwd_persistent_kernel(
                         tl.store(flow_ptr + ((piece * D + direction) * T + t) * B + rows, share, mask=row_ok)
                     if HAS_PROJ:
                         tl.store(dhp_ptr + step * (D * K) + direction * K + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
-                        dm_part = tl.dot(tl.trans(w_r), dh_t.to(w_r.dtype), input_precision=INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
+                        dm_part = weight_product(tl.trans(w_r), dh_t.to(w_r.dtype), INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
                         publish(dm_part, dm_partial_ptr + (s % 2) * dm_slot + piece * (D * B * H) + state_rows * H + cols_h[:, None],
                                 h_ok[:, None] & row_ok[None, :], own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
                     else:

@@ -63,6 +63,7 @@ FIGURES: dict[str, Figure] = {
     "flag_round_trip_l2_latencies": Figure(3.75, "L2 latencies", "kernels/sync.py's protocol: the arrive's bar.sync + release fence drains the step's stores to L2 (1) and its atomic_xchg reaches L2 (1); a waiter's poll (acquire atomics on the group's flags, one L2 round trip) sees it half a poll period later on average plus one round trip (1.5); then a tl.min over the flags and bar.sync (0.25)", "assumption"),
     "mma_latency_clk": Figure(32, "clk", "one dependent mma.sync m16n8k16 with fp32 accumulators, about 30 cycles on A100 (Sun et al. 2022, 'Dissecting Tensor Cores via Microbenchmarks', IEEE TPDS); Hopper's mma.sync (HMMA, what Triton emits for M=16 tiles) assumed alike", "assumption"),
     "mma_flop_per_clk_per_sm": Figure(2048, "FLOP/clk", "mma.sync (HMMA) rate: half of Hopper's dense wgmma rate of 4096 FLOP/clk/SM (989 TFLOP/s bf16 dense / 132 SMs / 1.83 GHz, H100 whitepaper); Luo et al. (arXiv 2402.13499) measure mma.sync well below wgmma on Hopper", "assumption"),
+    "mma_tf32_flop_per_clk_per_sm": Figure(1024, "FLOP/clk", "mma.sync (HMMA) rate on tf32 operands: half the 16-bit rate above, as Hopper's dense TF32 is half its dense BF16 (494.7 vs 989.4 TFLOP/s, H100 SXM5, H100 whitepaper); one m16n8k8 tf32 mma assumed as slow as one m16n8k16 16-bit mma (mma_latency_clk)", "derived"),
     "fma_flop_per_clk_per_sm": Figure(256, "FLOP/clk", "128 FP32 lanes per SM x 2 (H100 whitepaper): fp32 'ieee' dots run on FMA units", "published"),
     "fma_latency_clk": Figure(4, "clk", "dependent FP32 FMA latency, 4 cycles on Volta..Hopper (Jia et al., 'Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking', 2018)", "published"),
     "shared_bytes_per_clk_per_sm": Figure(128, "B/clk", "shared memory: 32 banks x 4 B per clock per SM (CUDA programming guide; HOPPER.md 'Banks')", "published"),
@@ -97,6 +98,7 @@ class Workload:
     directions: int
     dtype_bytes: int
     fp32: bool  # fp32 dots run on FMA units ("ieee"), 16-bit ones on tensor cores
+    split_tf32: bool = False  # the persistent kernels' fp32 products run as "tf32x4" on tensor cores
     proj: int = 0
 
     @property
@@ -108,7 +110,11 @@ class Workload:
         """From a :class:`bench.matrix.Row` (first layer; deeper layers have the same recurrence)."""
         gates = {"rnn": 1, "gru": 3, "lstm": 4}[row.cell]
         size = {"float32": 4, "float16": 2, "bfloat16": 2}[row.dtype]
-        return cls(row.cell, gates, row.hidden, row.batch, 2 if row.bidirectional else 1, size, row.dtype == "float32")
+        from fastrnn.ops.persistent import SPLIT_TF32_GATES
+
+        fp32 = row.dtype == "float32"
+        return cls(row.cell, gates, row.hidden, row.batch, 2 if row.bidirectional else 1, size, fp32,
+                   split_tf32=fp32 and gates in SPLIT_TF32_GATES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +177,15 @@ def _pad16(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
-def _product_clk(w: Workload, m: int, n: int, k: int, k_chains: int) -> tuple[float, float]:
-    """(latency of the dependent chain, throughput time) of one ``(m x k) @ (k x n)`` product in a program."""
+def _product_clk(w: Workload, m: int, n: int, k: int, k_chains: int, split_tf32: bool = False) -> tuple[float, float]:
+    """(latency of the dependent chain, throughput time) of one ``(m x k) @ (k x n)`` product in a
+    program. ``split_tf32``: an fp32 product as ``"tf32x4"`` (``fastrnn.kernels.precision``: one tf32
+    product over the stacked halves, ``2k`` deep and ``2n`` wide, 4x the multiply-adds; a tf32 mma
+    reduces over 8, not 16)."""
     flops = 2.0 * _pad16(m) * _pad16(n) * k
+    if w.fp32 and split_tf32:
+        chain = math.ceil(2 * k / 8) * figure("mma_latency_clk") / k_chains
+        return chain, 4 * flops / figure("mma_tf32_flop_per_clk_per_sm")
     if w.fp32:
         chain = k * figure("fma_latency_clk") / k_chains
         return chain, flops / figure("fma_flop_per_clk_per_sm")
@@ -232,11 +244,13 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
         per_sm = figure("l2_bytes_per_clk_per_sm_best" if best else "l2_bytes_per_clk_per_sm")
         bw = _bandwidth(p.programs, per_sm)
         load = loads * p.batch_tiles * lat + (read_bytes + (slice_bytes if p.mode == "per_step" else 0) + carried) / bw
-        weights = (p.batch_tiles * slice_bytes / figure("shared_bytes_per_clk_per_sm")
-                   if p.weights_in == "shared" and p.mode == "barrier" else 0.0)  # read once per sub-tile's product
+        # read once per sub-tile's product; "tf32x4" holds the slice twice over (its tf32 halves,
+        # fastrnn.kernels.precision)
+        weights = (p.batch_tiles * slice_bytes * (2 if w.split_tf32 else 1) / figure("shared_bytes_per_clk_per_sm")
+                   if p.weights_in == "shared" and p.mode == "barrier" else 0.0)
         # a walked group: per sub-tile, its h load and its product, one sub-tile after another
         # (the L2 latencies and the mma chains add up)
-        chain, rate = _product_clk(w, m, max(1, Bg // p.batch_tiles), k, p.k_chains)
+        chain, rate = _product_clk(w, m, max(1, Bg // p.batch_tiles), k, p.k_chains, w.split_tf32)
         chain, rate = chain * p.batch_tiles, rate * p.batch_tiles
         pointwise = _pointwise_clk(G * S * Bg, p.num_warps)
         floor = l2_fwd / figure("l2_total_bytes_per_clk")
@@ -327,7 +341,7 @@ def candidate_partitions(w: Workload, **options) -> list[Partition]:
         groups = 1
         while groups == 1 or math.ceil(w.batch / groups) >= 16:
             p = persistent_partition(w, S, groups, **options)
-            fits = w.gates * S * w.k * w.dtype_bytes <= figure("shared_limit_bytes")
+            fits = w.gates * S * w.k * w.dtype_bytes * (2 if w.split_tf32 else 1) <= figure("shared_limit_bytes")
             if fits and p.programs <= figure("sm_count"):
                 out.append(p)
             groups *= 2

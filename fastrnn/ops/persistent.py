@@ -91,9 +91,18 @@ MODES = ("barrier", "per_step", "auto")
 #: Gates of the cells that have persistent kernels (the plan only picks the strategy for these).
 CELL_GATES = frozenset({1, 3, 4})
 #: (gates, fp32?) the plan does not pick the persistent kernels for by itself (they still run when
-#: forced): LSTM in fp32, whose exact fp32 dots run on FMA units that replicate the full-length
-#: operands over threads and spill on sm_90 at the compile check's persistent size (H256).
+#: forced): LSTM in fp32. Its products run as ``"tf32x4"`` on tensor cores (:data:`SPLIT_TF32_GATES`;
+#: as ``"ieee"`` FMA products they spilled on sm_90 at H256): at L5's plan (B64 H256) both kernels
+#: then compile clean on Triton 3.9, but on Triton 3.6 (sm_90) the plain forward keeps a 16 B and
+#: the backward an 8 B stack frame, and the compile gate's ``full`` form (projection, lengths,
+#: bidirectional) spills 24-432 B in the backward (and KBs in the 3.6 forward).
 NOT_PLANNED = frozenset({(4, True)})
+#: Gates of the cells whose persistent kernels run fp32 products as ``"tf32x4"`` on tensor cores
+#: (``fastrnn.kernels.precision``; ``fastrnn.ops.recurrence.input_precision``): the LSTM's, whose
+#: products are one weight-on-the-left ``tl.dot`` per stage. The RNN and GRU persistent kernels
+#: (state on the left, the GRU's three gate products chained) spill on sm_90 with it, so they keep
+#: ``"ieee"`` (FMA units).
+SPLIT_TF32_GATES = frozenset({4})
 #: Widest ``BLOCK_K`` (H rounded up to a power of two) the plan gives the persistent kernels by
 #: itself, by fp32?: the largest size at which every persistent kernel compiles clean for sm_90 at
 #: the GPU matrix's plans (``tests/test_persistent_compile.py``, ``python -m bench --plan``). Past it

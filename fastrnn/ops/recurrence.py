@@ -139,7 +139,10 @@ def launch(
     if p.strategy == "persistent":
         if persistent_kernel is None:
             raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
-        persistent.launch(name, persistent_kernel.kernel, args, dict(meta, **persistent_kernel.meta), gates=gates, B=B, H=H, D=D, dtype=dtype,
+        meta = dict(meta, **persistent_kernel.meta)
+        if "INPUT_PRECISION" in meta:  # the launcher passed the resident kernels' choice
+            meta["INPUT_PRECISION"] = input_precision(dtype, gates)
+        persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,
                           device=device, phases=persistent_kernel.phases, scratch=persistent_kernel.scratch)
         count_launch(f"{name}_persistent")
         return
@@ -178,11 +181,26 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots use tf32 only when PyTorch allows it for matmuls; 16-bit dots are exact-accumulate."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+def input_precision(dtype: torch.dtype, persistent_gates: int | None = None) -> str:
+    """The kernels' ``INPUT_PRECISION`` for operands of ``dtype``; ``persistent_gates``: the cell's
+    gates when the launch is its persistent kernel (None: the resident or tiled kernels).
+
+    16-bit operands: ``"ieee"`` (products accumulate in fp32 on tensor cores either way). fp32:
+    ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set; else ``"tf32x4"`` for the
+    persistent kernels of the cells in ``persistent.SPLIT_TF32_GATES`` (``fastrnn.kernels.precision``:
+    split tf32 products on tensor cores, error near fp32's) and ``"ieee"`` (FMA units) for the rest.
+
+    Which flag: fastrnn follows ``torch.backends.cuda.matmul.allow_tf32`` (default off), not
+    ``torch.backends.cudnn.allow_tf32`` (default on), which cuDNN's fp32 RNNs follow. A fastrnn layer
+    is GEMMs: the input projection and the weight gradients run through ``torch.nn.functional.linear``
+    and ``torch.bmm``, which follow the matmul flag, so the recurrent product follows it too and one
+    flag sets the precision of the whole layer; with it off (the default) an fp32 layer stays at
+    fp32-level error, as its CPU reference and the fp32 tests at 1e-4 expect."""
+    if dtype != torch.float32:
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    return "ieee"
+    return "tf32x4" if persistent_gates in persistent.SPLIT_TF32_GATES else "ieee"
 
 
 def kernel_weight(w: Tensor) -> Tensor:

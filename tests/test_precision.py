@@ -1,0 +1,125 @@
+"""The precision of the recurrent products: which ``INPUT_PRECISION`` each launch gets
+(``fastrnn.ops.recurrence.input_precision``) under PyTorch's tf32 flag, and the split-tf32 product
+of ``fastrnn.kernels.precision`` against the plain fp32 product.
+
+Under Triton's interpreter ``tl.dot`` is numpy's fp32 product whatever the precision, so these
+tests see the choice (captured at the launch) and the arithmetic of the stacked halves (a wrong
+stacking gives a wrong product), not tf32 rounding: that needs a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import fastrnn
+from fastrnn.backend import triton_interpreting
+from fastrnn.kernels.precision import split_tf32, weight_product
+from fastrnn.ops import persistent, recurrence
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or triton_interpreting()),
+    reason="the Triton kernels need a CUDA device or TRITON_INTERPRET=1",
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
+
+
+@pytest.fixture
+def tf32_flag():
+    """Set ``torch.backends.cuda.matmul.allow_tf32`` for the test, restored afterwards."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+
+    def set_flag(value: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+    yield set_flag
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+#: cell -> (layer class, expected fp32 persistent precision without / with the tf32 flag)
+CELLS = {
+    "lstm": (fastrnn.LSTM, "tf32x4", "tf32"),
+    "gru": (fastrnn.GRU, "ieee", "tf32"),
+    "rnn": (fastrnn.RNN, "ieee", "tf32"),
+}
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_persistent_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, cell, allow_tf32):
+    """The fp32 persistent kernels, forward and backward, are launched with ``tf32x4`` (LSTM) or
+    ``ieee`` (RNN, GRU) when PyTorch does not allow tf32 and ``tf32`` when it does (captured at
+    :func:`fastrnn.ops.persistent.launch`); the layer still matches torch.nn at fp32 tolerance."""
+    tf32_flag(allow_tf32)
+    layer, off, on = CELLS[cell]
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "4")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", "per_step")
+    seen = []
+    launch = persistent.launch
+
+    def recording_launch(name, kernel, args, meta, **kwargs):
+        seen.append((name, meta["INPUT_PRECISION"]))
+        return launch(name, kernel, args, meta, **kwargs)
+
+    monkeypatch.setattr(persistent, "launch", recording_launch)
+    torch.manual_seed(0)
+    module = layer(8, 16, device=DEVICE)
+    expected_module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](8, 16, device=DEVICE)
+    expected_module.load_state_dict(module.state_dict())
+    x = torch.randn(3, 2, 8, device=DEVICE)
+    with fastrnn.use_backend("triton"):
+        y, _ = module(x)
+    y.sum().backward()
+    want = on if allow_tf32 else off
+    assert sorted(seen) == [(f"{cell}_bwd", want), (f"{cell}_fwd", want)]
+    if not allow_tf32 or not torch.cuda.is_available():  # tf32 on a GPU is not fp32-accurate
+        torch.testing.assert_close(y, expected_module(x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
+def test_resident_and_16bit_precision(tf32_flag, allow_tf32):
+    """The resident and tiled kernels keep exact fp32 products (FMA units) unless tf32 is allowed;
+    16-bit products are always ``ieee``; every cell's persistent fp32 choice is one of Triton's
+    values or the split ``tf32x4`` of the cells in ``SPLIT_TF32_GATES``."""
+    tf32_flag(allow_tf32)
+    assert recurrence.input_precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+    for gates in (1, 3, 4):
+        split = "tf32x4" if gates in persistent.SPLIT_TF32_GATES else "ieee"
+        assert recurrence.input_precision(torch.float32, gates) == ("tf32" if allow_tf32 else split)
+        for dtype in (torch.float16, torch.bfloat16):
+            assert recurrence.input_precision(dtype, gates) == "ieee"
+
+
+@triton.jit
+def _product_kernel(w_ptr, x_ptr, out_ptr, hi_ptr, lo_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """``out (M, N) = w (M, K) @ x (K, N)`` by :func:`weight_product`; ``hi``, ``lo`` ``(M, K)``: :func:`split_tf32` of ``w``."""
+    m = tl.arange(0, M)
+    k = tl.arange(0, K)
+    n = tl.arange(0, N)
+    w = tl.load(w_ptr + m[:, None] * K + k[None, :])
+    x = tl.load(x_ptr + k[:, None] * N + n[None, :])
+    hi, lo = split_tf32(w)
+    tl.store(hi_ptr + m[:, None] * K + k[None, :], hi)
+    tl.store(lo_ptr + m[:, None] * K + k[None, :], lo)
+    tl.store(out_ptr + m[:, None] * N + n[None, :], weight_product(w, x, INPUT_PRECISION))
+
+
+def test_split_tf32_product_matches_fp32():
+    """``split_tf32`` is exact (``hi + lo == w``, ``hi`` has the 13 low mantissa bits clear) and the
+    ``tf32x4`` product of the stacked halves is ``w @ x`` (non-square: M, K, N all different)."""
+    M, K, N = 32, 64, 16
+    torch.manual_seed(0)
+    w = torch.randn(M, K, device=DEVICE)
+    x = torch.randn(K, N, device=DEVICE)
+    out, hi, lo = (torch.full(s, float("nan"), device=DEVICE) for s in ((M, N), (M, K), (M, K)))
+    _product_kernel[(1,)](w, x, out, hi, lo, M, K, N, "tf32x4")
+    assert torch.equal(hi + lo, w)
+    assert not (hi.view(torch.int32) & 0x1FFF).any()
+    assert (lo.abs() < 2.0 ** -10 * w.abs()).all() and lo.abs().max() > 0
+    expected = (w.double() @ x.double()).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
