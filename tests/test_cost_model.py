@@ -4,6 +4,7 @@ figures they are built from, and every figure names its source (fastrnn/ops/cost
 import dataclasses
 
 import pytest
+import torch
 
 from bench.matrix import GPU_MATRIX
 from fastrnn.ops import cost_model
@@ -68,3 +69,27 @@ def test_candidates_fit_the_card():
             assert p.programs <= FIGURES["sm_count"].value
             assert w.gates * p.hidden_slice * w.k * w.dtype_bytes <= FIGURES["shared_limit_bytes"].value
             assert p.slices * p.hidden_slice >= w.hidden and p.batch_groups * p.batch_per_group >= w.batch
+
+
+def test_fp32_persistent_products_on_tensor_cores_by_hand():
+    """L5 (LSTM B64 H256 fp32, slices of 8): the persistent products run as ``tf32x4`` (one tf32
+    product 2K = 512 deep: 64 dependent m16n8k8 mmas) unless PyTorch allows tf32 (then ``tf32``, 32
+    mmas); the slice's weights are held twice over (its tf32 halves), so reading them from shared
+    memory costs twice the bytes."""
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        w = Workload.from_row(ROWS["L5"])
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = Workload.from_row(ROWS["L5"])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+    assert (w.precision, w.persistent_precision) == ("ieee", "tf32x4")
+    p = persistent_partition(w, 8, 4, weights_in="shared")
+    lat = FIGURES["mma_latency_clk"].value
+    terms = estimate(w, p).fwd_terms_us
+    assert terms["tensor_core"] == pytest.approx(cost_model.clk_to_us(64 * lat))
+    slice_bytes = 4 * 8 * 256 * 4
+    assert terms["weights_from_shared"] == pytest.approx(cost_model.clk_to_us(2 * slice_bytes / FIGURES["shared_bytes_per_clk_per_sm"].value))
+    assert tf32.persistent_precision == "tf32"
+    assert estimate(tf32, p).fwd_terms_us["tensor_core"] == pytest.approx(cost_model.clk_to_us(32 * lat))

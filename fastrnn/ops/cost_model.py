@@ -97,8 +97,9 @@ class Workload:
     batch: int
     directions: int
     dtype_bytes: int
-    fp32: bool  # fp32 dots run on FMA units ("ieee"), 16-bit ones on tensor cores
-    split_tf32: bool = False  # the persistent kernels' fp32 products run as "tf32x4" on tensor cores
+    fp32: bool  # 16-bit dots run on tensor cores; fp32 ones as the precisions below say
+    precision: str = "ieee"  # INPUT_PRECISION of the resident and tiled kernels (fastrnn.ops.recurrence.input_precision)
+    persistent_precision: str = "ieee"  # INPUT_PRECISION of the cell's persistent kernels
     proj: int = 0
 
     @property
@@ -110,11 +111,11 @@ class Workload:
         """From a :class:`bench.matrix.Row` (first layer; deeper layers have the same recurrence)."""
         gates = {"rnn": 1, "gru": 3, "lstm": 4}[row.cell]
         size = {"float32": 4, "float16": 2, "bfloat16": 2}[row.dtype]
-        from fastrnn.ops.persistent import SPLIT_TF32_GATES
+        from fastrnn.ops.recurrence import input_precision
 
         fp32 = row.dtype == "float32"
         return cls(row.cell, gates, row.hidden, row.batch, 2 if row.bidirectional else 1, size, fp32,
-                   split_tf32=fp32 and gates in SPLIT_TF32_GATES)
+                   precision=input_precision(row.torch_dtype), persistent_precision=input_precision(row.torch_dtype, gates))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,20 +178,31 @@ def _pad16(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
-def _product_clk(w: Workload, m: int, n: int, k: int, k_chains: int, split_tf32: bool = False) -> tuple[float, float]:
+#: An fp32 product on tensor cores by ``INPUT_PRECISION``: (tf32 multiply-adds per fp32 one, depth of
+#: the dependent mma chain in multiples of ``k``). ``tf32x3``: Triton's three chained products;
+#: ``tf32x4``: ``fastrnn.kernels.precision``'s one product over the stacked halves, ``2k`` deep and
+#: ``2n`` wide. A tf32 mma reduces over 8, not 16.
+TF32_PRODUCTS = {"tf32": (1, 1), "tf32x3": (3, 3), "tf32x4": (4, 2)}
+
+
+def _product_clk(w: Workload, m: int, n: int, k: int, k_chains: int, precision: str = "ieee") -> tuple[float, float]:
     """(latency of the dependent chain, throughput time) of one ``(m x k) @ (k x n)`` product in a
-    program. ``split_tf32``: an fp32 product as ``"tf32x4"`` (``fastrnn.kernels.precision``: one tf32
-    product over the stacked halves, ``2k`` deep and ``2n`` wide, 4x the multiply-adds; a tf32 mma
-    reduces over 8, not 16)."""
+    program, its fp32 operands at ``precision`` (:data:`TF32_PRODUCTS`; ``ieee``: FMA units)."""
     flops = 2.0 * _pad16(m) * _pad16(n) * k
-    if w.fp32 and split_tf32:
-        chain = math.ceil(2 * k / 8) * figure("mma_latency_clk") / k_chains
-        return chain, 4 * flops / figure("mma_tf32_flop_per_clk_per_sm")
+    if w.fp32 and precision in TF32_PRODUCTS:
+        products, depth = TF32_PRODUCTS[precision]
+        chain = math.ceil(depth * k / 8) * figure("mma_latency_clk") / k_chains
+        return chain, products * flops / figure("mma_tf32_flop_per_clk_per_sm")
     if w.fp32:
         chain = k * figure("fma_latency_clk") / k_chains
         return chain, flops / figure("fma_flop_per_clk_per_sm")
     chain = math.ceil(k / 16) * figure("mma_latency_clk") / k_chains
     return chain, flops / figure("mma_flop_per_clk_per_sm")
+
+
+def _weight_copies(w: Workload) -> int:
+    """Copies of its weight slice a persistent program holds: 2 for ``tf32x4`` (its tf32 halves)."""
+    return 2 if w.fp32 and w.persistent_precision == "tf32x4" else 1
 
 
 def _bandwidth(programs: int, per_sm: float) -> float:
@@ -246,11 +258,11 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
         load = loads * p.batch_tiles * lat + (read_bytes + (slice_bytes if p.mode == "per_step" else 0) + carried) / bw
         # read once per sub-tile's product; "tf32x4" holds the slice twice over (its tf32 halves,
         # fastrnn.kernels.precision)
-        weights = (p.batch_tiles * slice_bytes * (2 if w.split_tf32 else 1) / figure("shared_bytes_per_clk_per_sm")
+        weights = (p.batch_tiles * slice_bytes * _weight_copies(w) / figure("shared_bytes_per_clk_per_sm")
                    if p.weights_in == "shared" and p.mode == "barrier" else 0.0)
         # a walked group: per sub-tile, its h load and its product, one sub-tile after another
         # (the L2 latencies and the mma chains add up)
-        chain, rate = _product_clk(w, m, max(1, Bg // p.batch_tiles), k, p.k_chains, w.split_tf32)
+        chain, rate = _product_clk(w, m, max(1, Bg // p.batch_tiles), k, p.k_chains, w.persistent_precision)
         chain, rate = chain * p.batch_tiles, rate * p.batch_tiles
         pointwise = _pointwise_clk(G * S * Bg, p.num_warps)
         floor = l2_fwd / figure("l2_total_bytes_per_clk")
@@ -304,7 +316,7 @@ def _resident(w: Workload, p: Partition) -> Estimate:
     Bt = p.batch_per_group
 
     def step(m, k):
-        chain, rate = _product_clk(w, m, Bt, k, p.k_chains)
+        chain, rate = _product_clk(w, m, Bt, k, p.k_chains, w.precision)
         terms = {"gx_load": clk_to_us(lat), "tensor_core": clk_to_us(max(chain, rate)),
                  "pointwise": clk_to_us(_pointwise_clk(G * H * Bt, p.num_warps))}
         return sum(terms.values()), terms
@@ -341,7 +353,7 @@ def candidate_partitions(w: Workload, **options) -> list[Partition]:
         groups = 1
         while groups == 1 or math.ceil(w.batch / groups) >= 16:
             p = persistent_partition(w, S, groups, **options)
-            fits = w.gates * S * w.k * w.dtype_bytes * (2 if w.split_tf32 else 1) <= figure("shared_limit_bytes")
+            fits = w.gates * S * w.k * w.dtype_bytes * _weight_copies(w) <= figure("shared_limit_bytes")
             if fits and p.programs <= figure("sm_count"):
                 out.append(p)
             groups *= 2
