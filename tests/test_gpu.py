@@ -120,6 +120,32 @@ def test_half_precision_on_tensor_cores(name, dtype):
         assert relative_error(g, p.grad) < 5e-2
 
 
+def _fp32_error_vs_float64(layer, x, allow_tf32: bool) -> float:
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        y, _ = layer(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+    with fastrnn.use_backend("reference"):
+        y64, _ = layer.double()(x.double())
+    layer.float()
+    return relative_error(y, y64)
+
+
+def test_fp32_persistent_lstm_on_tensor_cores_is_near_fp32(monkeypatch):
+    """The fp32 persistent LSTM (forced, H256) with tf32 disallowed runs its products as ``tf32x4``
+    (``fastrnn.kernels.precision``): within 1e-5 of float64, where allowing tf32 is visibly less
+    exact (the same kernel with ``tf32`` products)."""
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    torch.manual_seed(0)
+    layer = fastrnn.LSTM(32, 256, device="cuda")
+    x = torch.randn(16, 16, 32, device="cuda")
+    split = _fp32_error_vs_float64(layer, x, allow_tf32=False)
+    tf32 = _fp32_error_vs_float64(layer, x, allow_tf32=True)
+    assert split < 1e-5 and tf32 > 10 * split, (split, tf32)
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_bitwise_deterministic(name):
     torch.manual_seed(0)
