@@ -11,7 +11,7 @@ and ``(a_hi + a_lo)(b_hi + b_lo)`` formed as ONE tf32 tensor-core product over t
 remainders lose their low bits to tf32), near fp32's ``2^-24``, where a tf32 product is ``2^-11``.
 
 Why not Triton's own ``input_precision="tf32x3"`` (three products; in Triton 3.6 and 3.9): it
-emits three chained ``tl.dot``\ s, for which Triton picks the chained-dot warp layout (all warps
+emits three chained ``tl.dot`` calls, for which Triton picks the chained-dot warp layout (all warps
 along M: every warp holds the whole ``K``-long state operand in registers) and splits the operands
 after loading them into that layout. At the persistent kernels' shapes (``K = 256`` over 16 batch
 columns, fp32) that spilled 280 B to 9.9 KB of stack per thread on sm_90 (measured 2026-12-01 on the

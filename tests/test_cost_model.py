@@ -84,7 +84,7 @@ def test_fp32_persistent_products_on_tensor_cores_by_hand():
         tf32 = Workload.from_row(ROWS["L5"])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = flag
-    assert (w.precision, w.persistent_precision) == ("ieee", "tf32x4")
+    assert (w.precision, w.persistent_precision) == ("tf32x3", "tf32x4")
     p = persistent_partition(w, 8, 4, weights_in="shared")
     lat = FIGURES["mma_latency_clk"].value
     terms = estimate(w, p).fwd_terms_us

@@ -80,18 +80,59 @@ def test_persistent_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, cel
         torch.testing.assert_close(y, expected_module(x)[0], atol=1e-5, rtol=1e-5)
 
 
+class _RecordingKernel:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's ``INPUT_PRECISION``, then launches."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.seen.append(meta["INPUT_PRECISION"])
+            return self.kernel[grid](*args, **meta)
+        return run
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
+def test_resident_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, allow_tf32):
+    """The fp32 resident LSTM kernels (H16), forward and backward, are launched with Triton's
+    ``tf32x3`` when PyTorch does not allow tf32 and ``tf32`` when it does; fp32-exact on the CPU."""
+    from fastrnn.kernels import lstm as lstm_kernels
+
+    tf32_flag(allow_tf32)
+    seen = []
+    for name in ("lstm_fwd_resident_kernel", "lstm_bwd_resident_kernel"):
+        monkeypatch.setattr(lstm_kernels, name, _RecordingKernel(getattr(lstm_kernels, name), seen))
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(8, 16, device=DEVICE)
+    expected_module = torch.nn.LSTM(8, 16, device=DEVICE)
+    expected_module.load_state_dict(module.state_dict())
+    x = torch.randn(3, 2, 8, device=DEVICE)
+    with fastrnn.use_backend("triton"):
+        y, _ = module(x)
+    y.sum().backward()
+    assert seen == ["tf32" if allow_tf32 else "tf32x3"] * 2
+    if not allow_tf32 or not torch.cuda.is_available():
+        torch.testing.assert_close(y, expected_module(x)[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
 def test_resident_and_16bit_precision(tf32_flag, allow_tf32):
-    """The resident and tiled kernels keep exact fp32 products (FMA units) unless tf32 is allowed;
-    16-bit products are always ``ieee``; every cell's persistent fp32 choice is one of Triton's
-    values or the split ``tf32x4`` of the cells in ``SPLIT_TF32_GATES``."""
+    """The resident and tiled kernels run fp32 products as Triton's ``tf32x3`` unless tf32 is
+    allowed; 16-bit products are always ``ieee``; the persistent kernels' fp32 choice is the split
+    ``tf32x4`` for the cells in ``SPLIT_TF32_GATES``, ``ieee`` for the others and for kernels
+    outside the strategy table."""
     tf32_flag(allow_tf32)
-    assert recurrence.input_precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+    on = "tf32" if allow_tf32 else None
+    assert recurrence.input_precision(torch.float32) == (on or "ieee")  # kernels outside the strategy table
     for gates in (1, 3, 4):
         split = "tf32x4" if gates in persistent.SPLIT_TF32_GATES else "ieee"
-        assert recurrence.input_precision(torch.float32, gates) == ("tf32" if allow_tf32 else split)
+        assert recurrence.input_precision(torch.float32, "persistent", gates) == (on or split)
+        for strategy in ("resident", "tiled"):
+            assert recurrence.input_precision(torch.float32, strategy, gates) == (on or "tf32x3")
         for dtype in (torch.float16, torch.bfloat16):
-            assert recurrence.input_precision(dtype, gates) == "ieee"
+            for strategy in ("resident", "tiled", "persistent", None):
+                assert recurrence.input_precision(dtype, strategy, gates) == "ieee"
 
 
 @triton.jit

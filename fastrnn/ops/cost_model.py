@@ -115,7 +115,8 @@ class Workload:
 
         fp32 = row.dtype == "float32"
         return cls(row.cell, gates, row.hidden, row.batch, 2 if row.bidirectional else 1, size, fp32,
-                   precision=input_precision(row.torch_dtype), persistent_precision=input_precision(row.torch_dtype, gates))
+                   precision=input_precision(row.torch_dtype, "resident", gates),
+                   persistent_precision=input_precision(row.torch_dtype, "persistent", gates))
 
 
 @dataclasses.dataclass(frozen=True)

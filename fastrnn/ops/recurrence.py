@@ -26,9 +26,10 @@ persistent is one launch (barrier mode) or one per step (per_step mode). The lim
 which every launch compiles for sm_90 without spills on triton 3.6 and 3.9: the compile gate
 (``python -m fastrnn.ops.aot``, checked by ``tests/test_kernel_compile.py``) compiles each launch as
 Triton specialises it and ``bench/results/aot-compile.md`` holds the registers, stack and shared
-memory it measured. An fp32 ``ieee`` dot runs on FMA units and replicates ``W`` across threads, so
-the fp32 resident blocks are half the 16-bit ones. The tiled launches pass ``maxnreg``
-(:func:`register_budget`).
+memory it measured. The fp32 resident blocks are half the 16-bit ones: they were sized when fp32
+products ran as ``ieee`` on FMA units, which replicate ``W`` across threads (they now run as
+``tf32x3`` on tensor cores, :func:`input_precision`; larger fp32 blocks are not yet measured).
+The tiled launches pass ``maxnreg`` (:func:`register_budget`).
 """
 
 from __future__ import annotations
@@ -140,14 +141,16 @@ def launch(
         if persistent_kernel is None:
             raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
         meta = dict(meta, **persistent_kernel.meta)
-        if "INPUT_PRECISION" in meta:  # the launcher passed the resident kernels' choice
-            meta["INPUT_PRECISION"] = input_precision(dtype, gates)
+        if "INPUT_PRECISION" in meta:  # the launcher's choice, made before the strategy was known
+            meta["INPUT_PRECISION"] = input_precision(dtype, "persistent", gates)
         persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,
                           device=device, phases=persistent_kernel.phases, scratch=persistent_kernel.scratch)
         count_launch(f"{name}_persistent")
         return
     grid = (triton.cdiv(B, p.block_b), D)
     meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
+    if "INPUT_PRECISION" in meta:
+        meta["INPUT_PRECISION"] = input_precision(dtype, p.strategy, gates)
     if p.strategy == "tiled":
         meta["maxnreg"] = register_budget(p.num_warps)
     resident, tiled = kernel_pair
@@ -181,14 +184,18 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def input_precision(dtype: torch.dtype, persistent_gates: int | None = None) -> str:
-    """The kernels' ``INPUT_PRECISION`` for operands of ``dtype``; ``persistent_gates``: the cell's
-    gates when the launch is its persistent kernel (None: the resident or tiled kernels).
+def input_precision(dtype: torch.dtype, strategy: str | None = None, gates: int | None = None) -> str:
+    """The kernels' ``INPUT_PRECISION`` for operands of ``dtype``. ``strategy`` (and the cell's
+    ``gates``): the strategy a launch of the strategy table runs (:func:`launch` passes them); None:
+    kernels outside the table (fused generation, layer-norm cells), which keep exact fp32 products.
 
     16-bit operands: ``"ieee"`` (products accumulate in fp32 on tensor cores either way). fp32:
-    ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set; else ``"tf32x4"`` for the
-    persistent kernels of the cells in ``persistent.SPLIT_TF32_GATES`` (``fastrnn.kernels.precision``:
-    split tf32 products on tensor cores, error near fp32's) and ``"ieee"`` (FMA units) for the rest.
+    ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set; else products on tensor cores
+    at an error near fp32's where they compile clean: Triton's ``"tf32x3"`` (three tf32 products of
+    the operands' tf32 parts and remainders) for the resident and tiled kernels, ``"tf32x4"``
+    (``fastrnn.kernels.precision``: one tf32 product of the stacked parts) for the persistent kernels
+    of the cells in ``persistent.SPLIT_TF32_GATES``; ``"ieee"`` (FMA units) for the other persistent
+    kernels (RNN, GRU: either split spills more there on sm_90) and outside the table.
 
     Which flag: fastrnn follows ``torch.backends.cuda.matmul.allow_tf32`` (default off), not
     ``torch.backends.cudnn.allow_tf32`` (default on), which cuDNN's fp32 RNNs follow. A fastrnn layer
@@ -200,7 +207,11 @@ def input_precision(dtype: torch.dtype, persistent_gates: int | None = None) -> 
         return "ieee"
     if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    return "tf32x4" if persistent_gates in persistent.SPLIT_TF32_GATES else "ieee"
+    if strategy in ("resident", "tiled"):
+        return "tf32x3"
+    if strategy == "persistent" and gates in persistent.SPLIT_TF32_GATES:
+        return "tf32x4"
+    return "ieee"
 
 
 def kernel_weight(w: Tensor) -> Tensor:
