@@ -92,10 +92,11 @@ MODES = ("barrier", "per_step", "auto")
 CELL_GATES = frozenset({1, 3, 4})
 #: (gates, fp32?) the plan does not pick the persistent kernels for by itself (they still run when
 #: forced): LSTM in fp32. Its products run as ``"tf32x4"`` on tensor cores (:data:`SPLIT_TF32_GATES`;
-#: as ``"ieee"`` FMA products they spilled on sm_90 at H256): at L5's plan (B64 H256) both kernels
-#: then compile clean on Triton 3.9, but on Triton 3.6 (sm_90) the plain forward keeps a 16 B and
-#: the backward an 8 B stack frame, and the compile gate's ``full`` form (projection, lengths,
-#: bidirectional) spills 24-432 B in the backward (and KBs in the 3.6 forward).
+#: as ``"ieee"`` FMA products the backward spilled 728 B on sm_90 at L5): at L5's plan (B64 H256,
+#: sm_90) the forward then compiles clean on Triton 3.9, but the backward sits at 255 registers with
+#: an 8 B stack frame (3.9 with every option on, 3.6 in both forms), the 3.6 plain forward keeps
+#: 16 B, and the compile gate's ``full`` form (projection, lengths, bidirectional, H248) spills
+#: 24-432 B in the backward (and KBs in the 3.6 forward).
 NOT_PLANNED = frozenset({(4, True)})
 #: Gates of the cells whose persistent kernels run fp32 products as ``"tf32x4"`` on tensor cores
 #: (``fastrnn.kernels.precision``; ``fastrnn.ops.recurrence.input_precision``): the LSTM's, whose
