@@ -17,7 +17,7 @@ after loading them into that layout. At the persistent kernels' shapes (``K = 25
 columns, fp32) that spilled 280 B to 9.9 KB of stack per thread on sm_90 (measured 2026-12-01 on the
 compile gate's RNN and GRU persistent workloads and L5's LSTM forward, Triton 3.9); written out
 by hand as three products, the LSTM forward at L5 still spilled 360-416 B. One product over the
-stacked halves keeps the one-product layout and compiled clean there (sm_90, sm_80). The
+stacked halves keeps the one-product layout and compiled clean there with Triton 3.9 (sm_90, sm_80). The
 stacking holds the weight tile twice over (its halves, on chip for the whole sequence) and the
 step's operand four times over.
 
