@@ -108,11 +108,11 @@ def gru_reference_direction(ax, h0, p, lengths, reverse, mask, zoneout_p, grad_c
 
 # ------------------------------------------------------------------- hand-written backward path
 #: Elements of one ``(steps, B, G*H)`` buffer of a time chunk (2 MiB in float32). The hand-written
-#: path walks time in chunks of this size: the input-side GEMM and norm run per chunk (their
-#: output still in cache when the steps read it), the weight gradients are summed chunk by chunk,
-#: and no buffer of the whole sequence is allocated. Measured here (glibc, 2026-12-01): a 16 MiB
-#: tensor allocated on every call page-faults each time (4096 faults, tens of ms per training
-#: step), while 2 MiB blocks are reused from the heap without a fault.
+#: path walks time in chunks of this size: the input-side GEMM and norm run per chunk (read by
+#: the chunk's steps soon after), the weight gradients are summed chunk by chunk, and no buffer of
+#: the whole sequence is allocated. Measured here (glibc, 2026-12-01): a 16 MiB tensor allocated
+#: on every call page-faults each time (4096 faults; whole-sequence buffers cost 13k faults per
+#: training step at B16 T256 H256), while 2 MiB blocks are reused from the heap without a fault.
 CHUNK_ELEMENTS = 1 << 19
 
 
@@ -221,12 +221,13 @@ class LayerNormLSTMFunction(torch.autograd.Function):
     bias (4H,) = b_ih + b_hh or None, w_hh, gain_hh, gain_cell, bias_cell, h0, c0) -> (y (T,B,H),
     h_n, c_n)`` with a hand-written backward through time.
 
-    Time runs in chunks (:data:`CHUNK_ELEMENTS`). Per step the forward is one GEMM and ten
+    Time runs in chunks (:data:`CHUNK_ELEMENTS`). Per step the forward is one GEMM and eleven
     elementwise ops: the ``g`` gate's ``tanh`` and the cell's are ``2 sigmoid(2x) - 1`` (the
-    factor 2 folded into the gains, so one ``sigmoid`` covers the four gates), the states are
-    written straight into the chunk's state buffers, and the norms' statistics are kept for the
-    backward. The backward is one GEMM and about sixteen ops per step; the weight, gain and bias
-    gradients are summed per chunk (one GEMM each) and over the chunks."""
+    factor 2 folded into the gains, so one ``sigmoid`` covers the four gates; the sigmoids are
+    kept), the states are written straight into the chunk's state buffers, and the norms'
+    statistics are kept for the backward. The backward is one GEMM and nine ops per step, after
+    :func:`_lstm_chunk_slopes` per chunk; the weight, gain and bias gradients are summed per chunk
+    (one GEMM each) and over the chunks."""
 
     @staticmethod
     def forward(ctx, x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, reverse, mask, zoneout_p,
