@@ -485,8 +485,9 @@ def layer_norm_lstm_layer(x, h0, c0, params, lengths, zoneout_mask, zoneout_p, g
         record = None if flow_record is None else flow_record[d]
         if fast:
             bias = None if p.get("bias_ih") is None else p["bias_ih"] + p["bias_hh"]
-            y, h, c = LayerNormLSTMFunction.apply(x, p["weight_ih"], p["gain_ih"], bias, p["weight_hh"], p["gain_hh"], p["gain_cell"],
-                                                  p["bias_cell"], h0[d], c0[d], lengths, d == 1, mask, zoneout_p, grad_clip, record)
+            run = layer_norm_op.lstm_direction if torch.compiler.is_compiling() else LayerNormLSTMFunction.apply
+            y, h, c = run(x, p["weight_ih"], p["gain_ih"], bias, p["weight_hh"], p["gain_hh"], p["gain_cell"], p["bias_cell"],
+                          h0[d], c0[d], lengths, d == 1, mask, zoneout_p, grad_clip, record)
         else:
             ax = input_side(x, p, fold_hidden_bias=True)
             y, h, c = lstm_reference_direction(ax, h0[d], c0[d], p, lengths, d == 1, mask, zoneout_p, grad_clip, record)
@@ -511,8 +512,9 @@ def layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, zoneout_p, grad_c
             b_hh = p.get("bias_hh")
             if b_hh is None:
                 b_hh = x.new_zeros(3 * hidden)
-            y, h = LayerNormGRUFunction.apply(x, p["weight_ih"], p["gain_ih"], p.get("bias_ih"), p["weight_hh"], p["gain_hh"], b_hh,
-                                              h0[d], lengths, d == 1, mask, zoneout_p, grad_clip, record)
+            run = layer_norm_op.gru_direction if torch.compiler.is_compiling() else LayerNormGRUFunction.apply
+            y, h = run(x, p["weight_ih"], p["gain_ih"], p.get("bias_ih"), p["weight_hh"], p["gain_hh"], b_hh, h0[d], lengths,
+                       d == 1, mask, zoneout_p, grad_clip, record)
         else:
             ax = input_side(x, p, fold_hidden_bias=False)
             y, h, _ = gru_reference_direction(ax, h0[d], p, lengths, d == 1, mask, zoneout_p, grad_clip, record)
@@ -633,3 +635,5 @@ class LayerNormGRU(_LayerNormRecurrence):
         y, h_n = layer_norm_gru_layer(x, h0, params, lengths, zoneout_mask, self.zoneout, self.grad_clip, flow_record, self._fast())
         return y, h_n, None
 
+
+from fastrnn import layer_norm_op  # noqa: E402  (registers the operators torch.compile traces; it imports the Functions above)

@@ -22,10 +22,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import gradient_flow
 from fastrnn.layers import RecurrentBase, _permute
+from fastrnn.packing import lengths_from_batch_sizes, pack_padded, pad_packed
 from fastrnn.regularization import check_probability, drop_connect, zoneout, zoneout_mask
 
 
@@ -201,10 +202,10 @@ class StackedRecurrence(nn.Module):
         return output, ((h_n, c_n) if self.HAS_CELL else h_n)
 
     def _run_stack(self, input: Tensor, batch_sizes: Tensor | None, h0: Tensor, c0: Tensor | None, sorted_indices: Tensor | None):
-        lengths = lengths_cpu = None
-        if batch_sizes is not None:
-            x, lengths_cpu = pad_packed_sequence(PackedSequence(input, batch_sizes))
-            lengths = lengths_cpu.to(input.device)
+        lengths = None
+        if batch_sizes is not None:  # fastrnn's registered pad/pack: Dynamo traces them (not torch.nn's)
+            x = pad_packed(input, batch_sizes, h0.shape[1])
+            lengths = lengths_from_batch_sizes(batch_sizes, h0.shape[1]).to(input.device)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         recorder = gradient_flow.active() if torch.is_grad_enabled() else None
@@ -223,7 +224,7 @@ class StackedRecurrence(nn.Module):
             h_out.append(h_n)
             c_out.append(c_n)
         if batch_sizes is not None:
-            output = pack_padded_sequence(x, lengths_cpu, enforce_sorted=True).data
+            output = pack_padded(x, batch_sizes, input.shape[0])
         else:
             output = x.transpose(0, 1) if self.batch_first else x
         return output, torch.cat(h_out), (torch.cat(c_out) if c0 is not None else None)
