@@ -10,9 +10,13 @@ whole loop unrolls every step) and the faster of the two is the anchor, as issue
 
 Rows (:data:`CPU_ROWS` on a CPU; :data:`GPU_ROWS`, the issue's rows, on CUDA, and in ``--dry-run``
 shrunk like the GPU matrix by :data:`bench.matrix.DRY_RUN_DIVISORS` and run on the CPU). Every row
-is first checked against its float64 oracle (fastrnn's reference backend in float64, relative
-error within :data:`bench.accuracy.TOLERANCE` of the row's dtype; the user's loops are measured
-against it too, for context) and then timed in the modes ``forward`` (inference) and ``train``
+is first checked against its float64 oracle (fastrnn's reference backend in float64): it passes
+when its relative error is within :data:`bench.accuracy.TOLERANCE` of the row's dtype, or within
+:data:`AUTOGRAD_FACTOR` times the error of PyTorch's own autograd loop (the reference backend) in
+the row's dtype. The second clause is for the LayerNorm LSTM, whose gradients amplify rounding
+over the steps: at C5 (T=128, fp32) the autograd loop itself is 3e-4 off and the user's loop 6e-4
+on the input gradient, above the 1e-4 that plain LSTMs meet. The user's loops' output errors are
+recorded too, for context. Then the row is timed in the modes ``forward`` (inference) and ``train``
 (forward+backward, gradients of the input and every parameter), fastrnn and the user's loops
 interleaved on the CPU. A record's layout follows :func:`bench.runner.run_row`'s: ``variants``
 (``fastrnn``, ``user_loop``, ``user_loop_compiled``), ``anchor`` and ``speedup`` per mode.
@@ -38,6 +42,8 @@ from bench.workload import Sample, converted, forward_fn, train_fn
 #: The fastrnn layer of each cell.
 LAYERS = {"LayerNormLSTM": fastrnn.LayerNormLSTM, "LayerNormGRU": fastrnn.LayerNormGRU, "IndRNN": fastrnn.IndRNN}
 USER_LOOPS = ("user_loop", "user_loop_compiled")
+#: A row also passes when its error is at most this many times the autograd loop's in its dtype.
+AUTOGRAD_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,10 @@ def run_cell_row(row: CellRow, device: torch.device, backend: str = "auto", comp
             clock = time.perf_counter()
             loop(inputs[0].input)[0].sum().backward()
             first[name] = round(time.perf_counter() - clock, 2)
-        result["check"] = accuracy.check(layer, inputs[0], tol, backend=backend)
+        result["check"] = check = accuracy.check(layer, inputs[0], tol, backend=backend)
+        if not check["passed"]:
+            autograd = accuracy.check(layer, inputs[0], tol, backend="reference")["max_rel_err"]
+            check.update(autograd_rel_err=autograd, passed=check["max_rel_err"] <= AUTOGRAD_FACTOR * autograd)
         oracle = converted(layer, torch.float64)
         with torch.no_grad(), fastrnn.use_backend("reference"):
             expected = oracle(inputs[0].input.detach().double())[0]
