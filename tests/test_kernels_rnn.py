@@ -89,15 +89,58 @@ def test_fp32_matches_reference(case, device):
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-2), (torch.bfloat16, 3e-2)], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", ["tanh-2layers-bidir", "packed-bidir", "tiled-relu"])
 def test_half_precision_against_float64_reference(case, dtype, rtol, device):
-    """16-bit weights and inputs, fp32 state: close to the float64 reference of the same numbers."""
+    """16-bit weights and inputs, fp32 state: close to the float64 reference of the same numbers.
+
+    At ReLU's kink the comparison is ill-posed: a pre-activation within 16-bit rounding of zero
+    (the input projection is a 16-bit GEMM) may take either branch, and one flipped unit moves the
+    gradients by percents (measured: torch 2.11's bf16 draw of this case puts one of 780
+    pre-activations at 8e-5, a 6% gradient difference). So the ReLU case's float64 reference takes
+    the kernel's branch, and the test asserts that the branches differ only inside that rounding band."""
     module, x, h0, packed = make(case, dtype, device)
     out, grads = run(module, x, h0, "triton", packed)
     assert out["y"].dtype == dtype
-    module64 = module.double()
-    x64 = x.to(torch.float64) if not packed else torch.nn.utils.rnn.PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
-    ref_out, ref_grads = run(module64, x64, h0.double(), "reference", packed)
+    if module.nonlinearity == "relu":
+        ref_out, ref_grads = relu_reference_on_the_kernels_branch(module, x, h0, out["y"], dtype)
+    else:
+        module64 = module.double()
+        x64 = x.to(torch.float64) if not packed else torch.nn.utils.rnn.PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+        ref_out, ref_grads = run(module64, x64, h0.double(), "reference", packed)
     assert_matches(out, ref_out, rtol)
     assert_matches(grads, ref_grads, rtol)
+
+
+def relu_reference_on_the_kernels_branch(module, x, h0, y_kernel, dtype):
+    """The float64 one-layer, one-direction ReLU RNN of ``run`` (same loss), with each unit's branch
+    ``h_t > 0`` taken from the kernel's output ``y_kernel``; asserts the kernel's branch equals the
+    float64 one wherever the pre-activation is farther from zero than twice 16-bit rounding of its
+    terms (the input projection is rounded to ``dtype``; the state is fp32)."""
+    assert module.num_layers == 1 and not module.bidirectional
+    eps = torch.finfo(dtype).eps
+    w_ih, w_hh = module.weight_ih_l0.double(), module.weight_hh_l0.double()
+    b_ih, b_hh = module.bias_ih_l0.double(), module.bias_hh_l0.double()
+    params = [p.detach().clone().requires_grad_(True) for p in (w_ih, w_hh, b_ih, b_hh)]
+    x64 = x.double().detach().requires_grad_(True)
+    h = h0.double().detach().requires_grad_(True)
+    h_t, ys, flips, far = h[0], [], 0, 0
+    for t in range(x64.shape[0]):
+        projected = x64[t] @ params[0].T + params[2]
+        recurrent = h_t @ params[1].T + params[3]
+        pre = projected + recurrent
+        branch = (y_kernel[t] > 0).double()
+        band = 2 * eps * (x64[t].abs() @ params[0].abs().T + params[2].abs()).detach()
+        disagree = (branch != (pre.detach() > 0).double())
+        flips += int(disagree.sum())
+        far += int((disagree & (pre.detach().abs() > band)).sum())
+        h_t = pre * branch
+        ys.append(h_t)
+    assert far == 0, f"{far} of {flips} branch differences lie outside the 16-bit rounding band"
+    y = torch.stack(ys)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    ((y * weights).sum() + h_t.square().sum()).backward()
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+    grads = {name: p.grad for name, p in zip(names, params)}
+    grads["h0"], grads["x"] = h.grad, x64.grad
+    return {"y": y, "h_n": h_t[None]}, grads
 
 
 @pytest.mark.parametrize("device", DEVICES)

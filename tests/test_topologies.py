@@ -489,6 +489,7 @@ FUSED_CASES = {
     # id: (nonlinearity, output activation, hidden, features, batch, steps, grad_clip)
     "tanh-identity": ("tanh", None, 16, 3, 3, 5, None),
     "relu-tanh-2programs": ("relu", "tanh", 20, 5, 18, 4, None),
+    "gelu-tanh-2programs": ("gelu", "tanh", 20, 5, 18, 4, None),
     "gelu-sigmoid-H33": ("gelu", "sigmoid", 33, 4, 2, 5, None),
     "sigmoid-callable-O17": ("sigmoid", torch.tanh, 8, 17, 4, 3, None),
     "hardtanh-one-step": ("hardtanh", nn.Sigmoid(), 16, 2, 3, 1, None),
@@ -548,8 +549,14 @@ def test_fused_generation_clips_like_the_reference():
 @needs_kernels
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-2), (torch.bfloat16, 3e-2)], ids=["fp16", "bf16"])
 def test_fused_generation_half_precision(dtype, rtol):
-    """16-bit weights and inputs, fp32 state: close to the float64 loop on the same numbers."""
-    m, x0, h0, steps = _fused_model("relu-tanh-2programs", dtype)
+    """16-bit weights and inputs, fp32 state: close to the float64 loop on the same numbers.
+
+    Two programs (18 rows) and a hidden nonlinearity differentiable everywhere: with ReLU a
+    pre-activation within 16-bit rounding of zero takes either branch and one flipped unit moves the
+    gradients by percents (measured: relu-tanh-2programs fails in bf16 at seeds 2, 4 and 6 on torch
+    2.13, and at seed 8 with torch 2.11's bf16 draw), so ReLU's branches are checked in fp32 at 1e-5
+    (``test_fused_generation_matches_cell_loop``) and this test checks the 16-bit arithmetic."""
+    m, x0, h0, steps = _fused_model("gelu-tanh-2programs", dtype)
     y, grads = _generate_with_grads(m, x0, h0, steps, "triton")
     assert y.dtype == dtype
     ref_y, ref_grads = _generate_with_grads(m.double(), x0.double(), h0.double(), steps, "reference")
