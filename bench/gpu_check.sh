@@ -8,12 +8,15 @@
 #
 # The default ("check") is what the first GPU session of the persistent kernels runs:
 #   1. `python -m bench --plan --json` (strategy, grid, sm_90 compile resources and the cost model's
-#      estimate per GPU row: the predictions the timings are then read against);
-#   2. the CUDA tests: tests/test_gpu.py, the persistent kernels' tests (tests/test_persistent*.py,
-#      the concurrent-grid harness), the kernel parity tests;
+#      estimate per GPU row: the predictions the timings are then read against), on the CPU in the
+#      background while the tests run (it compiles, it launches nothing);
+#   2. the CUDA tests: the persistent kernels' tests first (tests/test_persistent*.py: parity in
+#      barrier mode as cooperative launches, and per step), then tests/test_gpu.py, then the kernel
+#      parity tests; one line per test (-v), so a run cut short by its limit still shows what passed;
 #   3. every GPU-matrix row of `python -m bench` (on CUDA it times the Triton kernels) against torch.nn (cuDNN),
-#      without the reference loops, the batch sweep, the topology and gradient-flow sections.
-# Step limits (seconds): PLAN_TIMEOUT 60, PYTEST_TIMEOUT 120, BENCH_TIMEOUT 140 (check mode).
+#      without the reference loops, the batch sweep, the topology and gradient-flow sections
+#      (after the plan report has finished: nothing else runs while it times).
+# Step limits (seconds): PLAN_TIMEOUT 90, PYTEST_TIMEOUT 150, BENCH_TIMEOUT 140 (check mode).
 #
 # Run from anywhere; it works in the repository root. Results go to $OUT (default bench/results/),
 # eight files at most (what a lent machine hands back):
@@ -89,41 +92,54 @@ fi
 
 PLAN_RC="skipped"
 PLAN_SECONDS=0
+PLAN_PID=""
 if [ "$MODE" = "check" ] || [ "$MODE" = "full" ]; then
-    section "plan report (python -m bench --plan --json)"
-    T0=$(date +%s)
+    section "plan report (python -m bench --plan --json, in the background)"
     PLAN_JSON="$OUT/plan-$("$PY" -c 'from bench import environment as e; print(e.describe(e.detect_device())["device"])' 2>/dev/null || echo gpu)-$DATE.json"
-    timeout "${PLAN_TIMEOUT:-60}" "$PY" -m bench --plan --json > "$PLAN_JSON.tmp"
-    PLAN_RC=$?
-    mv "$PLAN_JSON.tmp" "$PLAN_JSON"
-    PLAN_SECONDS=$(( $(date +%s) - T0 ))
-    [ "$PLAN_RC" = 124 ] && echo "plan report stopped at the ${PLAN_TIMEOUT:-60} s limit"
-    echo "wrote $PLAN_JSON"
+    PLAN_LOG="$(mktemp)"
+    # Its progress goes to a file of its own (printed when it ends), not into the tests' output.
+    ( T0=$(date +%s); timeout "${PLAN_TIMEOUT:-90}" "$PY" -m bench --plan --json > "$PLAN_JSON.tmp" 2> "$PLAN_LOG"
+      echo "$? $(( $(date +%s) - T0 ))" > "$PLAN_LOG.rc" ) &
+    PLAN_PID=$!
 fi
+finish_plan() {  # wait for the background plan report; set PLAN_RC and PLAN_SECONDS
+    [ -n "$PLAN_PID" ] || return 0
+    wait "$PLAN_PID"
+    PLAN_PID=""
+    section "plan report finished"
+    cat "$PLAN_LOG"
+    read -r PLAN_RC PLAN_SECONDS < "$PLAN_LOG.rc" || { PLAN_RC="unknown"; PLAN_SECONDS=0; }
+    mv "$PLAN_JSON.tmp" "$PLAN_JSON"
+    [ "$PLAN_RC" = 124 ] && echo "plan report stopped at the ${PLAN_TIMEOUT:-90} s limit"
+    echo "wrote $PLAN_JSON (exit $PLAN_RC, $PLAN_SECONDS s)"
+}
 
 PYTEST_RC="skipped"
 PYTEST_SECONDS=0
 if [ "$MODE" != "bench" ]; then
     section "tests"
     T0=$(date +%s)
-    # The tests a GPU adds evidence to: GPU-only ones first, then the persistent kernels' tests
-    # (whatever tests/test_persistent*.py there are), then parity of every kernel on CUDA tensors;
-    # no -x, so one call shows every failure. (The CPU paths and the ahead-of-time compile gates run in CI.)
-    PYTEST_LIMIT="${PYTEST_TIMEOUT:-120}"
-    [ "$MODE" = "full" ] && PYTEST_LIMIT="${PYTEST_TIMEOUT:-150}"
-    TESTS=(tests/test_gpu.py)
-    for f in tests/test_persistent*.py tests/test_concurrent_grid.py; do  # the compile gate runs in CI, not here
+    # The tests a GPU adds evidence to: the persistent kernels' tests first (whatever
+    # tests/test_persistent*.py there are), then the GPU-only ones, then parity of every kernel on
+    # CUDA tensors; no -x, so one call shows every failure, and -v, so a run stopped at its limit
+    # still shows every test that finished. (The CPU paths and the ahead-of-time compile gates run in CI;
+    # the concurrent-grid harness is CPU-only.)
+    PYTEST_LIMIT="${PYTEST_TIMEOUT:-150}"
+    [ "$MODE" = "full" ] && PYTEST_LIMIT="${PYTEST_TIMEOUT:-180}"
+    TESTS=()
+    for f in tests/test_persistent*.py; do  # the compile gate runs in CI, not here
         [ -e "$f" ] && [ "$f" != tests/test_persistent_compile.py ] && TESTS+=("$f")
     done
-    TESTS+=(tests/test_kernels_rnn.py tests/test_kernels_gru.py tests/test_kernels_lstm.py tests/test_gradient_control.py tests/test_regularized_kernels.py)
+    TESTS+=(tests/test_gpu.py tests/test_kernels_rnn.py tests/test_kernels_gru.py tests/test_kernels_lstm.py tests/test_gradient_control.py tests/test_regularized_kernels.py)
     [ "$MODE" = "check" ] || TESTS+=(tests/test_topologies.py)
     echo "pytest ${TESTS[*]}"
-    timeout "$PYTEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -rfE "${TESTS[@]}"
+    timeout "$PYTEST_LIMIT" "$PY" -m pytest -v -p no:cacheprovider -rfE "${TESTS[@]}"
     PYTEST_RC=$?
     PYTEST_SECONDS=$(( $(date +%s) - T0 ))
     [ "$PYTEST_RC" = 124 ] && echo "pytest stopped at the $PYTEST_LIMIT s limit"
 fi
 
+finish_plan
 section "benchmark ($MODE)"
 case "$MODE" in
     full) LIMIT="${BENCH_TIMEOUT:-600}" ;;

@@ -61,9 +61,12 @@ from fastrnn.kernels.recurrence import (
     copy_rows,
     group_flags,
     load_rows,
+    load_rows_split,
+    load_weight_split,
     persistent_tile,
     program_tile,
     squared_row_norm,
+    split_product,
     step_time,
 )
 from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
@@ -467,13 +470,15 @@ def gru_fwd_persistent_kernel(
     group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
     slices = tl.num_programs(0)
 
-    # w_g[k, i] = W_hh[d, g*H + units[i], k] for the gates r, z, n: on chip for the whole launch.
+    # The product's k side in SPLIT chunks of CHUNK (split_product): 8 from BLOCK_K 128 up, else
+    # chunks of 16 (tl.dot's least k).
+    SPLIT: tl.constexpr = 8 if BLOCK_K >= 128 else BLOCK_K // 16
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT
+    # w_g[c, k, i] = W_hh[d, g*H + units[i], c*CHUNK + k] for the gates r, z, n: on chip for the whole launch.
     w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
-    w_offs = ks[:, None] + units[None, :] * H
-    w_ok = k_ok[:, None] & unit_ok[None, :]
-    w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-    w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-    w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    w_r = load_weight_split(w_base, H, units, unit_ok, SPLIT, CHUNK)
+    w_z = load_weight_split(w_base + H * H, H, units, unit_ok, SPLIT, CHUNK)
+    w_n = load_weight_split(w_base + 2 * H * H, H, units, unit_ok, SPLIT, CHUNK)
     if HAS_BIAS:
         b_base = b_hh_ptr + direction * 3 * H + units
         b_r = tl.load(b_base, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
@@ -499,15 +504,15 @@ def gru_fwd_persistent_kernel(
         gx_z = tl.load(gx_ptr + gx_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
         gx_n = tl.load(gx_ptr + gx_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
         if p == 0:
-            h_all = load_rows(h0_ptr + direction * B * H, H, rows64, row_ok, ks, k_ok, w_r.dtype)
+            h_all = load_rows_split(h0_ptr + direction * B * H, H, rows64, row_ok, H, SPLIT, CHUNK, w_r.dtype)
         else:
             if BARRIER:
                 wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-            h_all = load_rows(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, ks, k_ok, w_r.dtype)
+            h_all = load_rows_split(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, H, SPLIT, CHUNK, w_r.dtype)
         # gh_g = (h @ W_g[units, :]^T)^T: batch rows on the product's M side, units on N.
-        gh_r = tl.trans(tl.dot(h_all, w_r, input_precision=INPUT_PRECISION))
-        gh_z = tl.trans(tl.dot(h_all, w_z, input_precision=INPUT_PRECISION))
-        gh_n = tl.trans(tl.dot(h_all, w_n, input_precision=INPUT_PRECISION))
+        gh_r = tl.trans(split_product(h_all, w_r, INPUT_PRECISION))
+        gh_z = tl.trans(split_product(h_all, w_z, INPUT_PRECISION))
+        gh_n = tl.trans(split_product(h_all, w_n, INPUT_PRECISION))
         if HAS_BIAS:
             gh_r += b_r
             gh_z += b_z
@@ -591,6 +596,24 @@ def gru_bwd_persistent_kernel(
 
     g_stride = D * 3 * H  # elements between consecutive batch rows of dgx / dgh
     for p in range(phase_begin, phase_end):
+        # The step's own inputs (the state it read, dy, saved) do not depend on the other programs:
+        # issued before the wait, so their latency hides behind it. The reverse of the forward walk:
+        # forward direction from T-1 down, reverse from 0 up. Phase T has no step (its loads masked off).
+        t = step_time(tl.minimum(p, T - 1), T, 1 - direction).to(tl.int64)
+        own = tl.where(p < T, tile_ok, False)  # (not tile_ok & (p < T): the interpreter rejects that mask)
+        row_t = (t * B + rows64)[None, :]
+        # The state step t read: y at the neighbouring step, h0 where a row's walk starts.
+        t_read = t - 1 + 2 * direction
+        start = (t_read < 0) | (t_read >= length)
+        t_read = tl.minimum(tl.maximum(t_read, 0), T - 1)
+        h_prev = tl.load(y_ptr + (t_read * B + rows64)[None, :] * (D * H) + direction * H + units[:, None], mask=own, other=0.0).to(tl.float32)
+        h_prev = tl.where(start, h0, h_prev)
+        dy = tl.load(dy_ptr + row_t * (D * H) + direction * H + units[:, None], mask=own, other=0.0).to(tl.float32)
+        saved_offs = row_t * (D * 4 * H) + direction * 4 * H + units[:, None]
+        r = tl.load(saved_ptr + saved_offs, mask=own, other=0.0).to(tl.float32)
+        z = tl.load(saved_ptr + saved_offs + H, mask=own, other=0.0).to(tl.float32)
+        n = tl.load(saved_ptr + saved_offs + 2 * H, mask=own, other=0.0).to(tl.float32)
+        gh_n = tl.load(saved_ptr + saved_offs + 3 * H, mask=own, other=0.0).to(tl.float32)
         if BARRIER:
             if p > 0:
                 wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
@@ -607,21 +630,7 @@ def gru_bwd_persistent_kernel(
         acc += tl.dot(dgh_n_all, w_n, input_precision=INPUT_PRECISION)
         dh = partial + tl.trans(acc)
         if p < T:
-            # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
-            t = step_time(p, T, 1 - direction).to(tl.int64)
-            row_t = (t * B + rows64)[None, :]
-            # The state step t read: y at the neighbouring step, h0 where a row's walk starts.
-            t_read = t - 1 + 2 * direction
-            start = (t_read < 0) | (t_read >= length)
-            t_read = tl.minimum(tl.maximum(t_read, 0), T - 1)
-            h_prev = tl.load(y_ptr + (t_read * B + rows64)[None, :] * (D * H) + direction * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
-            h_prev = tl.where(start, h0, h_prev)
-            dh_total = dh + tl.load(dy_ptr + row_t * (D * H) + direction * H + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
-            saved_offs = row_t * (D * 4 * H) + direction * 4 * H + units[:, None]
-            r = tl.load(saved_ptr + saved_offs, mask=tile_ok, other=0.0).to(tl.float32)
-            z = tl.load(saved_ptr + saved_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
-            n = tl.load(saved_ptr + saved_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
-            gh_n = tl.load(saved_ptr + saved_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+            dh_total = dh + dy
             dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
             if HAS_LENGTHS:
                 valid = t < length

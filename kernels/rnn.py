@@ -411,6 +411,17 @@ def rnn_bwd_persistent_kernel(
 
     row_stride = D * H
     for p in range(phase_begin, phase_end):
+        # The step's own inputs (y, dy, pre of time t) do not depend on the other programs: issued
+        # before the wait, so their latency hides behind it. The reverse of the forward walk:
+        # forward direction from T-1 down, reverse from 0 up. Phase T has no step (its loads masked off).
+        t = step_time(tl.minimum(p, T - 1), T, 1 - direction).to(tl.int64)
+        own = tl.where(p < T, tile_ok, False)  # (not tile_ok & (p < T): the interpreter rejects that mask)
+        offs = (t * B + rows64)[None, :] * row_stride + direction * H + units[:, None]
+        h = tl.load(y_ptr + offs, mask=own, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=own, other=0.0).to(tl.float32)
+        pre = h
+        if NONLINEARITY >= NEEDS_PRE:
+            pre = tl.load(pre_ptr + offs, mask=own, other=0.0).to(tl.float32)
         if BARRIER:
             if p > 0:
                 wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
@@ -421,14 +432,6 @@ def rnn_bwd_persistent_kernel(
         g_all = load_rows(dgx_ptr + t_prev * B * row_stride + direction * H, row_stride, rows64, row_ok & (p > 0), ks, k_ok, w_cols.dtype)
         dh = partial + tl.trans(tl.dot(g_all, w_cols, input_precision=INPUT_PRECISION))
         if p < T:
-            # The reverse of the forward walk: forward direction from T-1 down, reverse from 0 up.
-            t = step_time(p, T, 1 - direction).to(tl.int64)
-            offs = (t * B + rows64)[None, :] * row_stride + direction * H + units[:, None]
-            h = tl.load(y_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-            pre = h
-            if NONLINEARITY >= NEEDS_PRE:
-                pre = tl.load(pre_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
             if HAS_LENGTHS:
                 valid = (t < length)[None, :]
             else:

@@ -289,8 +289,12 @@ from fastrnn.ops import aot
 out = {}
 # The persistent launches as the launcher makes them (fastrnn.ops.aot captures them): barrier mode
 # (forced: on a CPU the launcher runs per step) and per step.
-for name in ("rnn-bf16-persistent-barrier-plain", "gru-bf16-persistent-barrier-plain", "lstm-bf16-persistent-barrier-plain",
-             "rnn-bf16-persistent-plain", "gru-bf16-persistent-plain", "lstm-bf16-persistent-plain"):
+# (The first bf16 persistent size class of each cell, whatever sizes the plan gives it.)
+names = [n for n in aot.workloads() if re.fullmatch(r"(rnn|gru|lstm)-bf16-persistent\d+-\d+w(-barrier)?-plain", n)]
+first = {}
+for n in names:
+    first.setdefault((n.split("-")[0], "-barrier-" in n), n)
+for name in first.values():
     for _, launch in aot.capture((90,), [name]):
         barrier = bool(launch.constants[(list(launch.signature).index("BARRIER"),)])
         key = f"{launch.name}-{barrier}"

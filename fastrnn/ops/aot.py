@@ -28,7 +28,8 @@ How it works
   ``b_hh``, gelu, ``grad_clip``, gradient-flow record; ``B`` and ``H`` not divisible by 16) and
   ``batch1`` (one row: ``B`` folded). A strategy the plan picks only when forced runs forced
   (``tiled-forced``: ``FASTRNN_STRATEGY=tiled``); the persistent classes also in barrier mode
-  (``persistent-barrier``; on a CPU the launcher runs per step); past
+  (``persistent-barrier``, ``persistent512-8w-barrier``; on a CPU the launcher runs per step): for
+  RNN and GRU at every size the plan gives them, one class per warp count (``persistent512-8w``); past
   :data:`PERSISTENT_GATE_HIDDEN`, the cells of :data:`PERSISTENT_GATE_CELLS` get one persistent class
   per hidden size (``persistent-H1024``) and the GPU matrix's rows by shape
   (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, and the fused
@@ -225,10 +226,10 @@ STEPS = 3
 INPUT_SIZE = 16
 #: Layer gates per cell.
 CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-#: The largest hidden size the gate runs the persistent strategy at, except for the cells of
-#: :data:`PERSISTENT_GATE_CELLS`. NOT the largest it serves: at H 1024 the RNN/GRU launches exceed the
-#: shared memory of a block (up to 590 KB bf16 on sm_90, GRU backward) and spill; held at 256 (what
-#: its own gate covered) until those persistent kernels are fixed.
+#: The cells of :data:`PERSISTENT_GATE_CELLS` (the LSTM) get the persistent class ``persistent`` (all
+#: forms) up to this hidden size. Every other cell's persistent strategy follows the plan with no
+#: limit of the gate's own: one class per warp count of its partition, at the largest hidden size
+#: the plan gives it (``persistent512-8w``; :func:`size_classes`).
 PERSISTENT_GATE_HIDDEN = 256
 #: Cells whose persistent kernels the gate also runs past :data:`PERSISTENT_GATE_HIDDEN`, at every
 #: hidden size the plan gives them the strategy (each its own size class, ``persistent-H<h>``, in
@@ -286,16 +287,25 @@ def _layer_forms(cell: str, dtype: torch.dtype, hidden: int) -> dict[str, Callab
 def size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
     """The size classes of ``cell``: the plans over hidden sizes 16..1024 grouped by strategy, warps
     and stages, each named by its strategy, block and warps, with the largest (power-of-two) hidden
-    size it serves (the largest block of a group is its heaviest binary)."""
+    size it serves (the largest block of a group is its heaviest binary). The persistent strategy
+    of a cell outside :data:`PERSISTENT_GATE_CELLS` is grouped by the warps of its launch-time
+    partition, ``persistent{H}-{warps}w``; the LSTM's as :data:`PERSISTENT_GATE_CELLS` says."""
+    from fastrnn.ops.persistent import persistent_plan
     from fastrnn.ops.recurrence import plan
 
     classes = {}
     for exponent in range(4, 11):
         hidden = 2 ** exponent
         p = plan(CELL_GATES[cell], hidden, dtype)
+        if p.strategy == "persistent" and cell not in PERSISTENT_GATE_CELLS:
+            # Every size the plan gives it, grouped by the warps of its launch-time partition
+            # (fastrnn.ops.persistent.persistent_plan at the plain form's batch), the largest H of
+            # each group: no limit of the gate's own.
+            warps = persistent_plan(CELL_GATES[cell], hidden, FORM_BATCH["plain"], 1, dtype).num_warps
+            classes[p.strategy, warps] = (f"persistent{hidden}-{warps}w", hidden)
+            continue
         if p.strategy == "persistent" and hidden > PERSISTENT_GATE_HIDDEN:
-            if cell in PERSISTENT_GATE_CELLS:
-                classes[p.strategy, hidden] = (f"persistent-H{hidden}", hidden)
+            classes[p.strategy, hidden] = (f"persistent-H{hidden}", hidden)
             continue
         name = f"{p.strategy}{p.block_h}-{p.num_warps}w" if p.strategy == "resident" else p.strategy
         classes[p.strategy, p.num_warps, p.num_stages] = (name, hidden)
@@ -440,7 +450,8 @@ def workloads() -> dict[str, Callable[[], None]]:
                     if not size_class.startswith("persistent-H"):  # past PERSISTENT_GATE_HIDDEN: the barrier forms only
                         out[f"{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = run
                     if size_class.startswith("persistent"):  # on a CPU the launcher runs per step: force the barrier form a GPU runs
-                        barrier = size_class.replace("persistent", "persistent-barrier", 1)
+                        barrier = (size_class.replace("persistent", "persistent-barrier", 1)
+                                   if size_class == "persistent" or size_class.startswith("persistent-H") else f"{size_class}-barrier")
                         out[f"{cell}-{_dtype_name(dtype)}-{barrier}-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
             if cell in PERSISTENT_GATE_CELLS and dtype != torch.float32:
                 for row, (hidden, batch) in PERSISTENT_GATE_CELLS[cell].items():

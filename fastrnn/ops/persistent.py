@@ -153,6 +153,12 @@ MAX_BLOCK_B = 16
 MAX_SPINS = {"gpu": 1 << 22, "interpreter": 20_000}
 #: Test-only: the sync fault compiled into every persistent launch (``fastrnn.kernels.sync``).
 FAULT = 0
+#: The ``maxnreg`` launch option a cell's persistent kernels may take (``PersistentKernel.meta``):
+#: every register a thread can address (65,536 per SM over the plan's 4 or 8 warps is 256 or more).
+#: A persistent grid runs one program per SM, so occupancy buys nothing; left to itself ptxas aims
+#: for two blocks per SM and parks values on the stack (measured, sm_90: the GRU forward bf16 at
+#: H 256 held at 128 registers with a 16-byte stack frame, 168 registers and none with this).
+REGISTER_BUDGET = 255
 
 
 @dataclasses.dataclass(frozen=True)
