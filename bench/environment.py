@@ -47,9 +47,12 @@ def cpu_model() -> str:
 
 
 def git_commit() -> dict:
-    """The checked-out commit and whether the working tree differs from it."""
+    """The checked-out commit and whether the working tree differs from it; in a copy without
+    ``.git`` (a lent GPU machine gets the working tree only) the commit ``$FASTRNN_COMMIT`` names."""
     commit = _run(["git", "rev-parse", "HEAD"])
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    if commit is None and os.environ.get("FASTRNN_COMMIT"):
+        return {"commit": os.environ["FASTRNN_COMMIT"], "dirty": None, "from": "FASTRNN_COMMIT"}
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

@@ -25,7 +25,8 @@
 #   plan-<device>-<date>.json      the plan report
 #   <device>[-quick]-<date>.json/.md/-speedup.png   the benchmark results (see python -m bench)
 # Nothing is downloaded: fastrnn is installed editable offline (--no-deps --no-build-isolation),
-# falling back to PYTHONPATH when that fails.
+# falling back to PYTHONPATH when that fails. A copy without .git names its commit with
+# FASTRNN_COMMIT=<sha> (written into the results).
 set -uo pipefail
 
 MODE="${1:-check}"

@@ -453,7 +453,7 @@ def gru_fwd_persistent_kernel(
     T, B, H, D,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, SPLIT_K: tl.constexpr = False,
 ):
     """Forward, ``W_hh`` split by hidden units: program ``(s, g, d)`` holds the rows of all three
     gates for units ``s*SLICE ...`` (three ``BLOCK_S x BLOCK_K`` tiles on chip) and computes those
@@ -465,20 +465,31 @@ def gru_fwd_persistent_kernel(
     ``gh_g = (h W_g[units, :]^T)^T (+ b_hh)`` for the three gates and the shared ``gru_gates``
     update, writes ``y``, ``saved`` and its units of ``h_t`` into slot ``p % 2``, and arrives.
     Bytes per step and group as the RNN's: ``slices * H * B_group * bytes`` of ``h`` from L2.
+
+    ``SPLIT_K`` (the launcher sets it for 16-bit): the product's ``k`` side in ``SPLIT`` chunks of
+    ``CHUNK`` (:func:`fastrnn.kernels.recurrence.split_product`: the warps share the reduction);
+    else one 2-D dot (fp32: its FMA dots compile leaner that way).
     """
     direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
     group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
     slices = tl.num_programs(0)
 
-    # The product's k side in SPLIT chunks of CHUNK (split_product): 8 from BLOCK_K 128 up, else
-    # chunks of 16 (tl.dot's least k).
+    # SPLIT: 8 chunks from BLOCK_K 128 up, else chunks of 16 (tl.dot's least k).
     SPLIT: tl.constexpr = 8 if BLOCK_K >= 128 else BLOCK_K // 16
     CHUNK: tl.constexpr = BLOCK_K // SPLIT
-    # w_g[c, k, i] = W_hh[d, g*H + units[i], c*CHUNK + k] for the gates r, z, n: on chip for the whole launch.
+    # w_g[c, k, i] (split) or w_g[k, i] = W_hh[d, g*H + units[i], c*CHUNK + k] for the gates r, z, n:
+    # on chip for the whole launch.
     w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
-    w_r = load_weight_split(w_base, H, units, unit_ok, SPLIT, CHUNK)
-    w_z = load_weight_split(w_base + H * H, H, units, unit_ok, SPLIT, CHUNK)
-    w_n = load_weight_split(w_base + 2 * H * H, H, units, unit_ok, SPLIT, CHUNK)
+    if SPLIT_K:
+        w_r = load_weight_split(w_base, H, units, unit_ok, SPLIT, CHUNK)
+        w_z = load_weight_split(w_base + H * H, H, units, unit_ok, SPLIT, CHUNK)
+        w_n = load_weight_split(w_base + 2 * H * H, H, units, unit_ok, SPLIT, CHUNK)
+    else:
+        w_offs = ks[:, None] + units[None, :] * H
+        w_ok = k_ok[:, None] & unit_ok[None, :]
+        w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
+        w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
+        w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
     if HAS_BIAS:
         b_base = b_hh_ptr + direction * 3 * H + units
         b_r = tl.load(b_base, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
@@ -504,15 +515,22 @@ def gru_fwd_persistent_kernel(
         gx_z = tl.load(gx_ptr + gx_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
         gx_n = tl.load(gx_ptr + gx_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
         if p == 0:
-            h_all = load_rows_split(h0_ptr + direction * B * H, H, rows64, row_ok, H, SPLIT, CHUNK, w_r.dtype)
+            h_src = h0_ptr + direction * B * H
         else:
             if BARRIER:
                 wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-            h_all = load_rows_split(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, H, SPLIT, CHUNK, w_r.dtype)
+            h_src = group_rows + ((p - 1) % 2) * slot
         # gh_g = (h @ W_g[units, :]^T)^T: batch rows on the product's M side, units on N.
-        gh_r = tl.trans(split_product(h_all, w_r, INPUT_PRECISION))
-        gh_z = tl.trans(split_product(h_all, w_z, INPUT_PRECISION))
-        gh_n = tl.trans(split_product(h_all, w_n, INPUT_PRECISION))
+        if SPLIT_K:
+            h_all = load_rows_split(h_src, H, rows64, row_ok, H, SPLIT, CHUNK, w_r.dtype)
+            gh_r = tl.trans(split_product(h_all, w_r, INPUT_PRECISION))
+            gh_z = tl.trans(split_product(h_all, w_z, INPUT_PRECISION))
+            gh_n = tl.trans(split_product(h_all, w_n, INPUT_PRECISION))
+        else:
+            h_all = load_rows(h_src, H, rows64, row_ok, ks, k_ok, w_r.dtype)
+            gh_r = tl.trans(tl.dot(h_all, w_r, input_precision=INPUT_PRECISION))
+            gh_z = tl.trans(tl.dot(h_all, w_z, input_precision=INPUT_PRECISION))
+            gh_n = tl.trans(tl.dot(h_all, w_n, input_precision=INPUT_PRECISION))
         if HAS_BIAS:
             gh_r += b_r
             gh_z += b_z

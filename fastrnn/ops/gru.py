@@ -60,7 +60,7 @@ def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: 
         resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
         # exchange: the ping-pong of h in the weights' dtype; carry: each program's fp32 state.
         persistent_kernel=PersistentKernel(kernels.gru_fwd_persistent_kernel, T, [((2, D, B, H), w.dtype), ((D, B, H), torch.float32)],
-                                           meta=dict(maxnreg=persistent.REGISTER_BUDGET)),
+                                           meta=dict(persistent.register_budget(gx.dtype), SPLIT_K=gx.dtype != torch.float32)),
     )
     return y, h_n, saved
 
@@ -92,7 +92,7 @@ def gru_bwd(
         resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
         # the gradients are exchanged through dgh itself; carry: each program's fp32 partial dh.
         persistent_kernel=PersistentKernel(kernels.gru_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)],
-                                           meta=dict(maxnreg=persistent.REGISTER_BUDGET)),
+                                           meta=persistent.register_budget(y.dtype)),
     )
     if shares is not None:
         flow.copy_(shares.sum(0))

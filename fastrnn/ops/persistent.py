@@ -153,12 +153,20 @@ MAX_BLOCK_B = 16
 MAX_SPINS = {"gpu": 1 << 22, "interpreter": 20_000}
 #: Test-only: the sync fault compiled into every persistent launch (``fastrnn.kernels.sync``).
 FAULT = 0
-#: The ``maxnreg`` launch option a cell's persistent kernels may take (``PersistentKernel.meta``):
-#: every register a thread can address (65,536 per SM over the plan's 4 or 8 warps is 256 or more).
-#: A persistent grid runs one program per SM, so occupancy buys nothing; left to itself ptxas aims
-#: for two blocks per SM and parks values on the stack (measured, sm_90: the GRU forward bf16 at
-#: H 256 held at 128 registers with a 16-byte stack frame, 168 registers and none with this).
+#: The ``maxnreg`` of :func:`register_budget`: every register a thread can address (65,536 per SM
+#: over the plan's 4 or 8 warps is 256 or more).
 REGISTER_BUDGET = 255
+
+
+def register_budget(dtype: torch.dtype) -> dict:
+    """Launch options for a cell's persistent kernels (``PersistentKernel.meta``): in 16-bit the
+    whole register budget (``maxnreg``). A persistent grid runs one program per SM, so occupancy
+    buys nothing; left to itself ptxas aims for two blocks per SM and parks values on the stack
+    (measured, sm_90: the GRU forward bf16 at H 256 held at 128 registers with a 16-byte stack
+    frame; 168 registers and none with the budget). Not in fp32: given the budget, the FMA dots'
+    heaviest forms take all 255 registers and still spill (the GRU backward, all options, H 256:
+    16 B of stack), where uncapped they compile clean."""
+    return {} if dtype == torch.float32 else {"maxnreg": REGISTER_BUDGET}
 
 
 @dataclasses.dataclass(frozen=True)

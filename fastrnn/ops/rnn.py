@@ -53,7 +53,7 @@ def rnn_fwd(gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlin
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
         # exchange: the ping-pong of h in the weights' dtype; carry: each program's fp32 state.
         persistent_kernel=PersistentKernel(kernels.rnn_fwd_persistent_kernel, T, [((2, D, B, H), w.dtype), ((D, B, H), torch.float32)],
-                                           meta=dict(maxnreg=persistent.REGISTER_BUDGET)),
+                                           meta=persistent.register_budget(gx.dtype)),
     )
     return y, h_n, pre
 
@@ -83,7 +83,7 @@ def rnn_bwd(
         B=B, H=H, D=D, dtype=y.dtype, device=y.device,
         # the gradients are exchanged through dgx itself; carry: each program's fp32 partial dh.
         persistent_kernel=PersistentKernel(kernels.rnn_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)],
-                                           meta=dict(maxnreg=persistent.REGISTER_BUDGET)),
+                                           meta=persistent.register_budget(y.dtype)),
     )
     if shares is not None:
         flow.copy_(shares.sum(0))
