@@ -60,13 +60,13 @@ from fastrnn.kernels.recurrence import (
     clamp_grad,
     copy_rows,
     group_flags,
+    gather_rows,
     load_rows,
-    load_rows_split,
     load_weight_split,
     persistent_tile,
     program_tile,
     squared_row_norm,
-    split_product,
+    slice_product,
     step_time,
 )
 from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
@@ -481,9 +481,9 @@ def gru_fwd_persistent_kernel(
     # on chip for the whole launch.
     w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
     if SPLIT_K:
-        w_r = load_weight_split(w_base, H, units, unit_ok, SPLIT, CHUNK)
-        w_z = load_weight_split(w_base + H * H, H, units, unit_ok, SPLIT, CHUNK)
-        w_n = load_weight_split(w_base + 2 * H * H, H, units, unit_ok, SPLIT, CHUNK)
+        w_r = load_weight_split(w_base, 1, H, H, units, unit_ok, SPLIT, CHUNK)
+        w_z = load_weight_split(w_base + H * H, 1, H, H, units, unit_ok, SPLIT, CHUNK)
+        w_n = load_weight_split(w_base + 2 * H * H, 1, H, H, units, unit_ok, SPLIT, CHUNK)
     else:
         w_offs = ks[:, None] + units[None, :] * H
         w_ok = k_ok[:, None] & unit_ok[None, :]
@@ -515,22 +515,15 @@ def gru_fwd_persistent_kernel(
         gx_z = tl.load(gx_ptr + gx_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
         gx_n = tl.load(gx_ptr + gx_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
         if p == 0:
-            h_src = h0_ptr + direction * B * H
+            h_all = gather_rows(h0_ptr + direction * B * H, H, rows64, row_ok, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
         else:
             if BARRIER:
                 wait(group, slices, p, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-            h_src = group_rows + ((p - 1) % 2) * slot
+            h_all = gather_rows(group_rows + ((p - 1) % 2) * slot, H, rows64, row_ok, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
         # gh_g = (h @ W_g[units, :]^T)^T: batch rows on the product's M side, units on N.
-        if SPLIT_K:
-            h_all = load_rows_split(h_src, H, rows64, row_ok, H, SPLIT, CHUNK, w_r.dtype)
-            gh_r = tl.trans(split_product(h_all, w_r, INPUT_PRECISION))
-            gh_z = tl.trans(split_product(h_all, w_z, INPUT_PRECISION))
-            gh_n = tl.trans(split_product(h_all, w_n, INPUT_PRECISION))
-        else:
-            h_all = load_rows(h_src, H, rows64, row_ok, ks, k_ok, w_r.dtype)
-            gh_r = tl.trans(tl.dot(h_all, w_r, input_precision=INPUT_PRECISION))
-            gh_z = tl.trans(tl.dot(h_all, w_z, input_precision=INPUT_PRECISION))
-            gh_n = tl.trans(tl.dot(h_all, w_n, input_precision=INPUT_PRECISION))
+        gh_r = tl.trans(slice_product(h_all, w_r, INPUT_PRECISION, SPLIT_K))
+        gh_z = tl.trans(slice_product(h_all, w_z, INPUT_PRECISION, SPLIT_K))
+        gh_n = tl.trans(slice_product(h_all, w_n, INPUT_PRECISION, SPLIT_K))
         if HAS_BIAS:
             gh_r += b_r
             gh_z += b_z
@@ -570,7 +563,7 @@ def gru_bwd_persistent_kernel(
     T, B, H, D, grad_clip,
     HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, SPLIT_K: tl.constexpr = False,
 ):
     """Backward through time, ``W_hh`` split by hidden units; phases ``0..T`` (``T + 1``).
 
@@ -588,18 +581,27 @@ def gru_bwd_persistent_kernel(
     weights never. ``flow``: ``(slices, D, T, B)`` fp32, each program's share of ``||dL/dh_t||^2`` in its own plane
     (the host sums them: deterministic, no atomics).
     ``carry``: fp32 ``(D, B, H)``, ``partial`` between per-step launches.
+    ``SPLIT_K``: the products' ``k`` side split over the warps, as in ``gru_fwd_persistent_kernel``.
     """
     direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
     group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
     slices = tl.num_programs(0)
 
-    # w_g[n, i] = W_hh[d, g*H + n, units[i]]: the slice's columns of each gate's block.
+    # w_g[n, i] (or w_g[c, k, i], n = c*CHUNK + k, split) = W_hh[d, g*H + n, units[i]]: the slice's
+    # columns of each gate's block.
+    SPLIT: tl.constexpr = 8 if BLOCK_K >= 128 else BLOCK_K // 16
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT
     w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
-    w_offs = ks[:, None] * H + units[None, :]
-    w_ok = k_ok[:, None] & unit_ok[None, :]
-    w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-    w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-    w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    if SPLIT_K:
+        w_r = load_weight_split(w_base, H, 1, H, units, unit_ok, SPLIT, CHUNK)
+        w_z = load_weight_split(w_base + H * H, H, 1, H, units, unit_ok, SPLIT, CHUNK)
+        w_n = load_weight_split(w_base + 2 * H * H, H, 1, H, units, unit_ok, SPLIT, CHUNK)
+    else:
+        w_offs = ks[:, None] * H + units[None, :]
+        w_ok = k_ok[:, None] & unit_ok[None, :]
+        w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
+        w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
+        w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
 
     state_offs = (direction * B + rows64)[None, :] * H + units[:, None]
     h0 = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -640,12 +642,14 @@ def gru_bwd_persistent_kernel(
         t_prev = step_time(tl.maximum(p - 1, 0), T, 1 - direction).to(tl.int64)
         gathered = dgh_ptr + t_prev * B * g_stride + direction * 3 * H
         consume = row_ok & (p > 0)
-        dgh_r = load_rows(gathered, g_stride, rows64, consume, ks, k_ok, w_r.dtype)
-        dgh_z = load_rows(gathered + H, g_stride, rows64, consume, ks, k_ok, w_r.dtype)
-        dgh_n_all = load_rows(gathered + 2 * H, g_stride, rows64, consume, ks, k_ok, w_r.dtype)
+        dgh_r = gather_rows(gathered, g_stride, rows64, consume, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
+        dgh_z = gather_rows(gathered + H, g_stride, rows64, consume, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
+        dgh_n_all = gather_rows(gathered + 2 * H, g_stride, rows64, consume, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
         acc = tl.dot(dgh_r, w_r, input_precision=INPUT_PRECISION)
         acc += tl.dot(dgh_z, w_z, input_precision=INPUT_PRECISION)
         acc += tl.dot(dgh_n_all, w_n, input_precision=INPUT_PRECISION)
+        if SPLIT_K:  # the chunks' partial products summed once (split_product's reduction)
+            acc = tl.sum(acc, axis=0)
         dh = partial + tl.trans(acc)
         if p < T:
             dh_total = dh + dy

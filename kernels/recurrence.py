@@ -98,12 +98,14 @@ def load_rows_split(src, row_stride, rows64, row_ok, H, SPLIT: tl.constexpr, CHU
 
 
 @triton.jit
-def load_weight_split(w_ptr, H, units, unit_ok, SPLIT: tl.constexpr, CHUNK: tl.constexpr):
+def load_weight_split(w_ptr, k_stride, unit_stride, H, units, unit_ok, SPLIT: tl.constexpr, CHUNK: tl.constexpr):
     """A weight slice cut as :func:`load_rows_split` cuts ``h``: the ``(SPLIT, CHUNK, BLOCK_S)``
-    tile ``w[c, k, i] = w_ptr[units[i] * H + c*CHUNK + k]`` (rows ``units`` of an ``(H', H)``
-    row-major block; zero outside ``unit_ok`` and ``< H``)."""
+    tile ``w[c, k, i] = w_ptr[(c*CHUNK + k) * k_stride + units[i] * unit_stride]`` (zero outside
+    ``unit_ok`` and ``< H``): ``k_stride = 1, unit_stride = H`` takes the rows ``units`` of a
+    row-major ``(H', H)`` block (a forward's slice), ``k_stride = H, unit_stride = 1`` its columns
+    (a backward's)."""
     k = tl.arange(0, SPLIT)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, :, None]
-    return tl.load(w_ptr + units[None, None, :] * H + k, mask=(k < H) & unit_ok[None, None, :], other=0.0)
+    return tl.load(w_ptr + k * k_stride + units[None, None, :] * unit_stride, mask=(k < H) & unit_ok[None, None, :], other=0.0)
 
 
 @triton.jit
@@ -114,3 +116,25 @@ def split_product(h_split, w_split, INPUT_PRECISION: tl.constexpr):
     ``M = N = 16`` replicates all of ``h`` in every warp (measured on sm_90, GRU forward bf16 at
     H 512: 255 registers and a 16-80 B stack frame that way)."""
     return tl.sum(tl.dot(h_split, w_split, input_precision=INPUT_PRECISION), axis=0)
+
+
+@triton.jit
+def gather_rows(src, row_stride, rows64, row_ok, ks, k_ok, H, dtype, SPLIT_K: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr):
+    """The gathered operand of a persistent step: :func:`load_rows_split` with ``SPLIT_K``, else
+    :func:`load_rows`; its product with a weight slice is :func:`slice_product`."""
+    if SPLIT_K:
+        tile = load_rows_split(src, row_stride, rows64, row_ok, H, SPLIT, CHUNK, dtype)
+    else:
+        tile = load_rows(src, row_stride, rows64, row_ok, ks, k_ok, dtype)
+    return tile
+
+
+@triton.jit
+def slice_product(h, w, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``h @ W_slice^T`` (fp32 ``(BLOCK_B, BLOCK_S)``) of :func:`gather_rows`' operand: the split
+    product with ``SPLIT_K``, else one 2-D dot."""
+    if SPLIT_K:
+        out = split_product(h, w, INPUT_PRECISION)
+    else:
+        out = tl.dot(h, w, input_precision=INPUT_PRECISION)
+    return out

@@ -92,7 +92,7 @@ def gru_bwd(
         resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
         # the gradients are exchanged through dgh itself; carry: each program's fp32 partial dh.
         persistent_kernel=PersistentKernel(kernels.gru_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)],
-                                           meta=persistent.register_budget(y.dtype)),
+                                           meta=dict(persistent.register_budget(y.dtype), SPLIT_K=y.dtype != torch.float32)),
     )
     if shares is not None:
         flow.copy_(shares.sum(0))
