@@ -163,7 +163,7 @@ def register_budget(dtype: torch.dtype) -> dict:
     whole register budget (``maxnreg``). A persistent grid runs one program per SM, so occupancy
     buys nothing; left to itself ptxas aims for two blocks per SM and parks values on the stack
     (measured, sm_90: the GRU forward bf16 at H 256 held at 128 registers with a 16-byte stack
-    frame; 168 registers and none with the budget). Not in fp32: given the budget, the FMA dots'
+    frame; 170 registers and none with the budget, before its product was split). Not in fp32: given the budget, the FMA dots'
     heaviest forms take all 255 registers and still spill (the GRU backward, all options, H 256:
     16 B of stack), where uncapped they compile clean."""
     return {} if dtype == torch.float32 else {"maxnreg": REGISTER_BUDGET}
