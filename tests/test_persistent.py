@@ -290,7 +290,7 @@ out = {}
 # The persistent launches as the launcher makes them (fastrnn.ops.aot captures them): barrier mode
 # (forced: on a CPU the launcher runs per step) and per step.
 # (The first bf16 persistent size class of each cell, whatever sizes the plan gives it.)
-names = [n for n in aot.workloads() if re.fullmatch(r"(rnn|gru|lstm)-bf16-persistent\d+-\d+w(-barrier)?-plain", n)]
+names = [n for n in aot.workloads() if re.fullmatch(r"(rnn|gru|lstm)-bf16-persistent(\d+-\d+w)?(-barrier)?-plain", n)]
 first = {}
 for n in names:
     first.setdefault((n.split("-")[0], "-barrier-" in n), n)
