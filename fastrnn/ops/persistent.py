@@ -122,10 +122,11 @@ CELL_MAX_PLANNED_BLOCK_K = {(4, False): 1024}
 #: sub-tile kept in the program's ``carry`` rows). The others get one sub-tile per group.
 WALKING_GATES = frozenset({4})
 #: Most bytes of ``W_hh`` one program holds (all gates of its slice stacked, ``h`` as
-#: :func:`reduction_split` parts it) before the plan widens the batch groups instead of the slices (walking cells only):
-#: LSTM H1024 bf16 at a 16-unit slice (4 x 16 x 1024 x 2 B) compiles clean with the weights in
-#: shared memory (sm_90: 200 registers, 164,864 B of shared memory, within sm_80's 166,912 too;
-#: ``python -m bench --plan``); a 32-unit slice would need twice that.
+#: :func:`reduction_split` parts it) before the plan widens the batch groups instead of the
+#: slices (walking cells only): LSTM H1024 bf16 at a 16-unit slice (4 x 16 x 1024 x 2 B, L4's
+#: plan) compiles clean with the weights in shared memory (sm_90, Triton 3.9: forward 196
+#: registers and 164,864 B of shared memory, within sm_80's 166,912 too; backward 201 and
+#: 148,480 B; ``python -m bench --plan``); a 32-unit slice would need twice that.
 MAX_SLICE_WEIGHT_BYTES = 128 * 1024
 
 
