@@ -77,8 +77,8 @@ def unsupported_reason() -> str | None:
 class _Settings:
     """The one active harness's configuration and per-thread state."""
 
-    def __init__(self, timeout_s: float, chaos: float, seed: int):
-        self.timeout_s, self.chaos, self.seed = timeout_s, chaos, seed
+    def __init__(self, timeout_s: float, chaos: float, seed: int, jitter_s: float = 1e-3):
+        self.timeout_s, self.chaos, self.seed, self.jitter_s = timeout_s, chaos, seed, jitter_s
         self.local = threading.local()  # grid_idx, rng, abort (an Event) of the current program
         self.lock = threading.Lock()
 
@@ -94,7 +94,7 @@ class _Settings:
     def jitter(self) -> None:
         rng = getattr(self.local, "rng", None)
         if rng is not None and self.chaos and rng.random() < self.chaos:
-            time.sleep(rng.random() * 1e-3)
+            time.sleep(rng.random() * self.jitter_s)
 
 
 _active: _Settings | None = None
@@ -174,10 +174,12 @@ def _serialised_load(original, settings: _Settings):
 
 
 @contextlib.contextmanager
-def concurrent_grid(timeout_s: float = 60.0, chaos: float = 0.0, seed: int = 0, switch_interval: float | None = 1e-4):
+def concurrent_grid(timeout_s: float = 60.0, chaos: float = 0.0, seed: int = 0, switch_interval: float | None = 1e-4,
+                    jitter_s: float = 1e-3):
     """Within this block every interpreter launch runs one thread per program (see the module
     docstring). ``switch_interval``: the GIL's switch interval while active (short, so programs
-    interleave finely; None keeps Python's)."""
+    interleave finely; None keeps Python's). ``jitter_s``: the longest chaos sleep before a store
+    (the window in which a reader that runs ahead sees the store missing)."""
     global _active
     reason = unsupported_reason()
     if reason:
@@ -187,7 +189,7 @@ def concurrent_grid(timeout_s: float = 60.0, chaos: float = 0.0, seed: int = 0, 
     from triton.runtime import interpreter
 
     builder_cls, executor_cls = interpreter.InterpreterBuilder, interpreter.GridExecutor
-    settings = _Settings(timeout_s, chaos, seed)
+    settings = _Settings(timeout_s, chaos, seed, jitter_s)
     saved = {name: builder_cls.__dict__[name] for name in (*_ATOMICS, "create_masked_load", "create_masked_store")
              if name in builder_cls.__dict__}
     stock_init = executor_cls.__init__
