@@ -52,7 +52,8 @@ Knobs (environment variables, read at every launch so tests can set them):
   ``per_step``: the same kernel with the barrier compiled out (``BARRIER=False``), one launch per
   phase: the launch boundary is the barrier. Each program's fp32 state goes through ``carry``
   between launches. What the stock interpreter runs, and what a GPU runs when the cooperative
-  launch is refused or the grid does not fit.
+  launch is refused or the grid does not fit. On a GPU the launches are captured in a CUDA graph
+  and replayed where that is valid (``fastrnn.ops.step_graph``; ``FASTRNN_CUDA_GRAPH=0``: never).
 
   ``auto``: ``barrier`` on a GPU where the grid fits and the cooperative launch is accepted
   (remembered per kernel and grid), ``per_step`` otherwise and under the interpreter.
@@ -83,6 +84,7 @@ import torch
 import triton
 
 from fastrnn import backend
+from fastrnn.ops import step_graph
 
 SLICE_ENV = "FASTRNN_PERSISTENT_SLICE"
 MODE_ENV = "FASTRNN_PERSISTENT_MODE"
@@ -339,16 +341,20 @@ def launch(
     ``scratch``: the ``(shape, dtype)`` of each buffer the kernel takes after ``args`` (fresh,
     uninitialised). Raises RuntimeError naming the kernel and grid if a wait ran out of spins."""
     plan = persistent_plan(gates, H, B, D, dtype, sm_count(device))
-    buffers = [torch.empty(shape, device=device, dtype=dt) for shape, dt in scratch]
-    flags = torch.zeros(plan.grid[::-1], device=device, dtype=torch.int32)
-    error = torch.zeros(1, device=device, dtype=torch.int32)
+
+    def state() -> list[torch.Tensor]:  # what the kernel takes after args: scratch (uninitialised), flags, error (zeroed)
+        buffers = [torch.empty(shape, device=device, dtype=dt) for shape, dt in scratch]
+        return [*buffers, torch.zeros(plan.grid[::-1], device=device, dtype=torch.int32),
+                torch.zeros(1, device=device, dtype=torch.int32)]
+
     on_gpu = torch.device(device).type == "cuda" and not backend.triton_interpreting()
     max_spins = MAX_SPINS["gpu" if on_gpu else "interpreter"]
     meta = dict(meta, **plan.constexprs(), FAULT=FAULT)
-    all_args = [*args, *buffers, flags, error]
 
     asked = mode()
     run_barrier = asked == "barrier" or (asked == "auto" and on_gpu)
+    all_args = [*args, *state()] if run_barrier else []
+    error = all_args[-1] if run_barrier else None
     if run_barrier and on_gpu:
         key = (name, plan.grid, tuple(sorted((k, str(v)) for k, v in meta.items())))
         if key not in _BARRIER_OK:
@@ -369,9 +375,9 @@ def launch(
                 run_barrier = False
     elif run_barrier:
         kernel[plan.grid](*all_args, 0, phases, max_spins, **meta, BARRIER=True)
-    if not run_barrier:
-        for phase in range(phases):
-            kernel[plan.grid](*all_args, phase, phase + 1, max_spins, **meta, BARRIER=False)
+    if not run_barrier:  # one launch per phase, captured in a CUDA graph where valid (fastrnn.ops.step_graph)
+        step_graph.launch_steps(name, kernel, plan.grid, args, state, meta, phases=phases, max_spins=max_spins,
+                                device=device, on_gpu=on_gpu)
     if run_barrier and int(error.item()) != 0:
         raise RuntimeError(
             f"{getattr(kernel, '__name__', name)}: a program waited more than {max_spins} polls "
