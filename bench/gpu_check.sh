@@ -10,13 +10,16 @@
 #   1. `python -m bench --plan --json` (strategy, grid, sm_90 compile resources and the cost model's
 #      estimate per GPU row: the predictions the timings are then read against), on the CPU in the
 #      background while the tests run (it compiles, it launches nothing);
-#   2. the CUDA tests: the persistent kernels' tests first (tests/test_persistent*.py: parity in
-#      barrier mode as cooperative launches, and per step), then tests/test_gpu.py, then the kernel
-#      parity tests; one line per test (-v), so a run cut short by its limit still shows what passed;
+#   2. the CUDA tests: first, in a call of their own, the per_step mode's CUDA graphs
+#      (tests/test_gpu.py -k per_step_cuda_graph: fastrnn.ops.step_graph, never run before); then the
+#      persistent kernels' tests (tests/test_persistent*.py: parity in barrier mode as cooperative
+#      launches, and per step), then the rest of tests/test_gpu.py, then the kernel parity tests; one
+#      line per test (-v), so a run cut short by its limit still shows what passed;
 #   3. every GPU-matrix row of `python -m bench` (on CUDA it times the Triton kernels) against torch.nn (cuDNN),
 #      without the reference loops, the batch sweep, the topology and gradient-flow sections
 #      (after the plan report has finished: nothing else runs while it times).
-# Step limits (seconds): PLAN_TIMEOUT 90, PYTEST_TIMEOUT 150, BENCH_TIMEOUT 140 (check mode).
+# Step limits (seconds): PLAN_TIMEOUT 90 (in the background), GRAPH_TIMEOUT 40, PYTEST_TIMEOUT 130,
+# BENCH_TIMEOUT 140 (check mode): at most 310 s of steps, plus the set-up and the summary.
 #
 # Run from anywhere; it works in the repository root. Results go to $OUT (default bench/results/),
 # eight files at most (what a lent machine hands back):
@@ -115,9 +118,20 @@ finish_plan() {  # wait for the background plan report; set PLAN_RC and PLAN_SEC
     echo "wrote $PLAN_JSON (exit $PLAN_RC, $PLAN_SECONDS s)"
 }
 
+GRAPH_RC="skipped"
+GRAPH_SECONDS=0
 PYTEST_RC="skipped"
 PYTEST_SECONDS=0
 if [ "$MODE" != "bench" ]; then
+    section "tests: the per_step mode in CUDA graphs"
+    # Their kernels are those of the per_step cases of tests/test_persistent*.py, so the compiles
+    # they make are the ones the main call would make anyway.
+    T0=$(date +%s)
+    timeout "${GRAPH_TIMEOUT:-40}" "$PY" -m pytest -v -p no:cacheprovider -rfE tests/test_gpu.py -k per_step_cuda_graph
+    GRAPH_RC=$?
+    GRAPH_SECONDS=$(( $(date +%s) - T0 ))
+    [ "$GRAPH_RC" = 124 ] && echo "pytest stopped at the ${GRAPH_TIMEOUT:-40} s limit"
+
     section "tests"
     T0=$(date +%s)
     # The tests a GPU adds evidence to: the persistent kernels' tests first (whatever
@@ -125,7 +139,7 @@ if [ "$MODE" != "bench" ]; then
     # CUDA tensors; no -x, so one call shows every failure, and -v, so a run stopped at its limit
     # still shows every test that finished. (The CPU paths and the ahead-of-time compile gates run in CI;
     # the concurrent-grid harness is CPU-only.)
-    PYTEST_LIMIT="${PYTEST_TIMEOUT:-150}"
+    PYTEST_LIMIT="${PYTEST_TIMEOUT:-130}"
     [ "$MODE" = "full" ] && PYTEST_LIMIT="${PYTEST_TIMEOUT:-180}"
     TESTS=()
     for f in tests/test_persistent*.py; do  # the compile gate runs in CI, not here
@@ -134,7 +148,7 @@ if [ "$MODE" != "bench" ]; then
     TESTS+=(tests/test_gpu.py tests/test_kernels_rnn.py tests/test_kernels_gru.py tests/test_kernels_lstm.py tests/test_gradient_control.py tests/test_regularized_kernels.py)
     [ "$MODE" = "check" ] || TESTS+=(tests/test_topologies.py)
     echo "pytest ${TESTS[*]}"
-    timeout "$PYTEST_LIMIT" "$PY" -m pytest -v -p no:cacheprovider -rfE "${TESTS[@]}"
+    timeout "$PYTEST_LIMIT" "$PY" -m pytest -v -p no:cacheprovider -rfE "${TESTS[@]}" -k "not per_step_cuda_graph"
     PYTEST_RC=$?
     PYTEST_SECONDS=$(( $(date +%s) - T0 ))
     [ "$PYTEST_RC" = 124 ] && echo "pytest stopped at the $PYTEST_LIMIT s limit"
@@ -161,7 +175,7 @@ BENCH_SECONDS=$(( $(date +%s) - T0 ))
 [ "$BENCH_RC" = 124 ] && echo "benchmark stopped at the $LIMIT s limit"
 
 section "summary"
-MODE="$MODE" INSTALL="$INSTALL" PLAN_RC="$PLAN_RC" PLAN_SECONDS="$PLAN_SECONDS" PYTEST_RC="$PYTEST_RC" PYTEST_SECONDS="$PYTEST_SECONDS" BENCH_RC="$BENCH_RC" \
+MODE="$MODE" INSTALL="$INSTALL" PLAN_RC="$PLAN_RC" PLAN_SECONDS="$PLAN_SECONDS" GRAPH_RC="$GRAPH_RC" GRAPH_SECONDS="$GRAPH_SECONDS" PYTEST_RC="$PYTEST_RC" PYTEST_SECONDS="$PYTEST_SECONDS" BENCH_RC="$BENCH_RC" \
 BENCH_SECONDS="$BENCH_SECONDS" TOTAL_SECONDS="$(( $(date +%s) - START ))" OUT="$OUT" DATE="$DATE" "$PY" - <<'EOF'
 """Write gpu-check-<date>.json/.md: versions, what ran, how it ended."""
 import json
@@ -180,6 +194,7 @@ summary = {
     "mode": os.environ["MODE"],
     "install": os.environ["INSTALL"],
     "plan": {"exit_code": os.environ["PLAN_RC"], "seconds": int(os.environ["PLAN_SECONDS"])},
+    "graph_tests": {"exit_code": os.environ["GRAPH_RC"], "seconds": int(os.environ["GRAPH_SECONDS"])},
     "pytest": {"exit_code": os.environ["PYTEST_RC"], "seconds": int(os.environ["PYTEST_SECONDS"])},
     "bench": {"exit_code": os.environ["BENCH_RC"], "seconds": int(os.environ["BENCH_SECONDS"])},
     "total_seconds": int(os.environ["TOTAL_SECONDS"]),
@@ -188,6 +203,8 @@ log = out / f"gpu-check-{date}.log"
 if log.exists():
     tail = [line for line in log.read_text().splitlines()
             if re.search(r"\b\d+ (passed|failed|error|errors|skipped)\b", line) and " in " in line]
+    if summary["graph_tests"]["exit_code"] not in ("skipped", "124"):  # the first pytest summary line is the graph tests'
+        summary["graph_tests"]["summary"], tail = (tail[0], tail[1:]) if tail else (None, tail)
     summary["pytest"]["summary"] = tail[-1] if tail else None
 plans = sorted(out.glob(f"plan-*-{date}.json"), key=lambda p: p.stat().st_mtime)
 estimates = {}
@@ -212,6 +229,8 @@ lines = [
     f"- commit {(env['git']['commit'] or 'unknown')[:12]}{' (dirty)' if env['git']['dirty'] else ''}",
     f"- plan report: exit {summary['plan']['exit_code']} in {summary['plan']['seconds']} s"
     + (f" ({summary['plan']['results']})" if "results" in summary["plan"] else ""),
+    f"- per_step CUDA-graph tests: exit {summary['graph_tests']['exit_code']} in {summary['graph_tests']['seconds']} s"
+    + (f" ({summary['graph_tests'].get('summary')})" if summary["graph_tests"].get("summary") else ""),
     f"- tests: exit {summary['pytest']['exit_code']} in {summary['pytest']['seconds']} s"
     + (f" ({summary['pytest'].get('summary')})" if summary["pytest"].get("summary") else ""),
     f"- benchmark ({summary['mode']}): exit {summary['bench']['exit_code']} in {summary['bench']['seconds']} s"
@@ -231,4 +250,4 @@ print("\n".join(lines))
 print(f"\nwrote {out}/gpu-check-{date}.json and .md")
 EOF
 echo "done in $(( $(date +%s) - START )) s"
-[ "$PYTEST_RC" = 0 -o "$PYTEST_RC" = skipped ] && [ "$PLAN_RC" = 0 -o "$PLAN_RC" = skipped ] && [ "$BENCH_RC" = 0 ]
+[ "$GRAPH_RC" = 0 -o "$GRAPH_RC" = skipped ] && [ "$PYTEST_RC" = 0 -o "$PYTEST_RC" = skipped ] && [ "$PLAN_RC" = 0 -o "$PLAN_RC" = skipped ] && [ "$BENCH_RC" = 0 ]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastrnn
+from fastrnn.ops import step_graph
 from fastrnn.ops.recurrence import LAUNCHES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -193,3 +194,148 @@ def test_auto_runs_cudnn_unless_only_the_kernels_can_or_the_table_says_so():
         before = sum(LAUNCHES.values())
         layer(x)[0].square().sum().backward()
         assert sum(LAUNCHES.values()) - before == 2
+
+
+# ------------------------------------------------- per_step mode in a CUDA graph (fastrnn.ops.step_graph)
+# Written before any GPU ran them (2026-12-02); bench/gpu_check.sh runs them first. The sizes are
+# those of the per_step cases of tests/test_persistent.py (RNN, GRU) and test_persistent_lstm.py
+# ("packed_bi_2layers"), so the kernels they compile are the ones those tests launch.
+#: cell -> (layer, hidden size, FASTRNN_PERSISTENT_SLICE): 4 programs per direction.
+GRAPH_CELLS = {"rnn": (fastrnn.RNN, 32, 8), "gru": (fastrnn.GRU, 32, 8), "lstm": (fastrnn.LSTM, 16, 4)}
+GRAPH_LENGTHS = (3, 5, 1)  # unsorted packed input, one full length
+
+
+@pytest.fixture
+def per_step(monkeypatch):
+    """The persistent kernels forced in per_step mode, an empty graph cache before and after;
+    yields ``(cell) -> layer``, which builds the cell's bidirectional layer and sets the slice."""
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", "per_step")
+    step_graph.CACHE.clear()
+
+    def layer(cell):
+        cls, hidden, slice_units = GRAPH_CELLS[cell]
+        monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(slice_units))
+        return cls(6, hidden, bidirectional=True, device="cuda")
+
+    yield layer
+    step_graph.CACHE.clear()
+
+
+def _graph_inputs(cell, layer):
+    """Fresh packed input (lengths :data:`GRAPH_LENGTHS`) and initial states of ``layer``'s shape."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    x = pack_sequence([torch.randn(n, layer.input_size, device="cuda") for n in GRAPH_LENGTHS], enforce_sorted=False)
+    h0 = torch.randn(2, len(GRAPH_LENGTHS), layer.hidden_size, device="cuda")
+    return x, (h0, torch.randn_like(h0)) if cell == "lstm" else (h0,)
+
+
+def _train_step(layer, x, h0, backend="triton", dtype=None):
+    """Outputs, final states and the gradients of the packed input, the initial states and every
+    parameter of a loss weighing every output element differently (inputs cast to ``dtype``)."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    layer.zero_grad()
+    data = x.data.to(dtype or x.data.dtype).detach().requires_grad_(True)
+    packed = PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    h0 = tuple(h.to(dtype or h.dtype).detach().requires_grad_(True) for h in h0)
+    with fastrnn.use_backend(backend):
+        y, states = layer(packed, h0 if len(h0) == 2 else h0[0])
+        states = states if isinstance(states, tuple) else (states,)
+        weights = torch.linspace(-1, 1, y.data.numel(), device=data.device, dtype=data.dtype).view_as(y.data)
+        ((y.data * weights).sum() + sum(s.square().sum() for s in states)).backward()
+    grads = (data.grad, *(h.grad for h in h0), *(p.grad for p in layer.parameters()))
+    return [t.detach().clone() for t in (y.data, *states, *grads)]
+
+
+@pytest.mark.parametrize("cell", list(GRAPH_CELLS))
+def test_per_step_cuda_graph_matches_plain_launches_and_reference(cell, per_step, monkeypatch):
+    """Every per_step call captured (at a key's first sighting here) or replayed: outputs, states and
+    every gradient bit for bit those of the plain launches and within 1e-4 of the float64
+    reference, for three calls with fresh inputs of one shape (a replay reads the new values where
+    the allocator reused the memory; new memory is a new key, captured anew)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = per_step(cell)
+    reference = copy.deepcopy(layer).double()
+    monkeypatch.setenv(step_graph.GRAPH_ENV, "0")
+    _train_step(layer, *_graph_inputs(cell, layer))  # compiles every specialisation before any capture
+    monkeypatch.setattr(step_graph.CACHE, "capture_on_sighting", 1)
+    for call in range(3):
+        x, h0 = _graph_inputs(cell, layer)
+        monkeypatch.setenv(step_graph.GRAPH_ENV, "1")
+        before = step_graph.EVENTS.copy()
+        got = _train_step(layer, x, h0)
+        events = step_graph.EVENTS - before
+        assert events["captured"] + events["replayed"] == 2 and not events["launches"], (call, events)
+        monkeypatch.setenv(step_graph.GRAPH_ENV, "0")
+        plain = _train_step(layer, x, h0)
+        for g, p in zip(got, plain):
+            assert torch.equal(g, p), call
+        want = _train_step(reference, x, h0, backend="reference", dtype=torch.float64)
+        for g, w in zip(got, want):
+            assert relative_error(g, w) < 1e-4, call
+
+
+def test_per_step_cuda_graph_replays_in_a_training_loop(per_step, monkeypatch):
+    """With the default policy (capture at a key's second sighting) a loop of training steps at one
+    shape replays: the caching allocator hands the same addresses back each step, which is what
+    keying on pointers (not copying into static buffers) relies on (``fastrnn.ops.step_graph``)."""
+    torch.manual_seed(0)
+    layer = per_step("lstm")
+    monkeypatch.delenv(step_graph.GRAPH_ENV, raising=False)
+    before = step_graph.EVENTS.copy()
+    for _ in range(8):
+        _train_step(layer, *_graph_inputs("lstm", layer))
+    events = step_graph.EVENTS - before
+    assert events["replayed"] >= 2, events  # forward and backward, at least once each
+
+
+def test_per_step_cuda_graph_mechanics(per_step, monkeypatch):
+    """``launch_steps`` on a miniature per_step kernel (``tests/test_step_graph.py``): plain
+    launches at the first sighting, capture at the second, replays after that read the current
+    contents of the same memory; new memory is another key; a replay from another stream is right;
+    inside the caller's own capture the launches go into the caller's graph; ``FASTRNN_CUDA_GRAPH=0``
+    launches."""
+    from test_step_graph import prefix_sum_steps
+
+    monkeypatch.delenv(step_graph.GRAPH_ENV, raising=False)
+    torch.manual_seed(0)
+    x = torch.randn(7, 100, device="cuda")
+    out = torch.full_like(x, float("nan"))
+    assert [prefix_sum_steps(x, out, on_gpu=True) for _ in range(3)] == ["launches", "captured", "replayed"]
+    torch.testing.assert_close(out, x.cumsum(0))
+    x.copy_(torch.randn_like(x))  # same memory, new values
+    out.fill_(float("nan"))
+    assert prefix_sum_steps(x, out, on_gpu=True) == "replayed"
+    torch.testing.assert_close(out, x.cumsum(0))
+
+    other = torch.randn(7, 100, device="cuda")
+    other_out = torch.full_like(other, float("nan"))
+    assert prefix_sum_steps(other, other_out, on_gpu=True) == "launches"  # a new key
+    torch.testing.assert_close(other_out, other.cumsum(0))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.copy_(torch.randn_like(x))
+        assert prefix_sum_steps(x, out, on_gpu=True) == "replayed"
+        expected = x.cumsum(0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(out, expected)
+
+    caller = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(caller):
+        assert step_graph.why_not(on_gpu=True).startswith("the current stream is being captured")
+        assert prefix_sum_steps(x, out, on_gpu=True) == "launches"
+    x.copy_(torch.randn_like(x))
+    out.fill_(float("nan"))
+    caller.replay()
+    torch.testing.assert_close(out, x.cumsum(0))
+
+    monkeypatch.setenv(step_graph.GRAPH_ENV, "0")
+    x.copy_(torch.randn_like(x))
+    assert prefix_sum_steps(x, out, on_gpu=True) == "launches"
+    torch.testing.assert_close(out, x.cumsum(0))

@@ -5,11 +5,55 @@ never retried). The capture and replay themselves run in ``tests/test_gpu.py`` o
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastrnn
 from fastrnn.backend import triton_interpreting
 from fastrnn.ops import step_graph
 from fastrnn.ops.step_graph import GraphCache, launch_key, why_not
+
+
+@triton.jit
+def prefix_sum_per_phase_kernel(x_ptr, out_ptr, N, carry_ptr, flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+                                BLOCK: tl.constexpr, BARRIER: tl.constexpr):
+    """A per_step kernel in miniature (the interface ``launch_steps`` launches): phase ``p`` sets
+    ``carry = x[0]`` (p = 0) or ``carry + x[p]`` and writes ``out[p] = carry``, so the phases must run
+    in order, each after the last. ``x``, ``out``: fp32 ``(phases, N)``; ``carry``: fp32 ``(N,)``
+    scratch; ``flags_ptr``, ``error_ptr``, ``max_spins``, ``BARRIER``: unused (no barrier)."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < N
+    for p in range(phase_begin, phase_end):
+        value = tl.load(x_ptr + p * N + offsets, mask=inside)
+        if p > 0:
+            value += tl.load(carry_ptr + offsets, mask=inside)
+        tl.store(carry_ptr + offsets, value, mask=inside)
+        tl.store(out_ptr + p * N + offsets, value, mask=inside)
+
+
+PREFIX_BLOCK = 32
+
+
+def prefix_sum_steps(x, out, on_gpu: bool) -> str:
+    """``out = x.cumsum(0)`` as ``x.shape[0]`` per_step launches through ``launch_steps``."""
+    phases, n = x.shape
+
+    def state():
+        return [torch.empty(n, device=x.device, dtype=torch.float32),
+                torch.zeros(1, device=x.device, dtype=torch.int32), torch.zeros(1, device=x.device, dtype=torch.int32)]
+
+    return step_graph.launch_steps("prefix_sum", prefix_sum_per_phase_kernel, (triton.cdiv(n, PREFIX_BLOCK),), [x, out, n],
+                                   state, dict(BLOCK=PREFIX_BLOCK), phases=phases, max_spins=1, device=x.device, on_gpu=on_gpu)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="the interpreter's plain launches")
+def test_launch_steps_runs_every_phase_in_order():
+    x = torch.randn(5, 40)
+    out = torch.full_like(x, float("nan"))
+    before = step_graph.EVENTS.copy()
+    assert prefix_sum_steps(x, out, on_gpu=False) == "launches"
+    assert step_graph.EVENTS - before == {"launches": 1}
+    torch.testing.assert_close(out, x.cumsum(0))
 
 
 def test_knob_values(monkeypatch):
@@ -88,6 +132,22 @@ def test_cache_is_bounded_least_recently_used_first():
     assert cache.store("c", "graph c") == ["graph b"]
     assert list(cache.graphs) == ["a", "c"]
     assert cache.decide("b") == "capture"  # dropped: captured again, not replayed
+
+
+def test_cache_is_bounded_by_scratch_bytes():
+    """The graphs' scratch buffers stay allocated between calls: the cache drops the least recently
+    used past ``max_bytes`` (keeping the newest), and never admits a graph over ``max_graph_bytes``."""
+    cache = GraphCache(capacity=10, capture_on_sighting=1, max_bytes=100, max_graph_bytes=60)
+    assert cache.admits(60) and not cache.admits(61)
+    assert cache.store("a", "graph a", 40) == []
+    assert cache.store("b", "graph b", 40) == []
+    assert cache.decide("a") == "replay"
+    assert cache.store("c", "graph c", 30) == ["graph b"]  # 110 bytes: b is the least recently used
+    assert (list(cache.graphs), cache.bytes) == (["a", "c"], 70)
+    assert cache.store("d", "graph d", 60) == ["graph a"]
+    assert (list(cache.graphs), cache.bytes) == (["c", "d"], 90)
+    cache.clear()
+    assert (cache.graphs, cache.bytes, cache.decide("c")) == ({}, 0, "capture")
 
 
 def test_sightings_are_bounded():

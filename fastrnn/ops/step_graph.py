@@ -5,7 +5,8 @@ step runs ``tests/test_gpu.py``'s ``per_step_cuda_graph`` tests first). On CPU o
 the keying and the cache are tested (``tests/test_step_graph.py``); the capture itself needs CUDA.
 
 Why. ``per_step`` mode (``fastrnn.ops.persistent``) runs a persistent kernel with its barrier
-compiled out, one launch per phase: about ``2T`` launches per layer and direction set. Issued from
+compiled out, one launch per phase: ``T`` per forward and ``T + 1`` per backward (twice that with a
+projection), for all directions of a layer at once. Issued from
 Python each costs Triton's host-side launch (unmeasured here; several us: ``NOTES.md`` quotes about
 5.6 us per launch for a public per-step design), and the GPU idles between steps whenever that is
 longer than the step's own work. Inside a CUDA graph the cost model counts one launch as
@@ -42,17 +43,24 @@ and a copy back into a tensor autograd saved would bump its version counter. Key
 pointers costs no copies and no memory beyond the scratch; it hits when a loop repeats its
 allocations (a training step at a fixed shape: PyTorch's caching allocator then hands out the
 same addresses, to be confirmed on a GPU by
-``tests/test_gpu.py::test_per_step_cuda_graph_replays_in_a_training_loop``). A miss costs no more
-than today: a key seen for the first time runs plain launches (which also compile and load every
+``tests/test_gpu.py::test_per_step_cuda_graph_replays_in_a_training_loop``). A key seen for the
+first time costs what today's launches cost: it runs them (which also compiles and loads every
 specialisation, so nothing compiles during a capture); seen a second time (:data:`CAPTURE_ON_SIGHTING`)
 it is captured (Triton's host-side launch runs once per phase to record it, plus the graph's
 instantiation, unmeasured) and replayed; after that, replayed. Calls whose pointers never repeat
 thus run plain launches, plus the key (a few us per call).
 
-Memory: at most :data:`CACHE_SIZE` graphs (least recently used dropped first), each holding its
-scratch buffers (L4's LSTM forward, the largest plan: about 2 MB) and ``phases`` kernel nodes;
-every tensor a graph touches is allocated before its capture, so its private memory pool stays
-empty. Keys seen once are remembered up to :data:`SIGHTINGS_SIZE`. A dropped graph in flight is
+Memory: a cached graph holds its scratch buffers between calls (plain launches free theirs), so
+the cache is bounded by count and by their bytes: at most :data:`CACHE_SIZE` graphs and
+:data:`CACHE_BYTES` of scratch (least recently used dropped first), and a call whose scratch
+exceeds :data:`MAX_GRAPH_BYTES` is never captured. For scale (``(shape, dtype)`` of the cells'
+``scratch``): the LSTM backward's fp32 partials ``(2, slices, D, B, K)`` are 9.4 MB at L1 (96
+slices, B16, K768) and 134 MB at L4 (64 slices, B256, K1024: plain launches), the forwards' at
+most a few MB. Each graph also holds ``phases`` kernel nodes. Every tensor a graph touches is
+allocated before its capture, so its private memory pool stays empty. Keys seen once are
+remembered up to :data:`SIGHTINGS_SIZE`. A loop cycling through more keys than the cache holds
+captures at every call and replays once (about what plain launches cost, plus instantiation):
+raise the bounds or set ``FASTRNN_CUDA_GRAPH=0``. A dropped graph in flight is
 freed by CUDA when it completes (``cuGraphExecDestroy``); its scratch buffers carry
 ``record_stream`` for any stream a replay ran on other than the one they were allocated on, so the
 allocator does not hand them out before that replay is done.
@@ -83,7 +91,11 @@ import torch
 
 GRAPH_ENV = "FASTRNN_CUDA_GRAPH"
 #: Captured graphs kept (least recently used dropped first).
-CACHE_SIZE = 16
+CACHE_SIZE = 64
+#: Bytes of scratch buffers the cached graphs hold together, at most (all devices).
+CACHE_BYTES = 512 << 20
+#: A call whose scratch buffers exceed this runs plain launches (never captured).
+MAX_GRAPH_BYTES = 64 << 20
 #: Keys seen but not yet captured that are remembered (least recently seen forgotten first).
 SIGHTINGS_SIZE = 64
 #: The sighting of a key at which its launches are captured: 2, so a call whose pointers never
@@ -135,14 +147,19 @@ def launch_key(kernel, grid: tuple, args: list, meta: dict, phases: int, max_spi
 
 
 class GraphCache:
-    """Captured graphs by key (at most ``capacity``, least recently used dropped first), the keys
-    seen but not captured yet with their sightings (at most ``sightings``), and the keys whose
-    capture failed (never tried again; as many as ``sightings``). :meth:`decide` is the policy."""
+    """Captured graphs by key (at most ``capacity`` of them and ``max_bytes`` of their scratch,
+    least recently used dropped first), the keys seen but not captured yet with their sightings (at
+    most ``sightings``), and the keys never to capture (their capture failed, or their scratch
+    exceeds ``max_graph_bytes``; as many as ``sightings``). :meth:`decide` is the policy."""
 
     def __init__(self, capacity: int = CACHE_SIZE, sightings: int = SIGHTINGS_SIZE,
-                 capture_on_sighting: int = CAPTURE_ON_SIGHTING):
+                 capture_on_sighting: int = CAPTURE_ON_SIGHTING, max_bytes: int = CACHE_BYTES,
+                 max_graph_bytes: int = MAX_GRAPH_BYTES):
         self.capacity, self.sightings, self.capture_on_sighting = capacity, sightings, capture_on_sighting
+        self.max_bytes, self.max_graph_bytes = max_bytes, max_graph_bytes
         self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.sizes: dict = {}
+        self.bytes = 0
         self.seen: collections.OrderedDict = collections.OrderedDict()
         self.failed: collections.OrderedDict = collections.OrderedDict()
 
@@ -161,27 +178,39 @@ class GraphCache:
         _trim(self.seen, self.sightings)
         return "launch"
 
-    def store(self, key, graph) -> list:
-        """Cache ``graph`` under ``key``; returns the graphs dropped to stay within ``capacity``."""
+    def admits(self, nbytes: int) -> bool:
+        """Whether a graph holding ``nbytes`` of scratch may be captured at all."""
+        return nbytes <= min(self.max_graph_bytes, self.max_bytes)
+
+    def store(self, key, graph, nbytes: int = 0) -> list:
+        """Cache ``graph`` (holding ``nbytes`` of scratch) under ``key``; returns the graphs dropped,
+        least recently used first, to stay within ``capacity`` and ``max_bytes``."""
         self.graphs[key] = graph
-        return _trim(self.graphs, self.capacity)
+        self.sizes[key] = nbytes
+        self.bytes += nbytes
+        dropped = []
+        while len(self.graphs) > self.capacity or (self.bytes > self.max_bytes and len(self.graphs) > 1):
+            old, graph = self.graphs.popitem(last=False)
+            self.bytes -= self.sizes.pop(old)
+            dropped.append(graph)
+        return dropped
 
     def fail(self, key) -> None:
-        """Remember that capturing ``key`` failed: it runs plain launches from now on."""
+        """Never capture ``key`` (its capture failed, or its scratch is too large): plain launches."""
         self.failed[key] = None
         _trim(self.failed, self.sightings)
 
     def clear(self) -> None:
         self.graphs.clear()
+        self.sizes.clear()
+        self.bytes = 0
         self.seen.clear()
         self.failed.clear()
 
 
-def _trim(entries: collections.OrderedDict, size: int) -> list:
-    dropped = []
+def _trim(entries: collections.OrderedDict, size: int) -> None:
     while len(entries) > size:
-        dropped.append(entries.popitem(last=False)[1])
-    return dropped
+        entries.popitem(last=False)
 
 
 @dataclasses.dataclass
@@ -209,33 +238,34 @@ def launch_steps(name: str, kernel, grid: tuple, args: list, state: Callable[[],
         for phase in range(phases):
             kernel[grid](*args, *tensors, phase, phase + 1, max_spins, **meta, BARRIER=False)
 
-    action = "launch"
+    action, tensors = "launch", None
     if why_not(on_gpu) is None:
         key = launch_key(kernel, grid, args, meta, phases, max_spins, device)
         with _LOCK:
             action = CACHE.decide(key)
             if action == "capture":
-                captured = _capture(name, launches, state, device)
+                tensors = state()  # before the capture: the graph's private pool stays empty
+                nbytes = sum(t.numel() * t.element_size() for t in tensors)
+                captured = _capture(name, launches, tensors, device) if CACHE.admits(nbytes) else None
                 if captured is None:
                     CACHE.fail(key)
                     action = "launch"
                 else:
-                    CACHE.store(key, captured)
+                    CACHE.store(key, captured, nbytes)
             if action != "launch":
                 _replay(CACHE.graphs[key], device)
     if action == "launch":
-        launches(state())
+        launches(state() if tensors is None else tensors)
     done = {"launch": "launches", "capture": "captured", "replay": "replayed"}[action]
     if not torch.compiler.is_compiling():
         EVENTS[done] += 1
     return done
 
 
-def _capture(name: str, launches: Callable[[list], None], state: Callable[[], list], device) -> _Captured | None:
-    """Record ``launches`` into a new graph on the device's side stream; None (with a warning) when
-    the capture fails."""
+def _capture(name: str, launches: Callable[[list], None], tensors: list, device) -> _Captured | None:
+    """Record ``launches(tensors)`` into a new graph on the device's side stream; None (with a
+    warning) when the capture fails."""
     device = torch.device(device)
-    tensors = state()  # before the capture: the graph's private pool stays empty
     stream = torch.cuda.current_stream(device)
     side = _SIDE_STREAMS.get(str(device))
     if side is None:
