@@ -278,7 +278,7 @@ def _capture(name: str, launches: Callable[[list], None], tensors: list, device)
                 launches(tensors)
             finally:
                 graph.capture_end()  # after a failed launch this raises too, chained to that failure
-    except Exception as error:  # noqa: BLE001 - any failure to record means: run plain launches
+    except Exception as error:  # any failure to record means: run plain launches
         cause = f" (while: {error.__context__!r})" if error.__context__ is not None else ""
         warnings.warn(f"{name}: capturing the per_step launches in a CUDA graph failed: {error!r}{cause}; "
                       f"running plain launches for this call and its key ({GRAPH_ENV}=0 turns capture off)",
