@@ -222,6 +222,54 @@ def per_step(monkeypatch):
     step_graph.CACHE.clear()
 
 
+def test_per_step_cuda_graph_mechanics(per_step, monkeypatch):
+    """``launch_steps`` on a miniature per_step kernel (``tests/test_step_graph.py``): plain
+    launches at the first sighting, capture at the second, replays after that read the current
+    contents of the same memory; new memory is another key; a replay from another stream is right;
+    inside the caller's own capture the launches go into the caller's graph; ``FASTRNN_CUDA_GRAPH=0``
+    launches."""
+    from test_step_graph import prefix_sum_steps
+
+    monkeypatch.delenv(step_graph.GRAPH_ENV, raising=False)
+    torch.manual_seed(0)
+    x = torch.randn(7, 100, device="cuda")
+    out = torch.full_like(x, float("nan"))
+    assert [prefix_sum_steps(x, out, on_gpu=True) for _ in range(3)] == ["launches", "captured", "replayed"]
+    torch.testing.assert_close(out, x.cumsum(0))
+    x.copy_(torch.randn_like(x))  # same memory, new values
+    out.fill_(float("nan"))
+    assert prefix_sum_steps(x, out, on_gpu=True) == "replayed"
+    torch.testing.assert_close(out, x.cumsum(0))
+
+    other = torch.randn(7, 100, device="cuda")
+    other_out = torch.full_like(other, float("nan"))
+    assert prefix_sum_steps(other, other_out, on_gpu=True) == "launches"  # a new key
+    torch.testing.assert_close(other_out, other.cumsum(0))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.copy_(torch.randn_like(x))
+        assert prefix_sum_steps(x, out, on_gpu=True) == "replayed"
+        expected = x.cumsum(0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(out, expected)
+
+    caller = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(caller):
+        assert step_graph.why_not(on_gpu=True).startswith("the current stream is being captured")
+        assert prefix_sum_steps(x, out, on_gpu=True) == "launches"
+    x.copy_(torch.randn_like(x))
+    out.fill_(float("nan"))
+    caller.replay()
+    torch.testing.assert_close(out, x.cumsum(0))
+
+    monkeypatch.setenv(step_graph.GRAPH_ENV, "0")
+    x.copy_(torch.randn_like(x))
+    assert prefix_sum_steps(x, out, on_gpu=True) == "launches"
+    torch.testing.assert_close(out, x.cumsum(0))
+
+
 def _graph_inputs(cell, layer):
     """Fresh packed input (lengths :data:`GRAPH_LENGTHS`) and initial states of ``layer``'s shape."""
     from torch.nn.utils.rnn import pack_sequence
@@ -291,51 +339,3 @@ def test_per_step_cuda_graph_replays_in_a_training_loop(per_step, monkeypatch):
         _train_step(layer, *_graph_inputs("lstm", layer))
     events = step_graph.EVENTS - before
     assert events["replayed"] >= 2, events  # forward and backward, at least once each
-
-
-def test_per_step_cuda_graph_mechanics(per_step, monkeypatch):
-    """``launch_steps`` on a miniature per_step kernel (``tests/test_step_graph.py``): plain
-    launches at the first sighting, capture at the second, replays after that read the current
-    contents of the same memory; new memory is another key; a replay from another stream is right;
-    inside the caller's own capture the launches go into the caller's graph; ``FASTRNN_CUDA_GRAPH=0``
-    launches."""
-    from test_step_graph import prefix_sum_steps
-
-    monkeypatch.delenv(step_graph.GRAPH_ENV, raising=False)
-    torch.manual_seed(0)
-    x = torch.randn(7, 100, device="cuda")
-    out = torch.full_like(x, float("nan"))
-    assert [prefix_sum_steps(x, out, on_gpu=True) for _ in range(3)] == ["launches", "captured", "replayed"]
-    torch.testing.assert_close(out, x.cumsum(0))
-    x.copy_(torch.randn_like(x))  # same memory, new values
-    out.fill_(float("nan"))
-    assert prefix_sum_steps(x, out, on_gpu=True) == "replayed"
-    torch.testing.assert_close(out, x.cumsum(0))
-
-    other = torch.randn(7, 100, device="cuda")
-    other_out = torch.full_like(other, float("nan"))
-    assert prefix_sum_steps(other, other_out, on_gpu=True) == "launches"  # a new key
-    torch.testing.assert_close(other_out, other.cumsum(0))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        x.copy_(torch.randn_like(x))
-        assert prefix_sum_steps(x, out, on_gpu=True) == "replayed"
-        expected = x.cumsum(0)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.testing.assert_close(out, expected)
-
-    caller = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(caller):
-        assert step_graph.why_not(on_gpu=True).startswith("the current stream is being captured")
-        assert prefix_sum_steps(x, out, on_gpu=True) == "launches"
-    x.copy_(torch.randn_like(x))
-    out.fill_(float("nan"))
-    caller.replay()
-    torch.testing.assert_close(out, x.cumsum(0))
-
-    monkeypatch.setenv(step_graph.GRAPH_ENV, "0")
-    x.copy_(torch.randn_like(x))
-    assert prefix_sum_steps(x, out, on_gpu=True) == "launches"
-    torch.testing.assert_close(out, x.cumsum(0))
