@@ -48,7 +48,8 @@ first time costs what today's launches cost: it runs them (which also compiles a
 specialisation, so nothing compiles during a capture); seen a second time (:data:`CAPTURE_ON_SIGHTING`)
 it is captured (Triton's host-side launch runs once per phase to record it, plus the graph's
 instantiation, unmeasured) and replayed; after that, replayed. Calls whose pointers never repeat
-thus run plain launches, plus the key (a few us per call).
+thus run plain launches, plus the key (Python over a dozen or so arguments: tens of us per call,
+unmeasured).
 
 Memory: a cached graph holds its scratch buffers between calls (plain launches free theirs), so
 the cache is bounded by count and by their bytes: at most :data:`CACHE_SIZE` graphs and
