@@ -17,7 +17,15 @@ the loop: what a user who also hoists ``nn.Linear`` + ``nn.LayerNorm`` of the in
 Timing: interleaved rounds (``bench.timing.time_cpu``), median, and the median of the per-round
 ratios (each pair of calls saw the same load); the load average at the start and end of each
 cell is recorded, since on a shared machine it moves the figures. Every implementation agrees
-with fastrnn in float64 (to 1e-9) before the float32 timings. Writes ``layer-norm-cpu-<date>.json`` and ``.md``.
+with fastrnn in float64 (to 1e-9) before the float32 timings. Each call's CPU time (the process's
+user + system time, which other processes' load moves far less than the wall clock) is recorded
+beside its wall time.
+
+Breakdown (:func:`gemm_ms`): the matrix products each side computes, at their shapes and in their
+number, timed alone (CPU time, median of three walks); what is left of a side's CPU time is its
+elementwise, norm, allocation and Python time. The products bound the speedup: the user's loop over
+fastrnn's products alone is what fastrnn would reach with nothing else left.
+Writes ``layer-norm-cpu-<date>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -111,6 +119,62 @@ def user_cell_from(module, kind: str, cell: nn.Module | None = None) -> nn.Modul
     return cell
 
 
+def gemm_ms(kind: str, B: int, T: int, I: int, H: int, reps: int = 3) -> dict[str, float]:
+    """CPU ms of the matrix products of one forward+backward, float32, each side's as it computes
+    them (the input takes no gradient): fastrnn per time chunk (:func:`fastrnn.layer_norm_rnn._chunks`)
+    the input product and the two weight gradients, per step the recurrent product and ``dh``; the
+    user's loop per step both forward products, ``dh`` and the two weight gradients of the step
+    (rank ``B``, as autograd computes them). Median of ``reps`` walks."""
+    from fastrnn.layer_norm_rnn import _chunks
+
+    G = (4 if kind == "lstm" else 3) * H
+    x, h, dg = torch.randn(T * B, I), torch.randn(T * B, H), torch.randn(T * B, G)
+    w_ih, w_hh, d_w_ih, d_w_hh = torch.randn(G, I), torch.randn(G, H), torch.zeros(G, I), torch.zeros(G, H)
+    out_r = torch.empty(B, G)
+
+    def fastrnn_products():
+        for lo, hi in _chunks(T, B, G, False):
+            rows = slice(lo * B, hi * B)
+            torch.mm(x[rows], w_ih.T)
+            d_w_hh.addmm_(dg[rows].T, h[rows])
+            d_w_ih.addmm_(dg[rows].T, x[rows])
+        for t in range(T):
+            rows = slice(t * B, (t + 1) * B)
+            torch.mm(h[rows], w_hh.T, out=out_r)
+            torch.mm(dg[rows], w_hh)
+
+    def user_products():
+        for t in range(T):
+            rows = slice(t * B, (t + 1) * B)
+            torch.mm(x[rows], w_ih.T)
+            torch.mm(h[rows], w_hh.T)
+            torch.mm(dg[rows], w_hh)
+            torch.mm(dg[rows].T, h[rows])
+            torch.mm(dg[rows].T, x[rows])
+
+    times = {}
+    for name, fn in (("fastrnn", fastrnn_products), ("user", user_products)):
+        fn()
+        samples = []
+        for _ in range(reps):
+            started = time.process_time()
+            fn()
+            samples.append((time.process_time() - started) * 1e3)
+        times[name] = statistics.median(samples)
+    return times
+
+
+def with_cpu_time(fn, samples: list):
+    """``fn`` that also appends each call's CPU time (ms, :func:`time.process_time`) to ``samples``."""
+    def timed():
+        started = time.process_time()
+        out = fn()
+        samples.append((time.process_time() - started) * 1e3)
+        return out
+
+    return timed
+
+
 EAGER, COMPILED = "nn.LayerNorm cell loop", "nn.LayerNorm cell loop, torch.compile(cell)"
 
 
@@ -158,7 +222,12 @@ def run(kind: str, B: int, T: int, I: int, H: int, compile_cell: bool = True, bu
         fns[COMPILED]()
         compile_s[COMPILED] = time.perf_counter() - started
     load_start = load_average()
-    timings = time_cpu(fns, warmup=1, budget_s=budget_s, min_reps=5, max_reps=12)
+    cpu_samples = {name: [] for name in fns}
+    timings = time_cpu({name: with_cpu_time(fn, cpu_samples[name]) for name, fn in fns.items()}, warmup=1,
+                       budget_s=budget_s, min_reps=5, max_reps=12)
+    for name, t in timings.items():
+        t["cpu_median_ms"] = statistics.median(cpu_samples[name][1:])  # the warm-up call left out
+    products = gemm_ms(kind, B, T, I, H)
     baselines = [name for name in (EAGER, COMPILED) if name in timings]
     best = min(baselines, key=lambda name: timings[name]["median_ms"])
     speedup = {name: {base: timings[base]["median_ms"] / t["median_ms"] for base in baselines} for name, t in timings.items()}
@@ -166,7 +235,8 @@ def run(kind: str, B: int, T: int, I: int, H: int, compile_cell: bool = True, bu
                      for base in baselines} for name, t in timings.items()}
     return dict(cell=f"LayerNorm{kind.upper()}", B=B, T=T, I=I, H=H, max_abs_difference_float64=worst,
                 first_call_s={k: round(v, 2) for k, v in compile_s.items()}, load_average_start=load_start,
-                load_average_end=load_average(), timings=timings, best_baseline=best, speedup=speedup, paired_speedup=paired)
+                load_average_end=load_average(), timings=timings, best_baseline=best, speedup=speedup, paired_speedup=paired,
+                gemm_cpu_ms=products)
 
 
 def main(argv=None) -> None:
@@ -198,12 +268,23 @@ def main(argv=None) -> None:
         lines += [f"**{row['cell']} B{B} T{T} I{I} H{H}**: load average {load[0]} at the start, {load[1]} at the end "
                   "(1-minute); first calls (float64 check, compile): "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in row["first_call_s"].items()) + ".", "",
-                  "| implementation | median ms | rounds | vs eager loop | vs the faster loop (" + ("compiled" if best == COMPILED else "eager") + ") |",
-                  "|---|---|---|---|---|"]
+                  "| implementation | median ms | rounds | vs eager loop | vs the faster loop (" + ("compiled" if best == COMPILED else "eager") + ") "
+                  "| CPU ms | of which matrix products | the rest, us per step |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, t in row["timings"].items():
             cells = [f"{row['speedup'][name][base]:.2f}x ({row['paired_speedup'][name][base]:.2f}x)" for base in (EAGER, best)]
-            lines.append(f"| {name} | {t['median_ms']:.1f} | {t['reps']} | {cells[0]} | {cells[1]} |")
-        lines.append("")
+            gemm = row["gemm_cpu_ms"]["fastrnn" if name == "fastrnn" else "user" if name in (EAGER, COMPILED) else None] \
+                if name in ("fastrnn", EAGER, COMPILED) else None
+            split = ("| | |" if gemm is None else f"| {gemm:.1f} | {(t['cpu_median_ms'] - gemm) * 1e3 / T:.0f} |")
+            lines.append(f"| {name} | {t['median_ms']:.1f} | {t['reps']} | {cells[0]} | {cells[1]} | {t['cpu_median_ms']:.1f} {split}")
+        cpu = {name: t["cpu_median_ms"] for name, t in row["timings"].items()}
+        best_cpu = min(cpu[name] for name in (EAGER, COMPILED) if name in cpu)
+        gemm = row["gemm_cpu_ms"]
+        lines += ["", f"Matrix products timed alone (CPU ms, the same shapes and number, float32): fastrnn {gemm['fastrnn']:.1f} "
+                  f"({gemm['fastrnn'] * 1e3 / T:.0f} us per step), the user's loop {gemm['user']:.1f} ({gemm['user'] * 1e3 / T:.0f} us "
+                  f"per step). In CPU time fastrnn is {best_cpu / cpu['fastrnn']:.2f}x the faster user's loop; with nothing but "
+                  f"its products it would be {best_cpu / gemm['fastrnn']:.2f}x (the bound of this design), and 1.5x needs "
+                  f"fastrnn's rest at most {(best_cpu / 1.5 - gemm['fastrnn']) * 1e3 / T:.0f} us per step.", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -205,7 +205,7 @@ def _lstm_chunk_slopes(ch: _Chunk, reverse: bool) -> tuple[Tensor, Tensor, Tenso
     with ``s' = s (1 - s)`` and ``g' = 1 - g^2 = 4 s_g (1 - s_g)``), ``d LN(c_t) / d h_t = o (1 -
     tanh^2)`` ``(n, B, H)``, and ``f`` (a view)."""
     s_i, s_f, s_g, s_o = ch.gates.split(ch.sig_c.shape[-1], dim=2)
-    slope = ch.gates - ch.gates * ch.gates
+    slope = torch.addcmul(ch.gates, ch.gates, ch.gates, value=-1)  # s (1 - s), one pass
     tanh_c = ch.sig_c * 2 - 1
     d_c_norm_dh = torch.addcmul(s_o, s_o * tanh_c, tanh_c, value=-1)
     i_slope, f_slope, g_slope, o_slope = slope.split(ch.sig_c.shape[-1], dim=2)
@@ -237,11 +237,12 @@ class LayerNormLSTMFunction(torch.autograd.Function):
         plain = valid is None and not zoneout_p  # every new state is the step's output: written in place
         scale = torch.ones_like(gain_hh)
         scale[2 * hidden:3 * hidden] = 2  # the g gate's pre-activation doubled: sigmoid(2x) gives tanh(x)
+        gain_ih_2, bias_2 = gain_ih * scale, None if bias is None else bias * scale  # on both sides of the sum
         gain_hh_2, gain_c_2, bias_c_2 = gain_hh * scale, 2 * gain_c, 2 * bias_c
         h, c, chunks = h0, c0, []
         for lo, hi in _chunks(steps, batch, 4 * hidden, reverse):
             n = hi - lo
-            ax, z, x_mean, x_rstd = _input_chunk(x, lo, hi, w_ih, gain_ih, bias)
+            ax, z, x_mean, x_rstd = _input_chunk(x, lo, hi, w_ih, gain_ih_2, bias_2)
             ch = _Chunk(lo, hi, z, (x_mean, x_rstd), x.new_empty(n + 1, batch, hidden))
             hs, cs = ch.hs, x.new_empty(n + 1, batch, hidden)
             r = x.new_empty(n, batch, 4 * hidden)  # W_hh h_{t-1}
@@ -251,19 +252,22 @@ class LayerNormLSTMFunction(torch.autograd.Function):
             y = (hs[:-1] if reverse else hs[1:]) if valid is None else x.new_empty(n, batch, hidden)
             stats_r, stats_c = [None] * n, [None] * n
             hs[n if reverse else 0], cs[n if reverse else 0] = h, c
+            # one view per step of every buffer, made at once (indexing a tensor per step costs a call each)
+            hs_t, cs_t, r_t, gates_t, sig_c_t, cell_t, ax_t = (v.unbind(0) for v in (hs, cs, r, gates, sig_c, cell, ax))
+            i_t, f_t, s_g_t, o_t = (v.unbind(0) for v in gates.split(hidden, dim=2))
             for k in _walk(n, reverse):
                 prev, nxt = _slots(k, reverse)
-                h, c = hs[prev], cs[prev]
-                torch.mm(h, w_hh.T, out=r[k])
-                r_norm, r_mean, r_rstd = torch.native_layer_norm(r[k], (4 * hidden,), gain_hh_2, None, EPS)
+                h, c = hs_t[prev], cs_t[prev]
+                torch.mm(h, w_hh.T, out=r_t[k])
+                r_norm, r_mean, r_rstd = torch.native_layer_norm(r_t[k], (4 * hidden,), gain_hh_2, None, EPS)
                 stats_r[k] = r_mean, r_rstd
-                gate = torch.addcmul(r_norm, ax[k], scale, out=gates[k]).sigmoid_()
-                i, f, s_g, o = gate.split(hidden, dim=1)
-                c_new = torch.mul(f, c, out=cell[k]).addcmul_(i, s_g, value=2).sub_(i)  # f c + i (2 s_g - 1)
+                torch.add(r_norm, ax_t[k], out=gates_t[k]).sigmoid_()
+                i, o = i_t[k], o_t[k]
+                c_new = torch.mul(f_t[k], c, out=cell_t[k]).addcmul_(i, s_g_t[k], value=2).sub_(i)  # f c + i (2 s_g - 1)
                 c_norm, c_mean, c_rstd = torch.native_layer_norm(c_new, (hidden,), gain_c_2, bias_c_2, EPS)
                 stats_c[k] = c_mean, c_rstd
-                s_c = torch.sigmoid(c_norm, out=sig_c[k])
-                h_new = torch.mul(o, s_c, out=hs[nxt] if plain else None).mul_(2).sub_(o)  # o (2 s_c - 1)
+                s_c = torch.sigmoid(c_norm, out=sig_c_t[k])
+                h_new = torch.mul(o, s_c, out=hs_t[nxt] if plain else None).mul_(2).sub_(o)  # o (2 s_c - 1)
                 if plain:
                     continue
                 if zoneout_p:
@@ -290,7 +294,9 @@ class LayerNormLSTMFunction(torch.autograd.Function):
         reverse, zoneout_p, grad_clip, flow_record = ctx.options
         steps, hidden = dy.shape[0], dh_n.shape[-1]
         valid = _valid(ctx.lengths, steps, dy)
-        dh, dc = dh_n, dc_n
+        dh, dc, d_state_h, dy_t = dh_n, dc_n, None, dy.unbind(0)
+        folds_dy = valid is None and not zoneout_p  # dy[t] + dh is the addmm of the step after
+        step, last = (1, steps - 1) if reverse else (-1, 0)  # the walk's direction in t, and its last step
         grads = _input_grads(x, w_ih, ctx.needs_input_grad[0])
         d_w_hh, d_gain_hh, d_gain_c, d_bias_c = torch.zeros_like(w_hh), [], [], []
         for ch in reversed(ctx.chunks):
@@ -298,38 +304,49 @@ class LayerNormLSTMFunction(torch.autograd.Function):
             slope, d_c_norm_dh, f = _lstm_chunk_slopes(ch, reverse)
             d_pre = x.new_empty(n, batch, 4 * hidden)  # the gate pre-activation gradient (what reaches ax)
             d_r_all = torch.empty_like(d_pre)  # the gradient of W_hh h_{t-1}
+            # one view per step of every buffer, made at once (as in the forward)
+            d_pre_t, d_r_t, cell_t, r_t, f_t, d_c_norm_dh_t = (
+                v.unbind(0) for v in (d_pre, d_r_all, ch.cell, ch.r, f, d_c_norm_dh))
+            slope_cell_t = slope[..., :3 * hidden].view(n, batch, 3, hidden).unbind(0)  # i, f, g: through c_t
+            slope_o_t = slope[..., 3 * hidden:].unbind(0)  # o: through h_t
+            d_cell_gates_t = d_pre[..., :3 * hidden].view(n, batch, 3, hidden).unbind(0)
+            d_o_t = d_pre[..., 3 * hidden:].unbind(0)
             for k in _walk(n, not reverse):
                 t = ch.lo + k
                 v = None if valid is None else valid[t]
-                d_state_h = dy[t] + dh if v is None else torch.where(v, dy[t] + dh, 0.0)
+                if d_state_h is None:  # not already dy[t] + dh (from the last step's product)
+                    d_state_h = dy_t[t] + dh if v is None else torch.where(v, dy_t[t] + dh, 0.0)
                 d_state_c = dc if v is None else torch.where(v, dc, 0.0)
                 if flow_record is not None:
                     flow_record[t] = d_state_h.double().norm().to(flow_record.dtype)
                 keep = _keep(mask, zoneout_p, t)
                 d_h_new, d_c_zoned = (d_state_h * (1 - keep), d_state_c * (1 - keep)) if zoneout_p else (d_state_h, d_state_c)
                 d_c, dg_c, db_c = torch.ops.aten.native_layer_norm_backward(  # the bias argument only marks that
-                    d_c_norm_dh[k] * d_h_new, ch.cell[k], (hidden,), *ch.stats_c[k], gain_c, gain_c, [True, True, True])  # one exists
+                    d_c_norm_dh_t[k] * d_h_new, cell_t[k], (hidden,), *ch.stats_c[k], gain_c, gain_c, [True, True, True])  # one exists
                 d_gain_c.append(dg_c)
                 d_bias_c.append(db_c)
                 d_c_new = d_c.add_(d_c_zoned)
-                d_gates = d_pre[k]
-                torch.mul(slope[k, :, :3 * hidden].view(batch, 3, hidden), d_c_new[:, None],  # i, f, g: through c_t
-                          out=d_gates[:, :3 * hidden].view(batch, 3, hidden))
-                torch.mul(slope[k, :, 3 * hidden:], d_h_new, out=d_gates[:, 3 * hidden:])  # o: through h_t
+                torch.mul(slope_cell_t[k], d_c_new[:, None], out=d_cell_gates_t[k])
+                torch.mul(slope_o_t[k], d_h_new, out=d_o_t[k])
+                d_gates = d_pre_t[k]
                 if grad_clip is not None:
                     d_gates.clamp_(-grad_clip, grad_clip)
                 d_r, dg_hh, _ = torch.ops.aten.native_layer_norm_backward(
-                    d_gates, ch.r[k], (4 * hidden,), *ch.stats_r[k], gain_hh, None, [True, True, False])
+                    d_gates, r_t[k], (4 * hidden,), *ch.stats_r[k], gain_hh, None, [True, True, False])
                 d_gain_hh.append(dg_hh)
-                d_r_all[k] = d_r
+                d_r_t[k].copy_(d_r)
+                dc_prev = d_c_new * f_t[k]
+                if folds_dy and t != last:  # the next step's dy[t'] + dh in the product itself
+                    d_state_h, dc = torch.addmm(dy_t[t + step], d_r, w_hh), dc_prev
+                    continue
                 dh_prev = torch.mm(d_r, w_hh)
-                dc_prev = d_c_new * f[k]
                 if zoneout_p:
                     dh_prev, dc_prev = dh_prev + d_state_h * keep, dc_prev + d_state_c * keep
                 if v is None:
                     dh, dc = dh_prev, dc_prev
                 else:
                     dh, dc = torch.where(v, dh_prev, dh), torch.where(v, dc_prev, dc)
+                d_state_h = None
             h_prev = ch.hs[1:] if reverse else ch.hs[:-1]
             d_w_hh.addmm_(d_r_all.view(-1, 4 * hidden).T, h_prev.reshape(-1, hidden))
             _input_chunk_backward(d_pre, ch, x, w_ih, gain_ih, bias, grads)
