@@ -23,8 +23,9 @@ beside its wall time.
 
 Breakdown (:func:`gemm_ms`): the matrix products each side computes, at their shapes and in their
 number, timed alone (CPU time, median of three walks); what is left of a side's CPU time is its
-elementwise, norm, allocation and Python time. The products bound the speedup: the user's loop over
-fastrnn's products alone is what fastrnn would reach with nothing else left.
+elementwise, norm, allocation and Python time. Timed alone the products find their operands in
+cache more often than inside a run, so the split errs towards "the rest". They bound the speedup:
+the user's loop over fastrnn's products alone is what fastrnn would reach with nothing else left.
 Writes ``layer-norm-cpu-<date>.json`` and ``.md``.
 """
 
