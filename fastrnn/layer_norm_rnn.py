@@ -225,7 +225,8 @@ class LayerNormLSTMFunction(torch.autograd.Function):
     elementwise ops: the ``g`` gate's ``tanh`` and the cell's are ``2 sigmoid(2x) - 1`` (the
     factor 2 folded into the gains, so one ``sigmoid`` covers the four gates; the sigmoids are
     kept), the states are written straight into the chunk's state buffers, and the norms'
-    statistics are kept for the backward. The backward is one GEMM and nine ops per step, after
+    statistics are kept for the backward. The backward is one GEMM (which also adds the next step's
+    ``dy``, where there are neither lengths nor zoneout) and eight ops per step, after
     :func:`_lstm_chunk_slopes` per chunk; the weight, gain and bias gradients are summed per chunk
     (one GEMM each) and over the chunks."""
 
@@ -358,9 +359,9 @@ def _gru_chunk_slopes(ch: _Chunk, reverse: bool) -> Tensor:
     """The GRU backward's per-step factors that do not depend on the incoming gradient, for the
     whole chunk at once, ``(n, B, 3H)``: ``r (1 - r)``, ``(h_{t-1} - n) z (1 - z)`` and ``1 - n^2``."""
     hidden = ch.hs.shape[-1]
-    square = ch.gates * ch.gates
-    slope = ch.gates - square
-    slope[..., 2 * hidden:] = 1 - square[..., 2 * hidden:]
+    slope, rz, n = torch.empty_like(ch.gates), ch.gates[..., :2 * hidden], ch.gates[..., 2 * hidden:]
+    torch.addcmul(rz, rz, rz, value=-1, out=slope[..., :2 * hidden])  # s (1 - s), one pass each
+    torch.addcmul(n.new_ones(()), n, n, value=-1, out=slope[..., 2 * hidden:])  # 1 - n^2
     slope[..., hidden:2 * hidden].mul_((ch.hs[1:] if reverse else ch.hs[:-1]) - ch.gates[..., 2 * hidden:])
     return slope
 
