@@ -153,6 +153,8 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
     record.update(
         strategy=partition.strategy,
         mode=partition.mode if partition.strategy == "persistent" else "one launch",
+        # the INPUT_PRECISION the launches got (fp32: tf32 or a split, by PyTorch's flags at report time)
+        input_precision=workload.persistent_precision if partition.strategy == "persistent" else workload.precision,
         partition=partition.describe(),
         programs=partition.programs,
         weight_bytes_reread_per_step=est.weight_bytes_reread_per_step,

@@ -7,6 +7,9 @@
   ``@pytest.mark.no_nan_poison``.
 * Every test starts and ends with no backend override (``fastrnn.set_backend(None)``).
 * :func:`assert_close` compares with explicit tolerances and never treats NaN as equal.
+* On a GPU, cuDNN's RNN tf32 flag is off for the session (``torch.backends.cudnn.allow_tf32``, on by
+  default): the fp32 LSTM kernels follow it as ``nn.LSTM`` does (``fastrnn.ops.recurrence.input_precision``),
+  and the fp32 tests compare at fp32 tolerances; a test of the tf32 choice sets the flag itself.
 * Without a GPU, Triton's interpreter is switched on before anything imports ``triton`` (it is
   read when ``@triton.jit`` decorates), so the kernel tests run the real kernels on the CPU.
 """
@@ -53,6 +56,18 @@ def nan_poison(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
             monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
         monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fp32_exact_cudnn_rnn():
+    """On a GPU: cuDNN's RNN tf32 flag off for the session, restored afterwards (see the module docstring)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
 
 
 @pytest.fixture(autouse=True)

@@ -75,15 +75,15 @@ def test_fp32_persistent_products_on_tensor_cores_by_hand():
     """L5 (LSTM B64 H256 fp32, slices of 8): the persistent products run as ``tf32x4`` (one tf32
     product 2K = 512 deep: 64 dependent m16n8k8 mmas) unless PyTorch allows tf32 (then ``tf32``, 32
     mmas); the slice's weights are held twice over (its tf32 halves), so reading them from shared
-    memory costs twice the bytes."""
-    flag = torch.backends.cuda.matmul.allow_tf32
+    memory costs twice the bytes. The LSTM follows cuDNN's RNN flag (``recurrence.input_precision``)."""
+    flag = torch.backends.cudnn.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         w = Workload.from_row(ROWS["L5"])
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         tf32 = Workload.from_row(ROWS["L5"])
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
+        torch.backends.cudnn.allow_tf32 = flag
     assert (w.precision, w.persistent_precision) == ("tf32x3", "tf32x4")
     p = persistent_partition(w, 8, 4, weights_in="shared")
     lat = FIGURES["mma_latency_clk"].value

@@ -122,12 +122,13 @@ def test_half_precision_on_tensor_cores(name, dtype):
 
 
 def _fp32_error_vs_float64(layer, x, allow_tf32: bool) -> float:
-    flag = torch.backends.cuda.matmul.allow_tf32
+    """The LSTM's fp32 kernels follow cuDNN's RNN flag (``fastrnn.ops.recurrence.input_precision``)."""
+    flag = torch.backends.cudnn.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
         y, _ = layer(x)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
+        torch.backends.cudnn.allow_tf32 = flag
     with fastrnn.use_backend("reference"):
         y64, _ = layer.double()(x.double())
     layer.float()

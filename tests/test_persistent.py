@@ -250,7 +250,7 @@ def test_every_gpu_matrix_row_plans_persistent():
         gates = GATES[row.cell]
         if persistent.planned(gates, row.torch_dtype, row.hidden):
             assert plan(gates, row.hidden, row.torch_dtype).strategy == "persistent", row.name
-        elif gates in persistent.CELL_GATES:  # fp32 LSTM (NOT_PLANNED), or past MAX_PLANNED_BLOCK_K: tiled
+        elif gates in persistent.CELL_GATES:  # split-tf32 fp32 LSTM (NOT_PLANNED), or past MAX_PLANNED_BLOCK_K: tiled
             assert plan(gates, row.hidden, row.torch_dtype).strategy == "tiled", row.name
         p = persistent.persistent_plan(gates, row.hidden, row.batch, row.directions, row.torch_dtype)
         assert p.programs <= persistent.DEFAULT_SM_COUNT, (row.name, p)

@@ -1,10 +1,12 @@
 """The precision of the recurrent products: which ``INPUT_PRECISION`` each launch gets
-(``fastrnn.ops.recurrence.input_precision``) under PyTorch's tf32 flag, and the split-tf32 product
-of ``fastrnn.kernels.precision`` against the plain fp32 product.
+(``fastrnn.ops.recurrence.input_precision``) under PyTorch's tf32 flags (the LSTM's layer kernels
+follow cuDNN's RNN flag, as ``nn.LSTM`` on CUDA; the RNN and GRU kernels the matmul flag), and the
+split-tf32 product of ``fastrnn.kernels.precision`` against the plain fp32 product.
 
 Under Triton's interpreter ``tl.dot`` is numpy's fp32 product whatever the precision, so these
 tests see the choice (captured at the launch) and the arithmetic of the stacked halves (a wrong
-stacking gives a wrong product), not tf32 rounding: that needs a GPU.
+stacking gives a wrong product), not tf32 rounding: that needs a GPU. Each choice is tested with the
+other flag set the opposite way, so a launch that read the wrong flag fails.
 """
 
 from __future__ import annotations
@@ -29,32 +31,66 @@ DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else 
 
 @pytest.fixture
 def tf32_flag():
-    """Set ``torch.backends.cuda.matmul.allow_tf32`` for the test, restored afterwards."""
-    previous = torch.backends.cuda.matmul.allow_tf32
+    """``set_flag(cell_gates, value)``: the flag the cell's kernels follow set to ``value`` and the other
+    one to ``not value`` (cuDNN's RNN flag for the gates in ``recurrence.CUDNN_FLAG_GATES``,
+    ``torch.backends.cuda.matmul.allow_tf32`` for the rest); both restored afterwards."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
-    def set_flag(value: bool) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = value
+    def set_flag(gates: int, value: bool) -> None:
+        cudnn = gates in recurrence.CUDNN_FLAG_GATES
+        torch.backends.cudnn.allow_tf32 = value if cudnn else not value
+        torch.backends.cuda.matmul.allow_tf32 = not value if cudnn else value
 
     yield set_flag
-    torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-#: cell -> (layer class, expected fp32 persistent precision without / with the tf32 flag)
+#: cell -> (layer class, gates, expected fp32 persistent precision without / with tf32 allowed)
 CELLS = {
-    "lstm": (fastrnn.LSTM, "tf32x4", "tf32"),
-    "gru": (fastrnn.GRU, "ieee", "tf32"),
-    "rnn": (fastrnn.RNN, "ieee", "tf32"),
+    "lstm": (fastrnn.LSTM, 4, "tf32x4", "tf32"),
+    "gru": (fastrnn.GRU, 3, "ieee", "tf32"),
+    "rnn": (fastrnn.RNN, 1, "ieee", "tf32"),
 }
+
+
+def test_lstm_follows_cudnn_rnn_flag():
+    """The LSTM's layer kernels take tf32 from cuDNN's RNN flag, as ``nn.LSTM`` does on CUDA: on by
+    default (``torch.backends.cudnn.allow_tf32`` is True), off through either PyTorch API (the
+    legacy ``allow_tf32`` or the per-operator ``cudnn.rnn.fp32_precision``), whatever the matmul flag."""
+    from fastrnn.ops.recurrence import cudnn_rnn_allows_tf32
+
+    cudnn = torch.backends.cudnn
+    previous = cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        cudnn.allow_tf32 = True
+        assert cudnn_rnn_allows_tf32() and recurrence.input_precision(torch.float32, "persistent", 4) == "tf32"
+        assert persistent.planned(4, torch.float32, 256)  # L5's hidden size plans persistent with tf32 products
+        cudnn.allow_tf32 = False
+        assert not cudnn_rnn_allows_tf32() and recurrence.input_precision(torch.float32, "persistent", 4) == "tf32x4"
+        assert not persistent.planned(4, torch.float32, 256)  # the split form: tiled (NOT_PLANNED)
+        assert recurrence.plan(4, 256, torch.float32).strategy == "tiled"
+        cudnn.allow_tf32 = True
+        if isinstance(getattr(cudnn.rnn, "fp32_precision", None), str):  # torch's per-operator API
+            cudnn.rnn.fp32_precision = "ieee"
+            try:
+                assert not cudnn_rnn_allows_tf32()
+                assert recurrence.input_precision(torch.float32, "resident", 4) == "tf32x3"
+            finally:
+                cudnn.rnn.fp32_precision = "tf32"
+    finally:
+        cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_persistent_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, cell, allow_tf32):
     """The fp32 persistent kernels, forward and backward, are launched with ``tf32x4`` (LSTM) or
-    ``ieee`` (RNN, GRU) when PyTorch does not allow tf32 and ``tf32`` when it does (captured at
-    :func:`fastrnn.ops.persistent.launch`); the layer still matches torch.nn at fp32 tolerance."""
-    tf32_flag(allow_tf32)
-    layer, off, on = CELLS[cell]
+    ``ieee`` (RNN, GRU) when the flag the cell follows does not allow tf32 and ``tf32`` when it
+    does (captured at :func:`fastrnn.ops.persistent.launch`); the layer still matches torch.nn at
+    fp32 tolerance."""
+    layer, gates, off, on = CELLS[cell]
+    tf32_flag(gates, allow_tf32)
     monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "4")
     monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", "per_step")
@@ -96,10 +132,11 @@ class _RecordingKernel:
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
 def test_resident_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, allow_tf32):
     """The fp32 resident LSTM kernels (H16), forward and backward, are launched with Triton's
-    ``tf32x3`` when PyTorch does not allow tf32 and ``tf32`` when it does; fp32-exact on the CPU."""
+    ``tf32x3`` when cuDNN's RNN flag does not allow tf32 and ``tf32`` when it does (the matmul flag
+    set the other way); fp32-exact on the CPU."""
     from fastrnn.kernels import lstm as lstm_kernels
 
-    tf32_flag(allow_tf32)
+    tf32_flag(4, allow_tf32)
     seen = []
     for name in ("lstm_fwd_resident_kernel", "lstm_bwd_resident_kernel"):
         monkeypatch.setattr(lstm_kernels, name, _RecordingKernel(getattr(lstm_kernels, name), seen))
@@ -118,14 +155,15 @@ def test_resident_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, allow
 
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
 def test_resident_and_16bit_precision(tf32_flag, allow_tf32):
-    """The resident and tiled kernels run fp32 products as Triton's ``tf32x3`` unless tf32 is
-    allowed; 16-bit products are always ``ieee``; the persistent kernels' fp32 choice is the split
-    ``tf32x4`` for the cells in ``SPLIT_TF32_GATES``, ``ieee`` for the others and for kernels
-    outside the strategy table."""
-    tf32_flag(allow_tf32)
-    on = "tf32" if allow_tf32 else None
-    assert recurrence.input_precision(torch.float32) == (on or "ieee")  # kernels outside the strategy table
+    """The resident and tiled kernels run fp32 products as Triton's ``tf32x3`` unless the flag their
+    cell follows allows tf32; 16-bit products are always ``ieee``; the persistent kernels' fp32
+    choice is the split ``tf32x4`` for the cells in ``SPLIT_TF32_GATES``, ``ieee`` for the others;
+    kernels outside the strategy table follow the matmul flag whatever the cell."""
     for gates in (1, 3, 4):
+        tf32_flag(gates, allow_tf32)
+        on = "tf32" if allow_tf32 else None
+        matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        assert recurrence.input_precision(torch.float32, None, gates) == matmul  # kernels outside the strategy table
         split = "tf32x4" if gates in persistent.SPLIT_TF32_GATES else "ieee"
         assert recurrence.input_precision(torch.float32, "persistent", gates) == (on or split)
         for strategy in ("resident", "tiled"):

@@ -27,7 +27,10 @@ How it works
   divisible by 16: ``D`` folded), ``full`` (every option on: bidirectional, lengths, projection,
   ``b_hh``, gelu, ``grad_clip``, gradient-flow record; ``B`` and ``H`` not divisible by 16) and
   ``batch1`` (one row: ``B`` folded). A strategy the plan picks only when forced runs forced
-  (``tiled-forced``: ``FASTRNN_STRATEGY=tiled``); the persistent classes also in barrier mode
+  (``tiled-forced``: ``FASTRNN_STRATEGY=tiled``). The fp32 kernels of the cells whose precision
+  follows cuDNN's RNN flag (``fastrnn.ops.recurrence.CUDNN_FLAG_GATES``: the LSTM) compile at the
+  default (tf32) and again with the flag off (``lstm-fp32-exact-*``: the split-tf32 forms, at the plan
+  they get then); the persistent classes also in barrier mode
   (``persistent-barrier``, ``persistent512-8w-barrier``; on a CPU the launcher runs per step): for
   RNN and GRU at every size the plan gives them, one class per warp count (``persistent512-8w``); past
   :data:`PERSISTENT_GATE_HIDDEN`, the cells of :data:`PERSISTENT_GATE_CELLS` get one persistent class
@@ -371,6 +374,25 @@ def _forced(variable: str, value: str, run: Callable[[], None]) -> Callable[[], 
     return forced
 
 
+@contextlib.contextmanager
+def cudnn_tf32(allowed: bool) -> Iterator[None]:
+    """Run the block with ``torch.backends.cudnn.allow_tf32`` set (the flag the LSTM's fp32 kernels
+    follow, :func:`fastrnn.ops.recurrence.cudnn_rnn_allows_tf32`), restored afterwards."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
+def _without_cudnn_tf32(run: Callable[[], None]) -> Callable[[], None]:
+    def exact() -> None:
+        with cudnn_tf32(False):
+            run()
+    return exact
+
+
 def indrnn_workload(dtype: torch.dtype, hidden: int, batch: int, *, full: bool) -> None:
     """One IndRNN layer forward and backward (``fastrnn.ops.indrnn.indrnn_layer``); ``full``:
     bidirectional, lengths, zoneout, ``grad_clip`` and the gradient-flow record."""
@@ -440,6 +462,7 @@ def layer_norm_size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
 def workloads() -> dict[str, Callable[[], None]]:
     """Every workload of the gate by name (nothing runs until a workload is called)."""
     from fastrnn.ops.feedback import CELLS, compile_corners
+    from fastrnn.ops.recurrence import CUDNN_FLAG_GATES
 
     out: dict[str, Callable[[], None]] = {}
     for cell in CELL_GATES:
@@ -460,6 +483,13 @@ def workloads() -> dict[str, Callable[[], None]]:
             if "tiled" not in classes:  # tiled only when forced: its largest-H class, forced
                 for form, run in _layer_forms(cell, dtype, 2 ** 10).items():
                     out[f"{cell}-{_dtype_name(dtype)}-tiled-forced-{form}"] = _forced("FASTRNN_STRATEGY", "tiled", run)
+            if dtype == torch.float32 and CELL_GATES[cell] in CUDNN_FLAG_GATES:
+                # cuDNN's RNN flag off: the split-tf32 forms and the plan they get (``-exact-``)
+                with cudnn_tf32(False):
+                    exact_classes = size_classes(cell, dtype)
+                for size_class, hidden in exact_classes.items():
+                    for form, run in _layer_forms(cell, dtype, hidden).items():
+                        out[f"{cell}-{_dtype_name(dtype)}-exact-{size_class}-{form}"] = _without_cudnn_tf32(run)
     for dtype in (torch.bfloat16, torch.float32):
         out[f"indrnn-{_dtype_name(dtype)}-plain"] = lambda d=dtype: indrnn_workload(d, 256, 16, full=False)
         out[f"indrnn-{_dtype_name(dtype)}-full"] = lambda d=dtype: indrnn_workload(d, 250, 20, full=True)
@@ -483,6 +513,9 @@ def workloads() -> dict[str, Callable[[], None]]:
             hidden, size_class = max((h, name) for name, h in size_classes(cell, dtype).items() if name.startswith("resident"))
             out[f"{cell}-{_dtype_name(dtype)}-{size_class}-zoneout-full"] = (
                 lambda c=cell, d=dtype, h=hidden - 8: zoneout_workload(c, d, h, FORM_BATCH["full"]))
+            if dtype == torch.float32 and CELL_GATES[cell] in CUDNN_FLAG_GATES:  # and its split-tf32 form
+                out[f"{cell}-{_dtype_name(dtype)}-exact-{size_class}-zoneout-full"] = _without_cudnn_tf32(
+                    lambda c=cell, d=dtype, h=hidden - 8: zoneout_workload(c, d, h, FORM_BATCH["full"]))
     return out
 
 

@@ -109,10 +109,20 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         persistent_kernel=PersistentKernel(
             kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
             [((2, D, B, K), gx.dtype), ((D, B, H) if proj else (1,), gx.dtype), ((D, B, H), torch.float32)],
-            dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, weight_rows))),
+            dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, weight_rows)), **_fp32_register_budget(gx.dtype)),
         ),
     )
     return y, h_n, final_cell_state(c, D), gates, c
+
+
+def _fp32_register_budget(dtype: torch.dtype) -> dict:
+    """The persistent kernels' ``maxnreg`` in fp32 (:func:`fastrnn.ops.persistent.register_budget`):
+    the whole budget with tf32 products (L5's plan compiles clean with it, and the forward with
+    lengths keeps an 8 B frame at 80 registers without), none with the split ones. The 16-bit LSTM
+    kernels launch without it, as their compile rows (L1, L4) were measured."""
+    if dtype != torch.float32:
+        return {}
+    return persistent.register_budget(dtype, input_precision(dtype, "persistent", GATES))
 
 
 def final_cell_state(c: Tensor, directions: int) -> Tensor:
@@ -162,7 +172,8 @@ def lstm_bwd(
             kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
             [((2, partition.slices, D, B, K), torch.float32), ((2, partition.slices, D, B, H) if proj else (1,), torch.float32),
              ((D, B, K), torch.float32), ((D, B, H), torch.float32)],
-            dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, partition.weight_rows))),
+            dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, partition.weight_rows)),
+                 **_fp32_register_budget(gates.dtype)),
         ),
     )
     if shares is not None:

@@ -92,14 +92,17 @@ MODES = ("barrier", "per_step", "auto")
 
 #: Gates of the cells that have persistent kernels (the plan only picks the strategy for these).
 CELL_GATES = frozenset({1, 3, 4})
-#: (gates, fp32?) the plan does not pick the persistent kernels for by itself (they still run when
-#: forced): LSTM in fp32. Its products run as ``"tf32x4"`` on tensor cores (:data:`SPLIT_TF32_GATES`;
-#: as ``"ieee"`` FMA products the backward spilled 728 B on sm_90 at L5): at L5's plan (B64 H256,
-#: sm_90) the forward then compiles clean on Triton 3.9, but the backward sits at 255 registers with
-#: an 8 B stack frame (3.9 with every option on, 3.6 in both forms), the 3.6 plain forward keeps
-#: 16 B, and the compile gate's ``full`` form (projection, lengths, bidirectional, H248) spills
-#: 24-432 B in the backward (and KBs in the 3.6 forward).
-NOT_PLANNED = frozenset({(4, True)})
+#: (gates, fp32 ``INPUT_PRECISION``) the plan does not pick the persistent kernels for by itself
+#: (they still run when forced): the LSTM with its products split as ``"tf32x4"``
+#: (:data:`SPLIT_TF32_GATES`), what it runs when cuDNN's RNN flag disallows tf32
+#: (``fastrnn.ops.recurrence.input_precision``). At L5's plan (B64 H256, sm_90) that backward sits at
+#: 255 registers with an 8 B stack frame (Triton 3.9 with every option on, 3.6 in both forms), the
+#: 3.6 plain forward keeps 16 B, and the compile gate's ``full`` form (projection, lengths,
+#: bidirectional, H248) spills 24-432 B in the backward; as ``"ieee"`` FMA products the backward
+#: spilled 728 B. With tf32 products (the default, as ``nn.LSTM``'s cuDNN) the same plans compile
+#: clean given the register budget (:func:`register_budget`), so they plan persistent; with the flag
+#: off the fp32 LSTM keeps the tiled strategy (``"tf32x3"``) past its resident sizes.
+NOT_PLANNED = frozenset({(4, "tf32x4")})
 #: Gates of the cells whose persistent kernels run fp32 products as ``"tf32x4"`` on tensor cores
 #: (``fastrnn.kernels.precision``; ``fastrnn.ops.recurrence.input_precision``): the LSTM's, whose
 #: products are one weight-on-the-left ``tl.dot`` per stage. The RNN and GRU persistent kernels
@@ -134,11 +137,15 @@ MAX_SLICE_WEIGHT_BYTES = 128 * 1024
 
 def planned(gates: int, dtype: torch.dtype, hidden: int) -> bool:
     """Whether :func:`fastrnn.ops.recurrence.plan` picks the persistent strategy for this cell,
-    dtype and hidden size beyond the resident sizes (else the tiled one)."""
+    dtype and hidden size beyond the resident sizes (else the tiled one), at the precision the
+    launch would run (:data:`NOT_PLANNED`: it depends on PyTorch's tf32 flags for fp32)."""
+    from fastrnn.ops.recurrence import input_precision
+
     fp32 = dtype == torch.float32
     block_k = max(16, triton.next_power_of_2(hidden))
     limit = CELL_MAX_PLANNED_BLOCK_K.get((gates, fp32), MAX_PLANNED_BLOCK_K[fp32])
-    return gates in CELL_GATES and (gates, fp32) not in NOT_PLANNED and block_k <= limit
+    precision = input_precision(dtype, "persistent", gates)
+    return gates in CELL_GATES and (gates, precision) not in NOT_PLANNED and block_k <= limit
 
 
 #: SMs assumed when planning without a GPU: the H100/H200 the GPU matrix is tuned for.
@@ -161,15 +168,18 @@ FAULT = 0
 REGISTER_BUDGET = 255
 
 
-def register_budget(dtype: torch.dtype) -> dict:
-    """Launch options for a cell's persistent kernels (``PersistentKernel.meta``): in 16-bit the
-    whole register budget (``maxnreg``). A persistent grid runs one program per SM, so occupancy
-    buys nothing; left to itself ptxas aims for two blocks per SM and parks values on the stack
-    (measured, sm_90: the GRU forward bf16 at H 256 held at 128 registers with a 16-byte stack
-    frame; 170 registers and none with the budget, before its product was split). Not in fp32: given the budget, the FMA dots'
-    heaviest forms take all 255 registers and still spill (the GRU backward, all options, H 256:
-    16 B of stack), where uncapped they compile clean."""
-    return {} if dtype == torch.float32 else {"maxnreg": REGISTER_BUDGET}
+def register_budget(dtype: torch.dtype, precision: str | None = None) -> dict:
+    """Launch options for a cell's persistent kernels (``PersistentKernel.meta``): in 16-bit, and in
+    fp32 with ``precision`` ``"tf32"`` (tensor-core products), the whole register budget
+    (``maxnreg``). A persistent grid runs one program per SM, so occupancy buys nothing; left to
+    itself ptxas aims for more blocks per SM and parks values on the stack (measured, sm_90: the GRU
+    forward bf16 at H 256 held at 128 registers with a 16-byte stack frame; 170 registers and none
+    with the budget, before its product was split; the LSTM forward fp32 tf32 at L5 with lengths, 80
+    registers and an 8 B frame, 96 and none with the budget). Not for fp32's other products: given
+    the budget, the FMA dots' heaviest forms take all 255 registers and still spill (the GRU
+    backward, all options, H 256: 16 B of stack), where uncapped they compile clean."""
+    budget = dtype != torch.float32 or precision == "tf32"
+    return {"maxnreg": REGISTER_BUDGET} if budget else {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,8 @@ which every launch compiles for sm_90 without spills on triton 3.6 and 3.9: the 
 Triton specialises it and ``bench/results/aot-compile.md`` holds the registers, stack and shared
 memory it measured. The fp32 resident blocks are half the 16-bit ones: they were sized when fp32
 products ran as ``ieee`` on FMA units, which replicate ``W`` across threads (they now run as
-``tf32x3`` on tensor cores, :func:`input_precision`; larger fp32 blocks are not yet measured).
+tensor-core products, ``tf32`` or the split ``tf32x3``, :func:`input_precision`; larger fp32 blocks are
+not yet measured).
 The tiled launches pass ``maxnreg`` (:func:`register_budget`).
 """
 
@@ -184,28 +185,67 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+#: Cells whose layer kernels (every strategy of the table) take their fp32 tf32 rule from cuDNN's RNN
+#: flag (:func:`cudnn_rnn_allows_tf32`), as ``torch.nn`` does for them on CUDA: the LSTM. The RNN and
+#: GRU kernels still follow ``torch.backends.cuda.matmul.allow_tf32`` (their fp32 compile-gate rows
+#: were measured in those forms; the same evidence says they should follow cuDNN's flag too).
+CUDNN_FLAG_GATES = frozenset({4})
+
+
+def cudnn_rnn_allows_tf32() -> bool:
+    """Whether PyTorch lets cuDNN's fp32 RNNs (``torch.nn.LSTM`` on CUDA) use tf32 tensor cores.
+
+    PyTorch builds each cuDNN RNN descriptor with ``at::globalContext().allowTF32CuDNN(
+    at::Float32Op::RNN)`` (``aten/src/ATen/native/cudnn/RNN.cpp``, ``RNNDescriptorParams::descriptor``,
+    both the v6 and v8 API branches; pytorch/pytorch 00fc08aa). ``RNNDescriptor::set``
+    (``aten/src/ATen/cudnn/Descriptors.h``: lines 302-314 and 317-335 of the header torch 2.13
+    installs, the v6 and v8 branches) then calls ``cudnnSetRNNMatrixMathType`` with ``CUDNN_FMA_MATH``
+    (exact fp32) only when that flag is off for fp32 inputs on sm_70+, else leaves
+    ``CUDNN_DEFAULT_MATH``, which lets cuDNN use tf32 on Ampere and later. The flag is
+    ``torch.backends.cudnn.allow_tf32`` (``bool allow_tf32_cudnn = true``, ``ATen/Context.h`` line 501)
+    or, with the per-operator API, ``torch.backends.cudnn.rnn.fp32_precision`` (``"tf32"`` by default:
+    ``{CUDA, Float32Op::RNN}`` is ``DEFAULT`` at ``ATen/Context.h`` line 551, which resolves to the
+    legacy flag; measured with torch 2.13: ``"tf32"``, and ``"none"`` once ``allow_tf32`` is False).
+    The docs say the same (``docs/source/notes/cuda.rst``, "TensorFloat-32 (TF32) on Ampere (and
+    later) devices": ``torch.backends.cudnn.allow_tf32`` "defaults to True" and covers cuDNN).
+    ``torch.backends.cuda.matmul.allow_tf32`` plays no part: an fp32 ``nn.LSTM`` on an Ampere+ GPU runs
+    its products in tf32 by default."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    precision = getattr(rnn, "fp32_precision", None) if rnn is not None else None
+    if isinstance(precision, str):
+        return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def input_precision(dtype: torch.dtype, strategy: str | None = None, gates: int | None = None) -> str:
     """The kernels' ``INPUT_PRECISION`` for operands of ``dtype``. ``strategy`` (and the cell's
     ``gates``): the strategy a launch of the strategy table runs (:func:`launch` passes them); None:
     kernels outside the table (fused generation, layer-norm cells), which keep exact fp32 products.
 
     16-bit operands: ``"ieee"`` (products accumulate in fp32 on tensor cores either way). fp32:
-    ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set; else products on tensor cores
-    at an error near fp32's where they compile clean: Triton's ``"tf32x3"`` (three tf32 products of
-    the operands' tf32 parts and remainders) for the resident and tiled kernels, ``"tf32x4"``
-    (``fastrnn.kernels.precision``: one tf32 product of the stacked parts) for the persistent kernels
-    of the cells in ``persistent.SPLIT_TF32_GATES``; ``"ieee"`` (FMA units) for the other persistent
-    kernels (RNN, GRU: either split spills more there on sm_90) and outside the table.
+    ``"tf32"`` when PyTorch allows tf32 for the operation fastrnn stands in for (below); else products
+    on tensor cores at an error near fp32's where they compile clean: Triton's ``"tf32x3"`` (three tf32
+    products of the operands' tf32 parts and remainders) for the resident and tiled kernels,
+    ``"tf32x4"`` (``fastrnn.kernels.precision``: one tf32 product of the stacked parts) for the
+    persistent kernels of the cells in ``persistent.SPLIT_TF32_GATES``; ``"ieee"`` (FMA units) for the
+    other persistent kernels (RNN, GRU: either split spills more there on sm_90) and outside the table.
 
-    Which flag: fastrnn follows ``torch.backends.cuda.matmul.allow_tf32`` (default off), not
-    ``torch.backends.cudnn.allow_tf32`` (default on), which cuDNN's fp32 RNNs follow. A fastrnn layer
-    is GEMMs: the input projection and the weight gradients run through ``torch.nn.functional.linear``
-    and ``torch.bmm``, which follow the matmul flag, so the recurrent product follows it too and one
-    flag sets the precision of the whole layer; with it off (the default) an fp32 layer stays at
-    fp32-level error, as its CPU reference and the fp32 tests at 1e-4 expect."""
+    Which flag (the precision contract). A fastrnn layer is drop-in for ``torch.nn``, and on CUDA an
+    fp32 ``nn.LSTM`` is cuDNN, whose products are tf32 unless cuDNN's RNN flag is off
+    (:func:`cudnn_rnn_allows_tf32`, with the PyTorch file and line). So the LSTM's layer kernels
+    (:data:`CUDNN_FLAG_GATES`, every strategy) follow that flag: by default tf32, as ``nn.LSTM``; the
+    split forms only when the user turns it off (``torch.backends.cudnn.allow_tf32 = False`` or
+    ``torch.backends.cudnn.rnn.fp32_precision = "ieee"``), for fp32-level error. The RNN and GRU
+    kernels and the kernels outside the table follow ``torch.backends.cuda.matmul.allow_tf32``
+    (default off), as ``nn.RNNCell``-style cells do (cuBLAS). The input projection and the weight
+    gradients of every layer are PyTorch GEMMs (``torch.nn.functional.linear``, ``torch.bmm``) and
+    follow the matmul flag whatever the cell. The CPU tests compare at fp32 tolerances either way
+    (Triton's interpreter computes every ``tl.dot`` in exact fp32); the CUDA tests turn cuDNN's
+    flag off (``tests/conftest.py``) unless they test the choice."""
     if dtype != torch.float32:
         return "ieee"
-    if torch.backends.cuda.matmul.allow_tf32:
+    tf32 = cudnn_rnn_allows_tf32() if strategy is not None and gates in CUDNN_FLAG_GATES else torch.backends.cuda.matmul.allow_tf32
+    if tf32:
         return "tf32"
     if strategy in ("resident", "tiled"):
         return "tf32x3"
