@@ -138,14 +138,15 @@ def _fp32_error_vs_float64(layer, x, allow_tf32: bool) -> float:
 def test_fp32_persistent_lstm_on_tensor_cores_is_near_fp32(monkeypatch):
     """The fp32 persistent LSTM (forced, H256) with tf32 disallowed runs its products as ``tf32x4``
     (``fastrnn.kernels.precision``): within 1e-5 of float64, where allowing tf32 is visibly less
-    exact (the same kernel with ``tf32`` products)."""
+    exact (the same kernel with ``tf32`` products, what L5 plans by default: still within the
+    project's tf32 bound, ``bench.accuracy.TF32_TOLERANCE``)."""
     monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
     torch.manual_seed(0)
     layer = fastrnn.LSTM(32, 256, device="cuda")
     x = torch.randn(16, 16, 32, device="cuda")
     split = _fp32_error_vs_float64(layer, x, allow_tf32=False)
     tf32 = _fp32_error_vs_float64(layer, x, allow_tf32=True)
-    assert split < 1e-5 and tf32 > 10 * split, (split, tf32)
+    assert split < 1e-5 and 10 * split < tf32 < 1e-2, (split, tf32)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
