@@ -12,13 +12,15 @@ with ``u`` a vector (``weight_hh``, shape ``(H,)``) and ``act`` relu or tanh. Wi
 Paths: on CUDA (or with ``FASTRNN_BACKEND=triton`` under Triton's interpreter) one fused scan
 kernel per layer forward and one backward (``fastrnn.ops.indrnn``: no product per step, so it is
 bound by memory bandwidth); elsewhere the reference loop of :func:`indrnn_reference_layer`, which
-is also the kernels' oracle.
+is also the kernels' oracle. Under ``torch.compile`` the recurrence of each layer (either path) is
+one registered operator, ``fastrnn::indrnn_recurrence`` (:mod:`fastrnn.indrnn_op`).
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -42,20 +44,31 @@ def indrnn_reference_layer(
     """One layer, every direction, in plain PyTorch: ``x (T, B, I)``, ``h0 (D, B, H)``; the
     signature of :func:`fastrnn.ops.indrnn.indrnn_layer`. ``grad_clip`` clamps the gradient of
     each step's pre-activation. Returns ``y (T, B, D*H)``, ``h_n (D, B, H)``."""
+    gx = [F.linear(x, p["weight_ih"], None if p.get("bias_ih") is None else p["bias_ih"] + p["bias_hh"]) for p in params]
+    return indrnn_reference_scan(gx, [p["weight_hh"] for p in params], h0, lengths, nonlinearity, zoneout_mask, zoneout_p,
+                                 grad_clip, flow_record)
+
+
+def indrnn_reference_scan(
+    gx: list[Tensor], u: list[Tensor], h0: Tensor, lengths: Tensor | None, nonlinearity: str,
+    zoneout_mask: Tensor | None = None, zoneout_p: float = 0.0, grad_clip: float | None = None,
+    flow_record: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The recurrence of :func:`indrnn_reference_layer` after the input projection: ``gx[d] (T, B, H)``
+    (``W_ih x_t + b_ih + b_hh`` of direction ``d``), ``u[d] (H,)``, the rest as that function takes
+    them. Returns ``y (T, B, D*H)``, ``h_n (D, B, H)``."""
     act = NONLINEARITIES[nonlinearity]
     hidden = h0.shape[-1]
     ys, hs = [], []
-    for d, p in enumerate(params):
-        bias = None if p.get("bias_ih") is None else p["bias_ih"] + p["bias_hh"]
-        gx = F.linear(x, p["weight_ih"], bias).unbind(0)  # one view per step, one backward node for all
-        u = p["weight_hh"]
+    for d, (gx_d, u_d) in enumerate(zip(gx, u)):
+        steps = gx_d.unbind(0)  # one view per step, one backward node for all
 
-        def step(t, state, gx=gx, u=u):
-            return (act(clip_grad(gx[t] + u * state[0], grad_clip)),)
+        def step(t, state, steps=steps, u_d=u_d):
+            return (act(clip_grad(steps[t] + u_d * state[0], grad_clip)),)
 
         mask = None if zoneout_mask is None else zoneout_mask[..., d * hidden:(d + 1) * hidden]
-        y, (h,) = time_loop(step, x.shape[0], (h0[d],), lengths, reverse=d == 1, zoneout_mask=mask, zoneout_p=zoneout_p,
-                            flow_record=None if flow_record is None else flow_record[d])
+        y, (h,) = time_loop(step, gx_d.shape[0], (h0[d],), lengths, reverse=d == 1, zoneout_mask=mask,
+                            zoneout_p=zoneout_p, flow_record=None if flow_record is None else flow_record[d])
         ys.append(y)
         hs.append(h)
     return torch.cat(ys, dim=-1), torch.stack(hs)
@@ -63,7 +76,7 @@ def indrnn_reference_layer(
 
 def scan_path(device: torch.device) -> str:
     """``"triton"`` (the scan kernel) or ``"reference"``: the kernel on CUDA with triton installed
-    (backend ``auto``, not while ``torch.compile`` traces) or when the ``triton`` backend is asked
+    (backend ``auto``; while ``torch.compile`` traces, inside :mod:`fastrnn.indrnn_op`'s operator) or when the ``triton`` backend is asked
     for (on CPU tensors only under Triton's interpreter, else a RuntimeError); the reference
     loop otherwise."""
     asked = backend.get_backend()
@@ -78,9 +91,19 @@ def scan_path(device: torch.device) -> str:
                 "before importing triton to run the kernels on the CPU through Triton's interpreter"
             )
         return "triton"
-    if device.type == "cuda" and backend.triton_available() and not torch.compiler.is_compiling():
+    if device.type == "cuda" and backend.triton_available():
         return "triton"
     return "reference"
+
+
+def scan_layer():
+    """:func:`fastrnn.ops.indrnn.indrnn_layer`, imported on first use (it imports triton) on a CPU
+    machine, with a GPU when this module is imported: ``torch.compile`` cannot trace an import, but
+    reads ``sys.modules`` (as :func:`fastrnn.dispatch.triton_layer` does)."""
+    loaded = sys.modules.get("fastrnn.ops.indrnn")
+    if loaded is None:
+        loaded = importlib.import_module("fastrnn.ops.indrnn")
+    return loaded.indrnn_layer
 
 
 class IndRNN(StackedRecurrence):
@@ -132,8 +155,18 @@ class IndRNN(StackedRecurrence):
         return Route("reference", f"IndRNN on {data.device.type} {str(data.dtype).replace('torch.', '')}: the reference loop")
 
     def _run_layer(self, x, h0, c0, params, lengths, zoneout_mask, flow_record):
-        layer = indrnn_reference_layer
-        if scan_path(x.device) == "triton" and (x.dtype in KERNEL_DTYPES or torch.is_autocast_enabled(x.device.type)):
-            layer = importlib.import_module("fastrnn.ops.indrnn").indrnn_layer  # imports triton: only when asked for
+        kernel = scan_path(x.device) == "triton" and (x.dtype in KERNEL_DTYPES or torch.is_autocast_enabled(x.device.type))
+        if kernel:
+            layer = scan_layer()
+        elif torch.compiler.is_compiling():
+            layer = indrnn_op.reference_layer  # one registered operator per layer: Dynamo does not unroll the loop
+        else:
+            layer = indrnn_reference_layer
         y, h_n = layer(x, h0, params, lengths, self.nonlinearity, zoneout_mask, self.zoneout, self.grad_clip, flow_record)
         return y, h_n, None
+
+
+from fastrnn import indrnn_op  # noqa: E402  (registers the operators torch.compile traces; it imports the scan above)
+
+if torch.cuda.is_available() and backend.triton_available():
+    scan_layer()

@@ -25,10 +25,10 @@ import importlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn import gradient_flow, routing
 from fastrnn.native_bptt import native_bptt_layer
+from fastrnn.packing import lengths_from_batch_sizes, pack_padded, pad_packed
 from fastrnn.reference import gru_step, lstm_step, reference_layer
 from fastrnn.regularization import drop_connect, zoneout_mask
 from fastrnn.stacked import time_loop
@@ -44,10 +44,10 @@ def run_stack(module, cell: str, nonlinearity, input: Tensor, batch_sizes: Tenso
     """The signature and results of :func:`fastrnn.dispatch.run_stack` (plus ``sorted_indices``, so
     that row ``b`` of a zoneout mask is the caller's row ``b``), for ``cell`` ``"lstm"`` or ``"gru"``."""
     path = routing.route_stack(module, cell, nonlinearity, input, batch_sizes).path
-    lengths = lengths_cpu = None
-    if batch_sizes is not None:
-        x, lengths_cpu = pad_packed_sequence(PackedSequence(input, batch_sizes))
-        lengths = lengths_cpu.to(input.device)
+    lengths = None
+    if batch_sizes is not None:  # fastrnn's registered pad/pack: Dynamo traces them (not torch.nn's)
+        x = pad_packed(input, batch_sizes, h0.shape[1])
+        lengths = lengths_from_batch_sizes(batch_sizes, h0.shape[1]).to(input.device)
     else:
         x = input.transpose(0, 1) if module.batch_first else input
     recorder = gradient_flow.active() if torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
@@ -68,15 +68,19 @@ def run_stack(module, cell: str, nonlinearity, input: Tensor, batch_sizes: Tenso
         if p_zone and path == "triton":
             zoneout = importlib.import_module("fastrnn.ops.zoneout")  # imports triton: only once the kernels are chosen
             x, h_n, c_n = zoneout.zoneout_layer(cell, x, h0_layer, c0_layer, params, lengths, mask, p_zone, **options)
+        elif p_zone and torch.compiler.is_compiling():  # the loop as one registered operator: Dynamo does not unroll it
+            x, h_n, c_n = zoneout_op.zoned_reference_layer(cell, x, h0_layer, c0_layer, params, lengths, mask, p_zone,
+                                                           module.grad_clip)
         elif p_zone:
-            x, h_n, c_n = _zoned_reference_layer(module, cell, x, h0_layer, c0_layer, params, lengths, mask, record)
+            x, h_n, c_n = zoned_reference_layer(cell, x, h0_layer, c0_layer, params, lengths, mask, p_zone, module.grad_clip,
+                                                record)
         else:
             x, h_n, c_n = _plain_layer(module, path, cell, nonlinearity, x, h0_layer, c0_layer, params, lengths, options)
         h_out.append(h_n)
         if cell == "lstm":
             c_out.append(c_n)
     if batch_sizes is not None:
-        output = pack_padded_sequence(x, lengths_cpu, enforce_sorted=True).data
+        output = pack_padded(x, batch_sizes, input.shape[0])
     else:
         output = x.transpose(0, 1) if module.batch_first else x
     return output, torch.cat(h_out), (torch.cat(c_out) if c0 is not None else None)
@@ -108,10 +112,13 @@ def _native_layer(module, cell, x, h0, c0, params):
     return result[0], result[1], (result[2] if cell == "lstm" else None)
 
 
-def _zoned_reference_layer(module, cell, x, h0, c0, params, lengths, mask, record):
-    """One layer with zoneout on the reference cell steps (every direction), ``mask (T, B, D*H)`` or
-    None (eval)."""
-    hidden, p_zone, clip = h0.shape[-1], module.zoneout, module.grad_clip
+def zoned_reference_layer(cell, x, h0, c0, params, lengths, mask, p_zone, clip, record=None):
+    """One layer with zoneout on the reference cell steps (every direction): ``x (T, B, I)``,
+    ``h0 (D, B, H_out)``, ``c0 (D, B, H)`` (LSTM) or None, ``mask (T, B, D*H)`` or None (eval:
+    ``p_zone``), ``clip`` the ``grad_clip``, ``record`` a ``(D, T)`` flow record or None. Returns
+    ``y (T, B, D*H_out)``, ``h_n``, ``c_n`` (None for the GRU)."""
+    hidden = h0.shape[-1]
+    cell_size = c0.shape[-1] if cell == "lstm" else hidden
     ys, hs, cs = [], [], []
     for d, p in enumerate(params):
         gx = F.linear(x, p["w_ih"], p["b_ih"])
@@ -126,7 +133,7 @@ def _zoned_reference_layer(module, cell, x, h0, c0, params, lengths, mask, recor
 
             state = (h0[d],)
         # zoneout mixes h (H_out wide) and c (H wide): with a projection the h mask is the first H_out units
-        d_mask = None if mask is None else mask[..., d * module.hidden_size:(d + 1) * module.hidden_size]
+        d_mask = None if mask is None else mask[..., d * cell_size:(d + 1) * cell_size]
         y, final = _zoned_time_loop(step, x.shape[0], state, lengths, d == 1, d_mask, p_zone, hidden,
                                     None if record is None else record[d])
         ys.append(y)
@@ -150,3 +157,6 @@ def _zoned_time_loop(step, steps, state, lengths, reverse, mask, p, hidden_out, 
         return tuple(mixed)
 
     return time_loop(zoned_step, steps, state, lengths, reverse, None, 0.0, record)
+
+
+from fastrnn import zoneout_op  # noqa: E402  (registers the operator torch.compile traces; it imports the loop above)

@@ -395,8 +395,8 @@ def _zoneout_route(device: DeviceInfo, call: CallInfo, dtype: torch.dtype, compi
         return Route("reference", f"zoneout on the {device.type.upper()}: PyTorch's native kernels cannot zone out, "
                                   f"so {_ZONEOUT_LOOP} runs (the kernels only under FASTRNN_BACKEND=triton)")
     if compiling:
-        return Route("reference", f"zoneout while torch.compile traces: {_ZONEOUT_LOOP} is traced (the zoneout "
-                                  "kernels are no registered operator)")
+        return Route("reference", f"zoneout while torch.compile traces: {_ZONEOUT_LOOP}, one registered operator "
+                                  "per layer (fastrnn::zoned_reference_layer; the zoneout kernels are not traced)")
     if not device.triton or dtype not in KERNEL_DTYPES:
         why_not = "triton is not installed" if not device.triton else f"the kernels compute in fp32/fp16/bf16, not {DTYPE_NAMES.get(dtype, dtype)}"
         return Route("reference", f"zoneout: cuDNN cannot zone out and {why_not}, so {_ZONEOUT_LOOP} runs")

@@ -174,7 +174,7 @@ class StackedRecurrence(nn.Module):
         if hx is not None and not self.HAS_CELL and hx.dim() != want:
             raise RuntimeError(f"For {form} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
         RecurrentBase.check_input(self, input, batch_sizes)
-        hidden_size, _ = RecurrentBase._expected_sizes(self, input, batch_sizes)
+        hidden_size, _ = RecurrentBase._expected_sizes(self, input, batch_sizes, sorted_indices)
         if hx is None:
             h0 = torch.zeros(hidden_size, dtype=input.dtype, device=input.device)
             c0 = torch.zeros_like(h0) if self.HAS_CELL else None
@@ -208,7 +208,7 @@ class StackedRecurrence(nn.Module):
             lengths = lengths_from_batch_sizes(batch_sizes, h0.shape[1]).to(input.device)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        recorder = gradient_flow.active() if torch.is_grad_enabled() else None
+        recorder = gradient_flow.active() if torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
         directions = 2 if self.bidirectional else 1
         h_out, c_out = [], []
         for index, params in enumerate(self._layer_params()):

@@ -1,7 +1,8 @@
 """IndRNN on the fused scan kernels of ``fastrnn.kernels.indrnn``.
 
 Read top to bottom: the block sizes, forward launcher, backward launcher, ``IndRNNFunction``,
-``indrnn_layer``. The input projection (with both biases folded in) is one GEMM before the
+``indrnn_layer`` (which, while ``torch.compile`` traces, calls the registered operator of
+:mod:`fastrnn.indrnn_op` instead of the Function). The input projection (with both biases folded in) is one GEMM before the
 launch; its gradient flows back by ordinary autograd from ``dgx``. The gradient of ``u`` is
 reduced in the backward kernel per batch tile, and the tiles are summed here.
 """
@@ -12,6 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
+from fastrnn.indrnn_op import indrnn_recurrence
 from fastrnn.kernels import indrnn as kernels
 from fastrnn.ops.recurrence import compute_dtype, count_launch, input_projection, kernel_lengths, write_flow_record
 
@@ -122,4 +124,6 @@ def indrnn_layer(
     u = torch.stack([p["weight_hh"].to(dtype) for p in params])
     keep = None if zoneout_mask is None else zoneout_mask.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
+        if torch.compiler.is_compiling():  # one registered operator Dynamo traces (its kernels run inside)
+            return indrnn_recurrence(gx, u, h0.to(dtype).contiguous(), lengths, keep, zoneout_p, nonlinearity, grad_clip, True)
         return IndRNNFunction.apply(gx, u, h0.to(dtype), lengths, keep, zoneout_p, nonlinearity, grad_clip, flow_record)

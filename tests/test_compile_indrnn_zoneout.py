@@ -1,0 +1,181 @@
+"""torch.compile(fullgraph=True) of IndRNN and of zoneout (LSTM, GRU, their LayerNorm forms, IndRNN)
+on the CPU: each layer's recurrence is one registered operator (``fastrnn::indrnn_recurrence``,
+``fastrnn::zoned_reference_layer``, the LayerNorm cells' per-direction operators), so the graph
+is one, does not grow with ``T``, and equals eager.
+
+The masks: zoneout's and DropConnect's are drawn in the traced graph (no operator draws), so under
+one ``torch.manual_seed`` a compiled training call draws exactly what the eager call draws: same
+outputs and gradients in float64, and the generator left in the same state. A different seed
+changes the outputs (so the equality is the masks', not zoneout doing nothing).
+
+Kept lean: the ``aot_eager`` backend (Dynamo and AOTAutograd trace the operators' fakes and
+autograd formulas; inductor's code generation costs tens of seconds here), one compiled module per
+case, a few steps and units.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch.testing import assert_close
+
+import fastrnn
+
+F64 = dict(dtype=torch.float64)
+KW = dict(bidirectional=True, batch_first=True, **F64)
+LENGTHS = torch.tensor([6, 2, 4])
+
+#: name -> (module factory, packed input?, initial state given?, masks drawn (training with zoneout/DropConnect)?)
+CASES = {
+    "indrnn-relu-packed-h0-clip": (lambda: fastrnn.IndRNN(3, 5, num_layers=2, grad_clip=0.05, **KW), True, True, False),
+    "indrnn-tanh-zoneout-train": (lambda: fastrnn.IndRNN(3, 5, nonlinearity="tanh", zoneout=0.3, **KW), True, False, True),
+    "indrnn-zoneout-dropconnect-train": (lambda: fastrnn.IndRNN(3, 5, num_layers=2, zoneout=0.3, recurrent_dropout=0.3,
+                                                                dropout=0.0, **KW), False, True, True),
+    "indrnn-zoneout-eval": (lambda: fastrnn.IndRNN(3, 5, zoneout=0.3, **KW).eval(), False, False, False),
+    "lstm-proj-zoneout-dropconnect-train": (lambda: fastrnn.LSTM(3, 5, num_layers=2, proj_size=2, zoneout=0.3,
+                                                                 recurrent_dropout=0.2, grad_clip=0.5, **KW), True, True, True),
+    "gru-zoneout-train": (lambda: fastrnn.GRU(3, 5, num_layers=2, zoneout=0.3, **KW), True, False, True),
+    "gru-zoneout-eval": (lambda: fastrnn.GRU(3, 5, zoneout=0.3, **KW).eval(), False, True, False),
+    "lnlstm-zoneout-dropconnect-train": (lambda: fastrnn.LayerNormLSTM(3, 5, zoneout=0.3, recurrent_dropout=0.2, **KW),
+                                         True, True, True),
+    "lngru-zoneout-train": (lambda: fastrnn.LayerNormGRU(3, 5, num_layers=2, zoneout=0.3, **KW), False, False, True),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _state(module, batch: int, cell: bool):
+    shape = (module.num_layers * 2, batch, getattr(module, "proj_size", 0) or module.hidden_size)
+    h0 = torch.randn(shape, **F64)
+    return (h0, torch.randn(module.num_layers * 2, batch, module.hidden_size, **F64)) if cell else h0
+
+
+def _run(fn, module, x, packed, hx, seed):
+    """Outputs, final states and every gradient of one seeded call, and the generator's next draw."""
+    torch.manual_seed(seed)
+    inputs = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False) if packed else x
+    y, state = fn(inputs) if hx is None else fn(inputs, hx)
+    y = y.data if packed else y
+    outputs = [y, *(state if isinstance(state, tuple) else (state,))]
+    loss = sum((t * torch.linspace(-1, 1, t.numel(), **F64).view_as(t)).sum() for t in outputs)
+    grads = torch.autograd.grad(loss, [x, *module.parameters()])
+    return [*outputs, *grads], torch.rand(4)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_compiled_fullgraph_equals_eager_and_draws_the_same_masks(name):
+    make, packed, with_state, masks = CASES[name]
+    torch.manual_seed(0)
+    module = make()
+    assert masks == (module.training and bool(module.zoneout or module.recurrent_dropout))
+    x = torch.randn(3, 6, 3, requires_grad=True, **F64)
+    hx = _state(module, 3, isinstance(module, (fastrnn.LSTM, fastrnn.LayerNormLSTM))) if with_state else None
+    eager, eager_next = _run(module, module, x, packed, hx, seed=1)
+    compiled, compiled_next = _run(torch.compile(module, fullgraph=True, backend="aot_eager"), module, x, packed, hx, seed=1)
+    names = ["y", "state", "cell state"][:len(eager) - 1 - len(list(module.parameters()))]
+    names += ["grad x"] + [f"grad {n}" for n, _ in module.named_parameters()]
+    for what, a, e in zip(names, compiled, eager, strict=True):
+        assert_close(a, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}")
+    assert torch.equal(compiled_next, eager_next), "the compiled call consumed torch's generator differently"
+    if masks:  # the masks matter: another seed, other outputs
+        other, _ = _run(module, module, x, packed, hx, seed=2)
+        assert not torch.allclose(other[0], eager[0])
+
+
+def _graph(module, steps: int):
+    explained = torch._dynamo.explain(lambda x: module(x)[0])(torch.randn(2, steps, 3, **F64))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    nodes = [n for g in explained.graphs for n in g.graph.nodes]
+    return len(nodes), [n.target for n in nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("name, operator, count", [
+    ("indrnn-relu-packed-h0-clip", "indrnn_recurrence", 2),
+    ("lstm-proj-zoneout-dropconnect-train", "zoned_reference_layer", 2),
+    ("lngru-zoneout-train", "layer_norm_gru_direction", 4),
+])
+def test_one_graph_one_operator_per_layer_whatever_T(name, operator, count):
+    """``torch._dynamo.explain``: one graph, no break; the layers are the operator (per layer, or per
+    layer and direction), and the graph has as many nodes at T=9 as at T=4 (no unrolled loop)."""
+    module = CASES[name][0]()
+    nodes, targets = _graph(module, 4)
+    assert targets.count(getattr(torch.ops.fastrnn, operator).default) == count
+    torch._dynamo.reset()
+    assert _graph(module, 9)[0] == nodes
+
+
+def test_compiled_call_inside_record_gradient_flow_records_nothing():
+    """As for the other layers (README): a compiled call runs as if no record were open (it used to
+    fail to compile for the LayerNorm cells); the eager call records."""
+    for make in (lambda: fastrnn.IndRNN(3, 4, **F64), lambda: fastrnn.LayerNormLSTM(3, 4, zoneout=0.2, **F64)):
+        module = make()
+        x = torch.randn(5, 2, 3, **F64)
+        with fastrnn.record_gradient_flow() as flow:
+            torch.compile(module, fullgraph=True, backend="aot_eager")(x)[0].sum().backward()
+        assert flow.records == []
+        with fastrnn.record_gradient_flow() as flow:
+            module(x)[0].sum().backward()
+        assert len(flow.records) == 1 and (flow.records[0].norms > 0).all()
+        torch._dynamo.reset()
+
+
+def test_operators_pass_opcheck():
+    """Fakes match the real outputs (shapes, strides), the autograd formulas are registered, the
+    schemas hold: IndRNN's recurrence (lengths, a zoneout mask) and the zoned GRU loop (no biases)."""
+    torch.manual_seed(0)
+    T, B, D, H = 4, 2, 2, 3
+    gx = torch.randn(T, B, D * H, **F64, requires_grad=True)
+    u = torch.rand(D, H, **F64, requires_grad=True)
+    h0 = torch.randn(D, B, H, **F64, requires_grad=True)
+    keep = (torch.rand(T, B, D * H) < 0.3).double()
+    torch.library.opcheck(torch.ops.fastrnn.indrnn_recurrence.default,
+                          (gx, u, h0, torch.tensor([4, 2]), keep, 0.3, "tanh", 0.5, False))
+    weights = [torch.randn(3 * H, 3, **F64, requires_grad=True) if i % 2 == 0 else
+               torch.randn(3 * H, H, **F64, requires_grad=True) for i in range(2 * D)]
+    x = torch.randn(B, T, 3, **F64).transpose(0, 1).requires_grad_()  # a time-major view of batch-first data
+    torch.library.opcheck(torch.ops.fastrnn.zoned_reference_layer.default,
+                          ("gru", x, h0, None, weights, [0, 1, 5, 6], None, None, 0.3, None))
+
+
+def test_double_backward_through_the_operator_says_where_it_works():
+    """Called directly (torch.compile's aot_autograd refuses double backward before it gets there)."""
+    gx = torch.randn(4, 2, 3, **F64, requires_grad=True)
+    y, _ = torch.ops.fastrnn.indrnn_recurrence(gx, torch.rand(1, 3, **F64), torch.zeros(1, 2, 3, **F64), None, None, 0.0,
+                                               "relu", None, False)
+    (grad,) = torch.autograd.grad(y.sum(), gx, create_graph=True)
+    with pytest.raises(RuntimeError, match="FASTRNN_BACKEND=reference"):
+        grad.sum().backward()
+
+
+def test_indrnn_scan_kernel_runs_inside_the_operator_under_the_interpreter():
+    """FASTRNN_BACKEND=triton on CPU tensors (Triton's interpreter): the compiled IndRNN runs the scan
+    kernels inside its operator (per layer: the forward, and in backward the forward again and the
+    backward scan), with zoneout masks and lengths; results equal eager's kernel path."""
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    torch.manual_seed(0)
+    module = fastrnn.IndRNN(4, 6, num_layers=2, zoneout=0.25, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4])
+
+    def run(fn):
+        torch.manual_seed(3)
+        y, h_n = fn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        loss = (y.data * torch.linspace(-1, 1, y.data.numel()).view_as(y.data)).sum() + (h_n * h_n).sum()
+        return [y.data, h_n, *torch.autograd.grad(loss, [x, *module.parameters()])]
+
+    with fastrnn.use_backend("triton"):
+        before = LAUNCHES.copy()
+        eager = run(module)
+        assert LAUNCHES["indrnn_fwd"] - before["indrnn_fwd"] == 2 and LAUNCHES["indrnn_bwd"] - before["indrnn_bwd"] == 2
+        before = LAUNCHES.copy()
+        compiled = run(torch.compile(module, fullgraph=True, backend="aot_eager"))
+    assert (LAUNCHES["indrnn_fwd"] - before["indrnn_fwd"], LAUNCHES["indrnn_bwd"] - before["indrnn_bwd"]) == (4, 2)
+    for a, e in zip(compiled, eager, strict=True):
+        assert_close(a, e, rtol=1e-5, atol=1e-6)
