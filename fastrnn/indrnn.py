@@ -158,8 +158,8 @@ class IndRNN(StackedRecurrence):
         kernel = scan_path(x.device) == "triton" and (x.dtype in KERNEL_DTYPES or torch.is_autocast_enabled(x.device.type))
         if kernel:
             layer = scan_layer()
-        elif torch.compiler.is_compiling():
-            layer = indrnn_op.reference_layer  # one registered operator per layer: Dynamo does not unroll the loop
+        elif torch.compiler.is_compiling() and backend.get_backend() != "reference":
+            layer = indrnn_op.reference_layer  # one operator per layer, Dynamo does not unroll the loop (reference: it does)
         else:
             layer = indrnn_reference_layer
         y, h_n = layer(x, h0, params, lengths, self.nonlinearity, zoneout_mask, self.zoneout, self.grad_clip, flow_record)

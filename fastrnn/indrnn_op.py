@@ -6,14 +6,17 @@ every direction: ``(gx (T, B, D*H), u (D, H), h0 (D, B, H)) -> (y (T, B, D*H), h
 the input projection ``gx`` outside, for inductor) it sees one node whatever ``T`` is. The operator
 runs what the eager layer runs: with ``kernel`` the fused scan of :mod:`fastrnn.ops.indrnn`, else
 the reference loop. The backward operator (``..._backward``) keeps nothing but the operator's
-inputs, so it runs the forward again first (then the backward scan kernel, or autograd through
+inputs, so it runs the forward again first (then the backward scan kernel, or ``torch.func.vjp`` of
 the reference loop): compiled, a training step costs one forward scan more than eager.
 
 The zoneout mask ``keep (T, B, D*H)`` is an input: :func:`fastrnn.regularization.zoneout_mask`
 draws it in the traced graph, where Dynamo sees the draw, and the operator draws nothing, so a
-compiled call consumes torch's generator as an eager call does. Not differentiable twice
-(``FASTRNN_BACKEND=reference`` is, eagerly). The layer calls these operators only while
-``torch.compile`` traces; eager calls run :class:`fastrnn.ops.indrnn.IndRNNFunction` or the loop.
+compiled call draws what an eager call draws where the backend runs ``torch.rand`` as eager does
+(``aot_eager``; inductor with ``torch._inductor.config.fallback_random = True``; inductor's default
+draws from its own generator: reproducible under ``torch.manual_seed``, other numbers than eager's).
+Not differentiable twice (``FASTRNN_BACKEND=reference`` is: with it the layer runs the loop, which
+Dynamo unrolls). The layer calls these operators only while ``torch.compile`` traces; eager calls
+run :class:`fastrnn.ops.indrnn.IndRNNFunction` or the loop.
 """
 
 from __future__ import annotations
@@ -60,8 +63,9 @@ def indrnn_recurrence_backward(
     gx: Tensor, u: Tensor, h0: Tensor, lengths: Tensor | None, keep: Tensor | None, zoneout_p: float,
     nonlinearity: str, grad_clip: float | None, kernel: bool, dy: Tensor, dh_n: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dgx, du, dh0)``: the forward again, then the backward scan kernel (``kernel``) or autograd
-    through the reference loop (``grad_clip`` clamps each step's pre-activation gradient in both)."""
+    """``(dgx, du, dh0)``: the forward again, then the backward scan kernel (``kernel``) or the
+    pullback of ``torch.func.vjp`` through the reference loop (``grad_clip`` clamps each step's
+    pre-activation gradient in both)."""
     if kernel:
         scan = _scan_kernels()
         y, _, cand = scan.indrnn_fwd(gx, u, h0, lengths, keep, zoneout_p, nonlinearity)
@@ -93,7 +97,7 @@ def _backward(ctx, dy, dh_n):
 
 def _refuse_double_backward(ctx, *grads):
     raise RuntimeError("double backward is not supported through fastrnn::indrnn_recurrence (torch.compile); "
-                       "the twice-differentiable path is FASTRNN_BACKEND=reference, eagerly")
+                       "the twice-differentiable path is FASTRNN_BACKEND=reference")
 
 
 indrnn_recurrence.register_autograd(_backward, setup_context=_setup)

@@ -13,7 +13,9 @@ documented order (so every path below gives the same result under one seed):
   resident kernels hold), :func:`fastrnn.ops.zoneout.zoneout_layer` (the mask into the kernels);
   else the plain PyTorch cell steps of :mod:`fastrnn.reference` in the time loop of
   :func:`fastrnn.stacked.time_loop` (``grad_clip``, ``proj_size`` and gradient-flow recording
-  included; differentiable twice). PyTorch's native kernels cannot zone out.
+  included; differentiable twice); while ``torch.compile`` traces, that loop as one registered
+  operator per layer (:mod:`fastrnn.zoneout_op`; with ``FASTRNN_BACKEND=reference`` Dynamo unrolls
+  the loop, which stays differentiable twice). PyTorch's native kernels cannot zone out.
 
 The options are off by default, and then a layer runs exactly as before.
 """
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF
 
-from fastrnn import gradient_flow, routing
+from fastrnn import backend, gradient_flow, routing
 from fastrnn.native_bptt import native_bptt_layer
 from fastrnn.packing import lengths_from_batch_sizes, pack_padded, pad_packed
 from fastrnn.reference import gru_step, lstm_step, reference_layer
@@ -68,7 +70,7 @@ def run_stack(module, cell: str, nonlinearity, input: Tensor, batch_sizes: Tenso
         if p_zone and path == "triton":
             zoneout = importlib.import_module("fastrnn.ops.zoneout")  # imports triton: only once the kernels are chosen
             x, h_n, c_n = zoneout.zoneout_layer(cell, x, h0_layer, c0_layer, params, lengths, mask, p_zone, **options)
-        elif p_zone and torch.compiler.is_compiling():  # the loop as one registered operator: Dynamo does not unroll it
+        elif p_zone and torch.compiler.is_compiling() and backend.get_backend() != "reference":  # the loop as one operator
             x, h_n, c_n = zoneout_op.zoned_reference_layer(cell, x, h0_layer, c0_layer, params, lengths, mask, p_zone,
                                                            module.grad_clip)
         elif p_zone:

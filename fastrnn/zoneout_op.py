@@ -11,10 +11,11 @@ by autograd).
 
 The zoneout mask ``keep (T, B, D*H)`` and the DropConnect-masked ``W_hh`` are inputs:
 :mod:`fastrnn.regularization` draws both in the traced graph, where Dynamo sees every draw, and
-the operator draws nothing, so a compiled call consumes torch's generator as an eager call does.
-Not differentiable twice (``FASTRNN_BACKEND=reference`` is, eagerly). :mod:`fastrnn.regularized_rnn`
-calls this operator only while ``torch.compile`` traces a zoneout call that routing sends to the
-loop (on the CPU, every one). Gradient flow is not recorded under compile.
+the operator draws nothing (a compiled call draws what an eager call draws where the backend runs
+``torch.rand`` as eager does: see :mod:`fastrnn.indrnn_op`). Not differentiable twice
+(``FASTRNN_BACKEND=reference`` is: with it the loop runs unwrapped, and Dynamo unrolls it).
+:mod:`fastrnn.regularized_rnn` calls this operator only while ``torch.compile`` traces a zoneout
+call that routing sends to the loop (on the CPU, every one). Gradient flow is not recorded under compile.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _backward(ctx, dy, dh_n, dc_n):
 
 def _refuse_double_backward(ctx, *grads):
     raise RuntimeError("double backward is not supported through fastrnn::zoned_reference_layer (torch.compile); "
-                       "the twice-differentiable path is FASTRNN_BACKEND=reference, eagerly")
+                       "the twice-differentiable path is FASTRNN_BACKEND=reference")
 
 
 zoned_reference_layer_op.register_autograd(_backward, setup_context=_setup)

@@ -2,8 +2,8 @@
 
 Read top to bottom: the block sizes, forward launcher, backward launcher, ``IndRNNFunction``,
 ``indrnn_layer`` (which, while ``torch.compile`` traces, calls the registered operator of
-:mod:`fastrnn.indrnn_op` instead of the Function). The input projection (with both biases folded in) is one GEMM before the
-launch; its gradient flows back by ordinary autograd from ``dgx``. The gradient of ``u`` is
+:mod:`fastrnn.indrnn_op` instead of the Function). The input projection (with both biases folded
+in) is one GEMM before the launch; its gradient flows back by ordinary autograd from ``dgx``. The gradient of ``u`` is
 reduced in the backward kernel per batch tile, and the tiles are summed here.
 """
 
