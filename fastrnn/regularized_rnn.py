@@ -10,7 +10,8 @@ documented order (so every path below gives the same result under one seed):
   :func:`fastrnn.routing.route_stack` gives the call (the Triton kernels, cuDNN or PyTorch's native
   op, ``native-bptt``, the reference), one layer at a time.
 * zoneout: where routing says ``triton`` (CUDA, or ``FASTRNN_BACKEND=triton``, at sizes the
-  resident kernels hold), :func:`fastrnn.ops.zoneout.zoneout_layer` (the mask into the kernels);
+  resident kernels hold), :func:`fastrnn.ops.zoneout.zoneout_layer` (the mask into the kernels; their
+  registered operators while ``torch.compile`` traces);
   else the plain PyTorch cell steps of :mod:`fastrnn.reference` in the time loop of
   :func:`fastrnn.stacked.time_loop` (``grad_clip``, ``proj_size`` and gradient-flow recording
   included; differentiable twice); while ``torch.compile`` traces, that loop as one registered
@@ -23,6 +24,7 @@ The options are off by default, and then a layer runs exactly as before.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +70,7 @@ def run_stack(module, cell: str, nonlinearity, input: Tensor, batch_sizes: Tenso
         record = None if recorder is None else recorder.new_record(module, index, directions, x.shape[0], x.device)
         options = dict(grad_clip=module.grad_clip, flow_record=record)
         if p_zone and path == "triton":
-            zoneout = importlib.import_module("fastrnn.ops.zoneout")  # imports triton: only once the kernels are chosen
+            zoneout = sys.modules.get("fastrnn.ops.zoneout") or importlib.import_module("fastrnn.ops.zoneout")  # triton
             x, h_n, c_n = zoneout.zoneout_layer(cell, x, h0_layer, c0_layer, params, lengths, mask, p_zone, **options)
         elif p_zone and torch.compiler.is_compiling() and backend.get_backend() != "reference":  # the loop as one operator
             x, h_n, c_n = zoneout_op.zoned_reference_layer(cell, x, h0_layer, c0_layer, params, lengths, mask, p_zone,

@@ -28,8 +28,9 @@ CPU (any other device)                         ``native`` (``torch._VF``, what `
 LSTM/GRU with ``zoneout`` (training or eval)   CUDA: ``triton`` where the resident kernels hold the
                                                size (``CallInfo.zoneout_fits``; cuDNN cannot zone
                                                out), else ``reference`` (the loop of
-                                               :mod:`fastrnn.regularized_rnn`), also while
-                                               ``torch.compile`` traces. CPU: ``reference``.
+                                               :mod:`fastrnn.regularized_rnn`; under
+                                               ``torch.compile`` one operator per layer
+                                               either way). CPU: ``reference``.
 ============================================== ===============================================
 
 ``recurrent_dropout`` (DropConnect) in training masks ``W_hh`` on the host
@@ -327,7 +328,7 @@ def decide(device: DeviceInfo, call: CallInfo, table: dict, requested: str = "au
     if requested != "auto":
         raise ValueError(f"unknown fastrnn backend {requested!r}; choose one of {', '.join(backend.BACKENDS)}")
     if call.zoneout:
-        return _zoneout_route(device, call, dtype, compiling)
+        return _zoneout_route(device, call, dtype)
 
     features = _features(call)
     needs = " and ".join(features)
@@ -389,14 +390,11 @@ def decide(device: DeviceInfo, call: CallInfo, table: dict, requested: str = "au
 _ZONEOUT_LOOP = "fastrnn.regularized_rnn's loop of reference cell steps"
 
 
-def _zoneout_route(device: DeviceInfo, call: CallInfo, dtype: torch.dtype, compiling: bool) -> Route:
+def _zoneout_route(device: DeviceInfo, call: CallInfo, dtype: torch.dtype) -> Route:
     """``auto`` for a zoneout call: the resident kernels on CUDA where they hold it, else the loop."""
     if device.type != "cuda":
         return Route("reference", f"zoneout on the {device.type.upper()}: PyTorch's native kernels cannot zone out, "
                                   f"so {_ZONEOUT_LOOP} runs (the kernels only under FASTRNN_BACKEND=triton)")
-    if compiling:
-        return Route("reference", f"zoneout while torch.compile traces: {_ZONEOUT_LOOP}, one registered operator "
-                                  "per layer (fastrnn::zoned_reference_layer; the zoneout kernels are not traced)")
     if not device.triton or dtype not in KERNEL_DTYPES:
         why_not = "triton is not installed" if not device.triton else f"the kernels compute in fp32/fp16/bf16, not {DTYPE_NAMES.get(dtype, dtype)}"
         return Route("reference", f"zoneout: cuDNN cannot zone out and {why_not}, so {_ZONEOUT_LOOP} runs")
@@ -470,12 +468,14 @@ def stack_call(module, cell: str, nonlinearity: str | None, input: Tensor, batch
 def _zoneout_fits(cell: str, hidden: int, input: Tensor) -> bool:
     """:func:`fastrnn.ops.zoneout.zoneout_fits` where the kernels could run the call (CUDA, or the
     triton backend asked for: importing the launchers imports triton), else False."""
-    if torch.compiler.is_compiling() or not _triton_installed():
-        return False
     if input.device.type != "cuda" and backend.get_backend() != "triton":
         return False
-    dtype = _autocast_dtype(input.device) or input.dtype
-    return importlib.import_module("fastrnn.ops.zoneout").zoneout_fits(cell, hidden, dtype)
+    return _resident_zoneout_fits(cell, hidden, _autocast_dtype(input.device) or input.dtype)
+
+
+@torch.compiler.assume_constant_result  # while dynamo traces: called, its answer a constant (a plan of module sizes)
+def _resident_zoneout_fits(cell: str, hidden: int, dtype: torch.dtype) -> bool:
+    return _triton_installed() and importlib.import_module("fastrnn.ops.zoneout").zoneout_fits(cell, hidden, dtype)
 
 
 def route_stack(module, cell: str, nonlinearity: str | None, input: Tensor, batch_sizes: Tensor | None) -> Route:

@@ -15,7 +15,8 @@ the operator draws nothing (a compiled call draws what an eager call draws where
 ``torch.rand`` as eager does: see :mod:`fastrnn.indrnn_op`). Not differentiable twice
 (``FASTRNN_BACKEND=reference`` is: with it the loop runs unwrapped, and Dynamo unrolls it).
 :mod:`fastrnn.regularized_rnn` calls this operator only while ``torch.compile`` traces a zoneout
-call that routing sends to the loop (on the CPU, every one). Gradient flow is not recorded under compile.
+call that routing sends to the loop (on the CPU, every one; the resident kernels have their own
+operators in :mod:`fastrnn.ops.zoneout`). Gradient flow is not recorded under compile.
 """
 
 from __future__ import annotations

@@ -87,8 +87,8 @@ def test_compiled_fullgraph_equals_eager_and_draws_the_same_masks(name):
         assert not torch.allclose(other[0], eager[0])
 
 
-def _graph(module, steps: int):
-    explained = torch._dynamo.explain(lambda x: module(x)[0])(torch.randn(2, steps, 3, **F64))
+def _graph(module, steps: int, dtype=torch.float64):
+    explained = torch._dynamo.explain(lambda x: module(x)[0])(torch.randn(2, steps, module.input_size, dtype=dtype))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     nodes = [n for g in explained.graphs for n in g.graph.nodes]
     return len(nodes), [n.target for n in nodes if n.op == "call_function"]
@@ -176,5 +176,40 @@ def test_indrnn_scan_kernel_runs_inside_the_operator_under_the_interpreter():
         before = LAUNCHES.copy()
         compiled = run(torch.compile(module, fullgraph=True, backend="aot_eager"))
     assert (LAUNCHES["indrnn_fwd"] - before["indrnn_fwd"], LAUNCHES["indrnn_bwd"] - before["indrnn_bwd"]) == (4, 2)
+    for a, e in zip(compiled, eager, strict=True):
+        assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm-proj", "gru"])
+def test_zoneout_kernels_run_inside_their_operators_under_the_interpreter(cell):
+    """FASTRNN_BACKEND=triton on CPU tensors: a compiled zoneout LSTM (with projection) / GRU runs the
+    resident kernels inside ``fastrnn::lstm_zoneout_recurrence`` / ``gru_zoneout_recurrence`` (per
+    layer: the forward launch, and in backward the forward again and the backward), masks drawn as
+    eager draws them; results equal eager's kernel path."""
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    torch.manual_seed(0)
+    kw = dict(bidirectional=True, batch_first=True, zoneout=0.25)
+    module = fastrnn.LSTM(4, 6, proj_size=3, **kw) if cell == "lstm-proj" else fastrnn.GRU(4, 6, **kw)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+
+    def run(fn):
+        torch.manual_seed(3)
+        y, _ = fn(pack_padded_sequence(x, torch.tensor([5, 2, 4]), batch_first=True, enforce_sorted=False))
+        loss = (y.data * torch.linspace(-1, 1, y.data.numel()).view_as(y.data)).sum()
+        return [y.data, *torch.autograd.grad(loss, [x, *module.parameters()])]
+
+    with fastrnn.use_backend("triton"):
+        assert fastrnn.explain(module, x).startswith("triton")
+        before = sum(LAUNCHES.values())
+        eager = run(module)
+        assert sum(LAUNCHES.values()) - before == 2
+        _, targets = _graph(module, 5, torch.float32)  # the operators are registered once fastrnn.ops.zoneout is imported
+        name = "lstm_zoneout_recurrence" if cell == "lstm-proj" else "gru_zoneout_recurrence"
+        assert targets.count(getattr(torch.ops.fastrnn, name).default) == 1
+        torch._dynamo.reset()
+        before = sum(LAUNCHES.values())
+        compiled = run(torch.compile(module, fullgraph=True, backend="aot_eager"))
+    assert sum(LAUNCHES.values()) - before == 3
     for a, e in zip(compiled, eager, strict=True):
         assert_close(a, e, rtol=1e-5, atol=1e-6)

@@ -174,7 +174,7 @@ def test_decide_sends_zoneout_to_the_resident_kernels_on_cuda_only():
     assert routing.decide(CUDA, zoneout_call(fits=False), table).path == "reference"
     assert routing.decide(CUDA, zoneout_call(dtype=torch.float64), table).path == "reference"
     assert routing.decide(dataclasses.replace(CUDA, triton=False), zoneout_call(), table).path == "reference"
-    assert routing.decide(CUDA, zoneout_call(), table, compiling=True).path == "reference"
+    assert routing.decide(CUDA, zoneout_call(), table, compiling=True).path == "triton"  # the kernels' operators
     assert routing.decide(CPU, zoneout_call(), table).path == "reference"
     assert "regularized_rnn" in routing.decide(CPU, zoneout_call(), table).reason
     assert routing.decide(CUDA, zoneout_call(), table, requested="reference").path == "reference"

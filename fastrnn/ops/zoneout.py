@@ -1,7 +1,10 @@
 """LSTM and GRU with zoneout on the resident kernels of ``fastrnn.kernels.lstm`` / ``gru``.
 
 Read top to bottom: which sizes the kernels take (:func:`zoneout_fits`), the kernels' zoneout
-arguments (:func:`zoneout_args`), the autograd Functions, the layer function :func:`zoneout_layer`
+arguments (:func:`zoneout_args`), the autograd Functions, the same Functions as registered
+operators (``fastrnn::lstm_zoneout_recurrence``, ``gru_zoneout_recurrence``: what ``torch.compile``
+traces, one node per layer; their backward operators keep only the inputs and run the forward
+kernel again before the backward), the layer function :func:`zoneout_layer`
 that :mod:`fastrnn.regularized_rnn` calls where :mod:`fastrnn.routing` sends a zoneout call to the
 kernels.
 
@@ -120,6 +123,122 @@ class GRUZoneoutFunction(torch.autograd.Function):
         return dgx, dw_hh, db_hh, dh0, None, None, None, None, None
 
 
+# ------------------------------------------------------------- the Functions as registered operators
+class _Context:
+    """What the Functions' forward and backward use of autograd's ``ctx``, when an operator runs them."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("fastrnn::lstm_zoneout_recurrence", mutates_args=())
+def lstm_zoneout_recurrence(
+    gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None, keep: Tensor | None,
+    zoneout_p: float, grad_clip: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`LSTMZoneoutFunction`'s forward, ``(y, h_n, c_n)``, as what ``torch.compile`` traces."""
+    return LSTMZoneoutFunction.forward(_Context(), gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip, None)
+
+
+@lstm_zoneout_recurrence.register_fake
+def _(gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip):
+    T, B, _ = gx.shape
+    return gx.new_empty((T, B, h0.shape[0] * h0.shape[2])), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+@torch.library.custom_op("fastrnn::lstm_zoneout_recurrence_backward", mutates_args=())
+def lstm_zoneout_recurrence_backward(
+    gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None, keep: Tensor | None,
+    zoneout_p: float, grad_clip: float | None, dy: Tensor, dh_n: Tensor, dc_n: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dgx, dW_hh, dW_hr (empty without), dh0, dc0)``: the forward kernel again (the operator keeps
+    only its inputs), then the Function's backward."""
+    ctx = _Context()
+    LSTMZoneoutFunction.forward(ctx, gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip, None)
+    dgx, dw_hh, dw_hr, dh0, dc0 = LSTMZoneoutFunction.backward(ctx, dy, dh_n, dc_n)[:5]
+    return dgx, dw_hh, (_empty(gx) if dw_hr is None else dw_hr), dh0, dc0
+
+
+@lstm_zoneout_recurrence_backward.register_fake
+def _(gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip, dy, dh_n, dc_n):
+    dw_hr = _empty(gx) if w_hr is None else w_hr.new_empty(w_hr.shape)
+    return gx.new_empty(gx.shape), w_hh.new_empty(w_hh.shape), dw_hr, h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+def _lstm_setup(ctx, inputs, output):
+    *tensors, zoneout_p, grad_clip = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.options = zoneout_p, grad_clip
+
+
+def _lstm_backward(ctx, dy, dh_n, dc_n):
+    gx, w_hh, w_hr, h0, c0, lengths, keep = ctx.saved_tensors
+    dgx, dw_hh, dw_hr, dh0, dc0 = lstm_zoneout_recurrence_backward(
+        gx, w_hh, w_hr, h0, c0, lengths, keep, *ctx.options, dy.contiguous(), dh_n.contiguous(), dc_n.contiguous())
+    return dgx, dw_hh, (None if w_hr is None else dw_hr), dh0, dc0, None, None, None, None
+
+
+@torch.library.custom_op("fastrnn::gru_zoneout_recurrence", mutates_args=())
+def gru_zoneout_recurrence(
+    gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: Tensor | None, keep: Tensor | None,
+    zoneout_p: float, grad_clip: float | None,
+) -> tuple[Tensor, Tensor]:
+    """:class:`GRUZoneoutFunction`'s forward, ``(y, h_n)``, as what ``torch.compile`` traces."""
+    return GRUZoneoutFunction.forward(_Context(), gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip, None)
+
+
+@gru_zoneout_recurrence.register_fake
+def _(gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip):
+    T, B, _ = gx.shape
+    return gx.new_empty((T, B, h0.shape[0] * h0.shape[2])), h0.new_empty(h0.shape)
+
+
+@torch.library.custom_op("fastrnn::gru_zoneout_recurrence_backward", mutates_args=())
+def gru_zoneout_recurrence_backward(
+    gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: Tensor | None, keep: Tensor | None,
+    zoneout_p: float, grad_clip: float | None, dy: Tensor, dh_n: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dgx, dW_hh, db_hh (empty without), dh0)``: the forward kernel again, then the Function's backward."""
+    ctx = _Context()
+    GRUZoneoutFunction.forward(ctx, gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip, None)
+    dgx, dw_hh, db_hh, dh0 = GRUZoneoutFunction.backward(ctx, dy, dh_n)[:4]
+    return dgx, dw_hh, (_empty(gx) if db_hh is None else db_hh), dh0
+
+
+@gru_zoneout_recurrence_backward.register_fake
+def _(gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip, dy, dh_n):
+    db_hh = _empty(gx) if b_hh is None else b_hh.new_empty(b_hh.shape)
+    return gx.new_empty(gx.shape), w_hh.new_empty(w_hh.shape), db_hh, h0.new_empty(h0.shape)
+
+
+def _gru_setup(ctx, inputs, output):
+    *tensors, zoneout_p, grad_clip = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.options = zoneout_p, grad_clip
+
+
+def _gru_backward(ctx, dy, dh_n):
+    gx, w_hh, b_hh, h0, lengths, keep = ctx.saved_tensors
+    dgx, dw_hh, db_hh, dh0 = gru_zoneout_recurrence_backward(
+        gx, w_hh, b_hh, h0, lengths, keep, *ctx.options, dy.contiguous(), dh_n.contiguous())
+    return dgx, dw_hh, (None if b_hh is None else db_hh), dh0, None, None, None, None
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError("double backward is not supported through fastrnn's zoneout kernels; "
+                       "the twice-differentiable path is FASTRNN_BACKEND=reference")
+
+
+lstm_zoneout_recurrence.register_autograd(_lstm_backward, setup_context=_lstm_setup)
+lstm_zoneout_recurrence_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+gru_zoneout_recurrence.register_autograd(_gru_backward, setup_context=_gru_setup)
+gru_zoneout_recurrence_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def zoneout_layer(
     cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, params: list[dict], lengths: Tensor | None,
     keep: Tensor | None, zoneout_p: float, grad_clip: float | None = None, flow_record: Tensor | None = None,
@@ -135,11 +254,18 @@ def zoneout_layer(
         keep = keep.to(dtype).contiguous()
     gx = input_projection(x, params, dtype, fold_hidden_bias=cell == "lstm").contiguous()
     w_hh = stack_params(params, "w_hh", dtype)
+    compiling = torch.compiler.is_compiling()  # then the operators above (no flow record under compile)
     with torch.autocast(x.device.type, enabled=False):
         if cell == "lstm":
             w_hr = stack_params(params, "w_hr", dtype) if params[0]["w_hr"] is not None else None
-            return LSTMZoneoutFunction.apply(gx, w_hh, w_hr, h0.to(dtype), c0.to(dtype), lengths, keep, zoneout_p,
-                                             grad_clip, flow_record)
+            h0, c0 = h0.to(dtype).contiguous(), c0.to(dtype).contiguous()
+            if compiling:
+                return lstm_zoneout_recurrence(gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip)
+            return LSTMZoneoutFunction.apply(gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip, flow_record)
         b_hh = stack_params(params, "b_hh", dtype) if params[0]["b_hh"] is not None else None
-        y, h_n = GRUZoneoutFunction.apply(gx, w_hh, b_hh, h0.to(dtype), lengths, keep, zoneout_p, grad_clip, flow_record)
+        h0 = h0.to(dtype).contiguous()
+        if compiling:
+            y, h_n = gru_zoneout_recurrence(gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip)
+        else:
+            y, h_n = GRUZoneoutFunction.apply(gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip, flow_record)
         return y, h_n, None
