@@ -341,3 +341,31 @@ def test_per_step_cuda_graph_replays_in_a_training_loop(per_step, monkeypatch):
         _train_step(layer, *_graph_inputs("lstm", layer))
     events = step_graph.EVENTS - before
     assert events["replayed"] >= 2, events  # forward and backward, at least once each
+
+
+@pytest.mark.parametrize("name", ["indrnn", "lstm-zoneout", "gru-zoneout"])
+def test_compiled_indrnn_and_zoneout_kernels_match_eager(name):
+    """IndRNN's scan kernels and the resident zoneout kernels inside their registered operators
+    (fastrnn/indrnn_op.py, fastrnn/ops/zoneout.py) under inductor, training with zoneout: with
+    ``fallback_random`` inductor draws the masks with torch.rand as eager does, so compiled equals
+    eager (output and every gradient); the kernels launch inside the compiled graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True, zoneout=0.2, device="cuda")
+    # H16: within the resident kernels' fp32 sizes (LSTM 16, GRU 32), the only ones that zone out
+    layer = {"indrnn": lambda: fastrnn.IndRNN(32, 16, **kw), "lstm-zoneout": lambda: fastrnn.LSTM(32, 16, **kw),
+             "gru-zoneout": lambda: fastrnn.GRU(32, 16, **kw)}[name]()
+    x = torch.randn(4, 9, 32, device="cuda", requires_grad=True)
+
+    def run(fn):
+        torch.manual_seed(1)
+        y, _ = fn(x)
+        return [y, *torch.autograd.grad(y.square().mean(), [x, *layer.parameters()])]
+
+    eager = run(layer)
+    with torch._inductor.config.patch(fallback_random=True):
+        before = sum(LAUNCHES.values())
+        compiled = run(torch.compile(layer, fullgraph=True))
+    assert sum(LAUNCHES.values()) - before == 6  # per layer: forward; forward again and backward
+    for a, e in zip(compiled, eager, strict=True):
+        assert relative_error(a, e) < 1e-4
