@@ -97,13 +97,17 @@ def scan_path(device: torch.device) -> str:
 
 
 def scan_layer():
-    """:func:`fastrnn.ops.indrnn.indrnn_layer`, imported on first use (it imports triton) on a CPU
-    machine, with a GPU when this module is imported: ``torch.compile`` cannot trace an import, but
-    reads ``sys.modules`` (as :func:`fastrnn.dispatch.triton_layer` does)."""
-    loaded = sys.modules.get("fastrnn.ops.indrnn")
-    if loaded is None:
-        loaded = importlib.import_module("fastrnn.ops.indrnn")
-    return loaded.indrnn_layer
+    """:func:`fastrnn.ops.indrnn.indrnn_layer`, imported on first use (it imports triton).
+    ``torch.compile`` cannot trace an import: while it traces, :func:`_import_scan_kernels` runs
+    untraced and the layer function is read from ``sys.modules``, which it can trace."""
+    _import_scan_kernels()
+    return sys.modules["fastrnn.ops.indrnn"].indrnn_layer
+
+
+@torch.compiler.assume_constant_result  # while dynamo traces: called, not traced
+def _import_scan_kernels() -> bool:
+    importlib.import_module("fastrnn.ops.indrnn")
+    return True
 
 
 class IndRNN(StackedRecurrence):
@@ -167,6 +171,3 @@ class IndRNN(StackedRecurrence):
 
 
 from fastrnn import indrnn_op  # noqa: E402  (registers the operators torch.compile traces; it imports the scan above)
-
-if torch.cuda.is_available() and backend.triton_available():
-    scan_layer()
