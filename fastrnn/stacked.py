@@ -201,8 +201,28 @@ class StackedRecurrence(nn.Module):
             c_n = None if c_n is None else c_n.squeeze(1)
         return output, ((h_n, c_n) if self.HAS_CELL else h_n)
 
-    def _run_stack(self, input: Tensor, batch_sizes: Tensor | None, h0: Tensor, c0: Tensor | None, sorted_indices: Tensor | None):
-        lengths = None
+    def forward_lengths(self, input: Tensor, lengths: Tensor, hx=None):
+        """Padded batched ``input`` (the layer's layout) with per-row ``lengths (B,)``, without packing:
+        :meth:`fastrnn.layers.RecurrentBase.forward_lengths` for these layers (zoneout and
+        DropConnect included; a zoneout mask's row ``b`` is row ``b`` of ``input``, as for packed input)."""
+        if input.dim() != 3:
+            raise ValueError(f"forward_lengths expects batched 3-D input, got {input.dim()}-D")
+        RecurrentBase.check_input(self, input, None)
+        hidden_size, _ = RecurrentBase._expected_sizes(self, input, None)
+        if hx is None:
+            h0 = torch.zeros(hidden_size, dtype=input.dtype, device=input.device)
+            c0 = torch.zeros_like(h0) if self.HAS_CELL else None
+        else:
+            h0, c0 = hx if self.HAS_CELL else (hx, None)
+            for state in (h0, c0) if self.HAS_CELL else (h0,):
+                RecurrentBase._check_state(self, state, hidden_size, input, "Expected hidden size {}, got {}")
+        output, h_n, c_n = self._run_stack(input, None, h0, c0, None, lengths)
+        return output, ((h_n, c_n) if self.HAS_CELL else h_n)
+
+    def _run_stack(self, input: Tensor, batch_sizes: Tensor | None, h0: Tensor, c0: Tensor | None,
+                   sorted_indices: Tensor | None, lengths: Tensor | None = None):
+        if lengths is not None:  # padded input with per-row lengths (forward_lengths)
+            lengths = lengths.to(input.device)
         if batch_sizes is not None:  # fastrnn's registered pad/pack: Dynamo traces them (not torch.nn's)
             x = pad_packed(input, batch_sizes, h0.shape[1])
             lengths = lengths_from_batch_sizes(batch_sizes, h0.shape[1]).to(input.device)

@@ -216,7 +216,8 @@ def run_layer(layer: RecurrentBase, x: Tensor, lengths=None, hx=None):
     if x.shape[0] == 0:  # torch cannot pack an empty batch; the layer takes B=0 as it is
         return layer(x, hx)
     regularized = getattr(layer, "zoneout", 0) or (getattr(layer, "recurrent_dropout", 0) and layer.training)
-    if torch.compiler.is_compiling() and isinstance(layer, RecurrentBase) and not regularized:
+    if torch.compiler.is_compiling() and (isinstance(layer, StackedRecurrence) or (isinstance(layer, RecurrentBase)
+                                                                                   and not regularized)):
         return layer.forward_lengths(x, lengths, hx)  # packing has value-dependent shapes: padded with lengths
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     output, state = layer(packed, hx)

@@ -213,3 +213,36 @@ def test_zoneout_kernels_run_inside_their_operators_under_the_interpreter(cell):
     assert sum(LAUNCHES.values()) - before == 3
     for a, e in zip(compiled, eager, strict=True):
         assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fastrnn.IndRNN(3, 4, num_layers=2, zoneout=0.3, recurrent_dropout=0.2, **KW),
+    lambda: fastrnn.LayerNormLSTM(3, 4, zoneout=0.3, **KW),
+], ids=["indrnn", "lnlstm"])
+def test_forward_lengths_is_forward_on_the_packed_input(make):
+    """What the topologies run while compiling: padded input with lengths gives the packed call's
+    outputs (padded again) and final states, masks and all, under one seed (eager, no compile)."""
+    torch.manual_seed(0)
+    module = make()
+    x = torch.randn(3, 6, 3, **F64)
+    torch.manual_seed(1)
+    y_packed, state_packed = module(pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False))
+    torch.manual_seed(1)
+    y, state = module.forward_lengths(x, LENGTHS)
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(y_packed, batch_first=True, total_length=6)
+    assert_close(y, padded, rtol=1e-12, atol=1e-12)
+    for a, e in zip(state if isinstance(state, tuple) else (state,), state_packed if isinstance(state, tuple) else (state_packed,)):
+        assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["indrnn", "lngru"])
+def test_topology_with_lengths_on_the_new_cells_compiles_fullgraph(cell):
+    """ManyToOne with lengths on IndRNN / LayerNormGRU: one graph, no break, equal to eager."""
+    torch.manual_seed(0)
+    module = fastrnn.ManyToOne(3, 4, 2, cell=cell, num_layers=2, bidirectional=True, **F64)
+    x = torch.randn(3, 6, 3, **F64)
+    explained = torch._dynamo.explain(module)(x, LENGTHS)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")(x, LENGTHS)
+    assert_close(compiled, module(x, LENGTHS), rtol=1e-10, atol=1e-10)
