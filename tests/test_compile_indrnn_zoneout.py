@@ -246,3 +246,21 @@ def test_topology_with_lengths_on_the_new_cells_compiles_fullgraph(cell):
     torch._dynamo.reset()
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")(x, LENGTHS)
     assert_close(compiled, module(x, LENGTHS), rtol=1e-10, atol=1e-10)
+
+
+def test_new_sequence_length_or_batch_compiles_once_after_the_first_dynamic_recompile():
+    """As tests/test_compile.py counts it for the LSTM: static first, then T symbolic, then B
+    symbolic, and no compile after, for IndRNN and a zoneout GRU (calls of the compiler backend)."""
+    for module in (fastrnn.IndRNN(3, 4, num_layers=2, **KW), fastrnn.GRU(3, 4, zoneout=0.2, batch_first=True, **F64)):
+        torch._dynamo.reset()
+        backend_calls = []
+
+        def counting_backend(graph_module, example_inputs):
+            backend_calls.append(len(example_inputs))
+            return graph_module.forward
+
+        compiled = torch.compile(module, fullgraph=True, backend=counting_backend)
+        for batch, steps in [(2, 3), (2, 5), (2, 7), (3, 7), (4, 6)]:  # (2, 5): T symbolic; (3, 7): B symbolic
+            y, _ = compiled(torch.randn(batch, steps, 3, **F64))
+            y.sum().backward()
+        assert len(backend_calls) == 3, (type(module).__name__, backend_calls)
