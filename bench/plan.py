@@ -105,7 +105,7 @@ def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches:
     if strategy != "persistent":
         raise NotImplementedError(f"{row.name}: no cost-model partition for the launch {forward.name}")
     pp = persistent.persistent_plan(workload.gates, row.hidden, row.batch, workload.directions, row.torch_dtype,
-                                    persistent.DEFAULT_SM_COUNT)
+                                    persistent.DEFAULT_SM_COUNT, persistent.DEFAULT_SHARED_BYTES)
     backward = next((l for l in launches if "_bwd_" in l.name), None)
     bwd_params = [p.name for p in backward.kernel.params] if backward else []
     # partials summed per load: a GATHER argument when the kernel takes one, else the rule
@@ -117,7 +117,7 @@ def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches:
     forward_shared = next((k["shared_bytes"] for k in kernels if k["kernel"] == forward.name), 0)
     return cost_model.Partition(
         "persistent", pp.programs, pp.batch_groups, min(pp.group_rows, row.batch), hidden_slice=pp.slice, slices=pp.slices,
-        batch_tiles=pp.group_tiles,
+        batch_tiles=pp.fwd_tiles, bwd_batch_tiles=pp.bwd_tiles,
         mode="barrier", weights_in="shared" if forward_shared >= slice_bytes else "registers", num_warps=pp.num_warps,
         bwd_exchange="reduce" if "dh_partial_ptr" in bwd_params else "all_gather", gather=gather,
     )

@@ -97,7 +97,14 @@ sub-tiles of ``BLOCK_B`` rows (the N side of every product): each phase the prog
 after another with the weights loaded once, waiting before the first and arriving after the last
 (``publish``); with ``GROUP_TILES > 1`` the carried fp32 state of each sub-tile (``c`` forward,
 ``dh`` and ``dc`` backward) lives in the program's own rows of the ``carry`` buffers instead of
-registers (read and written only by its owner, a block barrier apart). The programs of one ``(g, d)`` walk time together,
+registers (read and written only by its owner, a block barrier apart). The forward and the
+backward each get their own ``BLOCK_B``, ``GROUP_TILES`` from the plan (the carry is indexed by
+batch row, so it does not depend on them); with ``BLOCK_KC > 0`` a kernel holds the head part of
+its weights as a tuple of ``BLOCK_KC``-wide chunks (each its own tile, on chip for the whole
+sequence): the forward reads ``h`` chunk by chunk into one accumulator, the backward forms and
+stores its partial of ``dh_{t-1}`` chunk by chunk, so no ``K x BLOCK_B`` operand is held whole (L4
+on an H100/H200: forward 4 sub-tiles of 32 rows in chunks of 64, backward 2 of 64 in chunks of 128,
+where both walked 8 of 16). The programs of one ``(g, d)`` walk time together,
 synchronised per phase by ``fastrnn.kernels.sync`` (flags carrying the phase count, release after a
 block barrier, acquire reads, ``>=``, bounded spins); ``publish`` stores a program's part of the
 exchanged state, then arrives.
@@ -749,12 +756,14 @@ def _gate_stage(
     flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HTAIL: tl.constexpr,
-    GROUP_TILES: tl.constexpr,
+    GROUP_TILES: tl.constexpr, BLOCK_KC: tl.constexpr,
 ):
     """Walk step ``s`` (time ``t``) on batch sub-tile ``tile`` (rows ``rows``): the slice's gates
     from the whole ``h_{t-1}`` (``h_read``, in two parts of ``BLOCK_HOUT`` and ``BLOCK_HTAIL``
-    units when ``BLOCK_HTAIL > 0``), the cell update, the saved ``gates`` and ``c``; publishes
-    ``m_t`` (projecting) or ``h_t``. Returns ``c_t``."""
+    units when ``BLOCK_HTAIL > 0``; with ``BLOCK_KC > 0`` the head part's weights ``w`` are a tuple
+    of ``BLOCK_KC``-wide chunks and ``h`` is read and multiplied chunk by chunk into one
+    accumulator), the cell update, the saved ``gates`` and ``c``; publishes ``m_t`` (projecting)
+    or ``h_t``. Returns ``c_t``."""
     step = (t * B + rows.to(tl.int64))[None, :]
     # gx does not depend on the other programs: fetched before the wait.
     pre = tl.load(gx_ptr + step * (D * 4 * H) + direction * 4 * H + w_rows[:, None], mask=r_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
@@ -762,8 +771,14 @@ def _gate_stage(
         if s > 0:
             if tile == 0:
                 wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-    h_prev = tl.load(h_read + cols_k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-    pre += weight_product(w, h_prev.to(w.dtype), INPUT_PRECISION)
+    if BLOCK_KC > 0:  # w: a tuple of BLOCK_KC-wide chunks of the head part; h_{t-1} streamed chunk by chunk
+        for j in tl.static_range(len(w)):
+            cols_j = j * BLOCK_KC + tl.arange(0, BLOCK_KC)
+            h_part = tl.load(h_read + cols_j[:, None], mask=(cols_j < K)[:, None] & row_ok[None, :], other=0.0)
+            pre += weight_product(w[j], h_part.to(w[j].dtype), INPUT_PRECISION)
+    else:
+        h_prev = tl.load(h_read + cols_k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        pre += weight_product(w, h_prev.to(w.dtype), INPUT_PRECISION)
     if BLOCK_HTAIL > 0:
         h_tail = tl.load(h_read + cols_tail[:, None], mask=tail_ok[:, None] & row_ok[None, :], other=0.0)
         pre += weight_product(w_tail, h_tail.to(w_tail.dtype), INPUT_PRECISION)
@@ -820,7 +835,7 @@ def lstm_fwd_persistent_kernel(
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
-    BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr,
+    BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr, BLOCK_KC: tl.constexpr,
 ):
     """Forward phases ``phase_begin ... phase_end - 1`` (``T`` per direction, ``2T`` projecting:
     phase ``2i`` the gates of walk step ``i``, ``2i + 1`` its projection). Writes ``y``, ``h_n``, the
@@ -828,7 +843,9 @@ def lstm_fwd_persistent_kernel(
     ``(D, B, H)``). The walk's first step reads ``h0`` (and ``c0`` when ``phase_begin = 0``).
     ``BLOCK_K >= H``, ``BLOCK_HOUT + BLOCK_HTAIL >= K``, ``BLOCK_S = max(SLICE, 16)`` (the
     projected units, at most ``SLICE`` per program), ``BLOCK_FLAGS >= n_slices``; program
-    ``(s, g, d)`` walks batch rows ``g*GROUP_TILES*BLOCK_B ...`` in ``GROUP_TILES`` sub-tiles."""
+    ``(s, g, d)`` walks batch rows ``g*GROUP_TILES*BLOCK_B ...`` in ``GROUP_TILES`` sub-tiles.
+    ``BLOCK_KC``: 0, or the width of the chunks the head part of the reduction is held and read in
+    (a power of two; capped at ``BLOCK_HOUT``)."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4  # 4 * S_TILE >= 16: tl.dot's smallest M
     piece = tl.program_id(0)
@@ -846,7 +863,16 @@ def lstm_fwd_persistent_kernel(
     r_ok = (r_unit < S) & (piece * S + r_unit < H)
     cols_k = tl.arange(0, BLOCK_HOUT)
     k_ok = cols_k < K
-    w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    # BLOCK_KC > 0: the head part as chunks of KC units, one tile each (see _gate_stage)
+    KC: tl.constexpr = BLOCK_KC if BLOCK_KC < BLOCK_HOUT else BLOCK_HOUT
+    if BLOCK_KC > 0:
+        w = ()
+        for j in tl.static_range(BLOCK_HOUT // KC):
+            cols_j = j * KC + tl.arange(0, KC)
+            w = w + (tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_j[None, :],
+                             mask=r_ok[:, None] & (cols_j < K)[None, :], other=0.0),)
+    else:
+        w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     TAIL: tl.constexpr = BLOCK_HTAIL if BLOCK_HTAIL > 0 else 16
     cols_tail = BLOCK_HOUT + tl.arange(0, TAIL)
     tail_ok = cols_tail < K
@@ -908,7 +934,7 @@ def lstm_fwd_persistent_kernel(
                                 y_ptr, gates_ptr, c_ptr, c, s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units,
                                 tile_ok, flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
                                 HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B, BLOCK_HTAIL,
-                                GROUP_TILES)
+                                GROUP_TILES, KC if BLOCK_KC > 0 else 0)
                 if GROUP_TILES > 1:
                     tl.store(carry_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
             else:
@@ -950,7 +976,8 @@ def gather_partials(partial_ptr, n_slices, slot_stride, state_rows, width, units
 def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh_partial_ptr, t, T, B, H, K, D, direction, rows,
                      state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece, tile,
                      CLIP: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr,
-                     BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr):
+                     BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr,
+                     BLOCK_KC: tl.constexpr):
     """Step ``t``'s gate gradients of the slice (``(S_TILE, BLOCK_B)`` tiles) from ``dm = dL/dm_t``
     and the carried ``dc = dL/dc_t``: stored to ``dgates``, and this program's partial
     ``dh_{t-1}^T = W_slice^T dgates_slice^T`` (all ``K`` units) to ``dh_partial``; returns ``dL/dc_{t-1}``."""
@@ -976,16 +1003,31 @@ def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh
     tl.store(dgates_ptr + g_offs + 2 * H, dg.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(dgates_ptr + g_offs + 3 * H, do.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     # The same rounding of the gate gradients as the resident kernel's product (to the weight dtype).
-    d_slice = join_gates(di, df, dg, do, S_TILE, BLOCK_B).to(w.dtype)
-    partial = weight_product(tl.trans(w), d_slice, INPUT_PRECISION)  # (BLOCK_HOUT, BLOCK_B)
-    if BLOCK_HTAIL > 0:
-        tl.store(dh_partial_ptr + state_rows * K + cols_k[:, None], partial, mask=k_ok[:, None] & row_ok[None, :])
-        partial = weight_product(tl.trans(w_tail), d_slice, INPUT_PRECISION)  # (BLOCK_HTAIL, BLOCK_B)
-        publish(partial, dh_partial_ptr + state_rows * K + cols_tail[:, None], tail_ok[:, None] & row_ok[None, :], own_flag, stage, piece,
-                tile, BARRIER, FAULT, GROUP_TILES)
+    if BLOCK_KC > 0:  # w: a tuple of BLOCK_KC-wide chunks of the head part; the partial formed and stored chunk by chunk
+        d_slice = join_gates(di, df, dg, do, S_TILE, BLOCK_B).to(w[0].dtype)
+        for j in tl.static_range(len(w)):
+            cols_j = j * BLOCK_KC + tl.arange(0, BLOCK_KC)
+            partial = weight_product(tl.trans(w[j]), d_slice, INPUT_PRECISION)  # (BLOCK_KC, BLOCK_B)
+            if BLOCK_HTAIL == 0 and j == len(w) - 1:
+                publish(partial, dh_partial_ptr + state_rows * K + cols_j[:, None], (cols_j < K)[:, None] & row_ok[None, :], own_flag,
+                        stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
+            else:
+                tl.store(dh_partial_ptr + state_rows * K + cols_j[:, None], partial, mask=(cols_j < K)[:, None] & row_ok[None, :])
+        if BLOCK_HTAIL > 0:
+            partial = weight_product(tl.trans(w_tail), d_slice, INPUT_PRECISION)  # (BLOCK_HTAIL, BLOCK_B)
+            publish(partial, dh_partial_ptr + state_rows * K + cols_tail[:, None], tail_ok[:, None] & row_ok[None, :], own_flag, stage, piece,
+                    tile, BARRIER, FAULT, GROUP_TILES)
     else:
-        publish(partial, dh_partial_ptr + state_rows * K + cols_k[:, None], k_ok[:, None] & row_ok[None, :], own_flag, stage, piece,
-                tile, BARRIER, FAULT, GROUP_TILES)
+        d_slice = join_gates(di, df, dg, do, S_TILE, BLOCK_B).to(w.dtype)
+        partial = weight_product(tl.trans(w), d_slice, INPUT_PRECISION)  # (BLOCK_HOUT, BLOCK_B)
+        if BLOCK_HTAIL > 0:
+            tl.store(dh_partial_ptr + state_rows * K + cols_k[:, None], partial, mask=k_ok[:, None] & row_ok[None, :])
+            partial = weight_product(tl.trans(w_tail), d_slice, INPUT_PRECISION)  # (BLOCK_HTAIL, BLOCK_B)
+            publish(partial, dh_partial_ptr + state_rows * K + cols_tail[:, None], tail_ok[:, None] & row_ok[None, :], own_flag, stage, piece,
+                    tile, BARRIER, FAULT, GROUP_TILES)
+        else:
+            publish(partial, dh_partial_ptr + state_rows * K + cols_k[:, None], k_ok[:, None] & row_ok[None, :], own_flag, stage, piece,
+                    tile, BARRIER, FAULT, GROUP_TILES)
     return dc_prev
 
 
@@ -999,7 +1041,7 @@ def lstm_bwd_persistent_kernel(
     CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
-    BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr,
+    BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr, BLOCK_KC: tl.constexpr,
 ):
     """Backward phases ``phase_begin ... phase_end - 1``: ``T + 1`` per direction (``2T + 1``
     projecting), the last one only forming ``dh_0`` (and storing ``dh0``, ``dc0``). Walk step ``i``
@@ -1016,7 +1058,8 @@ def lstm_bwd_persistent_kernel(
     ``flow`` (``RECORD_FLOW``): ``(n_slices, D, T, B)`` fp32, program ``s``'s share of
     ``||dL/dh_t||^2`` in plane ``s``. ``dh_carry (D, B, K)``, ``dc_carry (D, B, H)``: fp32, the carried
     ``dh``, ``dc`` between per-step launches (read when ``phase_begin > 0``; the first phase reads
-    ``dh_n``, ``dc_n``). Same tile sizes as the forward."""
+    ``dh_n``, ``dc_n``). Same tile sizes as the forward (``BLOCK_B``, ``GROUP_TILES``, ``BLOCK_KC``:
+    the backward's own, ``BLOCK_KC`` the chunks its partial of ``dh_{t-1}`` is formed in)."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4
     # Partials summed per load: 8, or 4 projecting in barrier mode (measured, sm_90, Triton 3.6,
@@ -1039,7 +1082,16 @@ def lstm_bwd_persistent_kernel(
     r_ok = (r_unit < S) & (piece * S + r_unit < H)
     cols_k = tl.arange(0, BLOCK_HOUT)
     k_ok = cols_k < K
-    w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    # BLOCK_KC > 0: the head part as chunks of KC units, one tile each (see _cell_grad_stage)
+    KC: tl.constexpr = BLOCK_KC if BLOCK_KC < BLOCK_HOUT else BLOCK_HOUT
+    if BLOCK_KC > 0:
+        w = ()
+        for j in tl.static_range(BLOCK_HOUT // KC):
+            cols_j = j * KC + tl.arange(0, KC)
+            w = w + (tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_j[None, :],
+                             mask=r_ok[:, None] & (cols_j < K)[None, :], other=0.0),)
+    else:
+        w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     TAIL: tl.constexpr = BLOCK_HTAIL if BLOCK_HTAIL > 0 else 16
     cols_tail = BLOCK_HOUT + tl.arange(0, TAIL)
     tail_ok = cols_tail < K
@@ -1134,7 +1186,8 @@ def lstm_bwd_persistent_kernel(
                     else:
                         dc = _cell_grad_stage(dh_t, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
                                               state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
-                                              tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES)
+                                              tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES,
+                                              KC if BLOCK_KC > 0 else 0)
                 else:
                     tl.store(dh0_ptr + state_rows * K + dh_units[:, None], dh.to(dh0_ptr.dtype.element_ty), mask=dh_tile)
                     tl.store(dc0_ptr + state_rows * H + units[:, None], dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok)
@@ -1146,7 +1199,8 @@ def lstm_bwd_persistent_kernel(
                                      GATHER, S_TILE, BLOCK_B)
                 dc = _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
                                       state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
-                                      tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES)
+                                      tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES,
+                                              KC if BLOCK_KC > 0 else 0)
             if GROUP_TILES > 1:
                 tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
                 tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)

@@ -93,3 +93,17 @@ def test_fp32_persistent_products_on_tensor_cores_by_hand():
     assert terms["weights_from_shared"] == pytest.approx(cost_model.clk_to_us(2 * slice_bytes / FIGURES["shared_bytes_per_clk_per_sm"].value))
     assert tf32.persistent_precision == "tf32"
     assert estimate(tf32, p).fwd_terms_us["tensor_core"] == pytest.approx(cost_model.clk_to_us(32 * lat))
+
+
+def test_backward_sub_tiles_are_counted_apart_from_the_forward():
+    """``bwd_batch_tiles``: each direction's step is estimated with its own sub-tiles (L4's plan:
+    the forward walks 4 sub-tiles of 32 rows, the backward 2 of 64), exactly as a partition whose
+    both directions walk that many."""
+    w = Workload.from_row(ROWS["L4"])
+    mixed = persistent_partition(w, 16, 2, batch_tiles=4, bwd_batch_tiles=2, weights_in="shared")
+    fwd_like = estimate(w, dataclasses.replace(mixed, bwd_batch_tiles=0))
+    bwd_like = estimate(w, dataclasses.replace(mixed, batch_tiles=2, bwd_batch_tiles=0))
+    e = estimate(w, mixed)
+    assert (e.fwd_us, e.fwd_terms_us) == (fwd_like.fwd_us, fwd_like.fwd_terms_us)
+    assert (e.bwd_us, e.bwd_terms_us) == (bwd_like.bwd_us, bwd_like.bwd_terms_us)
+    assert e.bwd_us < fwd_like.bwd_us  # fewer, wider backward sub-tiles: fewer latencies and shared reads

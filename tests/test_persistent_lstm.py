@@ -145,12 +145,14 @@ def test_split_reduction_and_walked_batch_group(monkeypatch, case, mode):
     """The forms L1 and L4 plan to, at a tiny size: ``h`` of 48 units (40 projecting) held and read
     as two parts of 32 + 16 (``persistent.reduction_split``), and a batch group of 20 rows walked
     by each program as 2 sub-tiles of 16 (``GROUP_TILES = 2``, forced by lowering
-    ``MAX_SLICE_WEIGHT_BYTES``), 6 programs per direction, bidirectional, packed."""
+    ``MAX_SLICE_WEIGHT_BYTES``, and an A100's shared memory; not projecting, the forward as one sub-tile of 32,
+    ``FWD_MAX_BLOCK_B``), 6 programs per direction, bidirectional, packed."""
     from fastrnn.ops import persistent as persistent_ops
 
     dtype, tol, P = SPLIT_WALK_CASES[case]
     T, B, H, L = 4, 20, 48, 1
     monkeypatch.setattr(persistent_ops, "MAX_SLICE_WEIGHT_BYTES", 1)
+    monkeypatch.setattr(persistent_ops, "planning_shared_bytes", 166_912)  # the backward keeps 16-row sub-tiles
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "8")
     plan = persistent_ops.persistent_plan(4, H, B, 2, dtype)
     assert (plan.group_tiles, plan.batch_groups, plan.slices) == (2, 1, 6), plan
@@ -222,3 +224,68 @@ def test_broken_barrier_is_caught(monkeypatch, fault):
             caught = True
             break
     assert caught, f"{fault} went unnoticed in {FAULT_RUNS} runs"
+
+
+#: id -> (dtype, tol, P, modes): wide sub-tiles with the reduction streamed in chunks, forward and backward
+#: (each run takes seconds under the interpreter: the 16-bit forms in one mode each).
+#: (Projecting layers keep the narrow sub-tiles: ``persistent_plan(projecting=True)``, below.)
+WIDE_FORWARD_CASES = {
+    "fp32": (torch.float32, 1e-5, 0, ("per_step", "barrier")),
+    "fp16": (torch.float16, 2e-2, 0, ("per_step",)),
+    "bf16": (torch.bfloat16, 5e-2, 0, ("barrier",)),
+}
+
+
+@pytest.mark.parametrize(("case", "mode"), [(c, m) for c, (*_, modes) in WIDE_FORWARD_CASES.items() for m in modes])
+def test_wide_sub_tiles_stream_the_reduction(monkeypatch, case, mode):
+    """The forms L4 plans to (``persistent.FWD_MAX_BLOCK_B``, ``FWD_CHUNK``, ``BWD_*``), at a tiny
+    size: a batch group of 64 rows (40 used, so the second sub-tile is partly masked) walked by the
+    forward as 2 sub-tiles of 32 rows, the weights of ``h``'s head part (32 units) held as 2 chunks
+    of 16 (``BLOCK_KC``) and ``h`` read chunk by chunk, plus the 16-unit tail; the backward walks
+    the same group as 2 sub-tiles of 32 (``BWD_MAX_BLOCK_B``, lowered from 64), its partial of
+    ``dh`` formed and stored in chunks of 16 likewise. 6 programs per direction, bidirectional, packed."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    dtype, tol, P, _ = WIDE_FORWARD_CASES[case]
+    T, B, H, L = 3, 40, 48, 1
+    monkeypatch.setattr(persistent_ops, "MAX_SLICE_WEIGHT_BYTES", 1)
+    monkeypatch.setattr(persistent_ops, "FWD_CHUNK", 16)
+    monkeypatch.setattr(persistent_ops, "BWD_MAX_BLOCK_B", 32)
+    monkeypatch.setattr(persistent_ops, "BWD_CHUNK", 16)
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "8")
+    plan = persistent_ops.persistent_plan(4, H, B, 2, dtype)
+    forward, backward = plan.constexprs(forward=True), plan.constexprs()
+    assert (plan.group_tiles, plan.batch_groups, plan.slices) == (4, 1, 6), plan
+    assert (forward["BLOCK_B"], forward["GROUP_TILES"], forward["BLOCK_KC"]) == (32, 2, 16), forward
+    assert (backward["BLOCK_B"], backward["GROUP_TILES"], backward["BLOCK_KC"]) == (32, 2, 16), backward
+    assert persistent_ops.reduction_split(P or H, plan.weight_rows) == (32, 16)
+    narrow = persistent_ops.persistent_plan(4, H, B, 2, dtype, projecting=True)
+    assert (narrow.constexprs(forward=True)["BLOCK_B"], narrow.constexprs()["BLOCK_B"]) == (16, 16)
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
+    reference = copy.deepcopy(module).double()
+    xs, h0, c0 = make_inputs(T, B, H, P, L, 2, True, dtype)
+    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), True)
+    result = {}
+    with persistent(monkeypatch, mode, 8):
+        counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, True)))
+    assert all(t.dtype == dtype for t in result["out"])
+    check(result["out"], expected, tol)
+    assert counts == expected_launches(L)
+
+
+def test_l4_plan_gives_each_direction_its_sub_tiles():
+    """L4 (LSTM B256 H1024 bf16): the forward walks its 128-row group in 4 sub-tiles of 32 rows in
+    chunks of 64, the backward in 2 of 64 in chunks of 128 where a block has an H100's shared
+    memory, and keeps 8 of 16 (unchunked) with an A100's."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    def tiling(constexprs):
+        return constexprs["BLOCK_B"], constexprs["GROUP_TILES"], constexprs["BLOCK_KC"]
+
+    hopper = persistent_ops.persistent_plan(4, 1024, 256, 1, torch.bfloat16, 132, 232_448)
+    ampere = persistent_ops.persistent_plan(4, 1024, 256, 1, torch.bfloat16, 132, 166_912)
+    assert (hopper.slices, hopper.batch_groups, hopper.group_rows) == (64, 2, 128)
+    assert tiling(hopper.constexprs(forward=True)) == tiling(ampere.constexprs(forward=True)) == (32, 4, 64)
+    assert tiling(hopper.constexprs()) == (64, 2, 128)
+    assert tiling(ampere.constexprs()) == (16, 8, 0)

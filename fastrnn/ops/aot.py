@@ -180,14 +180,19 @@ def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
                                dict(compile["configs"][0]), options))
         return True  # skip the compile; the launch then returns without running
 
+    from fastrnn.ops import persistent
+
     previous_driver, previous_hook = driver._active, knobs.runtime.jit_cache_hook
+    previous_shared = persistent.planning_shared_bytes
     driver.set_active(_AheadOfTimeDriver(arch))
     knobs.runtime.jit_cache_hook = record
+    persistent.planning_shared_bytes = SHARED_LIMIT[arch]  # the persistent plan follows the card's shared memory
     try:
         yield launches
     finally:
         driver.set_active(previous_driver)
         knobs.runtime.jit_cache_hook = previous_hook
+        persistent.planning_shared_bytes = previous_shared
 
 
 def compile_binary(launch: Launch):

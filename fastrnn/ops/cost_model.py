@@ -128,7 +128,11 @@ class Partition:
     ``exchange_bytes`` per exchanged element (0: the compute dtype's, as ``kernels/lstm_persistent.py``
     exchanges ``h`` and ``dgates`` in it; 4 for an fp32 exchange); ``k_chains``
     independent accumulators the product's reduction is split into; ``weights_in`` where the slice
-    lives during the sequence (``registers`` or ``shared``, read from the compile).
+    lives during the sequence (``registers`` or ``shared``, read from the compile); ``batch_tiles``
+    the sub-tiles a program walks its group in, one product (and one ``h`` load, its chunks in flight
+    together) after another, and ``bwd_batch_tiles`` the backward's where they differ (the LSTM's
+    forward walks wider sub-tiles than its backward, ``fastrnn.ops.persistent.FWD_MAX_BLOCK_B``:
+    each term of a sub-tile is then counted per direction with that direction's sub-tiles).
     ``tiled`` / ``resident``: one program per ``batch_per_group``-row batch tile and direction.
     """
 
@@ -146,10 +150,13 @@ class Partition:
     bwd_exchange: str = "reduce"  # or "all_gather" (see the module docstring)
     gather: int = 8  # partials summed per load ("reduce")
     batch_tiles: int = 1  # sub-tiles a program walks its batch group in, one product after another
+    bwd_batch_tiles: int = 0  # the backward's, where its sub-tiles are narrower than the forward's (0: batch_tiles)
 
     def describe(self) -> str:
         if self.strategy == "persistent":
             walked = f" (walked as {self.batch_tiles} sub-tiles)" if self.batch_tiles > 1 else ""
+            if self.bwd_batch_tiles and self.bwd_batch_tiles != self.batch_tiles:
+                walked = f" (walked as {self.batch_tiles} sub-tiles forward, {self.bwd_batch_tiles} backward)"
             return (f"{self.slices} slices of {self.hidden_slice} x {self.batch_groups} batch groups of "
                     f"{self.batch_per_group}{walked} = {self.programs} programs, {self.mode}")
         return f"{self.programs} programs ({self.batch_per_group}-row batch tiles x directions)"
@@ -248,23 +255,26 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
     # per_step mode: the fp32 state a program carries (c; dh and dc backward) in and out of every launch
     # (also in barrier mode when a program walks its group in sub-tiles: the state of each goes
     # through the program's carry rows every step)
-    carried = 2 * S * Bg * 4 * (2 if w.cell == "lstm" else 1) if p.mode == "per_step" or p.batch_tiles > 1 else 0
+    bwd_tiles = p.bwd_batch_tiles or p.batch_tiles
+
+    def carried(tiles):
+        return 2 * S * Bg * 4 * (2 if w.cell == "lstm" else 1) if p.mode == "per_step" or tiles > 1 else 0
     # streamed, prefetched: gx slice in, y / saved gates (and c) out
     stream_fwd = p.programs * Bg * (G * S + S + G * S + (S if w.cell == "lstm" else 0)) * e
     l2_fwd = weights_reread + exchange_fwd + stream_fwd
 
-    def step(read_bytes, m, k, loads=1, best=False):
+    def step(read_bytes, m, k, loads=1, best=False, tiles=p.batch_tiles):
         per_sm = figure("l2_bytes_per_clk_per_sm_best" if best else "l2_bytes_per_clk_per_sm")
         bw = _bandwidth(p.programs, per_sm)
-        load = loads * p.batch_tiles * lat + (read_bytes + (slice_bytes if p.mode == "per_step" else 0) + carried) / bw
+        load = loads * tiles * lat + (read_bytes + (slice_bytes if p.mode == "per_step" else 0) + carried(tiles)) / bw
         # read once per sub-tile's product; "tf32x4" holds the slice twice over (its tf32 halves,
         # fastrnn.kernels.precision)
-        weights = (p.batch_tiles * slice_bytes * _weight_copies(w) / figure("shared_bytes_per_clk_per_sm")
+        weights = (tiles * slice_bytes * _weight_copies(w) / figure("shared_bytes_per_clk_per_sm")
                    if p.weights_in == "shared" and p.mode == "barrier" else 0.0)
         # a walked group: per sub-tile, its h load and its product, one sub-tile after another
         # (the L2 latencies and the mma chains add up)
-        chain, rate = _product_clk(w, m, max(1, Bg // p.batch_tiles), k, p.k_chains, w.persistent_precision)
-        chain, rate = chain * p.batch_tiles, rate * p.batch_tiles
+        chain, rate = _product_clk(w, m, max(1, Bg // tiles), k, p.k_chains, w.persistent_precision)
+        chain, rate = chain * tiles, rate * tiles
         pointwise = _pointwise_clk(G * S * Bg, p.num_warps)
         floor = l2_fwd / figure("l2_total_bytes_per_clk")
         terms = {"launch": launch, "flag": clk_to_us(flag), "exchange_load": clk_to_us(load),
@@ -275,7 +285,7 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
 
     fwd, fwd_terms = step(read_fwd, G * S, K)
     fwd_best, _ = step(read_fwd, G * S, K, best=True)
-    bwd, bwd_terms = step(read_bwd, bwd_m, bwd_k, bwd_loads)
+    bwd, bwd_terms = step(read_bwd, bwd_m, bwd_k, bwd_loads, tiles=bwd_tiles)
     return Estimate(weights_reread, exchange_fwd, exchange_bwd, l2_fwd, fwd, bwd, fwd_terms, bwd_terms, fwd_best)
 
 

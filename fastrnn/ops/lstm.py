@@ -110,6 +110,7 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
             kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
             [((2, D, B, K), gx.dtype), ((D, B, H) if proj else (1,), gx.dtype), ((D, B, H), torch.float32)],
             dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, weight_rows)), **_fp32_register_budget(gx.dtype)),
+            forward=True,
         ),
     )
     return y, h_n, final_cell_state(c, D), gates, c

@@ -29,7 +29,11 @@ the M side with the slice's four gates stacked (an 8-unit slice is a 32-row tile
   weights once and walks the group's ``GROUP_TILES`` sub-tiles every step (the fp32 state of each
   in the program's own rows of ``carry``; one wait before the first, one arrive after the last),
   so the plan can keep slices small at large batches (L4: 64 slices of 16 units x 2 groups of
-  128 rows, :data:`MAX_SLICE_WEIGHT_BYTES`). The flags stay per (batch group, direction).
+  128 rows, :data:`MAX_SLICE_WEIGHT_BYTES`). The flags stay per (batch group, direction). The
+  forward walks such a group in wider sub-tiles than the backward (:data:`FWD_MAX_BLOCK_B` rows,
+  the reduction streamed in :data:`FWD_CHUNK`-wide chunks: L4's forward 4 sub-tiles of 32), and
+  where the card's shared memory allows, the backward too (:data:`BWD_MAX_BLOCK_B`: L4's backward
+  2 sub-tiles of 64 on an H100/H200, 8 of 16 on an A100).
 
 The compiled figures of each plan (registers, stack, shared memory: the weight slice lives in
 shared memory at L4, in registers at L1) are in ``python -m bench --plan``'s report.
@@ -129,9 +133,10 @@ WALKING_GATES = frozenset({4})
 #: Most bytes of ``W_hh`` one program holds (all gates of its slice stacked, ``h`` as
 #: :func:`reduction_split` parts it) before the plan widens the batch groups instead of the
 #: slices (walking cells only): LSTM H1024 bf16 at a 16-unit slice (4 x 16 x 1024 x 2 B, L4's
-#: plan) compiles clean with the weights in shared memory (sm_90, Triton 3.9: forward 196
-#: registers and 164,864 B of shared memory, within sm_80's 166,912 too; backward 201 and
-#: 148,480 B; ``python -m bench --plan``); a 32-unit slice would need twice that.
+#: plan) compiles clean with the weights in shared memory (sm_90, Triton 3.9, in the sub-tiles of
+#: :data:`FWD_MAX_BLOCK_B` / :data:`BWD_MAX_BLOCK_B`: forward 252 registers and 144,384 B of shared
+#: memory, within sm_80's 166,912 too; backward 184 and 156,672 B; ``python -m bench --plan``); a
+#: 32-unit slice would need twice that.
 MAX_SLICE_WEIGHT_BYTES = 128 * 1024
 
 
@@ -156,8 +161,30 @@ MIN_SLICE = 4
 #: Rows of one product (``BLOCK_B``, a batch group's sub-tile). 16 (tl.dot's minimum): wider
 #: products hold a ``BLOCK_B x H`` operand per step and spill at H 512 (sm_90: 1-4 KB of stack at
 #: B64 in one group); more groups of 16 rows use the SMs instead, with smaller slices per program,
-#: or (:data:`WALKING_GATES`) a program walks a wider group in sub-tiles of 16.
+#: or (:data:`WALKING_GATES`) a program walks a wider group in sub-tiles of 16 (its forward in
+#: sub-tiles of up to :data:`FWD_MAX_BLOCK_B`).
 MAX_BLOCK_B = 16
+#: Rows of one product in the walking cells' forward (:data:`WALKING_GATES`) when a program walks
+#: a group of several sub-tiles: its weights (in shared memory) are read once per product, and the
+#: dependent mma chains of a step are one per product, so fewer, wider products; ``h`` then comes
+#: in ``FWD_CHUNK``-wide chunks of the reduction (``BLOCK_KC``), each multiplied into one
+#: accumulator, so no ``K x BLOCK_B`` operand is held whole. Measured at L4's plan (LSTM H1024
+#: B256 bf16, 8 warps, heaviest form, ahead-of-time compiles): 32 rows in chunks of 64 compile clean
+#: (sm_90 252 registers on Triton 3.9, 247 on 3.6; sm_80 172 / 176; 144,384 B of shared memory
+#: on sm_90); 32 rows in chunks of 128 spill 40 B on sm_90, 64 rows 96-184 B (chunks of 32-128),
+#: 128 rows 280 B. The backward's: :data:`BWD_MAX_BLOCK_B`.
+FWD_MAX_BLOCK_B = 32
+FWD_CHUNK = 64
+#: The backward's likewise (its partial of ``dh_{t-1}`` formed and stored chunk by chunk), on cards
+#: whose blocks may use at least ``BWD_WIDE_SHARED_BYTES`` of shared memory (Hopper's 227 KB).
+#: Measured at L4's plan (heaviest form, sm_90): 64 rows in chunks of 128 compile clean (184
+#: registers on Triton 3.9, 231 on 3.6; 156,672 B of shared memory); in chunks of 64 3.9 is clean
+#: (230) but 3.6 spills 40 B (32 rows: 24 B); 128 rows spill 56 B (3.9, chunks of 64). On sm_80
+#: (Triton 3.9) 32 rows spill 448 B (the weights left in registers), where 16 rows keep the 32 B
+#: stack frame they had before: an A100 (163 KB per block) keeps 16-row backward sub-tiles.
+BWD_MAX_BLOCK_B = 64
+BWD_CHUNK = 128
+BWD_WIDE_SHARED_BYTES = 200 * 1024
 #: Polls before a wait gives up: a step's flag round trip is about a microsecond on a GPU, so this
 #: is seconds; an interpreted poll costs tens of microseconds and programs drift by milliseconds.
 MAX_SPINS = {"gpu": 1 << 22, "interpreter": 20_000}
@@ -196,6 +223,12 @@ class PersistentPlan:
     gates: int
     num_warps: int
     group_tiles: int = 1  # GROUP_TILES: sub-tiles of BLOCK_B rows a program walks per step (its group)
+    # The forward's own sub-tiles where they are wider (0: BLOCK_B): rows per product, and the
+    # chunk of h its reduction streams (BLOCK_KC; 0: h read whole). See :data:`FWD_MAX_BLOCK_B`.
+    fwd_block_b: int = 0
+    fwd_chunk: int = 0
+    bwd_block_b: int = 0  # the backward's likewise (:data:`BWD_MAX_BLOCK_B`)
+    bwd_chunk: int = 0
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -220,9 +253,28 @@ class PersistentPlan:
         """Batch rows of one group: ``GROUP_TILES * BLOCK_B``."""
         return self.group_tiles * self.block_b
 
-    def constexprs(self) -> dict:
-        walk = dict(GROUP_TILES=self.group_tiles) if self.gates in WALKING_GATES else {}
-        return dict(SLICE=self.slice, BLOCK_S=self.block_s, BLOCK_K=self.block_k, BLOCK_B=self.block_b,
+    @property
+    def fwd_tiles(self) -> int:
+        """Sub-tiles the forward walks its group in: ``group_rows / fwd_block_b``."""
+        return self.group_rows // (self.fwd_block_b or self.block_b)
+
+    @property
+    def bwd_tiles(self) -> int:
+        """Sub-tiles the backward walks its group in: ``group_rows / bwd_block_b``."""
+        return self.group_rows // (self.bwd_block_b or self.block_b)
+
+    def constexprs(self, forward: bool = False) -> dict:
+        """The plan's constexprs of the cell's backward kernel, or (``forward``) of its forward
+        kernel: the walking cells' kernels take their own ``BLOCK_B``, ``GROUP_TILES``, ``BLOCK_KC``."""
+        block_b, walk = self.block_b, {}
+        if self.gates in WALKING_GATES:
+            if forward:
+                block_b = self.fwd_block_b or self.block_b
+                walk = dict(GROUP_TILES=self.fwd_tiles, BLOCK_KC=self.fwd_chunk)
+            else:
+                block_b = self.bwd_block_b or self.block_b
+                walk = dict(GROUP_TILES=self.bwd_tiles, BLOCK_KC=self.bwd_chunk)
+        return dict(SLICE=self.slice, BLOCK_S=self.block_s, BLOCK_K=self.block_k, BLOCK_B=block_b,
                     BLOCK_FLAGS=self.block_flags, num_warps=self.num_warps, **walk)
 
 
@@ -272,7 +324,24 @@ def sm_count(device=None) -> int:
     return DEFAULT_SM_COUNT
 
 
-def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, sms: int = DEFAULT_SM_COUNT) -> PersistentPlan:
+#: Shared memory one block may use, assumed without a GPU: the H100/H200's (232,448 B; A100: 166,912).
+DEFAULT_SHARED_BYTES = 232_448
+#: Set by ``fastrnn.ops.aot.capture_launches`` while it records the launches of an ahead-of-time
+#: compile: the shared memory per block of the card it compiles for (None: :data:`DEFAULT_SHARED_BYTES`).
+planning_shared_bytes: int | None = None
+
+
+def shared_per_block(device=None) -> int:
+    """Shared memory one block of ``device`` may use (bytes) when it is a GPU, else the card an
+    ahead-of-time compile plans for, else :data:`DEFAULT_SHARED_BYTES`."""
+    if device is not None and torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return getattr(props, "shared_memory_per_block_optin", None) or (232_448 if props.major >= 9 else 166_912)
+    return planning_shared_bytes or DEFAULT_SHARED_BYTES
+
+
+def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, sms: int = DEFAULT_SM_COUNT,
+                    shared: int = DEFAULT_SHARED_BYTES, projecting: bool = False) -> PersistentPlan:
     """The partition for ``gates`` stacked ``hidden``-wide gate blocks, ``batch`` rows and
     ``directions``: sub-tiles of ``BLOCK_B = 16`` rows (:data:`MAX_BLOCK_B`), one per batch group,
     and the smallest slice (a power of two, at least :data:`MIN_SLICE`) that keeps all programs at
@@ -281,7 +350,14 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     (``GROUP_TILES`` sub-tiles each, fewer groups) so the slices can shrink: L4 (LSTM B256 H1024)
     gets 64 slices of 16 units x 2 groups of 128 rows, 128 programs, instead of 8 slices of 128
     units (1 MB of weights each) x 16 groups. ``$FASTRNN_PERSISTENT_SLICE`` overrides the slice
-    (the groups then stay one sub-tile wide unless the weights exceed the limit)."""
+    (the groups then stay one sub-tile wide unless the weights exceed the limit). A walked group's
+    forward gets its own sub-tiles of up to :data:`FWD_MAX_BLOCK_B` rows and reduction chunks of
+    :data:`FWD_CHUNK` (``fwd_block_b``, ``fwd_chunk``; L4: 4 sub-tiles of 32 rows forward), and
+    where a block may use ``shared >= BWD_WIDE_SHARED_BYTES`` of shared memory its backward
+    sub-tiles of up to :data:`BWD_MAX_BLOCK_B` (L4 on an H100/H200: 2 of 64 rows); not when
+    ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``, the partial of
+    ``dm_t``: ``H x BLOCK_B``) are not streamed, and at H1024 32-row sub-tiles spilled 0.5-1.3 KB
+    on sm_90 where 16-row ones compile clean."""
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(max(1, batch))))
     tiles = triton.cdiv(max(1, batch), block_b)
     block_k = max(16, triton.next_power_of_2(hidden))
@@ -306,7 +382,14 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     # 4 warps beyond that); else 4.
     weight_bytes = gates * block_s * block_k * (4 if dtype == torch.float32 else 2)
     num_warps = 8 if dtype == torch.float32 or weight_bytes > 16 * 1024 else 4
-    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles)
+    wide = [0, 0, 0, 0]  # fwd_block_b, fwd_chunk, bwd_block_b, bwd_chunk
+    if gates in WALKING_GATES and group_tiles > 1 and not projecting:
+        head = reduction_split(hidden, rows)[0]
+        bwd_widest = BWD_MAX_BLOCK_B if shared >= BWD_WIDE_SHARED_BYTES else block_b
+        for i, (widest, chunk) in enumerate(((FWD_MAX_BLOCK_B, FWD_CHUNK), (bwd_widest, BWD_CHUNK))):
+            if widest > block_b:
+                wide[2 * i:2 * i + 2] = min(widest, group_tiles * block_b), min(chunk, head)  # chunks of the head part
+    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide)
 
 
 def flow_shares(flow: torch.Tensor | None, gates: int, H: int, B: int, D: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -344,13 +427,14 @@ def _fits_one_per_sm(kernel, all_args: list, meta: dict, plan: PersistentPlan, d
 
 def launch(
     name: str, kernel, args: list, meta: dict, *, gates: int, B: int, H: int, D: int, dtype: torch.dtype, device,
-    phases: int, scratch: list[tuple[tuple, torch.dtype]],
+    phases: int, scratch: list[tuple[tuple, torch.dtype]], forward: bool = False,
 ) -> str:
     """Run ``kernel`` (a cell's persistent kernel, interface in the module docstring) over
     ``phases`` phases on the plan's grid; returns the mode it ran in (``barrier`` or ``per_step``).
     ``scratch``: the ``(shape, dtype)`` of each buffer the kernel takes after ``args`` (fresh,
     uninitialised). Raises RuntimeError naming the kernel and grid if a wait ran out of spins."""
-    plan = persistent_plan(gates, H, B, D, dtype, sm_count(device))
+    # HAS_PROJ: the LSTM's projection (its kernels' constexpr), which keeps the narrow sub-tiles
+    plan = persistent_plan(gates, H, B, D, dtype, sm_count(device), shared_per_block(device), bool(meta.get("HAS_PROJ", False)))
 
     def state() -> list[torch.Tensor]:  # what the kernel takes after args: scratch (uninitialised), flags, error (zeroed)
         buffers = [torch.empty(shape, device=device, dtype=dt) for shape, dt in scratch]
@@ -359,7 +443,7 @@ def launch(
 
     on_gpu = torch.device(device).type == "cuda" and not backend.triton_interpreting()
     max_spins = MAX_SPINS["gpu" if on_gpu else "interpreter"]
-    meta = dict(meta, **plan.constexprs(), FAULT=FAULT)
+    meta = dict(meta, **plan.constexprs(forward), FAULT=FAULT)
 
     asked = mode()
     run_barrier = asked == "barrier" or (asked == "auto" and on_gpu)

@@ -118,6 +118,7 @@ class PersistentKernel:
     phases: int
     scratch: list
     meta: dict = dataclasses.field(default_factory=dict)  # constexprs only the persistent kernel takes
+    forward: bool = False  # a forward kernel: takes the plan's forward constexprs (PersistentPlan.constexprs)
 
 
 def launch(
@@ -145,7 +146,8 @@ def launch(
         if "INPUT_PRECISION" in meta:  # the launcher's choice, made before the strategy was known
             meta["INPUT_PRECISION"] = input_precision(dtype, "persistent", gates)
         persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,
-                          device=device, phases=persistent_kernel.phases, scratch=persistent_kernel.scratch)
+                          device=device, phases=persistent_kernel.phases, scratch=persistent_kernel.scratch,
+                          forward=persistent_kernel.forward)
         count_launch(f"{name}_persistent")
         return
     grid = (triton.cdiv(B, p.block_b), D)
