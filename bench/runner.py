@@ -17,6 +17,7 @@ the input and every parameter) -- the modes ``forward`` and ``train``.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import traceback
@@ -165,9 +166,8 @@ def run_row(row: Row, plan: Plan, log=None) -> dict:
     """Check ``row`` and, when it passes, time all its variants. Returns the row's result record
     (status ``ok``, ``failed`` (check), ``missing`` (kernel not there) or ``error``)."""
     device = plan.device
-    started = time.perf_counter()
     result = new_record(row)
-    try:
+    with recorded(result, device, progress_line, log, missing=(NotImplementedError, ImportError)):
         module = build_fastrnn(row, device)
         samples = make_samples(row, device)
         result["tokens"] = sum(s.tokens for s in samples) / len(samples)
@@ -208,7 +208,19 @@ def run_row(row: Row, plan: Plan, log=None) -> dict:
         broken = any("error" in v.get(m, {}) for v in result["variants"].values() for m in MODES)
         if result["status"] == "ok" and broken:
             result["status"] = "error"
-    except (NotImplementedError, ImportError) as error:  # a kernel not written yet
+    return result
+
+
+@contextlib.contextmanager
+def recorded(result: dict, device: torch.device, progress, log=None, missing: tuple[type[BaseException], ...] = ()):
+    """The block that runs one row into its ``result`` record (this module's rows and
+    :mod:`bench.cells`'): an exception of a ``missing`` type (a kernel not written yet) sets the
+    status ``missing``, any other the status ``error`` with its traceback, and the row carries on
+    to the next; then the row's ``seconds``, CUDA's cache emptied, and ``log(progress(result))``."""
+    started = time.perf_counter()
+    try:
+        yield result
+    except missing as error:
         result["status"] = "missing"
         result["error"] = timing.describe_error(error)
     except Exception as error:  # noqa: BLE001 - report the row and carry on with the next
@@ -220,8 +232,7 @@ def run_row(row: Row, plan: Plan, log=None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if log:
-            log(progress_line(result))
-    return result
+            log(progress(result))
 
 
 def _fmt_ms(value: float | None) -> str:

@@ -19,9 +19,17 @@ language patching are reused unchanged):
 * Optional ``chaos``: random sub-millisecond sleeps before plain stores (loads and atomics stay
   prompt, so a reader that runs ahead of a writer reads early), so programs drift apart and an ordering bug in a kernel (a missing wait, arriving before storing,
   waiting for one step too few) shows up as wrong numbers.
+* The interpreter's first call of a ``@triton.jit`` helper rewrites it and copies names into its
+  module's globals, which a program calling a helper in that module iterates at the same moment
+  (``_patch_lang``): measured, a first barrier launch in a fresh process failed with "dictionary
+  changed size during iteration". Both run under one re-entrant lock (``_patch_lang`` and
+  ``InterpretedFunction.rewrite``).
 * A launch whose programs have not all finished after ``timeout_s`` raises :class:`LaunchTimeout`
   (a program still spinning is aborted at its next atomic); an exception in one program aborts the
   others and is re-raised by the launch.
+
+:func:`first_run_caught` is the mutation checks' loop: a launch repeated under chaos until a run
+shows the fault (wrong numbers, or a wait that ran out of spins).
 
 What it cannot see: memory ordering. Under the lock every access is sequentially consistent, so a
 relaxed arrive or a volatile spin passes here; the PTX test checks that instead.
@@ -66,8 +74,11 @@ def unsupported_reason() -> str | None:
         return f"triton's interpreter cannot be imported: {error}"
     missing = [name for name in ("create_atomic_rmw", "create_atomic_cas", "create_masked_load", "create_masked_store",
                                  "set_grid_idx") if not hasattr(interpreter.InterpreterBuilder, name)]
-    if missing or not hasattr(interpreter, "GridExecutor"):
-        return f"triton {triton.__version__}'s interpreter lacks {missing or ['GridExecutor']}"
+    missing += [name for name in ("GridExecutor", "_patch_lang") if not hasattr(interpreter, name)]
+    if not hasattr(getattr(interpreter, "InterpretedFunction", None), "rewrite"):
+        missing.append("InterpretedFunction.rewrite")
+    if missing:
+        return f"triton {triton.__version__}'s interpreter lacks {missing}"
     volatile = list(inspect.signature(interpreter.InterpreterBuilder.create_masked_load).parameters)[-1]
     if volatile != "is_volatile":
         return f"triton {triton.__version__}: create_masked_load's last argument is {volatile!r}, not is_volatile"
@@ -193,6 +204,16 @@ def concurrent_grid(timeout_s: float = 60.0, chaos: float = 0.0, seed: int = 0, 
     saved = {name: builder_cls.__dict__[name] for name in (*_ATOMICS, "create_masked_load", "create_masked_store")
              if name in builder_cls.__dict__}
     stock_init = executor_cls.__init__
+    stock_patch_lang, stock_rewrite = interpreter._patch_lang, interpreter.InterpretedFunction.rewrite
+    globals_lock = threading.RLock()  # a helper's module globals: first-call rewrite vs. _patch_lang
+
+    def patch_lang(fn):
+        with globals_lock:
+            return stock_patch_lang(fn)
+
+    def rewrite(function):
+        with globals_lock:
+            return stock_rewrite(function)
     had_grid_idx = "grid_idx" in builder_cls.__dict__
     old_interval = sys.getswitchinterval()
 
@@ -208,6 +229,7 @@ def concurrent_grid(timeout_s: float = 60.0, chaos: float = 0.0, seed: int = 0, 
     builder_cls.create_masked_load = _serialised_load(saved["create_masked_load"], settings)
     builder_cls.create_masked_store = _serialised(saved["create_masked_store"], settings, hand_over_after=False)
     executor_cls.__init__ = init
+    interpreter._patch_lang, interpreter.InterpretedFunction.rewrite = patch_lang, rewrite
     _active = settings
     if switch_interval is not None:
         sys.setswitchinterval(switch_interval)
@@ -216,8 +238,31 @@ def concurrent_grid(timeout_s: float = 60.0, chaos: float = 0.0, seed: int = 0, 
     finally:
         sys.setswitchinterval(old_interval)
         executor_cls.__init__ = stock_init
+        interpreter._patch_lang, interpreter.InterpretedFunction.rewrite = stock_patch_lang, stock_rewrite
         for name, original in saved.items():
             setattr(builder_cls, name, original)
         if not had_grid_idx:
             del builder_cls.grid_idx
         _active = None
+
+
+def first_run_caught(launch, check, runs: int, chaos: float, jitter_s: float, timeout_s: float = 120.0,
+                     flagged: str = "at a step barrier") -> int | None:
+    """The mutation checks' loop: ``launch()`` under the harness with ``chaos`` and ``jitter_s``,
+    seeds ``0 .. runs - 1``, until one run shows the fault: ``launch`` raises the launcher's
+    ``RuntimeError`` for a wait that ran out of spins (its message holds ``flagged``; any other
+    error propagates) or ``check(result)`` raises ``AssertionError`` (wrong numbers). Returns that
+    run's number (from 1), None when none did."""
+    for run in range(runs):
+        try:
+            with concurrent_grid(timeout_s=timeout_s, chaos=chaos, seed=run, jitter_s=jitter_s):
+                result = launch()
+        except RuntimeError as error:
+            if flagged not in str(error):
+                raise
+            return run + 1
+        try:
+            check(result)
+        except AssertionError:
+            return run + 1
+    return None

@@ -50,3 +50,49 @@ def test_dry_run_section_checks_and_times_every_gpu_row():
     table = cells.table(section)
     assert all(f"| {r.name} |" in table for r in cells.GPU_ROWS) and not cells.problems(section)
     assert any("N1" in line and "->" in line for line in logged)
+
+
+def _check(max_rel_err: float, tolerance: float = 1e-4) -> dict:
+    """A :func:`bench.accuracy.check` record with one tensor's error (its ``passed`` as check sets it)."""
+    return {"passed": max_rel_err <= tolerance, "tolerance": tolerance, "max_rel_err": max_rel_err,
+            "worst": "dx", "errors": {"dx": max_rel_err}, "others": {}}
+
+
+def test_accuracy_rule_within_tolerance_or_near_the_autograd_loop():
+    """The rule on synthetic errors: within the dtype's tolerance passes without asking for the
+    autograd loop's error; beyond it, within AUTOGRAD_FACTOR (1.5) times that error passes, past it fails."""
+    asked = []
+
+    def autograd(err):
+        return lambda: asked.append(err) or err
+
+    assert cells.judged(_check(9e-5), autograd(1e-9))["passed"] and asked == []  # tolerance branch
+    assert "autograd_rel_err" not in cells.judged(_check(1e-4), autograd(1e-9))  # at the tolerance: passes
+
+    near = cells.judged(_check(4.4e-4), autograd(3e-4))  # 4.4e-4 <= 1.5 * 3e-4: the autograd branch
+    assert near["passed"] and near["autograd_rel_err"] == 3e-4 and asked == [3e-4]
+    assert cells.judged(_check(4.5e-4), autograd(3e-4))["passed"]  # exactly at 1.5x
+    far = cells.judged(_check(4.6e-4), autograd(3e-4))  # past 1.5x: fails
+    assert not far["passed"] and far["autograd_rel_err"] == 3e-4
+    assert not cells.judged(_check(2e-4), autograd(1e-5))["passed"]  # autograd exact, fastrnn beyond tol
+    assert not cells.judged(_check(float("inf")), autograd(3e-4))["passed"]  # non-finite output
+
+
+def test_a_row_that_raises_is_recorded_not_raised():
+    """:func:`bench.runner.recorded`, the tail both sections' rows share: an error becomes the
+    record's status ``error`` (with its traceback), a ``missing`` type the status ``missing``; the
+    row's seconds are set and its progress line logged either way."""
+    from bench.runner import recorded
+
+    logged = []
+    for raised, missing, status in [(ValueError("bad row"), (), "error"),
+                                    (NotImplementedError("no kernel"), (NotImplementedError,), "missing")]:
+        result = {"status": "ok"}
+        with recorded(result, torch.device("cpu"), lambda r: f"row {r['status']}", logged.append, missing=missing):
+            raise raised
+        assert result["status"] == status and str(raised) in result["error"] and result["seconds"] >= 0
+        assert ("traceback" in result) == (status == "error")
+    result = {"status": "ok"}
+    with recorded(result, torch.device("cpu"), lambda r: f"row {r['status']}", logged.append):
+        pass
+    assert result["status"] == "ok" and "error" not in result and logged == ["row error", "row missing", "row ok"]

@@ -12,6 +12,7 @@ ones have ``test_persistent_lstm.py``). Also: gradient clipping and the gradient
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -78,6 +79,24 @@ def check(actual, expected, tol):
         assert a.shape == e.shape, index
         assert torch.isfinite(a).all(), f"tensor {index} not finite"
         assert rel_err(a, e) < tol, f"tensor {index}: rel err {rel_err(a, e):.3g}"
+
+
+def check_against_float64(T, B, H, P, L, dtype, tol, within=None) -> dict:
+    """A bidirectional ``fastrnn.LSTM`` in ``dtype`` (seed 0) on unsorted packed input, run on the
+    triton backend (inside the context manager ``within``, if given) against the float64 reference
+    of the same weights: every output and state stays in ``dtype``, every tensor within ``tol``.
+    Returns the LSTM launch counts of the triton run."""
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
+    reference = copy.deepcopy(module).double()
+    xs, h0, c0 = make_inputs(T, B, H, P, L, 2, True, dtype)
+    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), True)
+    actual = []
+    with within or contextlib.nullcontext():
+        counts = launched(lambda: actual.extend(run(module, "triton", xs, h0, c0, True)))
+    assert all(t.dtype == dtype for t in actual)
+    check(actual, expected, tol)
+    return counts
 
 
 def tiled_beyond_resident(monkeypatch, H: int, dtype: torch.dtype) -> None:
@@ -160,16 +179,7 @@ def test_tiled_matches_reference(monkeypatch, case):
 def test_half_precision_vs_float64(monkeypatch, dtype, tol, H, P, L, T):
     """16-bit weights and inputs, fp32 state: against the float64 reference of the same weights."""
     tiled_beyond_resident(monkeypatch, H, dtype)
-    B = 4
-    torch.manual_seed(0)
-    module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
-    reference = copy.deepcopy(module).double()
-    xs, h0, c0 = make_inputs(T, B, H, P, L, 2, True, dtype)
-    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), True)
-    result = {}
-    counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, True)))
-    assert all(t.dtype == dtype for t in result["out"])
-    check(result["out"], expected, tol)
+    counts = check_against_float64(T, 4, H, P, L, dtype, tol)
     strategy = lstm_plan(H, P, dtype).strategy
     assert counts == {f"lstm_fwd_{strategy}": L, f"lstm_bwd_{strategy}": L}
 

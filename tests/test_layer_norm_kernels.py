@@ -11,12 +11,12 @@ import copy
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
 from fastrnn.ops.recurrence import LAUNCHES
 from tests.conftest import assert_close
 from tests.test_layer_norm_rnn import handwritten
+from tests.test_regularized_rnn import forward, weighted_loss
 
 #: id -> (cell, constructor options, training, packed (unsorted lengths), batch, hidden)
 CASES = {
@@ -65,29 +65,19 @@ def run_case(name: str, dtype: torch.dtype, clip_override: float | None = None):
         lengths[0] = T
     w_y, w_h = torch.randn(T, B, D * H, dtype=torch.float64), torch.randn(module.num_layers * D, B, H, dtype=torch.float64)
 
-    def loss_of(y, h_n, c_n):
-        return (y.double() * w_y).sum() + (h_n.double() * w_h).sum() + (0 if c_n is None else (c_n.double() * w_h.flip(0)).sum())
-
     before = dict(LAUNCHES)
     with fastrnn.use_backend("triton"):
         assert fastrnn.explain(module, x).startswith("triton:")
         torch.manual_seed(7)
-        hx = (h0, c0) if cell == "lstm" else h0
-        if packed:
-            out, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
-            y, _ = pad_packed_sequence(out, total_length=T)
-        else:
-            y, state = module(x, hx)
-        h_n, c_n = state if cell == "lstm" else (state, None)
-        inputs = [x, h0, *([c0] if c0 is not None else []), *module.parameters()]
-        grads = torch.autograd.grad(loss_of(y, h_n, c_n), inputs)
+        y, h_n, c_n, inputs = forward(module, x, lengths, h0, c0, packed)
+        grads = torch.autograd.grad(weighted_loss(y, h_n, c_n, w_y, w_h), inputs)
     counts = {k: v - before.get(k, 0) for k, v in launches("layer_norm_").items() if v != before.get(k, 0)}
 
     x64, h064 = x.detach().double().requires_grad_(), h0.detach().double().requires_grad_()
     c064 = None if c0 is None else c0.detach().double().requires_grad_()
     clip = module.grad_clip if clip_override is None else clip_override
     y_ref, h_ref, c_ref = handwritten(module, x64, lengths, h064, c064, 7, clip)
-    grads_ref = torch.autograd.grad(loss_of(y_ref, h_ref, c_ref), [x64, h064, *([c064] if c064 is not None else []),
+    grads_ref = torch.autograd.grad(weighted_loss(y_ref, h_ref, c_ref, w_y, w_h), [x64, h064, *([c064] if c064 is not None else []),
                                                                     *module.parameters()])
     names = ["y", "h_n", *(["c_n"] if c0 is not None else []), "d x", "d h0", *(["d c0"] if c0 is not None else []),
              *(f"d {n}" for n, _ in module.named_parameters())]

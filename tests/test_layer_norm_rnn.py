@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
 from tests.conftest import assert_close
+from tests.test_regularized_rnn import assert_matches_oracle, forward
+from tests.test_regularized_rnn import handwritten as walk_rows
 
 
 def layer_norm(v, gain, bias=None):
@@ -50,49 +51,10 @@ def gru_step(p, x, h, clip):
 
 
 def handwritten(module, x, lengths, h0, c0, seed, clip):
-    """``x (T, B, I)``; returns ``y (T, B, D*H)`` (zero past a row's length), ``h_n``, ``c_n`` or None."""
-    torch.manual_seed(seed)
-    T, B, _ = x.shape
-    H, D = module.hidden_size, 2 if module.bidirectional else 1
-    lstm, pz = c0 is not None, module.zoneout
-    finals = {}
-    for layer in range(module.num_layers):
-        if layer > 0 and module.dropout and module.training:
-            x = torch.nn.functional.dropout(x, module.dropout, training=True)
-        params = []
-        for d in range(D):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            p = {name[:-len(sfx)]: w.double() for name, w in module.named_parameters() if name.endswith(sfx)}
-            if module.recurrent_dropout and module.training:
-                keep = torch.rand(p["weight_hh"].shape) >= module.recurrent_dropout
-                p["weight_hh"] = p["weight_hh"] * keep / (1 - module.recurrent_dropout)
-            params.append(p)
-        mask = (torch.rand(T, B, D * H) < pz).double() if pz and module.training else None
-        out = {}
-        for d, p in enumerate(params):
-            for row in range(B):
-                h = h0[layer * D + d, row]
-                c = c0[layer * D + d, row] if lstm else None
-                steps = range(int(lengths[row]))
-                for t in (reversed(steps) if d else steps):
-                    if lstm:
-                        h_new, c_new = lstm_step(p, x[t, row], h, c, clip)
-                    else:
-                        h_new, c_new = gru_step(p, x[t, row], h, clip), None
-                    if pz:
-                        keep = mask[t, row, d * H:(d + 1) * H] if mask is not None else pz
-                        h_new = keep * h + (1 - keep) * h_new
-                        c_new = None if c is None else keep * c + (1 - keep) * c_new
-                    h, c = h_new, c_new
-                    out[t, row, d] = h
-                finals[layer * D + d, row] = (h, c)
-        zero = x.new_zeros(H)
-        x = torch.stack([torch.stack([torch.cat([out.get((t, row, d), zero) for d in range(D)]) for row in range(B)])
-                         for t in range(T)])
-    keys = range(module.num_layers * D)
-    h_n = torch.stack([torch.stack([finals[k, row][0] for row in range(B)]) for k in keys])
-    c_n = torch.stack([torch.stack([finals[k, row][1] for row in range(B)]) for k in keys]) if lstm else None
-    return x, h_n, c_n
+    """The LayerNorm steps above walked row by row (``tests.test_regularized_rnn.handwritten``'s
+    walk: masks, lengths, directions, layers). ``x (T, B, I)``; returns ``y (T, B, D*H)`` (zero
+    past a row's length), ``h_n``, ``c_n`` or None."""
+    return walk_rows(module, x, lengths, h0, c0, seed, clip, lstm_step=lstm_step, gru_step=gru_step)
 
 
 CASES = {
@@ -123,28 +85,11 @@ def test_matches_handwritten_float64(name, path):
     c0 = torch.randn_like(h0, requires_grad=True) if cell == "lstm" else None
     lengths = torch.tensor([5, 2, 4]) if packed else torch.full((B,), T)
     w_y, w_h = torch.randn(T, B, D * H, dtype=torch.float64), torch.randn_like(h0)
-    hx = (h0, c0) if cell == "lstm" else h0
     with fastrnn.use_backend(path):
         torch.manual_seed(7)
-        if packed:
-            out, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
-            y, _ = pad_packed_sequence(out, total_length=T)
-        else:
-            y, state = module(x, hx)
-    h_n, c_n = state if cell == "lstm" else (state, None)
-    inputs = [x, h0, *([c0] if c0 is not None else []), *module.parameters()]
-    loss = (y * w_y).sum() + (h_n * w_h).sum() + (0 if c_n is None else (c_n * w_h.flip(0)).sum())
-    grads = torch.autograd.grad(loss, inputs)
-    y_ref, h_ref, c_ref = handwritten(module, x, lengths, h0, c0, 7, module.grad_clip)
-    loss_ref = (y_ref * w_y).sum() + (h_ref * w_h).sum() + (0 if c_ref is None else (c_ref * w_h.flip(0)).sum())
-    grads_ref = torch.autograd.grad(loss_ref, inputs)
-    assert_close(y, y_ref, atol=1e-9)
-    assert_close(h_n, h_ref, atol=1e-9)
-    if c_n is not None:
-        assert_close(c_n, c_ref, atol=1e-9)
-    names = ["x", "h0", *(["c0"] if c0 is not None else []), *(n for n, _ in module.named_parameters())]
-    for pname, g, g_ref in zip(names, grads, grads_ref):
-        assert_close(g, g_ref, atol=1e-9, msg=lambda m, pname=pname: f"{pname}: {m}")
+        y, h_n, c_n, inputs = forward(module, x, lengths, h0, c0, packed)
+    want = handwritten(module, x, lengths, h0, c0, 7, module.grad_clip)
+    assert_matches_oracle(module, (y, h_n, c_n), want, inputs, w_y, w_h)
 
 
 @pytest.mark.parametrize("name", CASES)

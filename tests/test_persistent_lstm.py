@@ -7,8 +7,9 @@ program (so that small sizes still spread each direction over at least 4 program
 on the stock interpreter (or a GPU). Every case compares outputs, ``h_n``, ``c_n`` and the gradients
 of the input, ``h0``, ``c0`` and every parameter (``weight_hr`` included) with the reference, fp32 at
 ``1e-5`` and 16-bit against the float64 reference of the same weights, and checks the launch
-counter to prove the persistent kernels ran. Also: ``grad_clip`` and the gradient-flow record, and a
-program that never arrives ending in the ``RuntimeError``.
+counter to prove the persistent kernels ran. Also: ``grad_clip`` and the gradient-flow record, a
+program that never arrives ending in the ``RuntimeError``, and the mutation checks (a broken
+barrier caught under the harness, with one sub-tile per batch group and with a walked group).
 
 Sizes are tiny (T <= 6, H <= 32): the harness runs every program in a Python thread.
 """
@@ -16,15 +17,14 @@ Sizes are tiny (T <= 6, H <= 32): the harness runs every program in a Python thr
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import pytest
 import torch
 
 import fastrnn
-from concurrent_grid import concurrent_grid, unsupported_reason
+from concurrent_grid import concurrent_grid, first_run_caught, unsupported_reason
 from fastrnn.backend import triton_interpreting
-from test_kernels_lstm import I, check, launched, make_inputs, run
+from test_kernels_lstm import I, check, check_against_float64, launched, make_inputs, run
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_interpreting()),
@@ -35,10 +35,16 @@ DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else 
 HARNESS = None if not triton_interpreting() else unsupported_reason()
 
 
-#: Chaos runs a broken barrier gets to show itself (the loop stops at the first catch). One run
-#: catches an early arrive about 3 times in 4 (measured on the toy kernel: 7-8 of 10), and a CI
-#: run once missed it in 4 runs under load; 12 runs miss with a probability near 1e-6.
-FAULT_RUNS = 12
+#: The mutation checks' harness setting: every store delayed by up to 5 ms (chaos 1.0,
+#: ``jitter_s``), up to FAULT_RUNS runs (the loop stops at the first catch: a caught fault costs
+#: about one run, 3-7 s here). Measured per run on this 2-core machine under load: an early
+#: arrive with one sub-tile per group in 15 of 20 runs and, later, 20 of 20 (35 of 40; at chaos
+#: 0.5 / 1 ms 1 of 20, and one CI run missed it in 12); in a walked group (``GROUP_TILES = 2``) 18
+#: of 20 (20 of 20 at chaos 0.5 / 1 ms); a missing wait and an off-by-one target 10 of 10 in both
+#: forms. At the worst rate, 15 of 20, the one-sided 95% lower bound of the per-run rate is 0.54:
+#: 20 runs all miss with a probability of at most 2e-7 (1e-12 at the measured 0.75; 12 runs, as
+#: before, up to 8e-5). The correct kernels pass at this setting (5 of 5 runs in each form).
+FAULT_CHAOS, FAULT_JITTER_S, FAULT_RUNS = 1.0, 5e-3, 20
 
 
 @contextlib.contextmanager
@@ -92,18 +98,8 @@ def test_matches_reference_fp32(monkeypatch, case, mode):
 @pytest.mark.parametrize("P", [0, 7], ids=["no_proj", "proj"])
 def test_half_precision_vs_float64(monkeypatch, P, dtype, tol, mode):
     """16-bit weights and inputs, fp32 state: against the float64 reference of the same weights."""
-    T, B, H, L = 4, 4, 16, 1
-    torch.manual_seed(0)
-    module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
-    reference = copy.deepcopy(module).double()
-    xs, h0, c0 = make_inputs(T, B, H, P, L, 2, True, dtype)
-    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), True)
-    result = {}
-    with persistent(monkeypatch, mode, 4):
-        counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, True)))
-    assert all(t.dtype == dtype for t in result["out"])
-    check(result["out"], expected, tol)
-    assert counts == expected_launches(L)
+    counts = check_against_float64(4, 4, 16, P, 1, dtype, tol, within=persistent(monkeypatch, mode, 4))
+    assert counts == expected_launches(1)
 
 
 @pytest.mark.parametrize("mode", ["per_step", "barrier"])
@@ -157,16 +153,7 @@ def test_split_reduction_and_walked_batch_group(monkeypatch, case, mode):
     plan = persistent_ops.persistent_plan(4, H, B, 2, dtype)
     assert (plan.group_tiles, plan.batch_groups, plan.slices) == (2, 1, 6), plan
     assert persistent_ops.reduction_split(P or H, plan.weight_rows) == (32, 16)
-    torch.manual_seed(0)
-    module = fastrnn.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
-    reference = copy.deepcopy(module).double()
-    xs, h0, c0 = make_inputs(T, B, H, P, L, 2, True, dtype)
-    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), True)
-    result = {}
-    with persistent(monkeypatch, mode, 8):
-        counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, True)))
-    assert all(t.dtype == dtype for t in result["out"])
-    check(result["out"], expected, tol)
+    counts = check_against_float64(T, B, H, P, L, dtype, tol, within=persistent(monkeypatch, mode, 8))
     assert counts == expected_launches(L)
 
 
@@ -189,40 +176,40 @@ def test_never_arriving_program_raises(monkeypatch, P):
                 module(xs[0], (h0, c0))
 
 
+#: The batch forms of the mutation checks: (B, walked) -- one sub-tile of 16 rows per group, or a
+#: group of 32 rows walked as 2 sub-tiles (``GROUP_TILES = 2``: one wait before the first, one
+#: arrive after the last), forced by lowering ``MAX_SLICE_WEIGHT_BYTES``.
+FAULT_FORMS = {"one_tile": (3, False), "walked_group": (32, True)}
+
+
+@pytest.mark.parametrize("form", list(FAULT_FORMS))
 @pytest.mark.parametrize("fault", ["FAULT_NO_WAIT", "FAULT_ARRIVE_EARLY", "FAULT_OFF_BY_ONE"])
-def test_broken_barrier_is_caught(monkeypatch, fault):
+def test_broken_barrier_is_caught(monkeypatch, fault, form):
     """The LSTM kernels compiled with a broken barrier (test-only faults of ``fastrnn.kernels.sync``;
-    the kernels apply ``FAULT_ARRIVE_EARLY`` themselves, in ``publish``) give wrong numbers or a
-    flagged wait under the harness in at least one of up to FAULT_RUNS runs (chaos on)."""
+    the kernels apply ``FAULT_ARRIVE_EARLY`` themselves, in ``publish``: before the first sub-tile's
+    store) give wrong numbers or a flagged wait under the harness in at least one of up to
+    FAULT_RUNS runs (rates and miss probability: :data:`FAULT_RUNS`), with one sub-tile per group
+    and with a group walked in two."""
     from fastrnn.kernels import sync
     from fastrnn.ops import persistent as persistent_ops
 
     if HARNESS is not None or not triton_interpreting():
         pytest.skip(HARNESS or "the harness runs under the interpreter")
-    T, B, H, P = 4, 3, 16, 5
+    (T, H, P), (B, walked) = (4, 16, 5), FAULT_FORMS[form]
+    if walked:
+        monkeypatch.setattr(persistent_ops, "MAX_SLICE_WEIGHT_BYTES", 1)
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "4")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", "barrier")
+    plan = persistent_ops.persistent_plan(4, H, B, 1, torch.float32)
+    assert (plan.group_tiles, plan.batch_groups, plan.slices) == ((2, 1, 4) if walked else (1, 1, 4)), plan
     torch.manual_seed(0)
     module = fastrnn.LSTM(I, H, proj_size=P, device=DEVICE)
     xs, h0, c0 = make_inputs(T, B, H, P, 1, 1, False, torch.float32)
     expected = run(module, "reference", xs, h0, c0, False)
     monkeypatch.setattr(persistent_ops, "FAULT", int(getattr(sync, fault)))
-    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
-    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "4")
-    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", "barrier")
-    caught = False
-    for attempt in range(FAULT_RUNS):
-        try:
-            # Every store delayed by up to 5 ms: an early arrive is seen in 15 of 20 runs (measured;
-            # chaos 0.5 with the default 1 ms window saw it in 1 of 20, and one CI run missed it in 12).
-            with concurrent_grid(timeout_s=120, chaos=1.0, seed=attempt, jitter_s=5e-3):
-                actual = run(module, "triton", xs, h0, c0, False)
-        except RuntimeError:
-            caught = True  # a wait ran out of spins: the launcher's error
-            break
-        try:
-            check(actual, expected, 1e-5)
-        except AssertionError:
-            caught = True
-            break
+    caught = first_run_caught(lambda: run(module, "triton", xs, h0, c0, False), lambda got: check(got, expected, 1e-5),
+                              FAULT_RUNS, FAULT_CHAOS, FAULT_JITTER_S)
     assert caught, f"{fault} went unnoticed in {FAULT_RUNS} runs"
 
 

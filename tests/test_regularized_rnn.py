@@ -30,7 +30,12 @@ def gru_cell(p, x, h, clip):
     return (1 - z) * n + z * h
 
 
-def handwritten(module, x, lengths, h0, c0, seed, clip):
+def handwritten(module, x, lengths, h0, c0, seed, clip, lstm_step=lstm_cell, gru_step=gru_cell):
+    """``module``'s layers walked row by row in float64, each row up to its length, with the masks
+    of ``fastrnn.regularization`` drawn from ``seed`` (dropout between layers, DropConnect on
+    ``W_hh``, zoneout on ``h`` and ``c``); a step is ``lstm_step(p, x, h, c, clip) -> (h, c)`` or
+    ``gru_step(p, x, h, clip) -> h`` (``p``: one direction's parameters without the layer suffix).
+    ``x (T, B, I)``; returns ``y (T, B, D*H)`` (zero past a row's length), ``h_n``, ``c_n`` or None."""
     torch.manual_seed(seed)
     T, B, _ = x.shape
     H, D, pz = module.hidden_size, 2 if module.bidirectional else 1, module.zoneout
@@ -52,7 +57,7 @@ def handwritten(module, x, lengths, h0, c0, seed, clip):
                 h, c = h0[layer * D + d, row], (None if c0 is None else c0[layer * D + d, row])
                 steps = range(int(lengths[row]))
                 for t in (reversed(steps) if d else steps):
-                    h_new, c_new = lstm_cell(p, x[t, row], h, c, clip) if c is not None else (gru_cell(p, x[t, row], h, clip), None)
+                    h_new, c_new = lstm_step(p, x[t, row], h, c, clip) if c is not None else (gru_step(p, x[t, row], h, clip), None)
                     if pz:
                         keep = mask[t, row, d * H:(d + 1) * H] if mask is not None else pz
                         h_new = keep * h + (1 - keep) * h_new
@@ -66,6 +71,39 @@ def handwritten(module, x, lengths, h0, c0, seed, clip):
     h_n = torch.stack([torch.stack([finals[k, r][0] for r in range(B)]) for k in keys])
     c_n = None if c0 is None else torch.stack([torch.stack([finals[k, r][1] for r in range(B)]) for k in keys])
     return x, h_n, c_n
+
+
+def forward(module, x, lengths, h0, c0, packed):
+    """``module`` on ``x (T, B, I)`` (packed by ``lengths``, unsorted, when ``packed``) from ``h0``
+    (and ``c0`` for an LSTM): ``y`` padded to T, ``h_n``, ``c_n`` (None without ``c0``), and the
+    leaves whose gradients the tests compare (``x``, ``h0``, ``c0``, every parameter)."""
+    hx = h0 if c0 is None else (h0, c0)
+    if packed:
+        out, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+        y, _ = pad_packed_sequence(out, total_length=x.shape[0])
+    else:
+        y, state = module(x, hx)
+    h_n, c_n = (state, None) if c0 is None else state
+    return y, h_n, c_n, [x, h0, *([] if c0 is None else [c0]), *module.parameters()]
+
+
+def weighted_loss(y, h_n, c_n, w_y, w_h):
+    """A loss weighing every element of ``y``, ``h_n`` and ``c_n`` (``c_n`` by ``w_h`` flipped), in float64."""
+    return (y.double() * w_y).sum() + (h_n.double() * w_h).sum() + (0 if c_n is None else (c_n.double() * w_h.flip(0)).sum())
+
+
+def assert_matches_oracle(module, got, want, inputs, w_y, w_h, atol=1e-9):
+    """``got`` and ``want`` (each ``(y, h_n, c_n or None)``) agree within ``atol``, and so do the
+    gradients of :func:`weighted_loss` of each with respect to ``inputs`` (as :func:`forward`
+    returns them: ``x``, ``h0``, ``c0``, then ``module``'s parameters, named in the message)."""
+    grads = torch.autograd.grad(weighted_loss(*got, w_y, w_h), inputs)
+    grads_ref = torch.autograd.grad(weighted_loss(*want, w_y, w_h), inputs)
+    for name, a, e in zip(("y", "h_n", "c_n"), got, want):
+        if e is not None:
+            assert_close(a, e, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    names = ["x", "h0", "c0"][:len(inputs) - len(list(module.parameters()))] + [n for n, _ in module.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        assert_close(g, g_ref, atol=atol, msg=lambda m, name=name: f"d {name}: {m}")
 
 
 CASES = {
@@ -90,25 +128,9 @@ def test_matches_handwritten_float64(name):
     lengths = torch.tensor([5, 2, 4]) if packed else torch.full((B,), T)
     w_y, w_h = torch.randn(T, B, D * H, dtype=torch.float64), torch.randn_like(h0)
     torch.manual_seed(3)
-    hx = (h0, c0) if cell == "lstm" else h0
-    if packed:
-        out, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
-        y, _ = pad_packed_sequence(out, total_length=T)
-    else:
-        y, state = module(x, hx)
-    h_n, c_n = state if cell == "lstm" else (state, None)
-    inputs = [x, h0, *([c0] if c0 is not None else []), *module.parameters()]
-    extra = 0 if c_n is None else (c_n * w_h.flip(0)).sum()
-    grads = torch.autograd.grad((y * w_y).sum() + (h_n * w_h).sum() + extra, inputs)
-    y_ref, h_ref, c_ref = handwritten(module, x, lengths, h0, c0, 3, module.grad_clip)
-    extra_ref = 0 if c_ref is None else (c_ref * w_h.flip(0)).sum()
-    grads_ref = torch.autograd.grad((y_ref * w_y).sum() + (h_ref * w_h).sum() + extra_ref, inputs)
-    assert_close(y, y_ref, atol=1e-9)
-    assert_close(h_n, h_ref, atol=1e-9)
-    if c_n is not None:
-        assert_close(c_n, c_ref, atol=1e-9)
-    for g, g_ref in zip(grads, grads_ref):
-        assert_close(g, g_ref, atol=1e-9)
+    y, h_n, c_n, inputs = forward(module, x, lengths, h0, c0, packed)
+    want = handwritten(module, x, lengths, h0, c0, 3, module.grad_clip)
+    assert_matches_oracle(module, (y, h_n, c_n), want, inputs, w_y, w_h)
 
 
 def test_forget_bias_keeps_the_torch_nn_contract():
