@@ -68,7 +68,10 @@ import triton.language as tl
 from fastrnn.kernels.activations import tanh
 from fastrnn.kernels.gru import _previous_time, gru_gates, gru_gates_grad
 from fastrnn.kernels.lstm import REDUCE_TILE, lstm_cell
-from fastrnn.kernels.recurrence import clamp_grad, copy_rows, program_tile, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import (
+    advance_state, clamp_grad, copy_rows, feature_offsets, live_rows, load_gate, program_tile, row_lengths,
+    squared_row_norm, step_grad, step_time, store_gate,
+)
 from fastrnn.kernels.zoneout import zoneout_keep
 
 EPS = tl.constexpr(1e-5)
@@ -91,6 +94,14 @@ def centred(x, mean, col_ok):
 def reciprocal_std(square_sum, width):
     """``1 / sqrt(var + EPS)`` from the rows' sum of centred squares over ``width`` values."""
     return 1.0 / tl.sqrt(square_sum / width + EPS)
+
+
+@triton.jit
+def moments_rstd(total, square, width):
+    """``(mean, 1 / sqrt(var + EPS))`` per row from the sum and the sum of squares of ``width``
+    values (the tiled kernels' one-pass moments: ``var = E[v^2] - mean^2`` in fp32, floored at 0)."""
+    mean = total / width
+    return mean, 1.0 / tl.sqrt(tl.maximum(square / width - mean * mean, 0.0) + EPS)
 
 
 @triton.jit
@@ -125,6 +136,122 @@ def store_norm_partials(d_norm_ptr, a, b, c, d, e, f, H, cols, col_ok):
     tl.store(base + 5 * H, f, mask=col_ok)
 
 
+@triton.jit
+def zero_norm_partials(BLOCK_H: tl.constexpr):
+    """Six ``(BLOCK_H,)`` fp32 zeros: a resident backward's running sums for ``d_norm``."""
+    zero = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    return zero, zero, zero, zero, zero, zero
+
+
+@triton.jit
+def store_gates(ptr, offs, H, ok, a, b, c, d=None):
+    """``a, b, c`` (and ``d``) as gate blocks 0-3 of a gate-after-gate tile (``store_gate``)."""
+    store_gate(ptr, offs, 0, H, a, ok)
+    store_gate(ptr, offs, 1, H, b, ok)
+    store_gate(ptr, offs, 2, H, c, ok)
+    if d is not None:
+        store_gate(ptr, offs, 3, H, d, ok)
+
+
+# ------------------------------------------------------------------- the resident kernels' pieces
+@triton.jit
+def gate_weight(w_hh_ptr, direction, q: tl.constexpr, G: tl.constexpr, H, cols, col_ok, TRANSPOSE: tl.constexpr):
+    """Gate ``q``'s ``(BLOCK_H, BLOCK_H)`` block of direction ``direction``'s ``W_hh`` (``(D, G*H,
+    H)``): with ``TRANSPOSE`` ``w[k, n] = W_hh[d, q*H + n, k]`` (a forward's: gate ``q``'s
+    product is ``h @ w``), else ``w[n, k]`` (a backward's: the gradient to ``h`` is ``d_r_q @ w``)."""
+    if TRANSPOSE:
+        w_offs = cols[None, :] * H + cols[:, None]
+    else:
+        w_offs = cols[:, None] * H + cols[None, :]
+    w_base = w_hh_ptr + direction.to(tl.int64) * G * H * H
+    return tl.load(w_base + q * H * H + w_offs, mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def lstm_norm_parameters(gain_hh_ptr, gain_c_ptr, bias_c_ptr, direction, cols, col_ok, H):
+    """Direction ``direction``'s LSTM norm parameters as ``(1, BLOCK_H)`` fp32 rows: ``gain_hh``'s
+    four gate blocks (i, f, g, o), ``gain_cell``, ``bias_cell``."""
+    d64 = direction.to(tl.int64)
+    gain = gain_hh_ptr + d64 * 4 * H
+    return (load_row_vector(gain, cols, col_ok), load_row_vector(gain + H, cols, col_ok),
+            load_row_vector(gain + 2 * H, cols, col_ok), load_row_vector(gain + 3 * H, cols, col_ok),
+            load_row_vector(gain_c_ptr + d64 * H, cols, col_ok), load_row_vector(bias_c_ptr + d64 * H, cols, col_ok))
+
+
+@triton.jit
+def recurrent_norm(r0, r1, r2, r3, col_ok, G: tl.constexpr, H):
+    """The recurrent layer norm of a resident step, over all ``G*H`` pre-activations of a row:
+    the raw products ``r0..r{G-1}`` (fp32 ``(BLOCK_B, BLOCK_H)`` gate blocks; with ``G == 3`` the
+    GRU passes its last block again as ``r3``, never read) normalised, zero in the padding
+    columns, and each row's ``rstd``. Returns ``(r0, r1, r2, r3, rstd)``."""
+    total = masked_row_sum(r0, col_ok) + masked_row_sum(r1, col_ok) + masked_row_sum(r2, col_ok)
+    if G == 4:
+        total += masked_row_sum(r3, col_ok)
+    mean = total / (G * H)
+    r0 = centred(r0, mean, col_ok)
+    r1 = centred(r1, mean, col_ok)
+    r2 = centred(r2, mean, col_ok)
+    square = tl.sum(r0 * r0, axis=1) + tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)
+    if G == 4:
+        r3 = centred(r3, mean, col_ok)
+        square += tl.sum(r3 * r3, axis=1)
+    rstd = reciprocal_std(square, G * H)
+    r0 = r0 * rstd[:, None]
+    r1 = r1 * rstd[:, None]
+    r2 = r2 * rstd[:, None]
+    if G == 4:
+        r3 = r3 * rstd[:, None]
+    return r0, r1, r2, r3, rstd
+
+
+@triton.jit
+def recurrent_norm_grad(e0, e1, e2, e3, r0, r1, r2, r3, rstd, col_ok, G: tl.constexpr, H):
+    """:func:`recurrent_norm`'s backward: from ``e_q = dL/drhat_q`` (the gain applied) and the
+    saved ``rhat_q`` of the first ``G`` blocks, the gradients ``d_r_q`` of the raw products
+    (``norm_input_grad`` with the means over all ``G*H``). Returns ``(d_r0, d_r1, d_r2, d_r3)``
+    (the last unused with ``G == 3``)."""
+    mean_d = tl.sum(e0, axis=1) + tl.sum(e1, axis=1) + tl.sum(e2, axis=1)
+    if G == 4:
+        mean_d += tl.sum(e3, axis=1)
+    mean_d = mean_d / (G * H)
+    mean_dx = tl.sum(e0 * r0, axis=1) + tl.sum(e1 * r1, axis=1) + tl.sum(e2 * r2, axis=1)
+    if G == 4:
+        mean_dx += tl.sum(e3 * r3, axis=1)
+    mean_dx = mean_dx / (G * H)
+    e0 = norm_input_grad(e0, r0, mean_d, mean_dx, rstd, col_ok)
+    e1 = norm_input_grad(e1, r1, mean_d, mean_dx, rstd, col_ok)
+    e2 = norm_input_grad(e2, r2, mean_d, mean_dx, rstd, col_ok)
+    if G == 4:
+        e3 = norm_input_grad(e3, r3, mean_d, mean_dx, rstd, col_ok)
+    return e0, e1, e2, e3
+
+
+@triton.jit
+def lstm_gate_grads(d_c_new, d_h_new, i, f, g, o, c_prev, tanh_u, grad_clip, CLIP: tl.constexpr):
+    """The gate gradients of ``fastrnn.kernels.lstm.lstm_cell_grad``, whose ``dc + dm*o*(1 -
+    tanh(c)^2)`` is ``d_c_new`` here (the cell norm sits between ``c`` and the ``tanh``, whose
+    value ``tanh_u`` stands in for ``tanh(c_t)``): ``di, df, dg, do``, clamped with ``CLIP``."""
+    di = d_c_new * g * i * (1.0 - i)
+    df = d_c_new * c_prev * f * (1.0 - f)
+    dg = d_c_new * i * (1.0 - g * g)
+    do = d_h_new * tanh_u * o * (1.0 - o)
+    if CLIP:
+        di = clamp_grad(di, grad_clip)
+        df = clamp_grad(df, grad_clip)
+        dg = clamp_grad(dg, grad_clip)
+        do = clamp_grad(do, grad_clip)
+    return di, df, dg, do
+
+
+@triton.jit
+def cell_norm_grad(d_h_new, o, c_hat, gain_c, bias_c):
+    """The backward of ``h_new = o * tanh(u)``, ``u = chat * gain_c + bias_c`` up to ``chat``:
+    ``(tanh(u), dL/du, dL/dchat)``."""
+    tanh_u = tanh(c_hat * gain_c + bias_c)
+    d_u = d_h_new * o * (1.0 - tanh_u * tanh_u)
+    return tanh_u, d_u, d_u * gain_c
+
+
 # ------------------------------------------------------------------------------- LayerNormLSTM
 @triton.jit(do_not_specialize=["T"])
 def layer_norm_lstm_fwd_kernel(
@@ -136,56 +263,32 @@ def layer_norm_lstm_fwd_kernel(
 ):
     """Forward. Writes ``y``, ``h_n`` and the saved ``gates``, ``r_hat``, ``c``, ``c_hat``, ``stats``."""
     direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
-    d64 = direction.to(tl.int64)
-    # w_q[k, n] = W_hh[d, q*H + n, k]: gate q's recurrent product is h @ w_q.
-    w_base = w_hh_ptr + d64 * 4 * H * H
-    w_offs = cols[None, :] * H + cols[:, None]
-    w_ok = col_ok[:, None] & col_ok[None, :]
-    w_i = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-    w_f = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-    w_g = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
-    w_o = tl.load(w_base + 3 * H * H + w_offs, mask=w_ok, other=0.0)
-    gain = gain_hh_ptr + d64 * 4 * H
-    gain_i = load_row_vector(gain, cols, col_ok)
-    gain_f = load_row_vector(gain + H, cols, col_ok)
-    gain_g = load_row_vector(gain + 2 * H, cols, col_ok)
-    gain_o = load_row_vector(gain + 3 * H, cols, col_ok)
-    gain_c = load_row_vector(gain_c_ptr + d64 * H, cols, col_ok)
-    bias_c = load_row_vector(bias_c_ptr + d64 * H, cols, col_ok)
-
+    w_i = gate_weight(w_hh_ptr, direction, 0, 4, H, cols, col_ok, True)
+    w_f = gate_weight(w_hh_ptr, direction, 1, 4, H, cols, col_ok, True)
+    w_g = gate_weight(w_hh_ptr, direction, 2, 4, H, cols, col_ok, True)
+    w_o = gate_weight(w_hh_ptr, direction, 3, 4, H, cols, col_ok, True)
+    gain_i, gain_f, gain_g, gain_o, gain_c, bias_c = lstm_norm_parameters(gain_hh_ptr, gain_c_ptr, bias_c_ptr, direction, cols, col_ok, H)
     state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
     h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
     c = tl.load(c0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
 
     for s in range(T):
         t = step_time(s, T, direction).to(tl.int64)
         step = t * B + rows64
-        g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-        u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+        g_offs = feature_offsets(step, direction, 4, H, D, cols)
+        u_offs = feature_offsets(step, direction, 1, H, D, cols)
         stats_offs = (step * D + direction) * 2
         hw = h.to(w_i.dtype)
         r_i = tl.dot(hw, w_i, input_precision=INPUT_PRECISION)
         r_f = tl.dot(hw, w_f, input_precision=INPUT_PRECISION)
         r_g = tl.dot(hw, w_g, input_precision=INPUT_PRECISION)
         r_o = tl.dot(hw, w_o, input_precision=INPUT_PRECISION)
-        mean = (masked_row_sum(r_i, col_ok) + masked_row_sum(r_f, col_ok) + masked_row_sum(r_g, col_ok)
-                + masked_row_sum(r_o, col_ok)) / (4 * H)
-        r_i = centred(r_i, mean, col_ok)
-        r_f = centred(r_f, mean, col_ok)
-        r_g = centred(r_g, mean, col_ok)
-        r_o = centred(r_o, mean, col_ok)
-        rstd = reciprocal_std(tl.sum(r_i * r_i, axis=1) + tl.sum(r_f * r_f, axis=1) + tl.sum(r_g * r_g, axis=1)
-                              + tl.sum(r_o * r_o, axis=1), 4 * H)
-        r_i = r_i * rstd[:, None]
-        r_f = r_f * rstd[:, None]
-        r_g = r_g * rstd[:, None]
-        r_o = r_o * rstd[:, None]
-        i = tl.load(ax_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32) + r_i * gain_i
-        f = tl.load(ax_ptr + g_offs + H, mask=tile_ok, other=0.0).to(tl.float32) + r_f * gain_f
-        g = tl.load(ax_ptr + g_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32) + r_g * gain_g
-        o = tl.load(ax_ptr + g_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32) + r_o * gain_o
+        r_i, r_f, r_g, r_o, rstd = recurrent_norm(r_i, r_f, r_g, r_o, col_ok, 4, H)
+        i = load_gate(ax_ptr, g_offs, 0, H, tile_ok) + r_i * gain_i
+        f = load_gate(ax_ptr, g_offs, 1, H, tile_ok) + r_f * gain_f
+        g = load_gate(ax_ptr, g_offs, 2, H, tile_ok) + r_g * gain_g
+        o = load_gate(ax_ptr, g_offs, 3, H, tile_ok) + r_o * gain_o
         i, f, g, o, c_new, _ = lstm_cell(i, f, g, o, c, row_ok[:, None], False)
         c_mean = masked_row_sum(c_new, col_ok) / H
         c_hat = centred(c_new, c_mean, col_ok)
@@ -196,24 +299,11 @@ def layer_norm_lstm_fwd_kernel(
             keep = zoneout_keep(keep_ptr, u_offs, tile_ok, zoneout_p, ZONEOUT)
             h_new = keep * h + (1.0 - keep) * h_new
             c_new = keep * c + (1.0 - keep) * c_new
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None]
-            h = tl.where(valid, h_new, h)
-            c = tl.where(valid, c_new, c)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h = h_new
-            c = c_new
-            out = h_new
+        h, out = advance_state(h_new, h, t, length, HAS_LENGTHS)
+        c, _ = advance_state(c_new, c, t, length, HAS_LENGTHS)
         tl.store(y_ptr + u_offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(gates_ptr + g_offs, i.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(gates_ptr + g_offs + H, f.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(gates_ptr + g_offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(gates_ptr + g_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(r_hat_ptr + g_offs, r_i.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(r_hat_ptr + g_offs + H, r_f.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(r_hat_ptr + g_offs + 2 * H, r_g.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(r_hat_ptr + g_offs + 3 * H, r_o.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
+        store_gates(gates_ptr, g_offs, H, tile_ok, i, f, g, o)
+        store_gates(r_hat_ptr, g_offs, H, tile_ok, r_i, r_f, r_g, r_o)
         tl.store(c_ptr + u_offs, c.to(c_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(c_hat_ptr + u_offs, c_hat.to(c_hat_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(stats_ptr + stats_offs, rstd, mask=row_ok)
@@ -240,52 +330,29 @@ def layer_norm_lstm_bwd_kernel(
     dh_t``, ``dc_{t-1} = dc_new sigmoid(f) + k dc``. Past a row's length ``dh``, ``dc`` pass
     through and the step's gradients are zero."""
     direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
-    d64 = direction.to(tl.int64)
-    # w_q[n, k] = W_hh[d, q*H + n, k]: the gradient to h_{t-1} is sum_q d_r_q @ w_q.
-    w_base = w_hh_ptr + d64 * 4 * H * H
-    w_offs = cols[:, None] * H + cols[None, :]
-    w_ok = col_ok[:, None] & col_ok[None, :]
-    w_i = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-    w_f = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-    w_g = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
-    w_o = tl.load(w_base + 3 * H * H + w_offs, mask=w_ok, other=0.0)
-    gain = gain_hh_ptr + d64 * 4 * H
-    gain_i = load_row_vector(gain, cols, col_ok)
-    gain_f = load_row_vector(gain + H, cols, col_ok)
-    gain_g = load_row_vector(gain + 2 * H, cols, col_ok)
-    gain_o = load_row_vector(gain + 3 * H, cols, col_ok)
-    gain_c = load_row_vector(gain_c_ptr + d64 * H, cols, col_ok)
-    bias_c = load_row_vector(bias_c_ptr + d64 * H, cols, col_ok)
-
+    w_i = gate_weight(w_hh_ptr, direction, 0, 4, H, cols, col_ok, False)
+    w_f = gate_weight(w_hh_ptr, direction, 1, 4, H, cols, col_ok, False)
+    w_g = gate_weight(w_hh_ptr, direction, 2, 4, H, cols, col_ok, False)
+    w_o = gate_weight(w_hh_ptr, direction, 3, 4, H, cols, col_ok, False)
+    gain_i, gain_f, gain_g, gain_o, gain_c, bias_c = lstm_norm_parameters(gain_hh_ptr, gain_c_ptr, bias_c_ptr, direction, cols, col_ok, H)
     state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
     dh = tl.load(dh_n_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
     dc = tl.load(dc_n_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
     c_init = tl.load(c0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    d_gain_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_gain_f = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_gain_g = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_gain_o = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_gain_c = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_bias_c = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
+    d_gain_i, d_gain_f, d_gain_g, d_gain_o, d_gain_c, d_bias_c = zero_norm_partials(BLOCK_H)
 
     for s in range(T):
         t = step_time(s, T, 1 - direction).to(tl.int64)
         # The step the forward walk took just before t (clamped; c0 replaces it at the walk's start;
         # in reverse, past a row's length the saved c is the kept c0).
-        t_prev = t - 1 + 2 * direction
-        first = (t_prev < 0) | (t_prev >= T)
-        t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
+        t_prev, first = _previous_time(t, direction, T, T, False)
         step = t * B + rows64
-        g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-        u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+        g_offs = feature_offsets(step, direction, 4, H, D, cols)
+        u_offs = feature_offsets(step, direction, 1, H, D, cols)
         stats_offs = (step * D + direction) * 2
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None] & row_ok[:, None]
-        else:
-            valid = row_ok[:, None]
-        d_state_h = tl.where(valid, tl.load(dy_ptr + u_offs, mask=tile_ok, other=0.0).to(tl.float32) + dh, 0.0)
+        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
+        d_state_h = step_grad(dy_ptr, u_offs, dh, valid, tile_ok)
         d_state_c = tl.where(valid, dc, 0.0)
         if RECORD_FLOW:
             tl.store(flow_ptr + (direction * T + t) * B + rows64, squared_row_norm(d_state_h, valid), mask=row_ok)
@@ -299,64 +366,36 @@ def layer_norm_lstm_bwd_kernel(
             d_h_new = d_state_h
             d_c_zoned = d_state_c
 
-        i = tl.load(gates_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        f = tl.load(gates_ptr + g_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
-        g = tl.load(gates_ptr + g_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
-        o = tl.load(gates_ptr + g_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        i = load_gate(gates_ptr, g_offs, 0, H, tile_ok)
+        f = load_gate(gates_ptr, g_offs, 1, H, tile_ok)
+        g = load_gate(gates_ptr, g_offs, 2, H, tile_ok)
+        o = load_gate(gates_ptr, g_offs, 3, H, tile_ok)
         c_hat = tl.load(c_hat_ptr + u_offs, mask=tile_ok, other=0.0).to(tl.float32)
         rstd = tl.load(stats_ptr + stats_offs, mask=row_ok, other=0.0)
         c_rstd = tl.load(stats_ptr + stats_offs + 1, mask=row_ok, other=0.0)
-        c_prev = tl.load(c_ptr + (t_prev * B + rows64)[:, None] * (D * H) + direction * H + cols[None, :], mask=tile_ok, other=0.0)
+        c_prev = tl.load(c_ptr + feature_offsets(t_prev * B + rows64, direction, 1, H, D, cols), mask=tile_ok, other=0.0)
         c_prev = tl.where(first, c_init, c_prev.to(tl.float32))
 
-        # The cell norm: h_new = o * tanh(u), u = chat * gain_c + bias_c.
-        tanh_u = tanh(c_hat * gain_c + bias_c)
-        d_u = d_h_new * o * (1.0 - tanh_u * tanh_u)
+        # The cell norm, then the gates (d_c_zoned + the cell norm's input gradient is lstm_cell_grad's dct).
+        tanh_u, d_u, d_chat = cell_norm_grad(d_h_new, o, c_hat, gain_c, bias_c)
         d_gain_c += tl.sum(d_u * c_hat, axis=0)
         d_bias_c += tl.sum(d_u, axis=0)
-        d_chat = d_u * gain_c
         d_c_norm = norm_input_grad(d_chat, c_hat, tl.sum(d_chat, axis=1) / H, tl.sum(d_chat * c_hat, axis=1) / H, c_rstd, col_ok)
-        # The gate gradients of ``fastrnn.kernels.lstm.lstm_cell_grad``, whose ``dc + dm*o*(1 - tanh(c)^2)``
-        # becomes ``d_c_zoned + d_c_norm`` here (the cell norm sits between c and the tanh).
         d_c_new = d_c_zoned + d_c_norm
-        di = d_c_new * g * i * (1.0 - i)
-        df = d_c_new * c_prev * f * (1.0 - f)
-        dg = d_c_new * i * (1.0 - g * g)
-        do = d_h_new * tanh_u * o * (1.0 - o)
-        if CLIP:
-            di = clamp_grad(di, grad_clip)
-            df = clamp_grad(df, grad_clip)
-            dg = clamp_grad(dg, grad_clip)
-            do = clamp_grad(do, grad_clip)
-        tl.store(d_ax_ptr + g_offs, di.to(d_ax_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_ax_ptr + g_offs + H, df.to(d_ax_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_ax_ptr + g_offs + 2 * H, dg.to(d_ax_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_ax_ptr + g_offs + 3 * H, do.to(d_ax_ptr.dtype.element_ty), mask=tile_ok)
+        di, df, dg, do = lstm_gate_grads(d_c_new, d_h_new, i, f, g, o, c_prev, tanh_u, grad_clip, CLIP)
+        store_gates(d_ax_ptr, g_offs, H, tile_ok, di, df, dg, do)
 
         # The recurrent norm over all four gates.
-        r_i = tl.load(r_hat_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        r_f = tl.load(r_hat_ptr + g_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
-        r_g = tl.load(r_hat_ptr + g_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
-        r_o = tl.load(r_hat_ptr + g_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        r_i = load_gate(r_hat_ptr, g_offs, 0, H, tile_ok)
+        r_f = load_gate(r_hat_ptr, g_offs, 1, H, tile_ok)
+        r_g = load_gate(r_hat_ptr, g_offs, 2, H, tile_ok)
+        r_o = load_gate(r_hat_ptr, g_offs, 3, H, tile_ok)
         d_gain_i += tl.sum(di * r_i, axis=0)
         d_gain_f += tl.sum(df * r_f, axis=0)
         d_gain_g += tl.sum(dg * r_g, axis=0)
         d_gain_o += tl.sum(do * r_o, axis=0)
-        e_i = di * gain_i
-        e_f = df * gain_f
-        e_g = dg * gain_g
-        e_o = do * gain_o
-        mean_d = (tl.sum(e_i, axis=1) + tl.sum(e_f, axis=1) + tl.sum(e_g, axis=1) + tl.sum(e_o, axis=1)) / (4 * H)
-        mean_dx = (tl.sum(e_i * r_i, axis=1) + tl.sum(e_f * r_f, axis=1) + tl.sum(e_g * r_g, axis=1)
-                   + tl.sum(e_o * r_o, axis=1)) / (4 * H)
-        e_i = norm_input_grad(e_i, r_i, mean_d, mean_dx, rstd, col_ok)
-        e_f = norm_input_grad(e_f, r_f, mean_d, mean_dx, rstd, col_ok)
-        e_g = norm_input_grad(e_g, r_g, mean_d, mean_dx, rstd, col_ok)
-        e_o = norm_input_grad(e_o, r_o, mean_d, mean_dx, rstd, col_ok)
-        tl.store(d_r_ptr + g_offs, e_i.to(d_r_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_r_ptr + g_offs + H, e_f.to(d_r_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_r_ptr + g_offs + 2 * H, e_g.to(d_r_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_r_ptr + g_offs + 3 * H, e_o.to(d_r_ptr.dtype.element_ty), mask=tile_ok)
+        e_i, e_f, e_g, e_o = recurrent_norm_grad(di * gain_i, df * gain_f, dg * gain_g, do * gain_o, r_i, r_f, r_g, r_o, rstd, col_ok, 4, H)
+        store_gates(d_r_ptr, g_offs, H, tile_ok, e_i, e_f, e_g, e_o)
         dh_prev = tl.dot(e_i.to(w_i.dtype), w_i, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(e_f.to(w_f.dtype), w_f, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(e_g.to(w_g.dtype), w_g, input_precision=INPUT_PRECISION)
@@ -386,70 +425,44 @@ def layer_norm_gru_fwd_kernel(
     """Forward. Writes ``y``, ``h_n`` and the saved ``gates`` (``r, z, n, b_n``), ``r_hat``, ``stats``."""
     direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
     d64 = direction.to(tl.int64)
-    # w_q[k, n] = W_hh[d, q*H + n, k]: gate q's recurrent product is h @ w_q.
-    w_base = w_hh_ptr + d64 * 3 * H * H
-    w_offs = cols[None, :] * H + cols[:, None]
-    w_ok = col_ok[:, None] & col_ok[None, :]
-    w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-    w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-    w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    w_r = gate_weight(w_hh_ptr, direction, 0, 3, H, cols, col_ok, True)
+    w_z = gate_weight(w_hh_ptr, direction, 1, 3, H, cols, col_ok, True)
+    w_n = gate_weight(w_hh_ptr, direction, 2, 3, H, cols, col_ok, True)
     gain = gain_hh_ptr + d64 * 3 * H
+    bias = b_hh_ptr + d64 * 3 * H
     gain_r = load_row_vector(gain, cols, col_ok)
     gain_z = load_row_vector(gain + H, cols, col_ok)
     gain_n = load_row_vector(gain + 2 * H, cols, col_ok)
-    bias = b_hh_ptr + d64 * 3 * H
     bias_r = load_row_vector(bias, cols, col_ok)
     bias_z = load_row_vector(bias + H, cols, col_ok)
     bias_n = load_row_vector(bias + 2 * H, cols, col_ok)
-
     state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
     h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
 
     for s in range(T):
         t = step_time(s, T, direction).to(tl.int64)
         step = t * B + rows64
-        g_offs = step[:, None] * (D * 3 * H) + direction * 3 * H + cols[None, :]
-        saved_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-        u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+        g_offs = feature_offsets(step, direction, 3, H, D, cols)
+        saved_offs = feature_offsets(step, direction, 4, H, D, cols)
+        u_offs = feature_offsets(step, direction, 1, H, D, cols)
         hw = h.to(w_r.dtype)
         r_r = tl.dot(hw, w_r, input_precision=INPUT_PRECISION)
         r_z = tl.dot(hw, w_z, input_precision=INPUT_PRECISION)
         r_n = tl.dot(hw, w_n, input_precision=INPUT_PRECISION)
-        mean = (masked_row_sum(r_r, col_ok) + masked_row_sum(r_z, col_ok) + masked_row_sum(r_n, col_ok)) / (3 * H)
-        r_r = centred(r_r, mean, col_ok)
-        r_z = centred(r_z, mean, col_ok)
-        r_n = centred(r_n, mean, col_ok)
-        rstd = reciprocal_std(tl.sum(r_r * r_r, axis=1) + tl.sum(r_z * r_z, axis=1) + tl.sum(r_n * r_n, axis=1), 3 * H)
-        r_r = r_r * rstd[:, None]
-        r_z = r_z * rstd[:, None]
-        r_n = r_n * rstd[:, None]
+        r_r, r_z, r_n, _, rstd = recurrent_norm(r_r, r_z, r_n, r_n, col_ok, 3, H)
         b_n = r_n * gain_n + bias_n
         r, z, n, h_new = gru_gates(
-            tl.load(ax_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32),
-            tl.load(ax_ptr + g_offs + H, mask=tile_ok, other=0.0).to(tl.float32),
-            tl.load(ax_ptr + g_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32),
+            load_gate(ax_ptr, g_offs, 0, H, tile_ok), load_gate(ax_ptr, g_offs, 1, H, tile_ok), load_gate(ax_ptr, g_offs, 2, H, tile_ok),
             r_r * gain_r + bias_r, r_z * gain_z + bias_z, b_n, h,
         )
         if ZONEOUT != 0:
             keep = zoneout_keep(keep_ptr, u_offs, tile_ok, zoneout_p, ZONEOUT)
             h_new = keep * h + (1.0 - keep) * h_new
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None]
-            h = tl.where(valid, h_new, h)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h = h_new
-            out = h_new
+        h, out = advance_state(h_new, h, t, length, HAS_LENGTHS)
         tl.store(y_ptr + u_offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(gates_ptr + saved_offs, r.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(gates_ptr + saved_offs + H, z.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(gates_ptr + saved_offs + 2 * H, n.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(gates_ptr + saved_offs + 3 * H, b_n.to(gates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(r_hat_ptr + g_offs, r_r.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(r_hat_ptr + g_offs + H, r_z.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(r_hat_ptr + g_offs + 2 * H, r_n.to(r_hat_ptr.dtype.element_ty), mask=tile_ok)
+        store_gates(gates_ptr, saved_offs, H, tile_ok, r, z, n, b_n)
+        store_gates(r_hat_ptr, g_offs, H, tile_ok, r_r, r_z, r_n)
         tl.store(stats_ptr + step * D + direction, rstd, mask=row_ok)
         tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=at_last_step(tile_ok, s, T))  # the final state: module docstring
 
@@ -470,45 +483,30 @@ def layer_norm_gru_bwd_kernel(
     z + d_r W_hh + k dh_t``. Past a row's length ``dh`` passes through and the gradients are zero."""
     direction, rows, rows64, row_ok, cols, col_ok, tile_ok = program_tile(B, H, BLOCK_B, BLOCK_H)
     d64 = direction.to(tl.int64)
-    # w_q[n, k] = W_hh[d, q*H + n, k]: the gradient to h_{t-1} is sum_q d_r_q @ w_q.
-    w_base = w_hh_ptr + d64 * 3 * H * H
-    w_offs = cols[:, None] * H + cols[None, :]
-    w_ok = col_ok[:, None] & col_ok[None, :]
-    w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-    w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-    w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    w_r = gate_weight(w_hh_ptr, direction, 0, 3, H, cols, col_ok, False)
+    w_z = gate_weight(w_hh_ptr, direction, 1, 3, H, cols, col_ok, False)
+    w_n = gate_weight(w_hh_ptr, direction, 2, 3, H, cols, col_ok, False)
     gain = gain_hh_ptr + d64 * 3 * H
     gain_r = load_row_vector(gain, cols, col_ok)
     gain_z = load_row_vector(gain + H, cols, col_ok)
     gain_n = load_row_vector(gain + 2 * H, cols, col_ok)
-
     state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
     dh = tl.load(dh_n_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
     h0 = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
-    length = T
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    d_gain_r = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_gain_z = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_gain_n = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_bias_r = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_bias_z = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    d_bias_n = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
+    d_gain_r, d_gain_z, d_gain_n, d_bias_r, d_bias_z, d_bias_n = zero_norm_partials(BLOCK_H)
 
     for s in range(T):
         t = step_time(s, T, 1 - direction).to(tl.int64)
         step = t * B + rows64
-        g_offs = step[:, None] * (D * 3 * H) + direction * 3 * H + cols[None, :]
-        saved_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-        u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None] & row_ok[:, None]
-        else:
-            valid = row_ok[:, None]
+        g_offs = feature_offsets(step, direction, 3, H, D, cols)
+        saved_offs = feature_offsets(step, direction, 4, H, D, cols)
+        u_offs = feature_offsets(step, direction, 1, H, D, cols)
+        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
         t_prev, start = _previous_time(t, direction, T, length, HAS_LENGTHS)
-        h_prev = tl.load(y_ptr + (t_prev * B + rows64)[:, None] * (D * H) + direction * H + cols[None, :], mask=tile_ok, other=0.0)
+        h_prev = tl.load(y_ptr + feature_offsets(t_prev * B + rows64, direction, 1, H, D, cols), mask=tile_ok, other=0.0)
         h_prev = tl.where(start, h0, h_prev.to(tl.float32))
-        d_state = tl.where(valid, tl.load(dy_ptr + u_offs, mask=tile_ok, other=0.0).to(tl.float32) + dh, 0.0)
+        d_state = step_grad(dy_ptr, u_offs, dh, valid, tile_ok)
         if RECORD_FLOW:
             tl.store(flow_ptr + (direction * T + t) * B + rows64, squared_row_norm(d_state, valid), mask=row_ok)
         if ZONEOUT != 0:
@@ -516,37 +514,27 @@ def layer_norm_gru_bwd_kernel(
             d_h_new = (1.0 - keep) * d_state
         else:
             d_h_new = d_state
-        r = tl.load(gates_ptr + saved_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        z = tl.load(gates_ptr + saved_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
-        n = tl.load(gates_ptr + saved_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
-        b_n = tl.load(gates_ptr + saved_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        r = load_gate(gates_ptr, saved_offs, 0, H, tile_ok)
+        z = load_gate(gates_ptr, saved_offs, 1, H, tile_ok)
+        n = load_gate(gates_ptr, saved_offs, 2, H, tile_ok)
+        b_n = load_gate(gates_ptr, saved_offs, 3, H, tile_ok)
         dr_pre, dz_pre, dn_pre, db_n, direct = gru_gates_grad(d_h_new, h_prev, r, z, n, b_n, grad_clip, CLIP)
-        tl.store(d_ax_ptr + g_offs, dr_pre.to(d_ax_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_ax_ptr + g_offs + H, dz_pre.to(d_ax_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_ax_ptr + g_offs + 2 * H, dn_pre.to(d_ax_ptr.dtype.element_ty), mask=tile_ok)
+        store_gates(d_ax_ptr, g_offs, H, tile_ok, dr_pre, dz_pre, dn_pre)
 
         # The recurrent norm over all three gates; d_b = (dr_pre, dz_pre, db_n) reaches b_hh as is.
         rstd = tl.load(stats_ptr + step * D + direction, mask=row_ok, other=0.0)
-        r_r = tl.load(r_hat_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32)
-        r_z = tl.load(r_hat_ptr + g_offs + H, mask=tile_ok, other=0.0).to(tl.float32)
-        r_n = tl.load(r_hat_ptr + g_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        r_r = load_gate(r_hat_ptr, g_offs, 0, H, tile_ok)
+        r_z = load_gate(r_hat_ptr, g_offs, 1, H, tile_ok)
+        r_n = load_gate(r_hat_ptr, g_offs, 2, H, tile_ok)
         d_gain_r += tl.sum(dr_pre * r_r, axis=0)
         d_gain_z += tl.sum(dz_pre * r_z, axis=0)
         d_gain_n += tl.sum(db_n * r_n, axis=0)
         d_bias_r += tl.sum(dr_pre, axis=0)
         d_bias_z += tl.sum(dz_pre, axis=0)
         d_bias_n += tl.sum(db_n, axis=0)
-        e_r = dr_pre * gain_r
-        e_z = dz_pre * gain_z
         e_n = db_n * gain_n
-        mean_d = (tl.sum(e_r, axis=1) + tl.sum(e_z, axis=1) + tl.sum(e_n, axis=1)) / (3 * H)
-        mean_dx = (tl.sum(e_r * r_r, axis=1) + tl.sum(e_z * r_z, axis=1) + tl.sum(e_n * r_n, axis=1)) / (3 * H)
-        e_r = norm_input_grad(e_r, r_r, mean_d, mean_dx, rstd, col_ok)
-        e_z = norm_input_grad(e_z, r_z, mean_d, mean_dx, rstd, col_ok)
-        e_n = norm_input_grad(e_n, r_n, mean_d, mean_dx, rstd, col_ok)
-        tl.store(d_r_ptr + g_offs, e_r.to(d_r_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_r_ptr + g_offs + H, e_z.to(d_r_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(d_r_ptr + g_offs + 2 * H, e_n.to(d_r_ptr.dtype.element_ty), mask=tile_ok)
+        e_r, e_z, e_n, _ = recurrent_norm_grad(dr_pre * gain_r, dz_pre * gain_z, e_n, e_n, r_r, r_z, r_n, r_n, rstd, col_ok, 3, H)
+        store_gates(d_r_ptr, g_offs, H, tile_ok, e_r, e_z, e_n)
         dh_prev = direct
         dh_prev += tl.dot(e_r.to(w_r.dtype), w_r, input_precision=INPUT_PRECISION)
         dh_prev += tl.dot(e_z.to(w_z.dtype), w_z, input_precision=INPUT_PRECISION)
@@ -558,7 +546,70 @@ def layer_norm_gru_bwd_kernel(
     store_norm_partials(d_norm_ptr, d_gain_r, d_gain_z, d_gain_n, d_bias_r, d_bias_z, d_bias_n, H, cols, col_ok)
 
 
-# ------------------------------------------------------------------ LayerNormLSTM, W_hh streamed
+# ---------------------------------------------------------------------- the tiled kernels' pieces
+@triton.jit
+def tiled_program(B, H, G: tl.constexpr, BLOCK_B: tl.constexpr):
+    """What program ``(i, d)`` of a tiled kernel owns: its direction, the batch rows ``i*BLOCK_B
+    ...`` (also int64) and their mask, and its rows' ``(BLOCK_B, 1)`` offsets in the ``(D, B, H)``
+    state scratch and in the ``(D, B, G*H)`` product scratch."""
+    direction = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    state_rows = ((direction * B + rows64) * H)[:, None]
+    pre_rows = ((direction * B + rows64) * G * H)[:, None]
+    return direction, rows, rows64, row_ok, state_rows, pre_rows
+
+
+@triton.jit
+def ping_pong(state_ptr, s, D, B, H):
+    """Step ``s``'s slots of a ``(2, D, B, H)`` scratch state: it reads slot ``s % 2`` and writes the other."""
+    slot = D * B * H
+    return state_ptr + (s % 2) * slot, state_ptr + ((s + 1) % 2) * slot
+
+
+@triton.jit
+def unit_tile(u0, row_ok, width, BLOCK_H: tl.constexpr):
+    """The columns ``u0 .. u0 + BLOCK_H`` of a ``width``-wide row, their mask, and the rows x columns mask."""
+    cols = u0 + tl.arange(0, BLOCK_H)
+    col_ok = cols < width
+    return cols, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def load_scratch(ptr, row_offs, cols, ok):
+    """A ``(BLOCK_B, BLOCK_H)`` tile of a scratch (or state) tensor at ``(BLOCK_B, 1)`` row offsets ``row_offs``."""
+    return tl.load(ptr + row_offs + cols[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def store_tiled_state(state, write_ptr, final_ptr, state_rows, cols, ok, s, T):
+    """A tile of the carried state (fp32) into the scratch the next step reads and, at the walk's
+    last step, into the final state ``final_ptr`` (``h_n``, ``dh0``, ``dc0``; module docstring)."""
+    tl.store(write_ptr + state_rows + cols[None, :], state, mask=ok)
+    tl.store(final_ptr + state_rows + cols[None, :], state.to(final_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+
+
+@triton.jit
+def accumulate(ptr, value, mask):
+    """``ptr[...] += value``: a program's running sum in global memory (no other program touches it)."""
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def gate_of(q: tl.constexpr, a, b, c, d=None):
+    """The ``q``-th of ``a, b, c, d`` (inside a ``tl.static_range`` over the gates)."""
+    if q == 0:
+        x = a
+    elif q == 1:
+        x = b
+    elif q == 2:
+        x = c
+    else:
+        x = d
+    return x
+
+
 @triton.jit
 def _tiled_row_product(src_ptr, src_stride_rows, w_ptr, row_ok, cols_n, n_ok, K, W_ROW_STRIDE, W_COL_STRIDE,
                        INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -575,6 +626,60 @@ def _tiled_row_product(src_ptr, src_stride_rows, w_ptr, row_ok, cols_n, n_ok, K,
     return acc
 
 
+@triton.jit
+def tiled_recurrent_product(h_read, state_rows, w_base, pre_ptr, pre_rows, row_ok, H, G: tl.constexpr,
+                            INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Phase (1) of a tiled forward step: ``r = h_{t-1} W_hh^T`` over all ``G*H`` outputs,
+    ``BLOCK_H`` at a time, into the ``pre`` scratch; returns each row's ``(mean, rstd)`` of ``r``."""
+    total = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    square = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for n0 in range(0, G * H, BLOCK_H):
+        cols_n, n_ok, ok = unit_tile(n0, row_ok, G * H, BLOCK_H)
+        acc = _tiled_row_product(h_read, state_rows, w_base, row_ok, cols_n, n_ok, H, 1, H, INPUT_PRECISION, BLOCK_B, BLOCK_H)
+        tl.store(pre_ptr + pre_rows + cols_n[None, :], acc, mask=ok)
+        total += tl.sum(acc, axis=1)
+        square += tl.sum(acc * acc, axis=1)
+    return moments_rstd(total, square, G * H)
+
+
+@triton.jit
+def normalised_product(pre, q: tl.constexpr, H, mean, rstd, ok):
+    """Gate ``q``'s block of the raw product in the ``pre`` scratch (tile pointers ``pre``), normalised."""
+    return (tl.load(pre + q * H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def tiled_gate_norm_grad(dq, q: tl.constexpr, r_hat_ptr, g_offs, gain, norm_plane, d_pre_ptr, pre_rows, cols, col_ok, ok, H,
+                         BIAS_SLOTS: tl.constexpr):
+    """Gate ``q``'s part of the recurrent norm's backward in a tiled step, from its gradient ``dq =
+    dL/d(rhat_q * gain_q (+ b_q))``: adds ``sum_rows dq * rhat_q`` to slot ``q`` of the program's
+    ``norm_plane`` (and, with ``BIAS_SLOTS``, ``sum_rows dq`` to slot ``3 + q``), stores ``e_q = dq *
+    gain_q`` into ``d_pre``, and returns the rows' ``(sum e_q, sum e_q * rhat_q)``."""
+    r_q = load_gate(r_hat_ptr, g_offs, q, H, ok)
+    accumulate(norm_plane + q * H + cols, tl.sum(dq * r_q, axis=0), col_ok)
+    if BIAS_SLOTS:
+        accumulate(norm_plane + (3 + q) * H + cols, tl.sum(dq, axis=0), col_ok)
+    e_q = dq * load_row_vector(gain + q * H, cols, col_ok)
+    tl.store(d_pre_ptr + pre_rows + q * H + cols[None, :], e_q, mask=ok)
+    return tl.sum(e_q, axis=1), tl.sum(e_q * r_q, axis=1)
+
+
+@triton.jit
+def tiled_recurrent_norm_grad(d_pre_ptr, pre_rows, r_hat_ptr, d_r_ptr, step, direction, row_ok, e_mean, e_mean_x, rstd,
+                              H, D, G: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The phase of a tiled backward step that gives ``d_r``, the gradient of ``W_hh h_{t-1}``,
+    over all ``G*H``: ``norm_input_grad`` of ``e`` (in ``d_pre``) and the saved ``r_hat``, into
+    ``d_r`` and, fp32, back into ``d_pre`` (the next phase's operand)."""
+    for n0 in range(0, G * H, BLOCK_H):
+        cols_n, n_ok, ok = unit_tile(n0, row_ok, G * H, BLOCK_H)
+        r_offs = feature_offsets(step, direction, G, H, D, cols_n)
+        e = load_scratch(d_pre_ptr, pre_rows, cols_n, ok)
+        d_r = norm_input_grad(e, tl.load(r_hat_ptr + r_offs, mask=ok, other=0.0).to(tl.float32), e_mean, e_mean_x, rstd, n_ok)
+        tl.store(d_r_ptr + r_offs, d_r.to(d_r_ptr.dtype.element_ty), mask=ok)
+        tl.store(d_pre_ptr + pre_rows + cols_n[None, :], d_r, mask=ok)
+
+
+# ------------------------------------------------------------------ LayerNormLSTM, W_hh streamed
 @triton.jit(do_not_specialize=["T"])
 def layer_norm_lstm_fwd_tiled_kernel(
     ax_ptr, w_hh_ptr, gain_hh_ptr, gain_c_ptr, bias_c_ptr, h0_ptr, c0_ptr, lengths_ptr, keep_ptr,
@@ -592,94 +697,62 @@ def layer_norm_lstm_fwd_tiled_kernel(
     lengths, the outputs and the state. fp32 scratch (each element written before it is read):
     ``h_state (2, D, B, H)`` ping-pong (step ``s`` reads slot ``s % 2``), ``c_state (D, B, H)``,
     ``pre (D, B, 4H)``, ``cell (D, B, H)``. The variance is ``E[v^2] - mean^2`` in fp32."""
-    direction = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
+    direction, rows, rows64, row_ok, state_rows, pre_rows = tiled_program(B, H, 4, BLOCK_B)
     d64 = direction.to(tl.int64)
-    state_rows = ((direction * B + rows64) * H)[:, None]
-    pre_rows = ((direction * B + rows64) * 4 * H)[:, None]
-    slot = D * B * H
     w_base = w_hh_ptr + d64 * 4 * H * H
     gain = gain_hh_ptr + d64 * 4 * H
     copy_rows(h0_ptr + state_rows, h_state_ptr + state_rows, row_ok, H, BLOCK_H)
     copy_rows(c0_ptr + state_rows, c_state_ptr + state_rows, row_ok, H, BLOCK_H)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
     tl.debug_barrier()
 
     for s in range(T):
         t = step_time(s, T, direction).to(tl.int64)
         step = t * B + rows64
-        h_read = h_state_ptr + (s % 2) * slot
-        h_write = h_state_ptr + ((s + 1) % 2) * slot
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None]
-        else:
-            valid = row_ok[:, None]
+        h_read, h_write = ping_pong(h_state_ptr, s, D, B, H)
+        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
 
         # (1) the recurrent product over all 4H outputs, and each row's moments.
-        total = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        square = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for n0 in range(0, 4 * H, BLOCK_H):
-            cols_n = n0 + tl.arange(0, BLOCK_H)
-            n_ok = cols_n < 4 * H
-            acc = _tiled_row_product(h_read, state_rows, w_base, row_ok, cols_n, n_ok, H, 1, H, INPUT_PRECISION, BLOCK_B, BLOCK_H)
-            tl.store(pre_ptr + pre_rows + cols_n[None, :], acc, mask=row_ok[:, None] & n_ok[None, :])
-            total += tl.sum(acc, axis=1)
-            square += tl.sum(acc * acc, axis=1)
-        mean = total / (4 * H)
-        rstd = 1.0 / tl.sqrt(tl.maximum(square / (4 * H) - mean * mean, 0.0) + EPS)
+        mean, rstd = tiled_recurrent_product(h_read, state_rows, w_base, pre_ptr, pre_rows, row_ok, H, 4, INPUT_PRECISION, BLOCK_B, BLOCK_H)
         tl.debug_barrier()
 
         # (2) the normalised product, the gates and the new cell, unit tile by unit tile.
         c_total = tl.zeros((BLOCK_B,), dtype=tl.float32)
         c_square = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for u0 in range(0, H, BLOCK_H):
-            cols = u0 + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            ok = row_ok[:, None] & col_ok[None, :]
-            g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
+            cols, col_ok, ok = unit_tile(u0, row_ok, H, BLOCK_H)
+            g_offs = feature_offsets(step, direction, 4, H, D, cols)
             pre = pre_ptr + pre_rows + cols[None, :]
-            r_i = (tl.load(pre, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
-            r_f = (tl.load(pre + H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
-            r_g = (tl.load(pre + 2 * H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
-            r_o = (tl.load(pre + 3 * H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
-            i = tl.load(ax_ptr + g_offs, mask=ok, other=0.0).to(tl.float32) + r_i * load_row_vector(gain, cols, col_ok)
-            f = tl.load(ax_ptr + g_offs + H, mask=ok, other=0.0).to(tl.float32) + r_f * load_row_vector(gain + H, cols, col_ok)
-            g = tl.load(ax_ptr + g_offs + 2 * H, mask=ok, other=0.0).to(tl.float32) + r_g * load_row_vector(gain + 2 * H, cols, col_ok)
-            o = tl.load(ax_ptr + g_offs + 3 * H, mask=ok, other=0.0).to(tl.float32) + r_o * load_row_vector(gain + 3 * H, cols, col_ok)
-            c_prev = tl.load(c_state_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            r_i = normalised_product(pre, 0, H, mean, rstd, ok)
+            r_f = normalised_product(pre, 1, H, mean, rstd, ok)
+            r_g = normalised_product(pre, 2, H, mean, rstd, ok)
+            r_o = normalised_product(pre, 3, H, mean, rstd, ok)
+            i = load_gate(ax_ptr, g_offs, 0, H, ok) + r_i * load_row_vector(gain, cols, col_ok)
+            f = load_gate(ax_ptr, g_offs, 1, H, ok) + r_f * load_row_vector(gain + H, cols, col_ok)
+            g = load_gate(ax_ptr, g_offs, 2, H, ok) + r_g * load_row_vector(gain + 2 * H, cols, col_ok)
+            o = load_gate(ax_ptr, g_offs, 3, H, ok) + r_o * load_row_vector(gain + 3 * H, cols, col_ok)
+            c_prev = load_scratch(c_state_ptr, state_rows, cols, ok)
             i, f, g, o, c_new, _ = lstm_cell(i, f, g, o, c_prev, row_ok[:, None], False)
             c_new = tl.where(ok, c_new, 0.0)
             tl.store(cell_ptr + state_rows + cols[None, :], c_new, mask=ok)
             c_total += tl.sum(c_new, axis=1)
             c_square += tl.sum(c_new * c_new, axis=1)
-            tl.store(r_hat_ptr + g_offs, r_i.to(r_hat_ptr.dtype.element_ty), mask=ok)
-            tl.store(r_hat_ptr + g_offs + H, r_f.to(r_hat_ptr.dtype.element_ty), mask=ok)
-            tl.store(r_hat_ptr + g_offs + 2 * H, r_g.to(r_hat_ptr.dtype.element_ty), mask=ok)
-            tl.store(r_hat_ptr + g_offs + 3 * H, r_o.to(r_hat_ptr.dtype.element_ty), mask=ok)
-            tl.store(gates_ptr + g_offs, i.to(gates_ptr.dtype.element_ty), mask=ok)
-            tl.store(gates_ptr + g_offs + H, f.to(gates_ptr.dtype.element_ty), mask=ok)
-            tl.store(gates_ptr + g_offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=ok)
-            tl.store(gates_ptr + g_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=ok)
-        c_mean = c_total / H
-        c_rstd = 1.0 / tl.sqrt(tl.maximum(c_square / H - c_mean * c_mean, 0.0) + EPS)
+            store_gates(r_hat_ptr, g_offs, H, ok, r_i, r_f, r_g, r_o)
+            store_gates(gates_ptr, g_offs, H, ok, i, f, g, o)
+        c_mean, c_rstd = moments_rstd(c_total, c_square, H)
         tl.debug_barrier()
 
         # (3) the cell norm, h_t, zoneout and lengths; outputs and the state.
         for u0 in range(0, H, BLOCK_H):
-            cols = u0 + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            ok = row_ok[:, None] & col_ok[None, :]
-            g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
-            c_new = tl.load(cell_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
-            o = tl.load(gates_ptr + g_offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            cols, col_ok, ok = unit_tile(u0, row_ok, H, BLOCK_H)
+            g_offs = feature_offsets(step, direction, 4, H, D, cols)
+            u_offs = feature_offsets(step, direction, 1, H, D, cols)
+            c_new = load_scratch(cell_ptr, state_rows, cols, ok)
+            o = load_gate(gates_ptr, g_offs, 3, H, ok)
             c_hat = (c_new - c_mean[:, None]) * c_rstd[:, None]
             h_new = o * tanh(c_hat * load_row_vector(gain_c_ptr + d64 * H, cols, col_ok) + load_row_vector(bias_c_ptr + d64 * H, cols, col_ok))
-            h_prev = tl.load(h_read + state_rows + cols[None, :], mask=ok, other=0.0)
-            c_prev = tl.load(c_state_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            h_prev = load_scratch(h_read, state_rows, cols, ok)
+            c_prev = load_scratch(c_state_ptr, state_rows, cols, ok)
             if ZONEOUT != 0:
                 keep = zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)
                 h_new = keep * h_prev + (1.0 - keep) * h_new
@@ -689,9 +762,8 @@ def layer_norm_lstm_fwd_tiled_kernel(
             tl.store(y_ptr + u_offs, tl.where(valid, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=ok)
             tl.store(c_ptr + u_offs, c.to(c_ptr.dtype.element_ty), mask=ok)
             tl.store(c_hat_ptr + u_offs, c_hat.to(c_hat_ptr.dtype.element_ty), mask=ok)
-            tl.store(h_write + state_rows + cols[None, :], h, mask=ok)
             tl.store(c_state_ptr + state_rows + cols[None, :], c, mask=ok)
-            tl.store(h_n_ptr + state_rows + cols[None, :], h.to(h_n_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+            store_tiled_state(h, h_write, h_n_ptr, state_rows, cols, ok, s, T)
         stats_offs = (step * D + direction) * 2
         tl.store(stats_ptr + stats_offs, rstd, mask=row_ok)
         tl.store(stats_ptr + stats_offs + 1, c_rstd, mask=row_ok)
@@ -715,35 +787,22 @@ def layer_norm_lstm_bwd_tiled_kernel(
     back into ``d_pre``); (4) ``dh_{t-1} = d_r W_hh`` plus the zoneout carry. fp32 scratch:
     ``dh_state (2, D, B, H)`` ping-pong, ``dc_state (D, B, H)``, ``d_chat (D, B, H)``, ``d_pre (D,
     B, 4H)``. ``d_norm`` must be zeroed by the launcher: each program adds into its plane."""
-    direction = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
+    direction, rows, rows64, row_ok, state_rows, pre_rows = tiled_program(B, H, 4, BLOCK_B)
     d64 = direction.to(tl.int64)
-    state_rows = ((direction * B + rows64) * H)[:, None]
-    pre_rows = ((direction * B + rows64) * 4 * H)[:, None]
-    slot = D * B * H
     w_base = w_hh_ptr + d64 * 4 * H * H
     gain = gain_hh_ptr + d64 * 4 * H
     norm_plane = d_norm_ptr + ((direction * tl.num_programs(0) + tl.program_id(0)) * 6).to(tl.int64) * H
     copy_rows(dh_n_ptr + state_rows, dh_state_ptr + state_rows, row_ok, H, BLOCK_H)
     copy_rows(dc_n_ptr + state_rows, dc_state_ptr + state_rows, row_ok, H, BLOCK_H)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
     tl.debug_barrier()
 
     for s in range(T):
         t = step_time(s, T, 1 - direction).to(tl.int64)
-        t_prev = t - 1 + 2 * direction
-        first = (t_prev < 0) | (t_prev >= T)
-        t_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1)
+        t_prev, first = _previous_time(t, direction, T, T, False)
         step = t * B + rows64
-        dh_read = dh_state_ptr + (s % 2) * slot
-        dh_write = dh_state_ptr + ((s + 1) % 2) * slot
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None] & row_ok[:, None]
-        else:
-            valid = row_ok[:, None]
+        dh_read, dh_write = ping_pong(dh_state_ptr, s, D, B, H)
+        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
         stats_offs = (step * D + direction) * 2
         rstd = tl.load(stats_ptr + stats_offs, mask=row_ok, other=0.0)
         c_rstd = tl.load(stats_ptr + stats_offs + 1, mask=row_ok, other=0.0)
@@ -753,25 +812,20 @@ def layer_norm_lstm_bwd_tiled_kernel(
         mean_dx = tl.zeros((BLOCK_B,), dtype=tl.float32)
         flow = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for u0 in range(0, H, BLOCK_H):
-            cols = u0 + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            ok = row_ok[:, None] & col_ok[None, :]
-            g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
-            d_state_h = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
-                                 + tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0), 0.0)
+            cols, col_ok, ok = unit_tile(u0, row_ok, H, BLOCK_H)
+            g_offs = feature_offsets(step, direction, 4, H, D, cols)
+            u_offs = feature_offsets(step, direction, 1, H, D, cols)
+            d_state_h = step_grad(dy_ptr, u_offs, load_scratch(dh_read, state_rows, cols, ok), valid, ok)
             if RECORD_FLOW:
                 flow += tl.sum(d_state_h * d_state_h, axis=1)
             if ZONEOUT != 0:
                 d_state_h = (1.0 - zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)) * d_state_h
-            o = tl.load(gates_ptr + g_offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            o = load_gate(gates_ptr, g_offs, 3, H, ok)
             c_hat = tl.load(c_hat_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
-            gain_c = load_row_vector(gain_c_ptr + d64 * H, cols, col_ok)
-            tanh_u = tanh(c_hat * gain_c + load_row_vector(bias_c_ptr + d64 * H, cols, col_ok))
-            d_u = d_state_h * o * (1.0 - tanh_u * tanh_u)
-            tl.store(norm_plane + 4 * H + cols, tl.load(norm_plane + 4 * H + cols, mask=col_ok, other=0.0) + tl.sum(d_u * c_hat, axis=0), mask=col_ok)
-            tl.store(norm_plane + 5 * H + cols, tl.load(norm_plane + 5 * H + cols, mask=col_ok, other=0.0) + tl.sum(d_u, axis=0), mask=col_ok)
-            d_chat = d_u * gain_c
+            _, d_u, d_chat = cell_norm_grad(d_state_h, o, c_hat, load_row_vector(gain_c_ptr + d64 * H, cols, col_ok),
+                                            load_row_vector(bias_c_ptr + d64 * H, cols, col_ok))
+            accumulate(norm_plane + 4 * H + cols, tl.sum(d_u * c_hat, axis=0), col_ok)
+            accumulate(norm_plane + 5 * H + cols, tl.sum(d_u, axis=0), col_ok)
             tl.store(d_chat_ptr + state_rows + cols[None, :], d_chat, mask=ok)
             mean_d += tl.sum(d_chat, axis=1)
             mean_dx += tl.sum(d_chat * c_hat, axis=1)
@@ -785,14 +839,11 @@ def layer_norm_lstm_bwd_tiled_kernel(
         e_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
         e_mean_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for u0 in range(0, H, BLOCK_H):
-            cols = u0 + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            ok = row_ok[:, None] & col_ok[None, :]
-            g_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
-            d_state_h = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
-                                 + tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0), 0.0)
-            dc = tl.load(dc_state_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            cols, col_ok, ok = unit_tile(u0, row_ok, H, BLOCK_H)
+            g_offs = feature_offsets(step, direction, 4, H, D, cols)
+            u_offs = feature_offsets(step, direction, 1, H, D, cols)
+            d_state_h = step_grad(dy_ptr, u_offs, load_scratch(dh_read, state_rows, cols, ok), valid, ok)
+            dc = load_scratch(dc_state_ptr, state_rows, cols, ok)
             d_state_c = tl.where(valid, dc, 0.0)
             if ZONEOUT != 0:
                 keep = zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)
@@ -803,81 +854,44 @@ def layer_norm_lstm_bwd_tiled_kernel(
                 d_h_new = d_state_h
                 d_c_zoned = d_state_c
             c_hat = tl.load(c_hat_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
-            d_chat = tl.load(d_chat_ptr + state_rows + cols[None, :], mask=ok, other=0.0)
+            d_chat = load_scratch(d_chat_ptr, state_rows, cols, ok)
             d_c_new = d_c_zoned + norm_input_grad(d_chat, c_hat, mean_d, mean_dx, c_rstd, col_ok)
-            i = tl.load(gates_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
-            f = tl.load(gates_ptr + g_offs + H, mask=ok, other=0.0).to(tl.float32)
-            g = tl.load(gates_ptr + g_offs + 2 * H, mask=ok, other=0.0).to(tl.float32)
-            o = tl.load(gates_ptr + g_offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
-            c_prev = tl.load(c_ptr + (t_prev * B + rows64)[:, None] * (D * H) + direction * H + cols[None, :], mask=ok, other=0.0)
-            c_prev = tl.where(first, tl.load(c0_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32), c_prev.to(tl.float32))
+            i = load_gate(gates_ptr, g_offs, 0, H, ok)
+            f = load_gate(gates_ptr, g_offs, 1, H, ok)
+            g = load_gate(gates_ptr, g_offs, 2, H, ok)
+            o = load_gate(gates_ptr, g_offs, 3, H, ok)
+            c_prev = tl.load(c_ptr + feature_offsets(t_prev * B + rows64, direction, 1, H, D, cols), mask=ok, other=0.0)
+            c_prev = tl.where(first, load_scratch(c0_ptr, state_rows, cols, ok).to(tl.float32), c_prev.to(tl.float32))
             tanh_u = tanh(c_hat * load_row_vector(gain_c_ptr + d64 * H, cols, col_ok) + load_row_vector(bias_c_ptr + d64 * H, cols, col_ok))
-            di = d_c_new * g * i * (1.0 - i)
-            df = d_c_new * c_prev * f * (1.0 - f)
-            dg = d_c_new * i * (1.0 - g * g)
-            do = d_h_new * tanh_u * o * (1.0 - o)
-            if CLIP:
-                di = clamp_grad(di, grad_clip)
-                df = clamp_grad(df, grad_clip)
-                dg = clamp_grad(dg, grad_clip)
-                do = clamp_grad(do, grad_clip)
+            di, df, dg, do = lstm_gate_grads(d_c_new, d_h_new, i, f, g, o, c_prev, tanh_u, grad_clip, CLIP)
             if ZONEOUT != 0:
                 dc_prev = tl.fma(d_c_new, f, carried_c)  # as the resident backward
             else:
                 dc_prev = d_c_new * f
-            dc = tl.where(valid, dc_prev, dc)
-            tl.store(dc_state_ptr + state_rows + cols[None, :], dc, mask=ok)
-            tl.store(dc0_ptr + state_rows + cols[None, :], dc.to(dc0_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
-            tl.store(d_ax_ptr + g_offs, di.to(d_ax_ptr.dtype.element_ty), mask=ok)
-            tl.store(d_ax_ptr + g_offs + H, df.to(d_ax_ptr.dtype.element_ty), mask=ok)
-            tl.store(d_ax_ptr + g_offs + 2 * H, dg.to(d_ax_ptr.dtype.element_ty), mask=ok)
-            tl.store(d_ax_ptr + g_offs + 3 * H, do.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            store_tiled_state(tl.where(valid, dc_prev, dc), dc_state_ptr, dc0_ptr, state_rows, cols, ok, s, T)
+            store_gates(d_ax_ptr, g_offs, H, ok, di, df, dg, do)
             for q in tl.static_range(4):
-                if q == 0:
-                    dq = di
-                elif q == 1:
-                    dq = df
-                elif q == 2:
-                    dq = dg
-                else:
-                    dq = do
-                r_q = tl.load(r_hat_ptr + g_offs + q * H, mask=ok, other=0.0).to(tl.float32)
-                partial = norm_plane + q * H + cols
-                tl.store(partial, tl.load(partial, mask=col_ok, other=0.0) + tl.sum(dq * r_q, axis=0), mask=col_ok)
-                e_q = dq * load_row_vector(gain + q * H, cols, col_ok)
-                tl.store(d_pre_ptr + pre_rows + q * H + cols[None, :], e_q, mask=ok)
-                e_mean += tl.sum(e_q, axis=1)
-                e_mean_x += tl.sum(e_q * r_q, axis=1)
+                sum_e, sum_ex = tiled_gate_norm_grad(gate_of(q, di, df, dg, do), q, r_hat_ptr, g_offs, gain, norm_plane,
+                                                     d_pre_ptr, pre_rows, cols, col_ok, ok, H, False)
+                e_mean += sum_e
+                e_mean_x += sum_ex
         e_mean = e_mean / (4 * H)
         e_mean_x = e_mean_x / (4 * H)
         tl.debug_barrier()
 
         # (3) d_r, the gradient of W_hh h_{t-1}, over all 4H.
-        for n0 in range(0, 4 * H, BLOCK_H):
-            cols_n = n0 + tl.arange(0, BLOCK_H)
-            n_ok = cols_n < 4 * H
-            ok = row_ok[:, None] & n_ok[None, :]
-            r_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols_n[None, :]
-            e = tl.load(d_pre_ptr + pre_rows + cols_n[None, :], mask=ok, other=0.0)
-            d_r = norm_input_grad(e, tl.load(r_hat_ptr + r_offs, mask=ok, other=0.0).to(tl.float32), e_mean, e_mean_x, rstd, n_ok)
-            tl.store(d_r_ptr + r_offs, d_r.to(d_r_ptr.dtype.element_ty), mask=ok)
-            tl.store(d_pre_ptr + pre_rows + cols_n[None, :], d_r, mask=ok)
+        tiled_recurrent_norm_grad(d_pre_ptr, pre_rows, r_hat_ptr, d_r_ptr, step, direction, row_ok, e_mean, e_mean_x, rstd, H, D, 4, BLOCK_H)
         tl.debug_barrier()
 
         # (4) dh_{t-1} = d_r W_hh + the zoneout carry; passed through past a row's length.
         for u0 in range(0, H, BLOCK_H):
-            cols = u0 + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            ok = row_ok[:, None] & col_ok[None, :]
-            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            cols, col_ok, ok = unit_tile(u0, row_ok, H, BLOCK_H)
+            u_offs = feature_offsets(step, direction, 1, H, D, cols)
             dh_prev = _tiled_row_product(d_pre_ptr, pre_rows, w_base, row_ok, cols, col_ok, 4 * H, H, 1, INPUT_PRECISION, BLOCK_B, BLOCK_H)
-            dh = tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0)
+            dh = load_scratch(dh_read, state_rows, cols, ok)
             if ZONEOUT != 0:
-                d_state_h = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32) + dh, 0.0)
-                dh_prev += zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT) * d_state_h
-            dh = tl.where(valid, dh_prev, dh)
-            tl.store(dh_write + state_rows + cols[None, :], dh, mask=ok)
-            tl.store(dh0_ptr + state_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+                dh_prev += zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT) * step_grad(dy_ptr, u_offs, dh, valid, ok)
+            store_tiled_state(tl.where(valid, dh_prev, dh), dh_write, dh0_ptr, state_rows, cols, ok, s, T)
         tl.debug_barrier()
 
 
@@ -895,64 +909,39 @@ def layer_norm_gru_fwd_tiled_kernel(
     h_{t-1} W_hh^T`` over all ``3H`` outputs into ``pre`` with each row's moments; (2) per unit
     tile, ``rhat``, ``b_t``, the gates, zoneout, lengths, the outputs and the state. fp32 scratch:
     ``h_state (2, D, B, H)`` ping-pong (step ``s`` reads slot ``s % 2``), ``pre (D, B, 3H)``."""
-    direction = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
+    direction, rows, rows64, row_ok, state_rows, pre_rows = tiled_program(B, H, 3, BLOCK_B)
     d64 = direction.to(tl.int64)
-    state_rows = ((direction * B + rows64) * H)[:, None]
-    pre_rows = ((direction * B + rows64) * 3 * H)[:, None]
-    slot = D * B * H
     w_base = w_hh_ptr + d64 * 3 * H * H
     gain = gain_hh_ptr + d64 * 3 * H
     bias = b_hh_ptr + d64 * 3 * H
     copy_rows(h0_ptr + state_rows, h_state_ptr + state_rows, row_ok, H, BLOCK_H)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
     tl.debug_barrier()
 
     for s in range(T):
         t = step_time(s, T, direction).to(tl.int64)
         step = t * B + rows64
-        h_read = h_state_ptr + (s % 2) * slot
-        h_write = h_state_ptr + ((s + 1) % 2) * slot
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None]
-        else:
-            valid = row_ok[:, None]
+        h_read, h_write = ping_pong(h_state_ptr, s, D, B, H)
+        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
 
         # (1) the recurrent product over all 3H outputs, and each row's moments.
-        total = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        square = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for n0 in range(0, 3 * H, BLOCK_H):
-            cols_n = n0 + tl.arange(0, BLOCK_H)
-            n_ok = cols_n < 3 * H
-            acc = _tiled_row_product(h_read, state_rows, w_base, row_ok, cols_n, n_ok, H, 1, H, INPUT_PRECISION, BLOCK_B, BLOCK_H)
-            tl.store(pre_ptr + pre_rows + cols_n[None, :], acc, mask=row_ok[:, None] & n_ok[None, :])
-            total += tl.sum(acc, axis=1)
-            square += tl.sum(acc * acc, axis=1)
-        mean = total / (3 * H)
-        rstd = 1.0 / tl.sqrt(tl.maximum(square / (3 * H) - mean * mean, 0.0) + EPS)
+        mean, rstd = tiled_recurrent_product(h_read, state_rows, w_base, pre_ptr, pre_rows, row_ok, H, 3, INPUT_PRECISION, BLOCK_B, BLOCK_H)
         tl.debug_barrier()
 
         # (2) the normalised product, the gates, h_t; outputs and the state.
         for u0 in range(0, H, BLOCK_H):
-            cols = u0 + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            ok = row_ok[:, None] & col_ok[None, :]
-            g_offs = step[:, None] * (D * 3 * H) + direction * 3 * H + cols[None, :]
-            saved_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            cols, col_ok, ok = unit_tile(u0, row_ok, H, BLOCK_H)
+            g_offs = feature_offsets(step, direction, 3, H, D, cols)
+            saved_offs = feature_offsets(step, direction, 4, H, D, cols)
+            u_offs = feature_offsets(step, direction, 1, H, D, cols)
             pre = pre_ptr + pre_rows + cols[None, :]
-            r_r = (tl.load(pre, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
-            r_z = (tl.load(pre + H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
-            r_n = (tl.load(pre + 2 * H, mask=ok, other=0.0) - mean[:, None]) * rstd[:, None]
+            r_r = normalised_product(pre, 0, H, mean, rstd, ok)
+            r_z = normalised_product(pre, 1, H, mean, rstd, ok)
+            r_n = normalised_product(pre, 2, H, mean, rstd, ok)
             b_n = r_n * load_row_vector(gain + 2 * H, cols, col_ok) + load_row_vector(bias + 2 * H, cols, col_ok)
-            h_prev = tl.load(h_read + state_rows + cols[None, :], mask=ok, other=0.0)
+            h_prev = load_scratch(h_read, state_rows, cols, ok)
             r, z, n, h_new = gru_gates(
-                tl.load(ax_ptr + g_offs, mask=ok, other=0.0).to(tl.float32),
-                tl.load(ax_ptr + g_offs + H, mask=ok, other=0.0).to(tl.float32),
-                tl.load(ax_ptr + g_offs + 2 * H, mask=ok, other=0.0).to(tl.float32),
+                load_gate(ax_ptr, g_offs, 0, H, ok), load_gate(ax_ptr, g_offs, 1, H, ok), load_gate(ax_ptr, g_offs, 2, H, ok),
                 r_r * load_row_vector(gain, cols, col_ok) + load_row_vector(bias, cols, col_ok),
                 r_z * load_row_vector(gain + H, cols, col_ok) + load_row_vector(bias + H, cols, col_ok), b_n, h_prev,
             )
@@ -961,15 +950,9 @@ def layer_norm_gru_fwd_tiled_kernel(
                 h_new = keep * h_prev + (1.0 - keep) * h_new
             h = tl.where(valid, h_new, h_prev)
             tl.store(y_ptr + u_offs, tl.where(valid, h_new, 0.0).to(y_ptr.dtype.element_ty), mask=ok)
-            tl.store(gates_ptr + saved_offs, r.to(gates_ptr.dtype.element_ty), mask=ok)
-            tl.store(gates_ptr + saved_offs + H, z.to(gates_ptr.dtype.element_ty), mask=ok)
-            tl.store(gates_ptr + saved_offs + 2 * H, n.to(gates_ptr.dtype.element_ty), mask=ok)
-            tl.store(gates_ptr + saved_offs + 3 * H, b_n.to(gates_ptr.dtype.element_ty), mask=ok)
-            tl.store(r_hat_ptr + g_offs, r_r.to(r_hat_ptr.dtype.element_ty), mask=ok)
-            tl.store(r_hat_ptr + g_offs + H, r_z.to(r_hat_ptr.dtype.element_ty), mask=ok)
-            tl.store(r_hat_ptr + g_offs + 2 * H, r_n.to(r_hat_ptr.dtype.element_ty), mask=ok)
-            tl.store(h_write + state_rows + cols[None, :], h, mask=ok)
-            tl.store(h_n_ptr + state_rows + cols[None, :], h.to(h_n_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+            store_gates(gates_ptr, saved_offs, H, ok, r, z, n, b_n)
+            store_gates(r_hat_ptr, g_offs, H, ok, r_r, r_z, r_n)
+            store_tiled_state(h, h_write, h_n_ptr, state_rows, cols, ok, s, T)
         tl.store(stats_ptr + step * D + direction, rstd, mask=row_ok)
         tl.debug_barrier()
 
@@ -988,32 +971,20 @@ def layer_norm_gru_bwd_tiled_kernel(
     gradients; (2) ``d_r`` over all ``3H`` (into ``d_r`` and, fp32, back into ``d_pre``); (3)
     ``dh_{t-1} = (1 - k) dh_t z + d_r W_hh + k dh_t``. fp32 scratch: ``dh_state (2, D, B, H)``
     ping-pong, ``d_pre (D, B, 3H)``. ``d_norm`` must be zeroed by the launcher."""
-    direction = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
+    direction, rows, rows64, row_ok, state_rows, pre_rows = tiled_program(B, H, 3, BLOCK_B)
     d64 = direction.to(tl.int64)
-    state_rows = ((direction * B + rows64) * H)[:, None]
-    pre_rows = ((direction * B + rows64) * 3 * H)[:, None]
-    slot = D * B * H
     w_base = w_hh_ptr + d64 * 3 * H * H
     gain = gain_hh_ptr + d64 * 3 * H
     norm_plane = d_norm_ptr + ((direction * tl.num_programs(0) + tl.program_id(0)) * 6).to(tl.int64) * H
     copy_rows(dh_n_ptr + state_rows, dh_state_ptr + state_rows, row_ok, H, BLOCK_H)
-    length = T
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
     tl.debug_barrier()
 
     for s in range(T):
         t = step_time(s, T, 1 - direction).to(tl.int64)
         step = t * B + rows64
-        dh_read = dh_state_ptr + (s % 2) * slot
-        dh_write = dh_state_ptr + ((s + 1) % 2) * slot
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None] & row_ok[:, None]
-        else:
-            valid = row_ok[:, None]
+        dh_read, dh_write = ping_pong(dh_state_ptr, s, D, B, H)
+        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
         t_prev, start = _previous_time(t, direction, T, length, HAS_LENGTHS)
         rstd = tl.load(stats_ptr + step * D + direction, mask=row_ok, other=0.0)
 
@@ -1022,45 +993,28 @@ def layer_norm_gru_bwd_tiled_kernel(
         e_mean_x = tl.zeros((BLOCK_B,), dtype=tl.float32)
         flow = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for u0 in range(0, H, BLOCK_H):
-            cols = u0 + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            ok = row_ok[:, None] & col_ok[None, :]
-            g_offs = step[:, None] * (D * 3 * H) + direction * 3 * H + cols[None, :]
-            saved_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
-            h_prev = tl.load(y_ptr + (t_prev * B + rows64)[:, None] * (D * H) + direction * H + cols[None, :], mask=ok, other=0.0)
-            h_prev = tl.where(start, tl.load(h0_ptr + state_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32),
-                              h_prev.to(tl.float32))
-            d_state = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32)
-                               + tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0), 0.0)
+            cols, col_ok, ok = unit_tile(u0, row_ok, H, BLOCK_H)
+            g_offs = feature_offsets(step, direction, 3, H, D, cols)
+            saved_offs = feature_offsets(step, direction, 4, H, D, cols)
+            u_offs = feature_offsets(step, direction, 1, H, D, cols)
+            h_prev = tl.load(y_ptr + feature_offsets(t_prev * B + rows64, direction, 1, H, D, cols), mask=ok, other=0.0)
+            h_prev = tl.where(start, load_scratch(h0_ptr, state_rows, cols, ok).to(tl.float32), h_prev.to(tl.float32))
+            d_state = step_grad(dy_ptr, u_offs, load_scratch(dh_read, state_rows, cols, ok), valid, ok)
             if RECORD_FLOW:
                 flow += tl.sum(d_state * d_state, axis=1)
             if ZONEOUT != 0:
                 d_state = (1.0 - zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)) * d_state
-            r = tl.load(gates_ptr + saved_offs, mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(gates_ptr + saved_offs + H, mask=ok, other=0.0).to(tl.float32)
-            n = tl.load(gates_ptr + saved_offs + 2 * H, mask=ok, other=0.0).to(tl.float32)
-            b_n = tl.load(gates_ptr + saved_offs + 3 * H, mask=ok, other=0.0).to(tl.float32)
+            r = load_gate(gates_ptr, saved_offs, 0, H, ok)
+            z = load_gate(gates_ptr, saved_offs, 1, H, ok)
+            n = load_gate(gates_ptr, saved_offs, 2, H, ok)
+            b_n = load_gate(gates_ptr, saved_offs, 3, H, ok)
             dr_pre, dz_pre, dn_pre, db_n, _ = gru_gates_grad(d_state, h_prev, r, z, n, b_n, grad_clip, CLIP)
-            tl.store(d_ax_ptr + g_offs, dr_pre.to(d_ax_ptr.dtype.element_ty), mask=ok)
-            tl.store(d_ax_ptr + g_offs + H, dz_pre.to(d_ax_ptr.dtype.element_ty), mask=ok)
-            tl.store(d_ax_ptr + g_offs + 2 * H, dn_pre.to(d_ax_ptr.dtype.element_ty), mask=ok)
+            store_gates(d_ax_ptr, g_offs, H, ok, dr_pre, dz_pre, dn_pre)
             for q in tl.static_range(3):
-                if q == 0:
-                    dq = dr_pre
-                elif q == 1:
-                    dq = dz_pre
-                else:
-                    dq = db_n
-                r_q = tl.load(r_hat_ptr + g_offs + q * H, mask=ok, other=0.0).to(tl.float32)
-                gain_partial = norm_plane + q * H + cols
-                tl.store(gain_partial, tl.load(gain_partial, mask=col_ok, other=0.0) + tl.sum(dq * r_q, axis=0), mask=col_ok)
-                bias_partial = norm_plane + (3 + q) * H + cols
-                tl.store(bias_partial, tl.load(bias_partial, mask=col_ok, other=0.0) + tl.sum(dq, axis=0), mask=col_ok)
-                e_q = dq * load_row_vector(gain + q * H, cols, col_ok)
-                tl.store(d_pre_ptr + pre_rows + q * H + cols[None, :], e_q, mask=ok)
-                e_mean += tl.sum(e_q, axis=1)
-                e_mean_x += tl.sum(e_q * r_q, axis=1)
+                sum_e, sum_ex = tiled_gate_norm_grad(gate_of(q, dr_pre, dz_pre, db_n), q, r_hat_ptr, g_offs, gain, norm_plane,
+                                                     d_pre_ptr, pre_rows, cols, col_ok, ok, H, True)
+                e_mean += sum_e
+                e_mean_x += sum_ex
         if RECORD_FLOW:
             tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
         e_mean = e_mean / (3 * H)
@@ -1068,34 +1022,22 @@ def layer_norm_gru_bwd_tiled_kernel(
         tl.debug_barrier()
 
         # (2) d_r, the gradient of W_hh h_{t-1}, over all 3H.
-        for n0 in range(0, 3 * H, BLOCK_H):
-            cols_n = n0 + tl.arange(0, BLOCK_H)
-            n_ok = cols_n < 3 * H
-            ok = row_ok[:, None] & n_ok[None, :]
-            r_offs = step[:, None] * (D * 3 * H) + direction * 3 * H + cols_n[None, :]
-            e = tl.load(d_pre_ptr + pre_rows + cols_n[None, :], mask=ok, other=0.0)
-            d_r = norm_input_grad(e, tl.load(r_hat_ptr + r_offs, mask=ok, other=0.0).to(tl.float32), e_mean, e_mean_x, rstd, n_ok)
-            tl.store(d_r_ptr + r_offs, d_r.to(d_r_ptr.dtype.element_ty), mask=ok)
-            tl.store(d_pre_ptr + pre_rows + cols_n[None, :], d_r, mask=ok)
+        tiled_recurrent_norm_grad(d_pre_ptr, pre_rows, r_hat_ptr, d_r_ptr, step, direction, row_ok, e_mean, e_mean_x, rstd, H, D, 3, BLOCK_H)
         tl.debug_barrier()
 
         # (3) dh_{t-1}; passed through past a row's length.
         for u0 in range(0, H, BLOCK_H):
-            cols = u0 + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            ok = row_ok[:, None] & col_ok[None, :]
-            saved_offs = step[:, None] * (D * 4 * H) + direction * 4 * H + cols[None, :]
-            u_offs = step[:, None] * (D * H) + direction * H + cols[None, :]
+            cols, col_ok, ok = unit_tile(u0, row_ok, H, BLOCK_H)
+            saved_offs = feature_offsets(step, direction, 4, H, D, cols)
+            u_offs = feature_offsets(step, direction, 1, H, D, cols)
             dh_prev = _tiled_row_product(d_pre_ptr, pre_rows, w_base, row_ok, cols, col_ok, 3 * H, H, 1, INPUT_PRECISION, BLOCK_B, BLOCK_H)
-            dh = tl.load(dh_read + state_rows + cols[None, :], mask=ok, other=0.0)
-            d_state = tl.where(valid, tl.load(dy_ptr + u_offs, mask=ok, other=0.0).to(tl.float32) + dh, 0.0)
-            z = tl.load(gates_ptr + saved_offs + H, mask=ok, other=0.0).to(tl.float32)
+            dh = load_scratch(dh_read, state_rows, cols, ok)
+            d_state = step_grad(dy_ptr, u_offs, dh, valid, ok)
+            z = load_gate(gates_ptr, saved_offs, 1, H, ok)
             if ZONEOUT != 0:
                 keep = zoneout_keep(keep_ptr, u_offs, ok, zoneout_p, ZONEOUT)
                 dh_prev += (1.0 - keep) * d_state * z + keep * d_state
             else:
                 dh_prev += d_state * z
-            dh = tl.where(valid, dh_prev, dh)
-            tl.store(dh_write + state_rows + cols[None, :], dh, mask=ok)
-            tl.store(dh0_ptr + state_rows + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=at_last_step(ok, s, T))
+            store_tiled_state(tl.where(valid, dh_prev, dh), dh_write, dh0_ptr, state_rows, cols, ok, s, T)
         tl.debug_barrier()

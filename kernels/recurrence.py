@@ -50,6 +50,70 @@ def squared_row_norm(d_state, valid):
 
 
 @triton.jit
+def row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS: tl.constexpr):
+    """Each row's length (``lengths (B,)`` int32) with ``HAS_LENGTHS``, else ``T`` (every row full)."""
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    else:
+        length = T
+    return length
+
+
+@triton.jit
+def feature_offsets(step, direction, G: tl.constexpr, H, D, cols):
+    """Offsets of a ``(T, B, D*G*H)`` tensor's ``(BLOCK_B, BLOCK_H)`` tile at the rows ``step = t*B +
+    row`` (int64), direction ``direction``'s block, gate 0's columns ``cols`` (``G = 1``: a layer
+    output or state sequence ``(T, B, D*H)``); gate ``q`` lies ``q*H`` further (:func:`load_gate`)."""
+    return step[:, None] * (D * G * H) + direction * G * H + cols[None, :]
+
+
+@triton.jit
+def load_gate(ptr, offs, q: tl.constexpr, H, ok):
+    """Gate ``q``'s block (fp32, zero outside ``ok``) of a tile laid out gate after gate, ``H``
+    columns each, from the offsets ``offs`` of gate 0 (:func:`feature_offsets`)."""
+    return tl.load(ptr + offs + q * H, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_gate(ptr, offs, q: tl.constexpr, H, value, ok):
+    """Store ``value`` (converted to ``ptr``'s dtype) as gate ``q``'s block: :func:`load_gate`'s inverse."""
+    tl.store(ptr + offs + q * H, value.to(ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def advance_state(new, old, t, length, HAS_LENGTHS: tl.constexpr):
+    """The state after step ``t`` and the step's output: ``new`` for both where the step is inside
+    the row's length (``t < length``, with ``HAS_LENGTHS``); past it the ``old`` state is kept and
+    the output is zero."""
+    if HAS_LENGTHS:
+        valid = (t < length)[:, None]
+        state = tl.where(valid, new, old)
+        out = tl.where(valid, new, 0.0)
+    else:
+        state = new
+        out = new
+    return state, out
+
+
+@triton.jit
+def live_rows(t, length, row_ok, HAS_LENGTHS: tl.constexpr):
+    """``(BLOCK_B, 1)`` mask of the rows step ``t`` updates: inside the batch and, with
+    ``HAS_LENGTHS``, inside the row's length (``t < length``)."""
+    if HAS_LENGTHS:
+        valid = (t < length)[:, None] & row_ok[:, None]
+    else:
+        valid = row_ok[:, None]
+    return valid
+
+
+@triton.jit
+def step_grad(dy_ptr, offs, carried, valid, ok):
+    """The total gradient reaching a step's output state: ``dy[offs] + carried`` (fp32) where
+    ``valid``, zero elsewhere (past a row's length the step has no gradient)."""
+    return tl.where(valid, tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32) + carried, 0.0)
+
+
+@triton.jit
 def persistent_tile(B, H, SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """What program ``(s, g, d)`` of a persistent grid ``(slices, batch_groups, D)`` owns: its
     direction, slice index ``s``, hidden units ``s*SLICE + 0..BLOCK_S`` (``unit_ok``: inside the
