@@ -57,6 +57,7 @@ import triton.language as tl
 
 from fastrnn.kernels.activations import sigmoid, tanh
 from fastrnn.kernels.recurrence import (
+    advance_state,
     clamp_grad,
     copy_rows,
     group_flags,
@@ -65,6 +66,7 @@ from fastrnn.kernels.recurrence import (
     load_weight_split,
     persistent_tile,
     program_tile,
+    row_lengths,
     squared_row_norm,
     slice_product,
     step_time,
@@ -141,8 +143,7 @@ def gru_fwd_resident_kernel(
 
     state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
     h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
 
     for s in range(T):
         t = step_time(s, T, direction).to(tl.int64)
@@ -170,13 +171,7 @@ def gru_fwd_resident_kernel(
         if ZONEOUT != 0:
             keep = zoneout_keep(keep_ptr, y_offs, tile_ok, zoneout_p, ZONEOUT)
             h_new = keep * h + (1.0 - keep) * h_new
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None]
-            h = tl.where(valid, h_new, h)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h = h_new
-            out = h_new
+        h, out = advance_state(h_new, h, t, length, HAS_LENGTHS)
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
 

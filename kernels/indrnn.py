@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import elman_activation, elman_activation_grad
-from fastrnn.kernels.recurrence import clamp_grad, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import advance_state, clamp_grad, row_lengths, squared_row_norm, step_time
 
 
 @triton.jit
@@ -57,8 +57,7 @@ def indrnn_fwd_kernel(
     u = tl.load(u_ptr + direction * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
     h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
     row_stride = D * H
     for s in range(T):
         t = step_time(s, T, direction).to(tl.int64)
@@ -74,13 +73,7 @@ def indrnn_fwd_kernel(
             h_new = cand
         if ZONEOUT != 0:
             tl.store(cand_ptr + offs, cand.to(cand_ptr.dtype.element_ty), mask=tile_ok)
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None]
-            h = tl.where(valid, h_new, h)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h = h_new
-            out = h_new
+        h, out = advance_state(h_new, h, t, length, HAS_LENGTHS)
         tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
 

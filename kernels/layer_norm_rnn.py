@@ -24,7 +24,10 @@ fused in the step. ``*_kernel`` (resident): all ``G`` blocks of ``W_hh`` on chip
 as the resident kernels of ``fastrnn.kernels.lstm`` / ``gru``) and the state in fp32 registers.
 ``*_tiled_kernel`` (any ``H``): ``W_hh`` re-read every step (from L2) in ``BLOCK_H x REDUCE_TILE``
 tiles, the fp32 state and the raw products in scratch, block barriers between the phases of a step
-(their docstrings); they take the resident kernels' arguments, then their scratch. The cell step math is the plain cells' (``lstm_cell``, ``gru_gates``, ``gru_gates_grad``).
+(their docstrings); they take the resident kernels' arguments, then their scratch. The cell step math is the plain cells' (``lstm_cell``, ``gru_gates``, ``gru_gates_grad``);
+the layer-norm step pieces are the ``@triton.jit`` helpers below, shared by both strategies and
+both directions of the walk (the resident ones first, then the tiled kernels' phases), so a kernel
+reads as prologue, loop of step pieces, epilogue.
 
 Layouts (contiguous; ``D`` directions; direction ``d``, gate ``q``, unit ``j`` at feature
 ``d*G*H + q*H + j``; "compute dtype" is the dtype of ``ax``):
@@ -134,6 +137,12 @@ def store_norm_partials(d_norm_ptr, a, b, c, d, e, f, H, cols, col_ok):
     tl.store(base + 3 * H, d, mask=col_ok)
     tl.store(base + 4 * H, e, mask=col_ok)
     tl.store(base + 5 * H, f, mask=col_ok)
+
+
+@triton.jit
+def store_flow(flow_ptr, direction, T, t, B, rows64, value, row_ok):
+    """A step's ``||dL/dh_t||^2`` per row (``value``, ``(BLOCK_B,)`` fp32) into ``flow (D, T, B)``."""
+    tl.store(flow_ptr + (direction * T + t) * B + rows64, value, mask=row_ok)
 
 
 @triton.jit
@@ -355,7 +364,7 @@ def layer_norm_lstm_bwd_kernel(
         d_state_h = step_grad(dy_ptr, u_offs, dh, valid, tile_ok)
         d_state_c = tl.where(valid, dc, 0.0)
         if RECORD_FLOW:
-            tl.store(flow_ptr + (direction * T + t) * B + rows64, squared_row_norm(d_state_h, valid), mask=row_ok)
+            store_flow(flow_ptr, direction, T, t, B, rows64, squared_row_norm(d_state_h, valid), row_ok)
         if ZONEOUT != 0:  # the part kept from the previous state goes straight to it
             keep = zoneout_keep(keep_ptr, u_offs, tile_ok, zoneout_p, ZONEOUT)
             carried_h = keep * d_state_h
@@ -508,7 +517,7 @@ def layer_norm_gru_bwd_kernel(
         h_prev = tl.where(start, h0, h_prev.to(tl.float32))
         d_state = step_grad(dy_ptr, u_offs, dh, valid, tile_ok)
         if RECORD_FLOW:
-            tl.store(flow_ptr + (direction * T + t) * B + rows64, squared_row_norm(d_state, valid), mask=row_ok)
+            store_flow(flow_ptr, direction, T, t, B, rows64, squared_row_norm(d_state, valid), row_ok)
         if ZONEOUT != 0:
             keep = zoneout_keep(keep_ptr, u_offs, tile_ok, zoneout_p, ZONEOUT)
             d_h_new = (1.0 - keep) * d_state
@@ -566,6 +575,16 @@ def ping_pong(state_ptr, s, D, B, H):
     """Step ``s``'s slots of a ``(2, D, B, H)`` scratch state: it reads slot ``s % 2`` and writes the other."""
     slot = D * B * H
     return state_ptr + (s % 2) * slot, state_ptr + ((s + 1) % 2) * slot
+
+
+@triton.jit
+def tiled_step(s, T, walk, B, rows64, state_ptr, D, H, length, row_ok, HAS_LENGTHS: tl.constexpr):
+    """Step ``s`` of a tiled kernel's walk (``walk``: the direction, or ``1 - direction`` in a
+    backward): its time ``t`` (int64), rows ``step = t*B + row``, the slots of the ``(2, D, B, H)``
+    scratch state ``state_ptr`` it reads and writes (:func:`ping_pong`), and its live rows."""
+    t = step_time(s, T, walk).to(tl.int64)
+    read, write = ping_pong(state_ptr, s, D, B, H)
+    return t, t * B + rows64, read, write, live_rows(t, length, row_ok, HAS_LENGTHS)
 
 
 @triton.jit
@@ -707,10 +726,7 @@ def layer_norm_lstm_fwd_tiled_kernel(
     tl.debug_barrier()
 
     for s in range(T):
-        t = step_time(s, T, direction).to(tl.int64)
-        step = t * B + rows64
-        h_read, h_write = ping_pong(h_state_ptr, s, D, B, H)
-        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
+        t, step, h_read, h_write, valid = tiled_step(s, T, direction, B, rows64, h_state_ptr, D, H, length, row_ok, HAS_LENGTHS)
 
         # (1) the recurrent product over all 4H outputs, and each row's moments.
         mean, rstd = tiled_recurrent_product(h_read, state_rows, w_base, pre_ptr, pre_rows, row_ok, H, 4, INPUT_PRECISION, BLOCK_B, BLOCK_H)
@@ -798,11 +814,8 @@ def layer_norm_lstm_bwd_tiled_kernel(
     tl.debug_barrier()
 
     for s in range(T):
-        t = step_time(s, T, 1 - direction).to(tl.int64)
+        t, step, dh_read, dh_write, valid = tiled_step(s, T, 1 - direction, B, rows64, dh_state_ptr, D, H, length, row_ok, HAS_LENGTHS)
         t_prev, first = _previous_time(t, direction, T, T, False)
-        step = t * B + rows64
-        dh_read, dh_write = ping_pong(dh_state_ptr, s, D, B, H)
-        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
         stats_offs = (step * D + direction) * 2
         rstd = tl.load(stats_ptr + stats_offs, mask=row_ok, other=0.0)
         c_rstd = tl.load(stats_ptr + stats_offs + 1, mask=row_ok, other=0.0)
@@ -830,7 +843,7 @@ def layer_norm_lstm_bwd_tiled_kernel(
             mean_d += tl.sum(d_chat, axis=1)
             mean_dx += tl.sum(d_chat * c_hat, axis=1)
         if RECORD_FLOW:
-            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
+            store_flow(flow_ptr, direction, T, t, B, rows64, flow, row_ok)
         mean_d = mean_d / H
         mean_dx = mean_dx / H
         tl.debug_barrier()
@@ -919,10 +932,7 @@ def layer_norm_gru_fwd_tiled_kernel(
     tl.debug_barrier()
 
     for s in range(T):
-        t = step_time(s, T, direction).to(tl.int64)
-        step = t * B + rows64
-        h_read, h_write = ping_pong(h_state_ptr, s, D, B, H)
-        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
+        t, step, h_read, h_write, valid = tiled_step(s, T, direction, B, rows64, h_state_ptr, D, H, length, row_ok, HAS_LENGTHS)
 
         # (1) the recurrent product over all 3H outputs, and each row's moments.
         mean, rstd = tiled_recurrent_product(h_read, state_rows, w_base, pre_ptr, pre_rows, row_ok, H, 3, INPUT_PRECISION, BLOCK_B, BLOCK_H)
@@ -981,10 +991,7 @@ def layer_norm_gru_bwd_tiled_kernel(
     tl.debug_barrier()
 
     for s in range(T):
-        t = step_time(s, T, 1 - direction).to(tl.int64)
-        step = t * B + rows64
-        dh_read, dh_write = ping_pong(dh_state_ptr, s, D, B, H)
-        valid = live_rows(t, length, row_ok, HAS_LENGTHS)
+        t, step, dh_read, dh_write, valid = tiled_step(s, T, 1 - direction, B, rows64, dh_state_ptr, D, H, length, row_ok, HAS_LENGTHS)
         t_prev, start = _previous_time(t, direction, T, length, HAS_LENGTHS)
         rstd = tl.load(stats_ptr + step * D + direction, mask=row_ok, other=0.0)
 
@@ -1016,7 +1023,7 @@ def layer_norm_gru_bwd_tiled_kernel(
                 e_mean += sum_e
                 e_mean_x += sum_ex
         if RECORD_FLOW:
-            tl.store(flow_ptr + (direction * T + t) * B + rows64, flow, mask=row_ok)
+            store_flow(flow_ptr, direction, T, t, B, rows64, flow, row_ok)
         e_mean = e_mean / (3 * H)
         e_mean_x = e_mean_x / (3 * H)
         tl.debug_barrier()

@@ -38,12 +38,14 @@ import triton.language as tl
 
 from fastrnn.kernels.activations import NEEDS_PRE, elman_activation, elman_activation_grad
 from fastrnn.kernels.recurrence import (
+    advance_state,
     clamp_grad,
     copy_rows,
     group_flags,
     load_rows,
     persistent_tile,
     program_tile,
+    row_lengths,
     squared_row_norm,
     step_time,
 )
@@ -84,8 +86,7 @@ def rnn_fwd_resident_kernel(
     w_t = tl.load(w_base + cols[None, :] * H + cols[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
     state_offs = (direction * B + rows64)[:, None] * H + cols[None, :]
     h = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
 
     row_stride = D * H  # elements between consecutive batch rows of gx / y
     for s in range(T):
@@ -95,13 +96,7 @@ def rnn_fwd_resident_kernel(
         h_new, pre = elman_step(gx, h, w_t, NONLINEARITY, INPUT_PRECISION)
         if NONLINEARITY >= NEEDS_PRE:
             tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=tile_ok)
-        if HAS_LENGTHS:
-            valid = (t < length)[:, None]
-            h = tl.where(valid, h_new, h)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h = h_new
-            out = h_new
+        h, out = advance_state(h_new, h, t, length, HAS_LENGTHS)
         tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
 
