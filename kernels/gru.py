@@ -500,6 +500,7 @@ def gru_fwd_persistent_kernel(
         length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     slot = D * B * H
     group_rows = exchange_ptr + direction * B * H
+    own_offs = rows64[None, :] * H + units[:, None]  # the program's (units, rows) tile within a direction's (B, H) block
 
     for p in range(phase_begin, phase_end):
         t = step_time(p, T, direction).to(tl.int64)
@@ -541,14 +542,18 @@ def gru_fwd_persistent_kernel(
         if BARRIER:
             if FAULT == FAULT_ARRIVE_EARLY:
                 arrive(own_flag, p + 1, index, FAULT)
-        tl.store(group_rows + (p % 2) * slot + rows64[None, :] * H + units[:, None], h.to(exchange_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(group_rows + (p % 2) * slot + own_offs, h.to(exchange_ptr.dtype.element_ty), mask=tile_ok)
         if BARRIER:
             if FAULT != FAULT_ARRIVE_EARLY:
                 arrive(own_flag, p + 1, index, FAULT)
+    # The final state's addresses from the exchange's offsets (live through the loop) and a scalar
+    # base, not the prologue's state_offs: held across the whole time loop for this store, that one
+    # was what ptxas parked on the stack (sm_90, fp32, Triton 3.6, plain form: 80 registers and 16 B;
+    # now 76 and none).
     if phase_end == T:
-        tl.store(h_n_ptr + state_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(h_n_ptr + direction * B * H + own_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
     else:
-        tl.store(carry_ptr + state_offs, h, mask=tile_ok)
+        tl.store(carry_ptr + direction * B * H + own_offs, h, mask=tile_ok)
 
 
 @triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
@@ -674,7 +679,11 @@ def gru_bwd_persistent_kernel(
             if BARRIER:
                 if FAULT != FAULT_ARRIVE_EARLY:
                     arrive(own_flag, p + 1, index, FAULT)
+    # Addresses rebuilt from values the loop keeps live (rows64, units) and a scalar base, not the
+    # prologue's state_offs: held across the loop for this store alone, that one was parked on the
+    # stack (sm_90, fp32, Triton 3.6, one row, barrier mode: 64 registers and 8 B; now 64 and none).
+    own_offs = rows64[None, :] * H + units[:, None]
     if phase_end == T + 1:
-        tl.store(dh0_ptr + state_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dh0_ptr + direction * B * H + own_offs, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
     else:
-        tl.store(carry_ptr + state_offs, partial, mask=tile_ok)
+        tl.store(carry_ptr + direction * B * H + own_offs, partial, mask=tile_ok)

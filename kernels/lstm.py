@@ -170,7 +170,7 @@ import triton.language as tl
 
 from fastrnn.kernels.activations import sigmoid, tanh
 from fastrnn.kernels.precision import weight_product
-from fastrnn.kernels.recurrence import clamp_grad, copy_rows, group_flags, squared_row_norm, step_time
+from fastrnn.kernels.recurrence import clamp_grad, copy_rows, group_flags, split_product, squared_row_norm, step_time
 from fastrnn.kernels.sync import FAULT_ARRIVE_EARLY, arrive, wait
 from fastrnn.kernels.zoneout import zoneout_keep
 
@@ -808,15 +808,20 @@ def _projection_stage(
     s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows,
     flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
     HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, GROUP_TILES: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, GROUP_TILES: tl.constexpr, PROJ_SPLIT: tl.constexpr,
 ):
     """Walk step ``s``'s projection on batch sub-tile ``tile``: the program's projected units of
     ``h_t = W_hr m_t`` from the whole ``m_t``, to ``y`` and published (and to ``h_n`` at the last step)."""
     if BARRIER:
         if tile == 0:
             wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-    m_all = tl.load(m_exchange_ptr + state_rows * H + cols_h[:, None], mask=(cols_h < H)[:, None] & row_ok[None, :], other=0.0)
-    h_new = weight_product(w_r, m_all.to(w_r.dtype), INPUT_PRECISION)
+    if PROJ_SPLIT > 1:  # m_all[c, k, b] = m[rows[b], cols_h[c, k]]: the chunks' products summed (split_product)
+        m_all = tl.load(m_exchange_ptr + state_rows[None, :, :] * H + cols_h[:, :, None], mask=(cols_h < H)[:, :, None] & row_ok[None, None, :],
+                        other=0.0)
+        h_new = split_product(w_r, m_all.to(w_r.dtype), INPUT_PRECISION)
+    else:
+        m_all = tl.load(m_exchange_ptr + state_rows * H + cols_h[:, None], mask=(cols_h < H)[:, None] & row_ok[None, :], other=0.0)
+        h_new = weight_product(w_r, m_all.to(w_r.dtype), INPUT_PRECISION)
     proj_tile = proj_ok[:, None] & row_ok[None, :]
     step = (t * B + rows.to(tl.int64))[None, :]
     tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
@@ -848,6 +853,13 @@ def lstm_fwd_persistent_kernel(
     (a power of two; capped at ``BLOCK_HOUT``)."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4  # 4 * S_TILE >= 16: tl.dot's smallest M
+    # The projection's reduction over the H units of m in PROJ_SPLIT chunks, one batched (3-D) dot
+    # (fastrnn.kernels.recurrence.split_product), 16-bit only: its weights (BLOCK_S x BLOCK_K) sit on
+    # M = 16 rows, so a 2-D dot holds all of them in every warp (H504 P252 bidirectional, sm_90:
+    # 255 registers and a 112-120 B stack frame on Triton 3.6 and 3.9; split, each warp holds its
+    # chunks: 185 / 253 registers, no frame). As the GRU's split: 8 chunks from BLOCK_K 128 up, else
+    # chunks of 16. fp32 (tf32x4 products) keeps the 2-D dot.
+    PROJ_SPLIT: tl.constexpr = (8 if BLOCK_K >= 128 else BLOCK_K // 16) if w_hr_ptr.dtype.element_ty != tl.float32 else 1
     piece = tl.program_id(0)
     group = tl.program_id(1)
     direction = tl.program_id(2)
@@ -885,9 +897,14 @@ def lstm_fwd_persistent_kernel(
         sp = tl.cdiv(K, n_slices)
         proj_units = piece * sp + tl.arange(0, BLOCK_S)
         proj_ok = (tl.arange(0, BLOCK_S) < sp) & (proj_units < K)
-        cols_h = tl.arange(0, BLOCK_K)
-        w_r = tl.load(w_hr_ptr + d64 * K * H + proj_units[:, None] * H + cols_h[None, :],
-                      mask=proj_ok[:, None] & (cols_h < H)[None, :], other=0.0)
+        if PROJ_SPLIT > 1:  # w_r[c, u, k] = W_hr[proj_units[u], cols_h[c, k]], cols_h[c, k] = c*CHUNK + k
+            cols_h = tl.arange(0, PROJ_SPLIT)[:, None] * (BLOCK_K // PROJ_SPLIT) + tl.arange(0, BLOCK_K // PROJ_SPLIT)[None, :]
+            w_r = tl.load(w_hr_ptr + d64 * K * H + proj_units[None, :, None] * H + cols_h[:, None, :],
+                          mask=proj_ok[None, :, None] & (cols_h < H)[:, None, :], other=0.0)
+        else:
+            cols_h = tl.arange(0, BLOCK_K)
+            w_r = tl.load(w_hr_ptr + d64 * K * H + proj_units[:, None] * H + cols_h[None, :],
+                          mask=proj_ok[:, None] & (cols_h < H)[None, :], other=0.0)
     flags, own_flag = group_flags(flags_ptr, n_slices, BLOCK_FLAGS)
     # The fp32 c of the slice: in registers for one sub-tile; walking several, in carry (this
     # program's own units and rows: read and written by this program only, a block barrier apart).
@@ -941,7 +958,7 @@ def lstm_fwd_persistent_kernel(
                 _projection_stage(w_r, cols_h, proj_units, proj_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr,
                                   s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows,
                                   flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
-                                  HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, GROUP_TILES)
+                                  HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, GROUP_TILES, PROJ_SPLIT)
     if GROUP_TILES == 1:
         rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, 0, B, d64, unit_ok, BLOCK_B)
         tl.store(carry_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
@@ -1207,5 +1224,9 @@ def lstm_bwd_persistent_kernel(
     if GROUP_TILES == 1:
         rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, 0, B, d64, unit_ok, BLOCK_B)
         dh_tile = dh_ok[:, None] & row_ok[None, :]
-        tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
-        tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)
+        # Scalar bases plus the rows' offsets, not state_rows' (the same addresses): the prologue's
+        # state_rows * K, kept across the walk for this store alone, was parked on the stack
+        # (sm_90, Triton 3.6, H504 P252 bidirectional: 8 B).
+        rows64 = rows.to(tl.int64)[None, :]
+        tl.store(dh_carry_ptr + d64 * B * K + rows64 * K + dh_units[:, None], dh, mask=dh_tile)
+        tl.store(dc_carry_ptr + d64 * B * H + rows64 * H + units[:, None], dc, mask=tile_ok)

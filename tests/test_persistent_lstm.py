@@ -11,7 +11,7 @@ counter to prove the persistent kernels ran. Also: ``grad_clip`` and the gradien
 program that never arrives ending in the ``RuntimeError``, and the mutation checks (a broken
 barrier caught under the harness, with one sub-tile per batch group and with a walked group).
 
-Sizes are tiny (T <= 6, H <= 32): the harness runs every program in a Python thread.
+Sizes are tiny (T <= 6, H <= 40): the harness runs every program in a Python thread.
 """
 
 from __future__ import annotations
@@ -99,6 +99,23 @@ def test_matches_reference_fp32(monkeypatch, case, mode):
 def test_half_precision_vs_float64(monkeypatch, P, dtype, tol, mode):
     """16-bit weights and inputs, fp32 state: against the float64 reference of the same weights."""
     counts = check_against_float64(4, 4, 16, P, 1, dtype, tol, within=persistent(monkeypatch, mode, 4))
+    assert counts == expected_launches(1)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)], ids=["fp16", "bf16"])
+def test_half_precision_projection_split_over_warps(monkeypatch, dtype, tol):
+    """16-bit, projecting, H 40: the forward's projection product over ``m`` runs in 4 chunks of
+    16 (``PROJ_SPLIT``, one batched dot; a 2-D dot at H 16 above), against the float64 reference."""
+    T, B, H, P = 4, 4, 40, 7
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(I, H, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
+    reference = copy.deepcopy(module).double()
+    xs, h0, c0 = make_inputs(T, B, H, P, 1, 2, False, dtype)
+    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), False)
+    result = {}
+    with persistent(monkeypatch, "per_step", 8):
+        counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, False)))
+    check(result["out"], expected, tol)
     assert counts == expected_launches(1)
 
 

@@ -195,7 +195,7 @@ FAULT = 0
 REGISTER_BUDGET = 255
 
 
-def register_budget(dtype: torch.dtype, precision: str | None = None) -> dict:
+def register_budget(dtype: torch.dtype, precision: str | None = None, fp32: bool = False) -> dict:
     """Launch options for a cell's persistent kernels (``PersistentKernel.meta``): in 16-bit, and in
     fp32 with ``precision`` ``"tf32"`` (tensor-core products), the whole register budget
     (``maxnreg``). A persistent grid runs one program per SM, so occupancy buys nothing; left to
@@ -204,8 +204,15 @@ def register_budget(dtype: torch.dtype, precision: str | None = None) -> dict:
     with the budget, before its product was split; the LSTM forward fp32 tf32 at L5 with lengths, 80
     registers and an 8 B frame, 96 and none with the budget). Not for fp32's other products: given
     the budget, the FMA dots' heaviest forms take all 255 registers and still spill (the GRU
-    backward, all options, H 256: 16 B of stack), where uncapped they compile clean."""
-    budget = dtype != torch.float32 or precision == "tf32"
+    backward, all options, H 256: 16 B of stack), where uncapped they compile clean.
+
+    ``fp32``: the budget in fp32 too, for the kernels measured clean with it in every form of the
+    compile gate on Triton 3.6 and 3.9: the RNN forward. Uncapped, ptxas stops it at 64 registers,
+    the count that fits four 256-thread blocks per SM, and parks a value held across the time loop
+    in an 8 B stack frame (barrier mode, Triton 3.9); with the budget it takes 56-154 registers and
+    no frame in all six forms on both; a cap of 128 spilled 16 B in the ``full`` form once the kernel
+    held one value fewer: ptxas trades stack for occupancy at whatever cap it aims for."""
+    budget = dtype != torch.float32 or precision == "tf32" or fp32
     return {"maxnreg": REGISTER_BUDGET} if budget else {}
 
 

@@ -53,7 +53,7 @@ def rnn_fwd(gx: Tensor, w_hh: Tensor, h0: Tensor, lengths: Tensor | None, nonlin
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
         # exchange: the ping-pong of h in the weights' dtype; carry: each program's fp32 state.
         persistent_kernel=PersistentKernel(kernels.rnn_fwd_persistent_kernel, T, [((2, D, B, H), w.dtype), ((D, B, H), torch.float32)],
-                                           meta=persistent.register_budget(gx.dtype)),
+                                           meta=persistent.register_budget(gx.dtype, fp32=True)),
     )
     return y, h_n, pre
 
