@@ -546,14 +546,21 @@ def gru_fwd_persistent_kernel(
         if BARRIER:
             if FAULT != FAULT_ARRIVE_EARLY:
                 arrive(own_flag, p + 1, index, FAULT)
-    # The final state's addresses from the exchange's offsets (live through the loop) and a scalar
-    # base, not the prologue's state_offs: held across the whole time loop for this store, that one
-    # was what ptxas parked on the stack (sm_90, fp32, Triton 3.6, plain form: 80 registers and 16 B;
-    # now 76 and none).
-    if phase_end == T:
-        tl.store(h_n_ptr + direction * B * H + own_offs, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+    # fp32: the final state's addresses from the exchange's offsets (live through the loop) and a
+    # scalar base, not the prologue's state_offs: held across the whole time loop for this store,
+    # that one was what ptxas parked on the stack (sm_90, Triton 3.6, plain form: 80 registers and
+    # 16 B; now 76 and none). 16-bit (SPLIT_K) keeps state_offs: the other form made the barrier
+    # full form at H 512 spill 8 B (255 registers, Triton 3.6).
+    if SPLIT_K:
+        h_n_tile = h_n_ptr + state_offs
+        carry_tile = carry_ptr + state_offs
     else:
-        tl.store(carry_ptr + direction * B * H + own_offs, h, mask=tile_ok)
+        h_n_tile = h_n_ptr + direction * B * H + own_offs
+        carry_tile = carry_ptr + direction * B * H + own_offs
+    if phase_end == T:
+        tl.store(h_n_tile, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(carry_tile, h, mask=tile_ok)
 
 
 @triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
