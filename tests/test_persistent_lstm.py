@@ -106,16 +106,7 @@ def test_half_precision_vs_float64(monkeypatch, P, dtype, tol, mode):
 def test_half_precision_projection_split_over_warps(monkeypatch, dtype, tol):
     """16-bit, projecting, H 40: the forward's projection product over ``m`` runs in 4 chunks of
     16 (``PROJ_SPLIT``, one batched dot; a 2-D dot at H 16 above), against the float64 reference."""
-    T, B, H, P = 4, 4, 40, 7
-    torch.manual_seed(0)
-    module = fastrnn.LSTM(I, H, bidirectional=True, proj_size=P, device=DEVICE, dtype=dtype)
-    reference = copy.deepcopy(module).double()
-    xs, h0, c0 = make_inputs(T, B, H, P, 1, 2, False, dtype)
-    expected = run(reference, "reference", [x.double() for x in xs], h0.double(), c0.double(), False)
-    result = {}
-    with persistent(monkeypatch, "per_step", 8):
-        counts = launched(lambda: result.setdefault("out", run(module, "triton", xs, h0, c0, False)))
-    check(result["out"], expected, tol)
+    counts = check_against_float64(4, 4, 40, 7, 1, dtype, tol, within=persistent(monkeypatch, "per_step", 8))
     assert counts == expected_launches(1)
 
 
