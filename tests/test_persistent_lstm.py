@@ -17,6 +17,7 @@ Sizes are tiny (T <= 6, H <= 40): the harness runs every program in a Python thr
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
