@@ -117,8 +117,12 @@ def assert_matches(got, want, rtol):
 
 
 # ---------------------------------------------------------------------------------- parity
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("mode", ["barrier", "per_step"])
+#: fp32 in both modes; each 16-bit dtype in one (the same kernels, only the element type differs),
+#: so the suite stays within its 10 minutes on Triton 3.6's slower interpreter.
+MODE_DTYPES = [("barrier", torch.float32), ("per_step", torch.float32), ("per_step", torch.float16), ("barrier", torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("mode", "dtype"), MODE_DTYPES, ids=["barrier-fp32", "per_step-fp32", "per_step-fp16", "barrier-bf16"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_matches_reference(cell, mode, dtype, persistent_env):
     """Two bidirectional layers, unsorted packed lengths; 16-bit against the float64 reference."""
