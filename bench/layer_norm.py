@@ -2,6 +2,7 @@
 
     python -m bench.layer_norm                 # B16 T256 I256 H256, forward+backward, float32, 1 torch thread
     python -m bench.layer_norm --out bench/results
+    python -m bench.layer_norm --threads 2     # torch's default thread count on a 2-core machine
     python -m bench.layer_norm --no-compile    # without the torch.compile'd cell (it compiles for a minute)
 
 The user's loop is the usual answer to "layer-normalised LSTM in PyTorch" (pytorch issues 7032,
@@ -26,7 +27,8 @@ number, timed alone (CPU time, median of three walks); what is left of a side's 
 elementwise, norm, allocation and Python time. Timed alone the products find their operands in
 cache more often than inside a run, so the split errs towards "the rest". They bound the speedup:
 the user's loop over fastrnn's products alone is what fastrnn would reach with nothing else left.
-Writes ``layer-norm-cpu-<date>.json`` and ``.md``.
+Writes ``layer-norm-cpu-<date>.json`` and ``.md`` (``layer-norm-cpu-<date>-<N>threads.*`` with ``--threads N``
+other than 1: torch's default on a machine is one thread per core, which is what a user's loop gets).
 """
 
 from __future__ import annotations
@@ -255,7 +257,8 @@ def main(argv=None) -> None:
     command = "python -m bench.layer_norm" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"layer-norm-cpu-{datetime.date.today().isoformat()}"
+    threads = "" if info["torch_threads"] == 1 else f"-{info['torch_threads']}threads"
+    stem = out / f"layer-norm-cpu-{datetime.date.today().isoformat()}{threads}"
     stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": info, "rows": rows}, indent=1))
     lines = [f"# LayerNorm cells, CPU, forward+backward float32 ({info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}, "
              f"{info['torch_threads']} torch thread{'s' if info['torch_threads'] != 1 else ''})", "",
