@@ -109,7 +109,7 @@ def launcher_partition(row: matrix.Row, workload: cost_model.Workload, launches:
     backward = next((l for l in launches if "_bwd_" in l.name), None)
     bwd_params = [p.name for p in backward.kernel.params] if backward else []
     # partials summed per load: a GATHER argument when the kernel takes one, else the rule
-    # kernels/lstm.py applies inside the kernel (min(BLOCK_FLAGS, 8); 4 projecting in barrier mode)
+    # kernels/lstm.py applies inside the kernel (min(BLOCK_FLAGS, 8); the partials of dh 4 projecting in barrier mode)
     gather = min(8, pp.block_flags)
     if backward and "GATHER" in bwd_params:
         gather = backward.constants.get((bwd_params.index("GATHER"),), gather)

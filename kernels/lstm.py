@@ -1079,11 +1079,15 @@ def lstm_bwd_persistent_kernel(
     the backward's own, ``BLOCK_KC`` the chunks its partial of ``dh_{t-1}`` is formed in)."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4
-    # Partials summed per load: 8, or 4 projecting in barrier mode (measured, sm_90, Triton 3.6,
-    # H256 bidirectional projecting: at 8 the barrier backward keeps a 16-32 B stack frame, at 4
-    # the per-step one keeps 8 B; each is clean at the other width).
-    GATHER_MAX: tl.constexpr = 4 if HAS_PROJ and BARRIER else 8
-    GATHER: tl.constexpr = BLOCK_FLAGS if BLOCK_FLAGS <= GATHER_MAX else GATHER_MAX
+    # Partials summed per load: 8; projecting in barrier mode 4, except the sum of dm with tf32
+    # products (fp32): 8 (GATHER_DH, GATHER_DM). Measured on Triton 3.6 at the gate's projecting
+    # barrier forms (bidirectional, lengths): fp32 H248 P124 with both sums at 4 keeps a 24 B stack
+    # frame on sm_90, both at 8 128 B on sm_80 (dh at 8, dm at 4: 32 B there), dh at 4 and dm at 8
+    # none on either arch (none on Triton 3.9 either way); bf16 with dm at 8 keeps 24 B (H504 P252)
+    # and 8 B (H1016 P508) on sm_90, none at 4. Earlier, at 4 the per-step backward kept 8 B: it sums 8.
+    GATHER: tl.constexpr = BLOCK_FLAGS if BLOCK_FLAGS <= 8 else 8
+    GATHER_DH: tl.constexpr = (BLOCK_FLAGS if BLOCK_FLAGS <= 4 else 4) if HAS_PROJ and BARRIER else GATHER
+    GATHER_DM: tl.constexpr = GATHER if INPUT_PRECISION == "tf32" else GATHER_DH
     piece = tl.program_id(0)
     group = tl.program_id(1)
     direction = tl.program_id(2)
@@ -1182,7 +1186,7 @@ def lstm_bwd_persistent_kernel(
                         if tile == 0:
                             wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
                     dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, n_slices, D * B * K, state_rows, K, dh_units, dh_tile,
-                                             GATHER, DH_TILE, BLOCK_B)
+                                             GATHER_DH, DH_TILE, BLOCK_B)
                     if HAS_LENGTHS:  # past a row's length dh passes through
                         t_before = step_time(s - 1, T, 1 - direction)
                         dh = tl.where((t_before < length)[None, :], dh_new, dh)
@@ -1213,7 +1217,7 @@ def lstm_bwd_persistent_kernel(
                     if tile == 0:
                         wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
                 dm = gather_partials(dm_partial_ptr + (s % 2) * dm_slot, n_slices, D * B * H, state_rows, H, units, tile_ok,
-                                     GATHER, S_TILE, BLOCK_B)
+                                     GATHER_DM, S_TILE, BLOCK_B)
                 dc = _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
                                       state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
                                       tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES,

@@ -30,23 +30,15 @@ from fastrnn.ops.aot import ARCHES, check, kernel_names, workloads
 WORKLOADS = list(workloads())
 
 #: Known failures, found by this gate and not yet fixed (the persistent kernels' owners), by Triton
-#: version, each exactly as the compile reports list it (``bench/results/aot-compile*.md``): with
-#: Triton 3.6 the projecting fp32 LSTM at H256, 24 B. (The fp32 RNN forward takes the register budget,
-#: the fp32 GRU kernels and the LSTM backward no longer hold the prologue's state offsets across the
-#: time loop, the projecting 16-bit LSTM's forward splits its projection product over the warps:
-#: ``fastrnn.ops.persistent.register_budget``, ``kernels/gru.py``, ``kernels/lstm.py`` say what was
-#: measured.) Marked strict xfail on sm_90 only: each must still fail (a fix shows up as XPASS, which
-#: fails the run until its entry is removed), and every other workload, and these on sm_80, still
-#: fail the gate on any regression.
-KNOWN_SM90_SPILLS: dict[str, set[str]] = {
-    "3.9": set(),
-    "3.6": {
-        # projecting fp32 LSTM H248 P124 bidirectional, tf32 products: backward 255 registers + 40 B
-        # (+ 32 B without maxnreg) as first measured; 255 + 24 B measured after this entry's branch merged
-        # with the spill fixes (cause of the change not isolated); L5's own forms (no projection) compile clean
-        "lstm-fp32-persistent-barrier-full",
-    },
-}
+#: version, each exactly as the compile reports list it (``bench/results/aot-compile*.md``): none.
+#: (The fp32 RNN forward takes the register budget, the fp32 GRU kernels and the LSTM backward no
+#: longer hold the prologue's state offsets across the time loop, the projecting 16-bit LSTM's forward
+#: splits its projection product over the warps, the projecting fp32 LSTM's barrier backward sums
+#: the partials of dm 8 per load: ``fastrnn.ops.persistent.register_budget``, ``kernels/gru.py``,
+#: ``kernels/lstm.py`` say what was measured.) An entry is marked strict xfail on sm_90 only: it must
+#: still fail (a fix shows up as XPASS, which fails the run until its entry is removed), and every
+#: other workload, and these on sm_80, still fail the gate on any regression.
+KNOWN_SM90_SPILLS: dict[str, set[str]] = {"3.9": set(), "3.6": set()}
 KNOWN_SPILLS = KNOWN_SM90_SPILLS.get(".".join(triton.__version__.split(".")[:2]), set())
 
 
