@@ -108,7 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="no timing: the plan report (strategy, grid, sm_90 compile resources, cost-model estimates per GPU row; bench/plan.py)")
     parser.add_argument("--json", action="store_true", help="with --plan: print a JSON list, one object per GPU-matrix row")
     parser.add_argument("--allow-tf32", action="store_true",
-                        help="allow TF32 on GPU for torch matmuls and cuDNN (fp32 rows then get the 1e-2 tolerance)")
+                        help="allow TF32 on GPU for torch matmuls and cuDNN, whose RNN flag fastrnn's fp32 RNN, GRU and LSTM "
+                             "kernels follow as torch.nn's do (fp32 rows then get the 1e-2 tolerance)")
     return parser.parse_args(argv)
 
 

@@ -21,8 +21,14 @@ TF32_TOLERANCE = 1e-2
 
 
 def tf32_enabled(device: torch.device) -> bool:
-    """True when float32 matrix products on ``device`` may run in TF32."""
-    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+    """True when float32 matrix products on ``device`` may run in TF32: PyTorch's GEMMs by the matmul
+    flag, cuDNN's RNNs and fastrnn's layer kernels by cuDNN's RNN flag
+    (``fastrnn.ops.recurrence.cudnn_rnn_allows_tf32``)."""
+    if device.type != "cuda":
+        return False
+    from fastrnn.ops.recurrence import cudnn_rnn_allows_tf32
+
+    return bool(torch.backends.cuda.matmul.allow_tf32) or cudnn_rnn_allows_tf32()
 
 
 def tolerance(dtype: str, device: torch.device) -> float:

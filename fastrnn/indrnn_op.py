@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrnn.indrnn import indrnn_reference_scan
+from fastrnn.registered_ops import refuse_double_backward
 
 
 def _scan_kernels():
@@ -95,13 +96,14 @@ def _backward(ctx, dy, dh_n):
     return dgx, du, dh0, None, None, None, None, None, None
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError("double backward is not supported through fastrnn::indrnn_recurrence (torch.compile); "
-                       "the twice-differentiable path is FASTRNN_BACKEND=reference")
+_DOUBLE_BACKWARD_REFUSED = (
+    "double backward is not supported through fastrnn::indrnn_recurrence (torch.compile); "
+    "the twice-differentiable path is FASTRNN_BACKEND=reference"
+)
 
 
 indrnn_recurrence.register_autograd(_backward, setup_context=_setup)
-indrnn_recurrence_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(indrnn_recurrence_backward, _DOUBLE_BACKWARD_REFUSED)
 
 
 def reference_layer(

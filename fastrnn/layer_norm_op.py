@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastrnn.layer_norm_rnn import LayerNormGRUFunction, LayerNormLSTMFunction
+from fastrnn.registered_ops import refuse_double_backward
 
 
 class _Context:
@@ -33,9 +34,10 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError("double backward is not supported through fastrnn's hand-written LayerNorm backward "
-                       "(torch.compile); the twice-differentiable path is FASTRNN_BACKEND=reference")
+_DOUBLE_BACKWARD_REFUSED = (
+    "double backward is not supported through fastrnn's hand-written LayerNorm backward "
+    "(torch.compile); the twice-differentiable path is FASTRNN_BACKEND=reference"
+)
 
 
 # ------------------------------------------------------------------------------------ LSTM
@@ -98,7 +100,7 @@ def _lstm_backward(ctx, dy, dh_n, dc_n):
 
 
 lstm_direction.register_autograd(_lstm_backward, setup_context=_lstm_setup)
-lstm_direction_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(lstm_direction_backward, _DOUBLE_BACKWARD_REFUSED)
 
 
 # ------------------------------------------------------------------------------------- GRU
@@ -158,4 +160,4 @@ def _gru_backward(ctx, dy, dh_n):
 
 
 gru_direction.register_autograd(_gru_backward, setup_context=_gru_setup)
-gru_direction_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(gru_direction_backward, _DOUBLE_BACKWARD_REFUSED)

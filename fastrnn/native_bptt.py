@@ -35,6 +35,7 @@ from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn.reference import ACTIVATIONS
+from fastrnn.registered_ops import refuse_double_backward
 
 #: Elman nonlinearities the native op computes; the others run the forward step loop.
 NATIVE_NONLINEARITIES = ("tanh", "relu")
@@ -365,14 +366,13 @@ def _backward(ctx, dy, dh_n, dc_n):
 native_bptt_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward is not supported through fastrnn's hand-written CPU backward (grad_clip, "
-        "gradient-flow recording, torch.compile); the twice-differentiable path is FASTRNN_BACKEND=reference"
-    )
+_DOUBLE_BACKWARD_REFUSED = (
+    "double backward is not supported through fastrnn's hand-written CPU backward (grad_clip, "
+    "gradient-flow recording, torch.compile); the twice-differentiable path is FASTRNN_BACKEND=reference"
+)
 
 
-native_bptt_layer_backward_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(native_bptt_layer_backward_op, _DOUBLE_BACKWARD_REFUSED)
 
 
 def native_bptt_layer(

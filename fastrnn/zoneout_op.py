@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastrnn.registered_ops import refuse_double_backward
 from fastrnn.regularized_rnn import zoned_reference_layer as _loop
 
 #: A direction's parameters as :func:`fastrnn.reference.reference_layer` names them.
@@ -106,13 +107,14 @@ def _backward(ctx, dy, dh_n, dc_n):
     return None, dx, dh0, (None if c0 is None else dc0), dweights, None, None, None, None, None
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError("double backward is not supported through fastrnn::zoned_reference_layer (torch.compile); "
-                       "the twice-differentiable path is FASTRNN_BACKEND=reference")
+_DOUBLE_BACKWARD_REFUSED = (
+    "double backward is not supported through fastrnn::zoned_reference_layer (torch.compile); "
+    "the twice-differentiable path is FASTRNN_BACKEND=reference"
+)
 
 
 zoned_reference_layer_op.register_autograd(_backward, setup_context=_setup)
-zoned_reference_layer_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(zoned_reference_layer_backward, _DOUBLE_BACKWARD_REFUSED)
 
 
 def zoned_reference_layer(

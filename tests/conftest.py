@@ -8,8 +8,9 @@
 * Every test starts and ends with no backend override (``fastrnn.set_backend(None)``).
 * :func:`assert_close` compares with explicit tolerances and never treats NaN as equal.
 * On a GPU, cuDNN's RNN tf32 flag is off for the session (``torch.backends.cudnn.allow_tf32``, on by
-  default): the fp32 LSTM kernels follow it as ``nn.LSTM`` does (``fastrnn.ops.recurrence.input_precision``),
-  and the fp32 tests compare at fp32 tolerances; a test of the tf32 choice sets the flag itself.
+  default): the fp32 RNN, GRU and LSTM kernels follow it as ``torch.nn``'s cuDNN RNNs do
+  (``fastrnn.ops.recurrence.input_precision``), and the fp32 tests compare at fp32 tolerances; a test
+  of the tf32 choice sets the flag itself.
 * Without a GPU, Triton's interpreter is switched on before anything imports ``triton`` (it is
   read when ``@triton.jit`` decorates), so the kernel tests run the real kernels on the CPU.
 """

@@ -142,13 +142,40 @@ def test_operators_pass_opcheck():
                           ("gru", x, h0, None, weights, [0, 1, 5, 6], None, None, 0.3, None))
 
 
-def test_double_backward_through_the_operator_says_where_it_works():
-    """Called directly (torch.compile's aot_autograd refuses double backward before it gets there)."""
-    gx = torch.randn(4, 2, 3, **F64, requires_grad=True)
-    y, _ = torch.ops.fastrnn.indrnn_recurrence(gx, torch.rand(1, 3, **F64), torch.zeros(1, 2, 3, **F64), None, None, 0.0,
-                                               "relu", None, False)
-    (grad,) = torch.autograd.grad(y.sum(), gx, create_graph=True)
-    with pytest.raises(RuntimeError, match="FASTRNN_BACKEND=reference"):
+def _indrnn_output(gx):
+    return torch.ops.fastrnn.indrnn_recurrence(gx, torch.rand(1, 3, **F64), torch.zeros(1, 2, 3, **F64), None, None, 0.0,
+                                               "relu", None, False)[0]
+
+
+def _zoned_loop_output(x):
+    import fastrnn.zoneout_op  # noqa: F401  (registers the operator; fastrnn.regularized_rnn imports it too)
+
+    weights = [torch.randn(9, 3, **F64), torch.randn(9, 3, **F64)]
+    return torch.ops.fastrnn.zoned_reference_layer("gru", x, torch.zeros(1, 2, 3, **F64), None, weights, [0, 1], None,
+                                                   None, 0.0, None)[0]
+
+
+def _zoneout_kernel_output(gx):
+    """The resident GRU kernels under the interpreter (fp32: the kernels' dtypes)."""
+    gx = gx.float()
+    return torch.ops.fastrnn.gru_zoneout_recurrence(gx, torch.randn(1, 9, 3), None, torch.zeros(1, 2, 3), None, None,
+                                                    0.0, None)[0]
+
+
+@pytest.mark.parametrize("through, output, input_size", [
+    ("fastrnn::indrnn_recurrence", _indrnn_output, 3),
+    ("fastrnn::zoned_reference_layer", _zoned_loop_output, 3),
+    ("fastrnn's zoneout kernels", _zoneout_kernel_output, 9),
+], ids=["indrnn", "zoned-loop", "zoneout-kernels"])
+def test_double_backward_through_the_operator_says_where_it_works(through, output, input_size):
+    """Called directly (torch.compile's aot_autograd refuses double backward before it gets there):
+    each backward operator's refusal names it and the twice-differentiable path."""
+    if output is _zoneout_kernel_output:
+        pytest.importorskip("triton")
+        import fastrnn.ops.zoneout  # noqa: F401  (registers the kernels' operators)
+    x = torch.randn(4, 2, input_size, **F64, requires_grad=True)
+    (grad,) = torch.autograd.grad(output(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"^double backward is not supported through {through}.*FASTRNN_BACKEND=reference$"):
         grad.sum().backward()
 
 

@@ -62,10 +62,8 @@ def test_one_graph_one_operator_per_direction_and_layer():
     assert ops.count(torch.ops.fastrnn.layer_norm_lstm_direction.default) == 4  # 2 layers x 2 directions
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_operators_pass_opcheck(cell):
-    """Fakes match the real outputs (shapes and strides, a non-contiguous input included), the
-    autograd formula is registered, the schema holds."""
+def _operator_and_args(cell):
+    """One direction's operator and its arguments: lengths and reverse (LSTM), zoneout and clip (GRU)."""
     torch.manual_seed(0)
     T, B, I, H = 4, 2, 3, 5
     G = 4 if cell == "lstm" else 3
@@ -78,8 +76,26 @@ def test_operators_pass_opcheck(cell):
         args = (x, w["w_ih"], w["gain_ih"], w["bias"], w["w_hh"], w["gain_hh"], torch.ones(H, **F64, requires_grad=True),
                 torch.zeros(H, **F64, requires_grad=True), h0, torch.randn(B, H, **F64, requires_grad=True),
                 torch.tensor([4, 2]), True, None, 0.0, None, None)
-        torch.library.opcheck(torch.ops.fastrnn.layer_norm_lstm_direction.default, args)
-    else:
-        args = (x, w["w_ih"], w["gain_ih"], w["bias"], w["w_hh"], w["gain_hh"], torch.randn(G * H, **F64, requires_grad=True),
-                h0, None, False, None, 0.3, 0.5, None)
-        torch.library.opcheck(torch.ops.fastrnn.layer_norm_gru_direction.default, args)
+        return torch.ops.fastrnn.layer_norm_lstm_direction.default, args
+    args = (x, w["w_ih"], w["gain_ih"], w["bias"], w["w_hh"], w["gain_hh"], torch.randn(G * H, **F64, requires_grad=True),
+            h0, None, False, None, 0.3, 0.5, None)
+    return torch.ops.fastrnn.layer_norm_gru_direction.default, args
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_operators_pass_opcheck(cell):
+    """Fakes match the real outputs (shapes and strides, a non-contiguous input included), the
+    autograd formula is registered, the schema holds."""
+    torch.library.opcheck(*_operator_and_args(cell))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_double_backward_through_the_operator_says_where_it_works(cell):
+    """The backward operator is not differentiable again: its refusal names the hand-written
+    LayerNorm backward and the twice-differentiable path."""
+    operator, args = _operator_and_args(cell)
+    x = args[0]
+    (grad,) = torch.autograd.grad(operator(*args)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="^double backward is not supported through fastrnn's hand-written LayerNorm "
+                                           r"backward \(torch.compile\).*FASTRNN_BACKEND=reference$"):
+        grad.sum().backward()

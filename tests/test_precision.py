@@ -1,7 +1,8 @@
 """The precision of the recurrent products: which ``INPUT_PRECISION`` each launch gets
-(``fastrnn.ops.recurrence.input_precision``) under PyTorch's tf32 flags (the LSTM's layer kernels
-follow cuDNN's RNN flag, as ``nn.LSTM`` on CUDA; the RNN and GRU kernels the matmul flag), and the
-split-tf32 product of ``fastrnn.kernels.precision`` against the plain fp32 product.
+(``fastrnn.ops.recurrence.input_precision``) under PyTorch's tf32 flags (the RNN, GRU and LSTM layer
+kernels follow cuDNN's RNN flag, as ``nn.RNN``/``nn.GRU``/``nn.LSTM`` on CUDA; the kernels outside the
+strategy table the matmul flag), and the split-tf32 product of ``fastrnn.kernels.precision`` against
+the plain fp32 product.
 
 Under Triton's interpreter ``tl.dot`` is numpy's fp32 product whatever the precision, so these
 tests see the choice (captured at the launch) and the arithmetic of the stacked halves (a wrong
@@ -18,6 +19,9 @@ import triton.language as tl
 
 import fastrnn
 from fastrnn.backend import triton_interpreting
+from fastrnn.kernels import gru as gru_kernels
+from fastrnn.kernels import lstm as lstm_kernels
+from fastrnn.kernels import rnn as rnn_kernels
 from fastrnn.kernels.precision import split_tf32, weight_product
 from fastrnn.ops import persistent, recurrence
 
@@ -53,29 +57,37 @@ CELLS = {
 }
 
 
-def test_lstm_follows_cudnn_rnn_flag():
-    """The LSTM's layer kernels take tf32 from cuDNN's RNN flag, as ``nn.LSTM`` does on CUDA: on by
-    default (``torch.backends.cudnn.allow_tf32`` is True), off through either PyTorch API (the
-    legacy ``allow_tf32`` or the per-operator ``cudnn.rnn.fp32_precision``), whatever the matmul flag."""
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_layer_kernels_follow_cudnn_rnn_flag(cell):
+    """Each cell's layer kernels take tf32 from cuDNN's RNN flag, as ``nn.RNN``, ``nn.GRU`` and
+    ``nn.LSTM`` do on CUDA (one cuDNN RNN descriptor for all three): on by default
+    (``torch.backends.cudnn.allow_tf32`` is True), off through either PyTorch API (the legacy
+    ``allow_tf32`` or the per-operator ``cudnn.rnn.fp32_precision``), whatever the matmul flag. At
+    H256 (L5's) every cell plans persistent with tf32 products; with the flag off the LSTM's split
+    form keeps the tiled strategy (NOT_PLANNED), the RNN's and GRU's FMA products stay persistent."""
     from fastrnn.ops.recurrence import cudnn_rnn_allows_tf32
 
+    _, gates, off, _ = CELLS[cell]
     cudnn = torch.backends.cudnn
     previous = cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
         cudnn.allow_tf32 = True
-        assert cudnn_rnn_allows_tf32() and recurrence.input_precision(torch.float32, "persistent", 4) == "tf32"
-        assert persistent.planned(4, torch.float32, 256)  # L5's hidden size plans persistent with tf32 products
+        assert cudnn_rnn_allows_tf32() and recurrence.input_precision(torch.float32, "persistent", gates) == "tf32"
+        assert recurrence.input_precision(torch.float32, "resident", gates) == "tf32"
+        assert recurrence.plan(gates, 256, torch.float32).strategy == "persistent"
         cudnn.allow_tf32 = False
-        assert not cudnn_rnn_allows_tf32() and recurrence.input_precision(torch.float32, "persistent", 4) == "tf32x4"
-        assert not persistent.planned(4, torch.float32, 256)  # the split form: tiled (NOT_PLANNED)
-        assert recurrence.plan(4, 256, torch.float32).strategy == "tiled"
+        assert not cudnn_rnn_allows_tf32() and recurrence.input_precision(torch.float32, "persistent", gates) == off
+        assert recurrence.plan(gates, 256, torch.float32).strategy == ("tiled" if gates == 4 else "persistent")
+        torch.backends.cuda.matmul.allow_tf32 = True  # the matmul flag plays no part
+        assert recurrence.input_precision(torch.float32, "tiled", gates) == "tf32x3"
+        torch.backends.cuda.matmul.allow_tf32 = False
         cudnn.allow_tf32 = True
         if isinstance(getattr(cudnn.rnn, "fp32_precision", None), str):  # torch's per-operator API
             cudnn.rnn.fp32_precision = "ieee"
             try:
                 assert not cudnn_rnn_allows_tf32()
-                assert recurrence.input_precision(torch.float32, "resident", 4) == "tf32x3"
+                assert recurrence.input_precision(torch.float32, "resident", gates) == "tf32x3"
             finally:
                 cudnn.rnn.fp32_precision = "tf32"
     finally:
@@ -117,38 +129,43 @@ def test_persistent_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, cel
 
 
 class _RecordingKernel:
-    """Stands in for a ``@triton.jit`` kernel: records each launch's ``INPUT_PRECISION``, then launches."""
+    """Stands in for a ``@triton.jit`` kernel: records each launch's ``(name, INPUT_PRECISION,
+    maxnreg)``, then launches."""
 
-    def __init__(self, kernel, seen: list):
-        self.kernel, self.seen = kernel, seen
+    def __init__(self, kernel, name: str, seen: list):
+        self.kernel, self.name, self.seen = kernel, name, seen
 
     def __getitem__(self, grid):
         def run(*args, **meta):
-            self.seen.append(meta["INPUT_PRECISION"])
+            self.seen.append((self.name, meta["INPUT_PRECISION"], meta.get("maxnreg")))
             return self.kernel[grid](*args, **meta)
         return run
 
 
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
-def test_resident_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, allow_tf32):
-    """The fp32 resident LSTM kernels (H16), forward and backward, are launched with Triton's
-    ``tf32x3`` when cuDNN's RNN flag does not allow tf32 and ``tf32`` when it does (the matmul flag
-    set the other way); fp32-exact on the CPU."""
-    from fastrnn.kernels import lstm as lstm_kernels
-
-    tf32_flag(4, allow_tf32)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_resident_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, cell, allow_tf32):
+    """The fp32 resident kernels (H16), forward and backward, are launched with Triton's ``tf32x3``
+    when cuDNN's RNN flag does not allow tf32 and ``tf32`` when it does (the matmul flag set the other
+    way), the GRU backward's tf32 form with the register budget (``recurrence.RESIDENT_BUDGET``);
+    fp32-exact on the CPU."""
+    layer, gates, _, _ = CELLS[cell]
+    kernels = {"lstm": lstm_kernels, "gru": gru_kernels, "rnn": rnn_kernels}[cell]
+    tf32_flag(gates, allow_tf32)
     seen = []
-    for name in ("lstm_fwd_resident_kernel", "lstm_bwd_resident_kernel"):
-        monkeypatch.setattr(lstm_kernels, name, _RecordingKernel(getattr(lstm_kernels, name), seen))
+    for name in (f"{cell}_fwd_resident_kernel", f"{cell}_bwd_resident_kernel"):
+        monkeypatch.setattr(kernels, name, _RecordingKernel(getattr(kernels, name), name, seen))
     torch.manual_seed(0)
-    module = fastrnn.LSTM(8, 16, device=DEVICE)
-    expected_module = torch.nn.LSTM(8, 16, device=DEVICE)
+    module = layer(8, 16, device=DEVICE)
+    expected_module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](8, 16, device=DEVICE)
     expected_module.load_state_dict(module.state_dict())
     x = torch.randn(3, 2, 8, device=DEVICE)
     with fastrnn.use_backend("triton"):
         y, _ = module(x)
     y.sum().backward()
-    assert seen == ["tf32" if allow_tf32 else "tf32x3"] * 2
+    want = "tf32" if allow_tf32 else "tf32x3"
+    budget = recurrence.register_budget(4) if cell == "gru" and allow_tf32 else None  # H16: 4 warps
+    assert seen == [(f"{cell}_fwd_resident_kernel", want, None), (f"{cell}_bwd_resident_kernel", want, budget)]
     if not allow_tf32 or not torch.cuda.is_available():
         torch.testing.assert_close(y, expected_module(x)[0], atol=1e-5, rtol=1e-5)
 

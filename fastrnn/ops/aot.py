@@ -28,9 +28,9 @@ How it works
   ``b_hh``, gelu, ``grad_clip``, gradient-flow record; ``B`` and ``H`` not divisible by 16) and
   ``batch1`` (one row: ``B`` folded). A strategy the plan picks only when forced runs forced
   (``tiled-forced``: ``FASTRNN_STRATEGY=tiled``). The fp32 kernels of the cells whose precision
-  follows cuDNN's RNN flag (``fastrnn.ops.recurrence.CUDNN_FLAG_GATES``: the LSTM) compile at the
-  default (tf32) and again with the flag off (``lstm-fp32-exact-*``: the split-tf32 forms, at the plan
-  they get then); the persistent classes also in barrier mode
+  follows cuDNN's RNN flag (``fastrnn.ops.recurrence.CUDNN_FLAG_GATES``: all three) compile at the
+  default (tf32) and again with the flag off (``<cell>-fp32-exact-*``: the split-tf32 or FMA forms,
+  at the plan they get then); the persistent classes also in barrier mode
   (``persistent-barrier``, ``persistent512-8w-barrier``; on a CPU the launcher runs per step): for
   RNN and GRU at every size the plan gives them, one class per warp count (``persistent512-8w``); past
   :data:`PERSISTENT_GATE_HIDDEN`, the cells of :data:`PERSISTENT_GATE_CELLS` get one persistent class
@@ -85,7 +85,7 @@ class Resources:
     stack: int  # bytes of stack frame per thread (spilled values live here)
     local: int  # bytes of local memory per thread
     shared: int  # bytes of shared memory per block, static plus dynamic
-    tensor_core_ops: int  # HMMA/HGMMA instructions in the SASS
+    tensor_core_ops: int | None  # HMMA/HGMMA instructions in the SASS (None: not disassembled)
 
     @property
     def spills(self) -> bool:
@@ -206,8 +206,13 @@ def compile_binary(launch: Launch):
     return triton.compile(source, target=GPUTarget("cuda", launch.arch, 32), options=launch.options)
 
 
-def compile_launch(launch: Launch) -> Resources:
-    """Compile ``launch`` (:func:`compile_binary`) and read its resources from the cubin."""
+def compile_launch(launch: Launch, sass: bool = True) -> Resources:
+    """Compile ``launch`` (:func:`compile_binary`) and read its resources from the cubin.
+    ``sass=False``: no disassembly, ``tensor_core_ops`` None. Only that count needs the SASS, and
+    ``nvdisasm`` costs nearly as much as the compile itself (measured here, sm_90, the 62 fp32 RNN/GRU
+    tf32 binaries, cold cache, one job: 49.1 CPU-s with it, 28.9 without on Triton 3.9, 40.9 and 21.8
+    on 3.6; with a warm Triton cache it is nearly all of a report's time), so the suite's gate, whose
+    limits (:func:`check`) need no count of it, skips it."""
     import triton
 
     compiled = compile_binary(launch)
@@ -216,14 +221,15 @@ def compile_launch(launch: Launch) -> Resources:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(tools, "nvdisasm"), cubin.name], capture_output=True, text=True, check=True).stdout
+        disassembly = (subprocess.run([os.path.join(tools, "nvdisasm"), cubin.name], capture_output=True, text=True, check=True).stdout
+                       if sass else None)
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     return Resources(
         registers=int(fields["REG"]),
         stack=int(fields["STACK"]),
         local=int(fields["LOCAL"]),
         shared=int(fields["SHARED"]) + int(compiled.metadata.shared),
-        tensor_core_ops=len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass)),
+        tensor_core_ops=None if disassembly is None else len(re.findall(r"\b(?:HMMA|HGMMA)\b", disassembly)),
     )
 
 
@@ -381,8 +387,8 @@ def _forced(variable: str, value: str, run: Callable[[], None]) -> Callable[[], 
 
 @contextlib.contextmanager
 def cudnn_tf32(allowed: bool) -> Iterator[None]:
-    """Run the block with ``torch.backends.cudnn.allow_tf32`` set (the flag the LSTM's fp32 kernels
-    follow, :func:`fastrnn.ops.recurrence.cudnn_rnn_allows_tf32`), restored afterwards."""
+    """Run the block with ``torch.backends.cudnn.allow_tf32`` set (the flag the layer kernels' fp32
+    products follow, :func:`fastrnn.ops.recurrence.cudnn_rnn_allows_tf32`), restored afterwards."""
     previous = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = allowed
     try:
@@ -464,6 +470,25 @@ def layer_norm_size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
     return dict(classes.values())
 
 
+def _class_workloads(cell: str, dtype: torch.dtype, classes: dict[str, int], exact: bool = False) -> dict[str, Callable[[], None]]:
+    """The layer workloads of ``classes`` (:func:`size_classes`): each class in its three forms, the
+    persistent classes also in barrier mode (on a CPU the launcher runs per step: the barrier form is
+    what a GPU runs; past :data:`PERSISTENT_GATE_HIDDEN` only it). ``exact``: with cuDNN's RNN flag
+    off (:func:`cudnn_tf32`), named ``{cell}-{dtype}-exact-{class}-{form}``."""
+    out = {}
+    prefix = f"{cell}-{_dtype_name(dtype)}-{'exact-' if exact else ''}"
+    for size_class, hidden in classes.items():
+        for form, run in _layer_forms(cell, dtype, hidden).items():
+            run = _without_cudnn_tf32(run) if exact else run
+            if not size_class.startswith("persistent-H"):
+                out[f"{prefix}{size_class}-{form}"] = run
+            if size_class.startswith("persistent"):
+                barrier = (size_class.replace("persistent", "persistent-barrier", 1)
+                           if size_class == "persistent" or size_class.startswith("persistent-H") else f"{size_class}-barrier")
+                out[f"{prefix}{barrier}-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
+    return out
+
+
 def workloads() -> dict[str, Callable[[], None]]:
     """Every workload of the gate by name (nothing runs until a workload is called)."""
     from fastrnn.ops.feedback import CELLS, compile_corners
@@ -473,14 +498,7 @@ def workloads() -> dict[str, Callable[[], None]]:
     for cell in CELL_GATES:
         for dtype in (torch.bfloat16, torch.float32):
             classes = size_classes(cell, dtype)
-            for size_class, hidden in classes.items():
-                for form, run in _layer_forms(cell, dtype, hidden).items():
-                    if not size_class.startswith("persistent-H"):  # past PERSISTENT_GATE_HIDDEN: the barrier forms only
-                        out[f"{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = run
-                    if size_class.startswith("persistent"):  # on a CPU the launcher runs per step: force the barrier form a GPU runs
-                        barrier = (size_class.replace("persistent", "persistent-barrier", 1)
-                                   if size_class == "persistent" or size_class.startswith("persistent-H") else f"{size_class}-barrier")
-                        out[f"{cell}-{_dtype_name(dtype)}-{barrier}-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
+            out |= _class_workloads(cell, dtype, classes)
             if cell in PERSISTENT_GATE_CELLS and dtype != torch.float32:
                 for row, (hidden, batch) in PERSISTENT_GATE_CELLS[cell].items():
                     out[f"{cell}-{_dtype_name(dtype)}-persistent-barrier-{row}"] = _forced(
@@ -489,12 +507,10 @@ def workloads() -> dict[str, Callable[[], None]]:
                 for form, run in _layer_forms(cell, dtype, 2 ** 10).items():
                     out[f"{cell}-{_dtype_name(dtype)}-tiled-forced-{form}"] = _forced("FASTRNN_STRATEGY", "tiled", run)
             if dtype == torch.float32 and CELL_GATES[cell] in CUDNN_FLAG_GATES:
-                # cuDNN's RNN flag off: the split-tf32 forms and the plan they get (``-exact-``)
+                # cuDNN's RNN flag off: the split-tf32 / FMA forms and the plan they get (``-exact-``)
                 with cudnn_tf32(False):
                     exact_classes = size_classes(cell, dtype)
-                for size_class, hidden in exact_classes.items():
-                    for form, run in _layer_forms(cell, dtype, hidden).items():
-                        out[f"{cell}-{_dtype_name(dtype)}-exact-{size_class}-{form}"] = _without_cudnn_tf32(run)
+                out |= _class_workloads(cell, dtype, exact_classes, exact=True)
     for dtype in (torch.bfloat16, torch.float32):
         out[f"indrnn-{_dtype_name(dtype)}-plain"] = lambda d=dtype: indrnn_workload(d, 256, 16, full=False)
         out[f"indrnn-{_dtype_name(dtype)}-full"] = lambda d=dtype: indrnn_workload(d, 250, 20, full=True)
@@ -554,11 +570,13 @@ def capture(arches: tuple[int, ...] = ARCHES, names: list[str] | None = None) ->
     return out
 
 
-def report(arches: tuple[int, ...] = ARCHES, names: list[str] | None = None, jobs: int = 1, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+def report(arches: tuple[int, ...] = ARCHES, names: list[str] | None = None, jobs: int = 1, shard: tuple[int, int] = (0, 1),
+           sass: bool = True) -> list[dict]:
     """One row per distinct binary: its kernel, arch, options, specialisation, resources and the
-    workloads that launch it. ``jobs > 1`` compiles in that many subprocesses."""
+    workloads that launch it. ``jobs > 1`` compiles in that many subprocesses. ``sass``: as
+    :func:`compile_launch` takes it."""
     if jobs > 1:
-        return _report_in_subprocesses(arches, names, jobs)
+        return _report_in_subprocesses(arches, names, jobs, sass)
     binaries: dict[str, tuple[Launch, list[str]]] = {}
     for name, launch in capture(arches, names):
         binaries.setdefault(launch.key, (launch, []))[1].append(name)
@@ -566,7 +584,7 @@ def report(arches: tuple[int, ...] = ARCHES, names: list[str] | None = None, job
     for index, (launch, users) in enumerate(binaries.values()):
         if index % shard[1] != shard[0]:
             continue
-        r = compile_launch(launch)
+        r = compile_launch(launch, sass)
         rows.append(dict(
             index=index, arch=launch.arch, kernel=f"{launch.kernel.fn.__module__}:{launch.name}",
             num_warps=launch.options["num_warps"], num_stages=launch.options["num_stages"],
@@ -575,12 +593,14 @@ def report(arches: tuple[int, ...] = ARCHES, names: list[str] | None = None, job
     return rows
 
 
-def _report_in_subprocesses(arches, names, jobs: int) -> list[dict]:
+def _report_in_subprocesses(arches, names, jobs: int, sass: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         outs = [os.path.join(folder, f"{i}.json") for i in range(jobs)]
         command = [sys.executable, "-m", "fastrnn.ops.aot", "--arch", *map(str, arches)]
         if names:
             command += ["--workload", *names]
+        if not sass:
+            command.append("--no-sass")
         procs = [subprocess.Popen(command + ["--shard", f"{i}/{jobs}", "--json", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for i, out in enumerate(outs)]
         errors = [p.communicate()[1] for p in procs]
@@ -626,7 +646,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| sm_{r['arch']} | {r['kernel'].split(':')[1]} | {r['num_warps']} | {r['num_stages']} | {r['specialisation']} | "
-            f"{r['registers']} | {r['stack']} | {r['local']} | {r['shared']} | {r['tensor_core_ops']} | {', '.join(r['workloads'])} |"
+            f"{r['registers']} | {r['stack']} | {r['local']} | {r['shared']} | {'-' if r['tensor_core_ops'] is None else r['tensor_core_ops']} | {', '.join(r['workloads'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -647,12 +667,14 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     parser.add_argument("--markdown", help="write the markdown report here (e.g. bench/results/aot-compile.md)")
     parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--no-sass", action="store_true",
+                        help="skip the disassembly: no tensor-core op counts, about half the time (what the suite's gate runs)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(workloads()))
         return
     shard = tuple(int(x) for x in args.shard.split("/"))
-    rows = report(tuple(args.arch), args.workload, args.jobs, shard)
+    rows = report(tuple(args.arch), args.workload, args.jobs, shard, sass=not args.no_sass)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

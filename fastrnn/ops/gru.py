@@ -91,8 +91,11 @@ def gru_bwd(
         B=B, H=H, D=D, dtype=y.dtype, device=y.device,
         resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
         # the gradients are exchanged through dgh itself; carry: each program's fp32 partial dh.
+        # fp32 with tf32 products: the register budget (persistent.register_budget), as the LSTM's; the
+        # forward keeps none (with it its full form spills, 56-80 B on sm_90).
         persistent_kernel=PersistentKernel(kernels.gru_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)],
-                                           meta=dict(persistent.register_budget(y.dtype), SPLIT_K=y.dtype != torch.float32)),
+                                           meta=dict(persistent.register_budget(y.dtype, input_precision(y.dtype, "persistent", GATES)),
+                                                     SPLIT_K=y.dtype != torch.float32)),
     )
     if shares is not None:
         flow.copy_(shares.sum(0))

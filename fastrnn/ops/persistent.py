@@ -105,7 +105,9 @@ CELL_GATES = frozenset({1, 3, 4})
 #: bidirectional, H248) spills 24-432 B in the backward; as ``"ieee"`` FMA products the backward
 #: spilled 728 B. With tf32 products (the default, as ``nn.LSTM``'s cuDNN) the same plans compile
 #: clean given the register budget (:func:`register_budget`), so they plan persistent; with the flag
-#: off the fp32 LSTM keeps the tiled strategy (``"tf32x3"``) past its resident sizes.
+#: off the fp32 LSTM keeps the tiled strategy (``"tf32x3"``) past its resident sizes. The RNN and GRU
+#: plan persistent in both forms (``"tf32"``, ``"ieee"``): every form of the compile gate compiles
+#: clean on sm_90 with Triton 3.6 and 3.9 (the GRU backward with tf32 products given the budget).
 NOT_PLANNED = frozenset({(4, "tf32x4")})
 #: Gates of the cells whose persistent kernels run fp32 products as ``"tf32x4"`` on tensor cores
 #: (``fastrnn.kernels.precision``; ``fastrnn.ops.recurrence.input_precision``): the LSTM's, whose
@@ -202,9 +204,12 @@ def register_budget(dtype: torch.dtype, precision: str | None = None, fp32: bool
     itself ptxas aims for more blocks per SM and parks values on the stack (measured, sm_90: the GRU
     forward bf16 at H 256 held at 128 registers with a 16-byte stack frame; 170 registers and none
     with the budget, before its product was split; the LSTM forward fp32 tf32 at L5 with lengths, 80
-    registers and an 8 B frame, 96 and none with the budget). Not for fp32's other products: given
-    the budget, the FMA dots' heaviest forms take all 255 registers and still spill (the GRU
-    backward, all options, H 256: 16 B of stack), where uncapped they compile clean.
+    registers and an 8 B frame, 96 and none with the budget; the GRU backward fp32 tf32 at H256 in
+    barrier mode, Triton 3.6: 128 and 80 registers with 8 B frames in the plain and one-row forms,
+    none with the budget; the RNN backward's likewise, sm_80, Triton 3.9: 64 and 8 B, 70 and none). Not for fp32's other products: given the budget, the FMA dots' heaviest
+    forms take all 255 registers and still spill (the GRU backward, all options, H 256: 16 B of
+    stack), where uncapped they compile clean; nor for the GRU forward's tf32 form (its launcher
+    passes no precision): with the budget its ``full`` form spills 56-80 B on sm_90, uncapped none.
 
     ``fp32``: the budget in fp32 too, for the kernels measured clean with it in every form of the
     compile gate on Triton 3.6 and 3.9: the RNN forward. Uncapped, ptxas stops it at 64 registers,

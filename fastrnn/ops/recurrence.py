@@ -154,7 +154,7 @@ def launch(
     meta = dict(meta, BLOCK_B=p.block_b, BLOCK_H=p.block_h, num_warps=p.num_warps, num_stages=p.num_stages)
     if "INPUT_PRECISION" in meta:
         meta["INPUT_PRECISION"] = input_precision(dtype, p.strategy, gates)
-    if p.strategy == "tiled":
+    if p.strategy == "tiled" or (p.strategy == "resident" and (name, meta.get("INPUT_PRECISION")) in RESIDENT_BUDGET):
         meta["maxnreg"] = register_budget(p.num_warps)
     resident, tiled = kernel_pair
     if p.strategy == "resident":
@@ -166,13 +166,21 @@ def launch(
     count_launch(f"{name}_{p.strategy}")
 
 
+#: (launch name, fp32 ``INPUT_PRECISION``) whose resident launches take :func:`register_budget` too:
+#: the GRU backward with tf32 products. Uncapped, ptxas stops it at 96 registers with an 8 B stack
+#: frame at H16 (4 warps, sm_90, Triton 3.9); with the budget every resident fp32 tf32 form of the
+#: compile gate (RNN, GRU, LSTM, zoneout) compiles clean on sm_90 and sm_80 with Triton 3.6 and 3.9.
+RESIDENT_BUDGET = frozenset({("gru_bwd", "tf32")})
+
+
 def register_budget(num_warps: int) -> int:
     """The ``maxnreg`` launch option of the tiled kernels for ``num_warps`` warps: every register
     one block may have (65,536 per SM, at most 255 per thread). Left uncapped, ptxas parks values of
     the tiled kernels on the stack far below the limit (the LSTM tiled forward in bf16, launched
     with one direction: 80 registers and an 8-byte stack frame uncapped, 110 and none capped). Not
-    for the resident and fused-generation kernels: given the whole budget, their heaviest forms use
-    all 255 registers and spill, where uncapped they compile clean (the compile gate shows both)."""
+    for the resident and fused-generation kernels (but :data:`RESIDENT_BUDGET`): given the whole
+    budget, their heaviest forms use all 255 registers and spill, where uncapped they compile clean
+    (the compile gate shows both)."""
     return min(255, 65536 // (32 * num_warps))
 
 
@@ -188,10 +196,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 #: Cells whose layer kernels (every strategy of the table) take their fp32 tf32 rule from cuDNN's RNN
-#: flag (:func:`cudnn_rnn_allows_tf32`), as ``torch.nn`` does for them on CUDA: the LSTM. The RNN and
-#: GRU kernels still follow ``torch.backends.cuda.matmul.allow_tf32`` (their fp32 compile-gate rows
-#: were measured in those forms; the same evidence says they should follow cuDNN's flag too).
-CUDNN_FLAG_GATES = frozenset({4})
+#: flag (:func:`cudnn_rnn_allows_tf32`), as ``torch.nn`` does for them on CUDA: all three. ``nn.RNN``,
+#: ``nn.GRU`` and ``nn.LSTM`` are one cuDNN RNN op there, each built on the same RNN descriptor.
+CUDNN_FLAG_GATES = frozenset({1, 3, 4})
 
 
 def cudnn_rnn_allows_tf32() -> bool:
@@ -233,17 +240,18 @@ def input_precision(dtype: torch.dtype, strategy: str | None = None, gates: int 
     other persistent kernels (RNN, GRU: either split spills more there on sm_90) and outside the table.
 
     Which flag (the precision contract). A fastrnn layer is drop-in for ``torch.nn``, and on CUDA an
-    fp32 ``nn.LSTM`` is cuDNN, whose products are tf32 unless cuDNN's RNN flag is off
-    (:func:`cudnn_rnn_allows_tf32`, with the PyTorch file and line). So the LSTM's layer kernels
-    (:data:`CUDNN_FLAG_GATES`, every strategy) follow that flag: by default tf32, as ``nn.LSTM``; the
-    split forms only when the user turns it off (``torch.backends.cudnn.allow_tf32 = False`` or
-    ``torch.backends.cudnn.rnn.fp32_precision = "ieee"``), for fp32-level error. The RNN and GRU
-    kernels and the kernels outside the table follow ``torch.backends.cuda.matmul.allow_tf32``
-    (default off), as ``nn.RNNCell``-style cells do (cuBLAS). The input projection and the weight
-    gradients of every layer are PyTorch GEMMs (``torch.nn.functional.linear``, ``torch.bmm``) and
-    follow the matmul flag whatever the cell. The CPU tests compare at fp32 tolerances either way
-    (Triton's interpreter computes every ``tl.dot`` in exact fp32); the CUDA tests turn cuDNN's
-    flag off (``tests/conftest.py``) unless they test the choice."""
+    fp32 ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` is cuDNN, whose products are tf32 unless cuDNN's RNN
+    flag is off (:func:`cudnn_rnn_allows_tf32`, with the PyTorch file and line). So the layer kernels
+    of every cell (:data:`CUDNN_FLAG_GATES`, every strategy) follow that flag: by default tf32, as
+    ``torch.nn``'s; the exact forms above only when the user turns it off
+    (``torch.backends.cudnn.allow_tf32 = False`` or ``torch.backends.cudnn.rnn.fp32_precision =
+    "ieee"``), for fp32-level error. The kernels outside the table follow
+    ``torch.backends.cuda.matmul.allow_tf32`` (default off), as ``nn.RNNCell``-style cells do
+    (cuBLAS). The input projection and the weight gradients of every layer are PyTorch GEMMs
+    (``torch.nn.functional.linear``, ``torch.bmm``) and follow the matmul flag whatever the cell.
+    The CPU tests compare at fp32 tolerances either way (Triton's interpreter computes every
+    ``tl.dot`` in exact fp32); the CUDA tests turn cuDNN's flag off (``tests/conftest.py``) unless
+    they test the choice."""
     if dtype != torch.float32:
         return "ieee"
     tf32 = cudnn_rnn_allows_tf32() if strategy is not None and gates in CUDNN_FLAG_GATES else torch.backends.cuda.matmul.allow_tf32

@@ -82,8 +82,9 @@ def rnn_bwd(
              CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=y.dtype, device=y.device,
         # the gradients are exchanged through dgx itself; carry: each program's fp32 partial dh.
+        # fp32 with tf32 products: the register budget, as the LSTM's and GRU's backward
         persistent_kernel=PersistentKernel(kernels.rnn_bwd_persistent_kernel, T + 1, [((D, B, H), torch.float32)],
-                                           meta=persistent.register_budget(y.dtype)),
+                                           meta=persistent.register_budget(y.dtype, input_precision(y.dtype, "persistent", 1))),
     )
     if shares is not None:
         flow.copy_(shares.sum(0))

@@ -44,6 +44,7 @@ from fastrnn.ops.recurrence import (
     stack_params,
     write_flow_record,
 )
+from fastrnn.registered_ops import refuse_double_backward
 
 #: Gates per cell whose resident kernels zone out.
 GATES = {"lstm": lstm_ops.GATES, "gru": gru_ops.GATES}
@@ -228,15 +229,16 @@ def _gru_backward(ctx, dy, dh_n):
     return dgx, dw_hh, (None if b_hh is None else db_hh), dh0, None, None, None, None
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError("double backward is not supported through fastrnn's zoneout kernels; "
-                       "the twice-differentiable path is FASTRNN_BACKEND=reference")
+_DOUBLE_BACKWARD_REFUSED = (
+    "double backward is not supported through fastrnn's zoneout kernels; "
+    "the twice-differentiable path is FASTRNN_BACKEND=reference"
+)
 
 
 lstm_zoneout_recurrence.register_autograd(_lstm_backward, setup_context=_lstm_setup)
-lstm_zoneout_recurrence_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(lstm_zoneout_recurrence_backward, _DOUBLE_BACKWARD_REFUSED)
 gru_zoneout_recurrence.register_autograd(_gru_backward, setup_context=_gru_setup)
-gru_zoneout_recurrence_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(gru_zoneout_recurrence_backward, _DOUBLE_BACKWARD_REFUSED)
 
 
 def zoneout_layer(

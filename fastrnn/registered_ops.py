@@ -1,0 +1,27 @@
+"""What fastrnn's registered operators (``torch.library.custom_op``) share.
+
+Every hand-written backward that ``torch.compile`` traces is itself a registered operator (it runs
+the forward again, then the backward loop or kernels). None of them is differentiable again: rather
+than let autograd fail with PyTorch's generic "no autograd formula" error, each backward operator
+gets an autograd formula that raises a ``RuntimeError`` naming the path that is twice
+differentiable (``FASTRNN_BACKEND=reference``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _no_context(ctx, inputs, output) -> None:
+    """The refusal needs nothing saved."""
+
+
+def refuse_double_backward(backward_op: torch.library.CustomOpDef, message: str) -> None:
+    """Register on ``backward_op`` (the registered operator that is another operator's backward) an
+    autograd formula that raises ``RuntimeError(message)``: differentiating through it again
+    (``create_graph=True``, then ``backward``) fails with ``message``."""
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(message)
+
+    backward_op.register_autograd(refuse, setup_context=_no_context)
