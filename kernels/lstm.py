@@ -750,6 +750,32 @@ def publish(values, dst, mask, own_flag, stage, piece, tile, BARRIER: tl.constex
 
 
 @triton.jit
+def load_weight_slice(w_dir_ptr, w_rows, r_ok, K, cols_k, k_ok, cols_tail, tail_ok,
+                      BLOCK_HOUT: tl.constexpr, BLOCK_HTAIL: tl.constexpr, KC: tl.constexpr):
+    """A persistent program's slice of ``W_hh``, loaded once for the whole sequence (forward and
+    backward hold the same one): ``w_dir_ptr`` is the direction's ``W_hh (4H, K)``, row-major;
+    ``w_rows (R,)`` its rows the program holds (the slice's gates stacked, ``R = 4*S_TILE``),
+    ``r_ok (R,)`` which of them exist. The reduction over ``h`` in the two parts of
+    ``fastrnn.ops.persistent.reduction_split``: ``cols_k (BLOCK_HOUT,)`` the head part's columns,
+    ``cols_tail (TAIL,)`` the tail's (``BLOCK_HOUT ...``), ``k_ok``, ``tail_ok`` their masks
+    (``< K``). Returns ``(w, w_tail)``: ``w`` the head part, ``(R, BLOCK_HOUT)``, or with ``KC > 0``
+    a tuple of its ``BLOCK_HOUT // KC`` chunks of ``(R, KC)`` (columns ``j*KC ...``); ``w_tail``
+    ``(R, BLOCK_HTAIL)``, or ``w`` itself when ``BLOCK_HTAIL == 0`` (no tail: never used)."""
+    if KC > 0:
+        w = ()
+        for j in tl.static_range(BLOCK_HOUT // KC):
+            cols_j = j * KC + tl.arange(0, KC)
+            w = w + (tl.load(w_dir_ptr + w_rows[:, None] * K + cols_j[None, :], mask=r_ok[:, None] & (cols_j < K)[None, :], other=0.0),)
+    else:
+        w = tl.load(w_dir_ptr + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    if BLOCK_HTAIL > 0:
+        w_tail = tl.load(w_dir_ptr + w_rows[:, None] * K + cols_tail[None, :], mask=r_ok[:, None] & tail_ok[None, :], other=0.0)
+    else:
+        w_tail = w
+    return w, w_tail
+
+
+@triton.jit
 def _gate_stage(
     gx_ptr, w, w_tail, w_rows, r_ok, cols_k, k_ok, cols_tail, tail_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr, gates_ptr, c_ptr, c,
     s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units, tile_ok,
@@ -877,21 +903,11 @@ def lstm_fwd_persistent_kernel(
     k_ok = cols_k < K
     # BLOCK_KC > 0: the head part as chunks of KC units, one tile each (see _gate_stage)
     KC: tl.constexpr = BLOCK_KC if BLOCK_KC < BLOCK_HOUT else BLOCK_HOUT
-    if BLOCK_KC > 0:
-        w = ()
-        for j in tl.static_range(BLOCK_HOUT // KC):
-            cols_j = j * KC + tl.arange(0, KC)
-            w = w + (tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_j[None, :],
-                             mask=r_ok[:, None] & (cols_j < K)[None, :], other=0.0),)
-    else:
-        w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     TAIL: tl.constexpr = BLOCK_HTAIL if BLOCK_HTAIL > 0 else 16
     cols_tail = BLOCK_HOUT + tl.arange(0, TAIL)
     tail_ok = cols_tail < K
-    if BLOCK_HTAIL > 0:
-        w_tail = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_tail[None, :], mask=r_ok[:, None] & tail_ok[None, :], other=0.0)
-    else:
-        w_tail = w
+    w, w_tail = load_weight_slice(w_hh_ptr + d64 * 4 * H * K, w_rows, r_ok, K, cols_k, k_ok, cols_tail, tail_ok,
+                                  BLOCK_HOUT, BLOCK_HTAIL, KC if BLOCK_KC > 0 else 0)
     if HAS_PROJ:
         # SP = cdiv(P, n_slices) <= SLICE projected units per program (the last ones may have none).
         sp = tl.cdiv(K, n_slices)
@@ -1105,21 +1121,11 @@ def lstm_bwd_persistent_kernel(
     k_ok = cols_k < K
     # BLOCK_KC > 0: the head part as chunks of KC units, one tile each (see _cell_grad_stage)
     KC: tl.constexpr = BLOCK_KC if BLOCK_KC < BLOCK_HOUT else BLOCK_HOUT
-    if BLOCK_KC > 0:
-        w = ()
-        for j in tl.static_range(BLOCK_HOUT // KC):
-            cols_j = j * KC + tl.arange(0, KC)
-            w = w + (tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_j[None, :],
-                             mask=r_ok[:, None] & (cols_j < K)[None, :], other=0.0),)
-    else:
-        w = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     TAIL: tl.constexpr = BLOCK_HTAIL if BLOCK_HTAIL > 0 else 16
     cols_tail = BLOCK_HOUT + tl.arange(0, TAIL)
     tail_ok = cols_tail < K
-    if BLOCK_HTAIL > 0:
-        w_tail = tl.load(w_hh_ptr + d64 * 4 * H * K + w_rows[:, None] * K + cols_tail[None, :], mask=r_ok[:, None] & tail_ok[None, :], other=0.0)
-    else:
-        w_tail = w
+    w, w_tail = load_weight_slice(w_hh_ptr + d64 * 4 * H * K, w_rows, r_ok, K, cols_k, k_ok, cols_tail, tail_ok,
+                                  BLOCK_HOUT, BLOCK_HTAIL, KC if BLOCK_KC > 0 else 0)
     if HAS_PROJ:
         # The forward's rows of W_hr: the partial of dm_t is W_hr_slice^T dhp_slice^T.
         sp = tl.cdiv(K, n_slices)

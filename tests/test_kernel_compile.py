@@ -3,7 +3,8 @@
 corners), compiles ahead of time for sm_90 (the H100/H200 fastrnn is tuned for) with no spills, no
 local memory, at most 255 registers and shared memory within the card's limit. sm_80 is gated where
 the issue asks for it, the persistent kernels at every GPU-matrix row's plan
-(``tests/test_persistent_compile.py``: no local memory, shared memory within the A100's); every
+(``tests/test_persistent_compile.py``: no stack frame, no local memory, shared memory within the
+A100's, each planned for an A100's 108 SMs); every
 workload's sm_80 binaries are in the full reports (``python -m fastrnn.ops.aot --arch 90 80
 --markdown``, ``bench/results/aot-compile*.md``) and not compiled by the suite: the 50 persistent
 workloads' sm_80 compiles alone took 55 s of both cores (Triton 3.6, fresh cache), and the oldest

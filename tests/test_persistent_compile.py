@@ -1,6 +1,9 @@
 """Compile gate of the persistent kernels: at every GPU-matrix row's plan, each kernel the launcher
-launches compiles ahead of time for sm_90 and sm_80 with no spills on sm_90, no local memory on
-either, and shared memory within the card's limit.
+launches compiles ahead of time for sm_90 and sm_80 with no spills (no stack frame, no local
+memory) on either, and shared memory within the card's limit. Each arch's compile plans for its
+card (``fastrnn.ops.aot.capture_launches``: an H100/H200's 132 SMs and 227 KB of shared memory per
+block for sm_90, an A100's 108 and 163 KB for sm_80), so the sm_80 binaries are those an A100
+launches.
 
 The kernels are compiled as the launch binds them (``fastrnn.ops.launch_signature``: the real
 launcher runs on meta tensors and each recorded launch goes through Triton's own argument binder:
@@ -55,8 +58,7 @@ def test_persistent_kernels_compile_clean(request, row, arch):
     for k in kernels:
         where = f"{k['kernel']} at {row} on sm_{arch}"
         assert k["local_bytes"] == 0, f"{where} uses local memory: {k}"
-        if arch == 90:
-            assert k["stack_bytes"] == 0, f"{where} spills: {k}"
+        assert k["stack_bytes"] == 0, f"{where} spills: {k}"
         assert k["shared_bytes"] <= SHARED_LIMIT[arch], f"{where} needs {k['shared_bytes']} B of shared memory"
         assert 0 < k["registers"] <= 255, where
         assert k["tensor_core_ops"] > 0 or row == "L5", f"{where}: no HMMA/HGMMA in a 16-bit kernel"

@@ -151,16 +151,20 @@ def test_split_reduction_and_walked_batch_group(monkeypatch, case, mode):
     as two parts of 32 + 16 (``persistent.reduction_split``), and a batch group of 20 rows walked
     by each program as 2 sub-tiles of 16 (``GROUP_TILES = 2``, forced by lowering
     ``MAX_SLICE_WEIGHT_BYTES``, and an A100's shared memory; not projecting, the forward as one sub-tile of 32,
-    ``FWD_MAX_BLOCK_B``), 6 programs per direction, bidirectional, packed."""
+    ``FWD_MAX_BLOCK_B``, and the backward's partial of ``dh`` formed in chunks of 16 of the head part,
+    ``BWD_NARROW_CHUNK``, lowered from 256), 6 programs per direction, bidirectional, packed."""
     from fastrnn.ops import persistent as persistent_ops
 
     dtype, tol, P = SPLIT_WALK_CASES[case]
     T, B, H, L = 4, 20, 48, 1
     monkeypatch.setattr(persistent_ops, "MAX_SLICE_WEIGHT_BYTES", 1)
     monkeypatch.setattr(persistent_ops, "planning_shared_bytes", 166_912)  # the backward keeps 16-row sub-tiles
+    monkeypatch.setattr(persistent_ops, "BWD_NARROW_CHUNK", 16)
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "8")
-    plan = persistent_ops.persistent_plan(4, H, B, 2, dtype)
+    plan = persistent_ops.persistent_plan(4, H, B, 2, dtype, shared=persistent_ops.shared_per_block(), projecting=bool(P))
     assert (plan.group_tiles, plan.batch_groups, plan.slices) == (2, 1, 6), plan
+    backward = plan.constexprs()
+    assert (backward["BLOCK_B"], backward["GROUP_TILES"], backward["BLOCK_KC"]) == (16, 2, 0 if P else 16), backward
     assert persistent_ops.reduction_split(P or H, plan.weight_rows) == (32, 16)
     counts = check_against_float64(T, B, H, P, L, dtype, tol, within=persistent(monkeypatch, mode, 8))
     assert counts == expected_launches(L)
@@ -273,7 +277,9 @@ def test_wide_sub_tiles_stream_the_reduction(monkeypatch, case, mode):
 def test_l4_plan_gives_each_direction_its_sub_tiles():
     """L4 (LSTM B256 H1024 bf16): the forward walks its 128-row group in 4 sub-tiles of 32 rows in
     chunks of 64, the backward in 2 of 64 in chunks of 128 where a block has an H100's shared
-    memory, and keeps 8 of 16 (unchunked) with an A100's."""
+    memory, and keeps 8 of 16 with an A100's, its partial in chunks of 256 (``BWD_NARROW_CHUNK``);
+    on an A100's 108 SMs one group of 256 rows, the backward 16 sub-tiles of 16. L1's backward
+    (H768 B16, one sub-tile) gets the chunks on an A100 only."""
     from fastrnn.ops import persistent as persistent_ops
 
     def tiling(constexprs):
@@ -284,4 +290,9 @@ def test_l4_plan_gives_each_direction_its_sub_tiles():
     assert (hopper.slices, hopper.batch_groups, hopper.group_rows) == (64, 2, 128)
     assert tiling(hopper.constexprs(forward=True)) == tiling(ampere.constexprs(forward=True)) == (32, 4, 64)
     assert tiling(hopper.constexprs()) == (64, 2, 128)
-    assert tiling(ampere.constexprs()) == (16, 8, 0)
+    assert tiling(ampere.constexprs()) == (16, 8, 256)
+    a100 = persistent_ops.persistent_plan(4, 1024, 256, 1, torch.bfloat16, 108, 166_912)
+    assert (a100.slices, a100.batch_groups, a100.group_rows) == (64, 1, 256)
+    assert tiling(a100.constexprs(forward=True)) == (32, 8, 64) and tiling(a100.constexprs()) == (16, 16, 256)
+    l1 = {shared: persistent_ops.persistent_plan(4, 768, 16, 1, torch.bfloat16, 108, shared) for shared in (232_448, 166_912)}
+    assert tiling(l1[232_448].constexprs()) == (16, 1, 0) and tiling(l1[166_912].constexprs()) == (16, 1, 256)

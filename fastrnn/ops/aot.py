@@ -75,6 +75,9 @@ import torch
 
 #: Shared memory one block may use: H100/H200 (sm_90) and A100 (sm_80).
 SHARED_LIMIT = {90: 232_448, 80: 166_912}
+#: SMs of the card each architecture's compile plans for (the persistent grid follows them): H100/H200
+#: SXM (sm_90) and A100 (sm_80).
+SM_COUNT = {90: 132, 80: 108}
 #: The architectures the gate compiles for.
 ARCHES = (90, 80)
 
@@ -183,16 +186,17 @@ def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
     from fastrnn.ops import persistent
 
     previous_driver, previous_hook = driver._active, knobs.runtime.jit_cache_hook
-    previous_shared = persistent.planning_shared_bytes
+    previous_card = persistent.planning_shared_bytes, persistent.planning_sm_count
     driver.set_active(_AheadOfTimeDriver(arch))
     knobs.runtime.jit_cache_hook = record
-    persistent.planning_shared_bytes = SHARED_LIMIT[arch]  # the persistent plan follows the card's shared memory
+    # the persistent plan follows the card: its shared memory per block and its SM count
+    persistent.planning_shared_bytes, persistent.planning_sm_count = SHARED_LIMIT[arch], SM_COUNT[arch]
     try:
         yield launches
     finally:
         driver.set_active(previous_driver)
         knobs.runtime.jit_cache_hook = previous_hook
-        persistent.planning_shared_bytes = previous_shared
+        persistent.planning_shared_bytes, persistent.planning_sm_count = previous_card
 
 
 def compile_binary(launch: Launch):

@@ -33,7 +33,8 @@ the M side with the slice's four gates stacked (an 8-unit slice is a 32-row tile
   forward walks such a group in wider sub-tiles than the backward (:data:`FWD_MAX_BLOCK_B` rows,
   the reduction streamed in :data:`FWD_CHUNK`-wide chunks: L4's forward 4 sub-tiles of 32), and
   where the card's shared memory allows, the backward too (:data:`BWD_MAX_BLOCK_B`: L4's backward
-  2 sub-tiles of 64 on an H100/H200, 8 of 16 on an A100).
+  2 sub-tiles of 64 on an H100/H200; on an A100, 108 SMs, one group of 256 rows, 16 of 16, with
+  its partial of ``dh`` formed in chunks: :data:`BWD_NARROW_CHUNK`).
 
 The compiled figures of each plan (registers, stack, shared memory: the weight slice lives in
 shared memory at L4, in registers at L1) are in ``python -m bench --plan``'s report.
@@ -182,11 +183,22 @@ FWD_CHUNK = 64
 #: Measured at L4's plan (heaviest form, sm_90): 64 rows in chunks of 128 compile clean (184
 #: registers on Triton 3.9, 231 on 3.6; 156,672 B of shared memory); in chunks of 64 3.9 is clean
 #: (230) but 3.6 spills 40 B (32 rows: 24 B); 128 rows spill 56 B (3.9, chunks of 64). On sm_80
-#: (Triton 3.9) 32 rows spill 448 B (the weights left in registers), where 16 rows keep the 32 B
-#: stack frame they had before: an A100 (163 KB per block) keeps 16-row backward sub-tiles.
+#: (Triton 3.9) 32 rows spill 448 B (the weights left in registers), where 16 rows keep a 32 B
+#: stack frame: an A100 (163 KB per block) keeps 16-row backward sub-tiles, with
+#: :data:`BWD_NARROW_CHUNK`.
 BWD_MAX_BLOCK_B = 64
 BWD_CHUNK = 128
 BWD_WIDE_SHARED_BYTES = 200 * 1024
+#: On cards below :data:`BWD_WIDE_SHARED_BYTES` (an A100's sm_80), the walking cells' backward
+#: (not projecting) forms its partial of ``dh_{t-1}`` in chunks of this many units of ``h``'s head
+#: part wherever that part is wider (``BLOCK_KC``, sub-tiles of 16 rows): the product with the whole
+#: head part held its operands in registers and kept a stack frame. Measured at the A100 plans
+#: (108 SMs, heaviest form, sm_80, bf16): L1 (H768 B16, head 512) 255 registers and 16 B of stack
+#: on Triton 3.9 (3.6: 255, none), in chunks of 256 248 / 252 and none, in chunks of 128 16 B
+#: again (3.9); L4 (H1024 B256, 16 sub-tiles of 16) 255 and 32 B / 16 B, in chunks of 256 255 and
+#: none on both (128: 242 / 254, none; 64: 408 B; 512: 8 B on 3.9); L3 (H512 B1, head 512) clean
+#: either way (224 / 191 registers whole, 231 / 191 in chunks of 256).
+BWD_NARROW_CHUNK = 256
 #: Polls before a wait gives up: a step's flag round trip is about a microsecond on a GPU, so this
 #: is seconds; an interpreted poll costs tens of microseconds and programs drift by milliseconds.
 MAX_SPINS = {"gpu": 1 << 22, "interpreter": 20_000}
@@ -329,11 +341,17 @@ def mode() -> str:
     return raw
 
 
+#: Set by ``fastrnn.ops.aot.capture_launches`` while it records the launches of an ahead-of-time
+#: compile: the SM count of the card it compiles for (None: :data:`DEFAULT_SM_COUNT`).
+planning_sm_count: int | None = None
+
+
 def sm_count(device=None) -> int:
-    """SMs of ``device`` when it is a GPU, else :data:`DEFAULT_SM_COUNT`."""
+    """SMs of ``device`` when it is a GPU, else the card an ahead-of-time compile plans for, else
+    :data:`DEFAULT_SM_COUNT`."""
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SM_COUNT
+    return planning_sm_count or DEFAULT_SM_COUNT
 
 
 #: Shared memory one block may use, assumed without a GPU: the H100/H200's (232,448 B; A100: 166,912).
@@ -366,10 +384,12 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     forward gets its own sub-tiles of up to :data:`FWD_MAX_BLOCK_B` rows and reduction chunks of
     :data:`FWD_CHUNK` (``fwd_block_b``, ``fwd_chunk``; L4: 4 sub-tiles of 32 rows forward), and
     where a block may use ``shared >= BWD_WIDE_SHARED_BYTES`` of shared memory its backward
-    sub-tiles of up to :data:`BWD_MAX_BLOCK_B` (L4 on an H100/H200: 2 of 64 rows); not when
-    ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``, the partial of
-    ``dm_t``: ``H x BLOCK_B``) are not streamed, and at H1024 32-row sub-tiles spilled 0.5-1.3 KB
-    on sm_90 where 16-row ones compile clean."""
+    sub-tiles of up to :data:`BWD_MAX_BLOCK_B` (L4 on an H100/H200: 2 of 64 rows); where it may
+    not (an A100), the backward keeps sub-tiles of 16 rows, walked group or not, and forms its
+    partial of ``dh`` in chunks of :data:`BWD_NARROW_CHUNK` where the head part is wider (L1, L3,
+    L4). Neither when ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``,
+    the partial of ``dm_t``: ``H x BLOCK_B``) are not streamed, and at H1024 32-row sub-tiles
+    spilled 0.5-1.3 KB on sm_90 where 16-row ones compile clean."""
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(max(1, batch))))
     tiles = triton.cdiv(max(1, batch), block_b)
     block_k = max(16, triton.next_power_of_2(hidden))
@@ -395,12 +415,16 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     weight_bytes = gates * block_s * block_k * (4 if dtype == torch.float32 else 2)
     num_warps = 8 if dtype == torch.float32 or weight_bytes > 16 * 1024 else 4
     wide = [0, 0, 0, 0]  # fwd_block_b, fwd_chunk, bwd_block_b, bwd_chunk
-    if gates in WALKING_GATES and group_tiles > 1 and not projecting:
+    narrow_card = shared < BWD_WIDE_SHARED_BYTES
+    if gates in WALKING_GATES and not projecting:
         head = reduction_split(hidden, rows)[0]
-        bwd_widest = BWD_MAX_BLOCK_B if shared >= BWD_WIDE_SHARED_BYTES else block_b
-        for i, (widest, chunk) in enumerate(((FWD_MAX_BLOCK_B, FWD_CHUNK), (bwd_widest, BWD_CHUNK))):
-            if widest > block_b:
-                wide[2 * i:2 * i + 2] = min(widest, group_tiles * block_b), min(chunk, head)  # chunks of the head part
+        if group_tiles > 1:
+            bwd_widest = block_b if narrow_card else BWD_MAX_BLOCK_B
+            for i, (widest, chunk) in enumerate(((FWD_MAX_BLOCK_B, FWD_CHUNK), (bwd_widest, BWD_CHUNK))):
+                if widest > block_b:
+                    wide[2 * i:2 * i + 2] = min(widest, group_tiles * block_b), min(chunk, head)  # chunks of the head part
+        if narrow_card and head > BWD_NARROW_CHUNK:  # 16-row sub-tiles (bwd_block_b 0: block_b), the partial in chunks
+            wide[3] = BWD_NARROW_CHUNK
     return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide)
 
 
