@@ -127,6 +127,8 @@ def test_compiled_call_inside_record_gradient_flow_records_nothing():
 def test_operators_pass_opcheck():
     """Fakes match the real outputs (shapes, strides), the autograd formulas are registered, the
     schemas hold: IndRNN's recurrence (lengths, a zoneout mask) and the zoned GRU loop (no biases)."""
+    import fastrnn.zoneout_op  # noqa: F401  (registers the loop's operator: alone, nothing else here has imported it)
+
     torch.manual_seed(0)
     T, B, D, H = 4, 2, 2, 3
     gx = torch.randn(T, B, D * H, **F64, requires_grad=True)
