@@ -35,9 +35,11 @@ How it works
   RNN and GRU at every size the plan gives them, one class per warp count (``persistent512-8w``); past
   :data:`PERSISTENT_GATE_HIDDEN`, the cells of :data:`PERSISTENT_GATE_CELLS` get one persistent class
   per hidden size (``persistent-H1024``) and the GPU matrix's rows by shape
-  (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, and the fused
+  (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, the fused
   generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
-  full. Identical launches from different workloads compile once.
+  full, and the zoneout forms (``*-zoneout-full``: LSTM and GRU at their largest resident class,
+  the GRU at its largest persistent class in barrier mode). Identical launches from different workloads
+  compile once.
 * :func:`check`: the limits every launch is held to (``tests/test_kernel_compile.py``): no local
   memory, no stack frame on sm_90 (sm_80's small frames are reported, not failed), at most 255
   registers, shared memory within the card's block limit.
@@ -339,8 +341,8 @@ def feedback_workload(cell: str, dtype: torch.dtype, hidden: int, output: int, b
 
 
 def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int) -> None:
-    """One LSTM or GRU layer with zoneout in training (the mask read by both resident kernels) forward
-    and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option on as in the ``full``
+    """One LSTM or GRU layer with zoneout in training (the mask read by the forward and backward
+    kernels the size plans to: resident, or the GRU's persistent ones) forward and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option on as in the ``full``
     form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a projection (LSTM)."""
     import fastrnn
     from fastrnn.ops.zoneout import zoneout_layer
@@ -513,7 +515,7 @@ def workloads() -> dict[str, Callable[[], None]]:
                     lambda c=cell, d=dtype, h=block_h - odd, o=block_o - odd, f=form:
                     feedback_workload(c, d, h, o, FORM_BATCH[f], full=f == "full")
                 )
-    for cell in ("lstm", "gru"):  # zoneout (only the resident kernels take it): their largest class, full form
+    for cell in ("lstm", "gru"):  # zoneout on the resident kernels: their largest class, full form
         for dtype in (torch.bfloat16, torch.float32):
             hidden, size_class = max((h, name) for name, h in size_classes(cell, dtype).items() if name.startswith("resident"))
             out[f"{cell}-{_dtype_name(dtype)}-{size_class}-zoneout-full"] = (
@@ -521,6 +523,10 @@ def workloads() -> dict[str, Callable[[], None]]:
             if dtype == torch.float32 and CELL_GATES[cell] in CUDNN_FLAG_GATES:  # and its split-tf32 form
                 out[f"{cell}-{_dtype_name(dtype)}-exact-{size_class}-zoneout-full"] = _without_cudnn_tf32(
                     lambda c=cell, d=dtype, h=hidden - 8: zoneout_workload(c, d, h, FORM_BATCH["full"]))
+    for dtype in (torch.bfloat16, torch.float32):  # and on the GRU's persistent kernels: their largest class, barrier form
+        hidden, size_class = max((h, name) for name, h in size_classes("gru", dtype).items() if name.startswith("persistent"))
+        out[f"gru-{_dtype_name(dtype)}-{size_class}-barrier-zoneout-full"] = _forced(
+            "FASTRNN_PERSISTENT_MODE", "barrier", lambda d=dtype, h=hidden - 8: zoneout_workload("gru", d, h, FORM_BATCH["full"]))
     return out
 
 
