@@ -38,7 +38,7 @@ How it works
   (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, the fused
   generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
   full, and the zoneout forms (``*-zoneout-full``: LSTM and GRU at their largest resident class,
-  the GRU at its largest persistent class in barrier mode). Identical launches from different workloads
+  the GRU at its largest persistent class in barrier mode, bf16 also in eval). Identical launches from different workloads
   compile once.
 * :func:`check`: the limits every launch is held to (``tests/test_kernel_compile.py``): no local
   memory, no stack frame on sm_90 (sm_80's small frames are reported, not failed), at most 255
@@ -340,10 +340,12 @@ def feedback_workload(cell: str, dtype: torch.dtype, hidden: int, output: int, b
     y.float().sum().backward()
 
 
-def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int) -> None:
+def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, train: bool = True) -> None:
     """One LSTM or GRU layer with zoneout in training (the mask read by the forward and backward
-    kernels the size plans to: resident, or the GRU's persistent ones) forward and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option on as in the ``full``
-    form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a projection (LSTM)."""
+    kernels the size plans to: resident, or the GRU's persistent ones; ``train`` False: eval, the
+    scalar ``p``) forward and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option
+    on as in the ``full`` form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a
+    projection (LSTM)."""
     import fastrnn
     from fastrnn.ops.zoneout import zoneout_layer
 
@@ -353,7 +355,7 @@ def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int) -> 
     x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
     h0 = torch.zeros(2, batch, proj_size or hidden, dtype=dtype)
     c0 = torch.zeros(2, batch, hidden, dtype=dtype) if cell == "lstm" else None
-    keep = torch.ones(STEPS, batch, 2 * hidden, dtype=dtype)
+    keep = torch.ones(STEPS, batch, 2 * hidden, dtype=dtype) if train else None
     y, _, _ = zoneout_layer(cell, x, h0, c0, module._layer_params()[0], torch.full((batch,), STEPS), keep, 0.1,
                             grad_clip=1.0, flow_record=torch.zeros(2, STEPS))
     y.float().sum().backward()
@@ -527,6 +529,10 @@ def workloads() -> dict[str, Callable[[], None]]:
         hidden, size_class = max((h, name) for name, h in size_classes("gru", dtype).items() if name.startswith("persistent"))
         out[f"gru-{_dtype_name(dtype)}-{size_class}-barrier-zoneout-full"] = _forced(
             "FASTRNN_PERSISTENT_MODE", "barrier", lambda d=dtype, h=hidden - 8: zoneout_workload("gru", d, h, FORM_BATCH["full"]))
+        if dtype == torch.bfloat16:  # eval's binaries too: its backward took 255 registers (sm_90, Triton 3.9), the mask's 214
+            out[f"gru-{_dtype_name(dtype)}-{size_class}-barrier-zoneout-eval-full"] = _forced(
+                "FASTRNN_PERSISTENT_MODE", "barrier",
+                lambda d=dtype, h=hidden - 8: zoneout_workload("gru", d, h, FORM_BATCH["full"], train=False))
     return out
 
 
