@@ -25,9 +25,10 @@ CPU (any other device)                         ``native`` (``torch._VF``, what `
                                                native kernels cannot do (the features above): one
                                                operator per layer, the native forward inside and
                                                fastrnn's backward (:mod:`fastrnn.native_bptt`)
-LSTM/GRU with ``zoneout`` (training or eval)   CUDA: ``triton`` where the resident kernels hold the
-                                               size (``CallInfo.zoneout_fits``; cuDNN cannot zone
-                                               out), else ``reference`` (the loop of
+LSTM/GRU with ``zoneout`` (training or eval)   CUDA: ``triton`` where the size plans to kernels
+                                               that zone out (LSTM: resident; GRU: resident and
+                                               persistent; ``CallInfo.zoneout_fits``; cuDNN cannot
+                                               zone out), else ``reference`` (the loop of
                                                :mod:`fastrnn.regularized_rnn`; under
                                                ``torch.compile`` one operator per layer
                                                either way). CPU: ``reference``.
@@ -37,8 +38,8 @@ LSTM/GRU with ``zoneout`` (training or eval)   CUDA: ``triton`` where the reside
 (:mod:`fastrnn.regularized_rnn`); the masked weights then run wherever the call without it would.
 
 ``FASTRNN_BACKEND=triton`` forces the kernels on every call (an error where they cannot run:
-no CUDA without the interpreter, float64; a zoneout call past the resident kernels' sizes runs the
-loop, and says so); ``reference`` forces the loop.
+no CUDA without the interpreter, float64; a zoneout call whose size plans to kernels that do not
+zone out runs the loop, and says so); ``reference`` forces the loop.
 
 The decision is :func:`decide`, a pure function of a :class:`DeviceInfo`, a :class:`CallInfo`,
 the table, the requested backend, whether ``torch.compile`` is tracing and the autocast dtype;
@@ -120,8 +121,8 @@ class CallInfo:
     generation with feedback (:mod:`fastrnn.topologies`), ``fusable``: in a shape the fused
     generation kernel takes (one layer, one direction, no projection, a head it knows; its size
     limits are checked by :func:`route_generation`); ``zoneout``: an LSTM/GRU call with zoneout
-    (training or eval), ``zoneout_fits``: the resident kernels, the only ones that zone out, hold
-    its size (:func:`fastrnn.ops.zoneout.zoneout_fits`)."""
+    (training or eval), ``zoneout_fits``: its size plans to kernels that zone out (the LSTM's
+    resident ones, the GRU's resident and persistent ones: :func:`fastrnn.ops.zoneout.zoneout_fits`)."""
 
     cell: str
     dtype: torch.dtype
@@ -322,7 +323,7 @@ def decide(device: DeviceInfo, call: CallInfo, table: dict, requested: str = "au
     if requested == "triton":
         forced = _forced_triton(device, call, dtype)
         if call.zoneout and not call.zoneout_fits:
-            return Route("reference", f"FASTRNN_BACKEND=triton, but zoneout runs on the resident kernels only and "
+            return Route("reference", f"FASTRNN_BACKEND=triton, but zoneout runs on {_ZONEOUT_KERNELS} only and "
                                       f"{call.describe(dtype)} plans past them: {_ZONEOUT_LOOP}")
         return forced
     if requested != "auto":
@@ -388,10 +389,12 @@ def decide(device: DeviceInfo, call: CallInfo, table: dict, requested: str = "au
 
 
 _ZONEOUT_LOOP = "fastrnn.regularized_rnn's loop of reference cell steps"
+_ZONEOUT_KERNELS = "the LSTM's resident kernels and the GRU's resident and persistent kernels"
 
 
 def _zoneout_route(device: DeviceInfo, call: CallInfo, dtype: torch.dtype) -> Route:
-    """``auto`` for a zoneout call: the resident kernels on CUDA where they hold it, else the loop."""
+    """``auto`` for a zoneout call: the kernels that zone out on CUDA where the size plans to them
+    (:data:`_ZONEOUT_KERNELS`), else the loop."""
     if device.type != "cuda":
         return Route("reference", f"zoneout on the {device.type.upper()}: PyTorch's native kernels cannot zone out, "
                                   f"so {_ZONEOUT_LOOP} runs (the kernels only under FASTRNN_BACKEND=triton)")
@@ -399,9 +402,9 @@ def _zoneout_route(device: DeviceInfo, call: CallInfo, dtype: torch.dtype) -> Ro
         why_not = "triton is not installed" if not device.triton else f"the kernels compute in fp32/fp16/bf16, not {DTYPE_NAMES.get(dtype, dtype)}"
         return Route("reference", f"zoneout: cuDNN cannot zone out and {why_not}, so {_ZONEOUT_LOOP} runs")
     if not call.zoneout_fits:
-        return Route("reference", f"zoneout: cuDNN cannot zone out and only the resident kernels do, which "
-                                  f"{call.describe(dtype)} is too large for: {_ZONEOUT_LOOP}")
-    return Route("triton", "zoneout: cuDNN cannot zone out, and the resident kernels fuse it (one launch per layer "
+        return Route("reference", f"zoneout: cuDNN cannot zone out and only {_ZONEOUT_KERNELS} do, which "
+                                  f"{call.describe(dtype)} does not plan to: {_ZONEOUT_LOOP}")
+    return Route("triton", "zoneout: cuDNN cannot zone out, and the kernels fuse it (one launch per layer "
                            "each way, masks drawn on the host as fastrnn.regularization documents)")
 
 
@@ -470,11 +473,11 @@ def _zoneout_fits(cell: str, hidden: int, input: Tensor) -> bool:
     triton backend asked for: importing the launchers imports triton), else False."""
     if input.device.type != "cuda" and backend.get_backend() != "triton":
         return False
-    return _resident_zoneout_fits(cell, hidden, _autocast_dtype(input.device) or input.dtype)
+    return _kernel_zoneout_fits(cell, hidden, _autocast_dtype(input.device) or input.dtype)
 
 
 @torch.compiler.assume_constant_result  # while dynamo traces: called, its answer a constant (a plan of module sizes)
-def _resident_zoneout_fits(cell: str, hidden: int, dtype: torch.dtype) -> bool:
+def _kernel_zoneout_fits(cell: str, hidden: int, dtype: torch.dtype) -> bool:
     return _triton_installed() and importlib.import_module("fastrnn.ops.zoneout").zoneout_fits(cell, hidden, dtype)
 
 

@@ -30,11 +30,13 @@ Layouts (contiguous; ``D`` directions, direction ``d``'s gate ``g`` unit ``j`` a
   ``||dL/dh_t||^2`` (``dy_t`` plus the carried gradient), zero past a row's length.
 * ``grad_clip``: with ``CLIP``, the gate pre-activation gradients ``dr_pre, dz_pre, dn_pre`` are
   clamped to ``[-grad_clip, grad_clip]`` before they flow anywhere (``dgh_n = clamp(dn_pre) * r``).
-* Zoneout (resident kernels only; ``ZONEOUT`` constexpr, 0 compiles them as without it): 1
-  training, ``keep (T, B, D*H)`` compute dtype, the 0/1 mask of :mod:`fastrnn.regularization`
+* Zoneout (resident and persistent kernels; ``ZONEOUT`` constexpr, 0 compiles them as without
+  it): 1 training, ``keep (T, B, D*H)`` compute dtype, the 0/1 mask of :mod:`fastrnn.regularization`
   (the layout of ``y``); 2 eval, the scalar ``zoneout_p`` (fp32) in its place. The state is
-  ``h_t = keep * h_{t-1} + (1 - keep) * h'`` (``y`` holds it; ``saved`` is unchanged, the backward
-  reads ``h_{t-1}`` from ``y`` as before). Past a row's length nothing is mixed.
+  ``h_t = keep * h_{t-1} + (1 - keep) * h'`` (``y`` holds it, and the persistent kernels exchange
+  it; ``saved`` is unchanged, the backward reads ``h_{t-1}`` from ``y`` as before). The backward's
+  gates see ``(1 - keep) * dh_t`` and ``keep * dh_t`` passes straight to ``dh_{t-1}`` (elementwise:
+  a persistent program's own units). Past a row's length nothing is mixed.
 
 Grid: ``(cdiv(B, BLOCK_B), D)``; program ``(i, d)`` owns batch rows ``i*BLOCK_B ...`` of
 direction ``d``. Direction 1 walks time backwards; a row past its length keeps its state and
@@ -449,6 +451,7 @@ def gru_fwd_persistent_kernel(
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, SPLIT_K: tl.constexpr = False,
+    keep_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0,
 ):
     """Forward, ``W_hh`` split by hidden units: program ``(s, g, d)`` holds the rows of all three
     gates for units ``s*SLICE ...`` (three ``BLOCK_S x BLOCK_K`` tiles on chip) and computes those
@@ -464,6 +467,8 @@ def gru_fwd_persistent_kernel(
     ``SPLIT_K`` (the launcher sets it for 16-bit): the product's ``k`` side in ``SPLIT`` chunks of
     ``CHUNK`` (:func:`fastrnn.kernels.recurrence.split_product`: the warps share the reduction);
     else one 2-D dot (fp32: its FMA dots compile leaner that way).
+    ``keep_ptr``, ``zoneout_p``, ``ZONEOUT``: zoneout as the module docstring says, mixed into the
+    program's own units of ``h_t`` before ``y`` and the exchange are written.
     """
     direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
     group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
@@ -531,6 +536,9 @@ def gru_fwd_persistent_kernel(
         tl.store(saved_ptr + saved_offs + H, z.to(saved_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(saved_ptr + saved_offs + 2 * H, n.to(saved_ptr.dtype.element_ty), mask=tile_ok)
         tl.store(saved_ptr + saved_offs + 3 * H, gh_n.to(saved_ptr.dtype.element_ty), mask=tile_ok)
+        if ZONEOUT != 0:  # the program's own units of h: the exchanged h_t is the zoned one
+            keep = zoneout_keep(keep_ptr, row_t * (D * H) + direction * H + units[:, None], tile_ok, zoneout_p, ZONEOUT)
+            h_new = keep * h + (1.0 - keep) * h_new
         if HAS_LENGTHS:
             valid = (t < length)[None, :]
             h = tl.where(valid, h_new, h)
@@ -571,6 +579,7 @@ def gru_bwd_persistent_kernel(
     HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, SPLIT_K: tl.constexpr = False,
+    keep_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0,
 ):
     """Backward through time, ``W_hh`` split by hidden units; phases ``0..T`` (``T + 1``).
 
@@ -589,6 +598,9 @@ def gru_bwd_persistent_kernel(
     (the host sums them: deterministic, no atomics).
     ``carry``: fp32 ``(D, B, H)``, ``partial`` between per-step launches.
     ``SPLIT_K``: the products' ``k`` side split over the warps, as in ``gru_fwd_persistent_kernel``.
+    ``keep_ptr``, ``zoneout_p``, ``ZONEOUT``: zoneout as the module docstring says: the gates see
+    ``(1 - keep) * dh_total`` and ``partial`` gains ``keep * dh_total`` (``keep`` read at the step's
+    own ``(units, rows)``).
     """
     direction, index, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
     group, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
@@ -660,7 +672,14 @@ def gru_bwd_persistent_kernel(
         dh = partial + tl.trans(acc)
         if p < T:
             dh_total = dh + dy
-            dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
+            if ZONEOUT != 0:  # the kept part of dh_total goes straight to the program's own units of dh_{t-1}
+                # keep read here, not with dy before the wait: live across the products it made the
+                # bf16 barrier form at H 504 spill (sm_90, Triton 3.9: 255 registers, 8 B of stack)
+                keep = zoneout_keep(keep_ptr, row_t * (D * H) + direction * H + units[:, None], tile_ok, zoneout_p, ZONEOUT)
+                dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad((1.0 - keep) * dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
+                direct += keep * dh_total
+            else:
+                dr_pre, dz_pre, dn_pre, dgh_n, direct = gru_gates_grad(dh_total, h_prev, r, z, n, gh_n, grad_clip, CLIP)
             if HAS_LENGTHS:
                 valid = t < length
             else:

@@ -352,7 +352,7 @@ def test_compiled_indrnn_and_zoneout_kernels_match_eager(name):
     torch._dynamo.reset()
     torch.manual_seed(0)
     kw = dict(num_layers=2, bidirectional=True, batch_first=True, zoneout=0.2, device="cuda")
-    # H16: within the resident kernels' fp32 sizes (LSTM 16, GRU 32), the only ones that zone out
+    # H16: within the resident kernels' fp32 sizes (LSTM 16, GRU 32): the resident zoneout kernels
     layer = {"indrnn": lambda: fastrnn.IndRNN(32, 16, **kw), "lstm-zoneout": lambda: fastrnn.LSTM(32, 16, **kw),
              "gru-zoneout": lambda: fastrnn.GRU(32, 16, **kw)}[name]()
     x = torch.randn(4, 9, 32, device="cuda", requires_grad=True)

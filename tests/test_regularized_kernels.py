@@ -148,7 +148,7 @@ def test_sizes_past_the_resident_kernels_run_the_loop():
     module, reference, x, h0, c0 = make("lstm", torch.float32, True, H=20, zoneout=0.3)
     with fastrnn.use_backend("triton"):
         reason = fastrnn.explain(module, x.to(DEVICE))
-    assert reason.startswith("reference: FASTRNN_BACKEND=triton, but zoneout runs on the resident kernels only")
+    assert reason.startswith("reference: FASTRNN_BACKEND=triton, but zoneout runs on the LSTM's resident kernels and")
     actual, launches = run(module, "triton", x, h0, c0, False)
     expected, _ = run(reference, "reference", x.double(), h0.double(), c0.double(), False)
     assert launches == {}
@@ -208,3 +208,104 @@ def test_gradient_flow_record_matches_the_reference():
     assert launches == expected_launches("gru", 2)
     assert norms.shape == (4, max(LENGTHS)) and expected.abs().min() > 0
     assert_close(norms.double(), expected.double(), atol=1e-4)
+
+
+# --------------------------------------------------------- zoneout on the GRU's persistent kernels
+#: Forced persistent at H 32 with 8 units per program: 4 programs per direction (grid (4, 1, 2)).
+PERSISTENT_H, PERSISTENT_SLICE = 32, 8
+needs_interpreter = pytest.mark.skipif(DEVICE != "cpu", reason="the hand-written oracle draws its masks on the CPU")
+
+
+@pytest.fixture
+def persistent_gru(monkeypatch):
+    """Force the persistent strategy at ``PERSISTENT_SLICE`` units per program; returns a mode setter."""
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(PERSISTENT_SLICE))
+    return lambda mode: monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
+
+
+def persistent_harness(mode: str):
+    """Barrier mode on the CPU: one thread per program (``tests/concurrent_grid.py``)."""
+    import contextlib
+
+    if mode != "barrier":
+        return contextlib.nullcontext()
+    from concurrent_grid import concurrent_grid, unsupported_reason
+
+    if unsupported_reason():
+        pytest.skip(unsupported_reason())
+    return concurrent_grid(timeout_s=120, chaos=0.05, seed=5)
+
+
+#: id -> (mode, train, layers): packed unsorted lengths and both directions in each.
+PERSISTENT_CASES = {
+    "per_step-train": ("per_step", True, 1),
+    "per_step-eval": ("per_step", False, 1),
+    "barrier-train": ("barrier", True, 1),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", PERSISTENT_CASES)
+def test_persistent_gru_zoneout_matches_handwritten_float64(name, persistent_gru):
+    """The GRU's persistent kernels zone out (fp32, 1e-4) as the hand-written float64 GRU of
+    ``tests/test_regularized_rnn.py`` does, masks from the same seed: outputs, final state and the
+    gradients of the input, ``h0`` and every parameter."""
+    from tests.test_regularized_rnn import assert_matches_oracle, forward, handwritten
+
+    mode, train, layers = PERSISTENT_CASES[name]
+    persistent_gru(mode)
+    torch.manual_seed(0)
+    T, B = 5, 3
+    module = fastrnn.GRU(I, PERSISTENT_H, num_layers=layers, bidirectional=True, zoneout=0.3).train(train)
+    x = torch.randn(T, B, I, requires_grad=True)
+    h0 = torch.randn(2 * layers, B, PERSISTENT_H, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4])
+    w_y, w_h = torch.randn(T, B, 2 * PERSISTENT_H, dtype=torch.float64), torch.randn(2 * layers, B, PERSISTENT_H, dtype=torch.float64)
+    before = dict(LAUNCHES)
+    torch.manual_seed(3)
+    with fastrnn.use_backend("triton"), persistent_harness(mode):
+        y, h_n, _, inputs = forward(module, x, lengths, h0, None, packed=True)
+        want = handwritten(module, x.double(), lengths, h0.double(), None, 3, None)
+        assert_matches_oracle(module, (y.double(), h_n.double(), None), want, inputs, w_y, w_h, atol=1e-4)
+    launches = {k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v != before.get(k, 0)}
+    assert launches == {"gru_fwd_persistent": layers, "gru_bwd_persistent": layers}
+
+
+def test_persistent_gru_zoneout_grad_clip_and_flow_record(persistent_gru):
+    """``grad_clip`` (it binds) and the gradient-flow record through the zoning persistent kernels
+    (per_step, packed, both directions), against the float64 reference path, same masks."""
+    persistent_gru("per_step")
+    module, reference, x, h0, _ = make("gru", torch.float32, True, PERSISTENT_H, zoneout=0.3, bidirectional=True, grad_clip=0.05)
+    recorded = {}
+    for m, dtype, backend in ((module, torch.float32, "triton"), (reference, torch.float64, "reference")):
+        with fastrnn.record_gradient_flow() as flow:
+            tensors, launches = run(m, backend, x.to(dtype), h0.to(dtype), None, True)
+        recorded[backend] = tensors, flow.norms(), launches
+    (got, norms, launches), (want, expected, _) = recorded["triton"], recorded["reference"]
+    assert launches == {"gru_fwd_persistent": 1, "gru_bwd_persistent": 1}
+    for index, (a, e) in enumerate(zip(got, want)):
+        assert_close(a.double(), e, atol=1e-4, msg=lambda m, i=index: f"tensor {i}: {m}")
+    assert_close(norms.double(), expected.double(), atol=1e-4)
+    reference.grad_clip = None
+    unclipped, _ = run(reference, "reference", x.double(), h0.double(), None, True)
+    assert not torch.allclose(unclipped[-3], want[-3]), "the clip must bind in this test (d weight_hh)"
+
+
+def test_zoneout_routes_to_the_grus_persistent_kernels_not_the_lstms(monkeypatch):
+    """A GRU zoneout call that plans persistent runs the kernels; the LSTM's persistent kernels take
+    no mask (its call runs the loop), nor do the tiled kernels."""
+    from fastrnn.ops.zoneout import zoneout_fits
+
+    persistent = [h for h in (96, 128, 256, 512) if plan(3, h, torch.bfloat16).strategy == "persistent"]
+    assert persistent, "the GRU plans persistent at some 16-bit size past the resident kernels"
+    assert all(zoneout_fits("gru", h, torch.bfloat16) for h in persistent)
+    assert not any(zoneout_fits("lstm", h, torch.bfloat16) for h in persistent if plan(4, h, torch.bfloat16).strategy == "persistent")
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    x = torch.randn(5, 2, I, device=DEVICE)
+    with fastrnn.use_backend("triton"):
+        assert fastrnn.explain(fastrnn.GRU(I, PERSISTENT_H, zoneout=0.1, device=DEVICE), x).startswith("triton: ")
+        assert fastrnn.explain(fastrnn.LSTM(I, PERSISTENT_H, zoneout=0.1, device=DEVICE), x).startswith(
+            "reference: FASTRNN_BACKEND=triton, but zoneout runs on the LSTM's resident kernels and the GRU's")
+    monkeypatch.setenv("FASTRNN_STRATEGY", "tiled")
+    assert not zoneout_fits("gru", 128, torch.bfloat16) and not zoneout_fits("lstm", 128, torch.bfloat16)

@@ -102,6 +102,11 @@ def test_key_is_the_launch_parameters():
     assert all(k != base for k in different)
     assert len(set(different)) == len(different)
     assert _key([x, w, True, None]) != _key([x, w, 1, None])  # bool and int: other types
+    # a tensor in meta (zoneout's mask) counts by its memory too, not by its printed values
+    keep = torch.ones(6, 8)
+    with_keep = _key([x, w, 3, None], meta=dict(BLOCK_K=32, keep_ptr=keep, ZONEOUT=1))
+    assert _key([x, w, 3, None], meta=dict(BLOCK_K=32, keep_ptr=keep, ZONEOUT=1)) == with_keep
+    assert _key([x, w, 3, None], meta=dict(BLOCK_K=32, keep_ptr=keep.clone(), ZONEOUT=1)) != with_keep
 
 
 def test_policy_launch_capture_replay():

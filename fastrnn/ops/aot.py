@@ -35,9 +35,11 @@ How it works
   RNN and GRU at every size the plan gives them, one class per warp count (``persistent512-8w``); past
   :data:`PERSISTENT_GATE_HIDDEN`, the cells of :data:`PERSISTENT_GATE_CELLS` get one persistent class
   per hidden size (``persistent-H1024``) and the GPU matrix's rows by shape
-  (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, and the fused
+  (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, the fused
   generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
-  full. Identical launches from different workloads compile once.
+  full, and the zoneout forms (``*-zoneout-full``: LSTM and GRU at their largest resident class,
+  the GRU at its largest persistent class in barrier mode, bf16 also in eval). Identical launches from different workloads
+  compile once.
 * :func:`check`: the limits every launch is held to (``tests/test_kernel_compile.py``): no local
   memory, no stack frame on sm_90 (sm_80's small frames are reported, not failed), at most 255
   registers, shared memory within the card's block limit.
@@ -348,10 +350,12 @@ def feedback_workload(cell: str, dtype: torch.dtype, hidden: int, output: int, b
     y.float().sum().backward()
 
 
-def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int) -> None:
-    """One LSTM or GRU layer with zoneout in training (the mask read by both resident kernels) forward
-    and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option on as in the ``full``
-    form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a projection (LSTM)."""
+def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, train: bool = True) -> None:
+    """One LSTM or GRU layer with zoneout in training (the mask read by the forward and backward
+    kernels the size plans to: resident, or the GRU's persistent ones; ``train`` False: eval, the
+    scalar ``p``) forward and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option
+    on as in the ``full`` form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a
+    projection (LSTM)."""
     import fastrnn
     from fastrnn.ops.zoneout import zoneout_layer
 
@@ -361,7 +365,7 @@ def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int) -> 
     x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
     h0 = torch.zeros(2, batch, proj_size or hidden, dtype=dtype)
     c0 = torch.zeros(2, batch, hidden, dtype=dtype) if cell == "lstm" else None
-    keep = torch.ones(STEPS, batch, 2 * hidden, dtype=dtype)
+    keep = torch.ones(STEPS, batch, 2 * hidden, dtype=dtype) if train else None
     y, _, _ = zoneout_layer(cell, x, h0, c0, module._layer_params()[0], torch.full((batch,), STEPS), keep, 0.1,
                             grad_clip=1.0, flow_record=torch.zeros(2, STEPS))
     y.float().sum().backward()
@@ -533,7 +537,7 @@ def workloads() -> dict[str, Callable[[], None]]:
                     lambda c=cell, d=dtype, h=block_h - odd, o=block_o - odd, f=form:
                     feedback_workload(c, d, h, o, FORM_BATCH[f], full=f == "full")
                 )
-    for cell in ("lstm", "gru"):  # zoneout (only the resident kernels take it): their largest class, full form
+    for cell in ("lstm", "gru"):  # zoneout on the resident kernels: their largest class, full form
         for dtype in (torch.bfloat16, torch.float32):
             hidden, size_class = max((h, name) for name, h in size_classes(cell, dtype).items() if name.startswith("resident"))
             out[f"{cell}-{_dtype_name(dtype)}-{size_class}-zoneout-full"] = (
@@ -541,6 +545,14 @@ def workloads() -> dict[str, Callable[[], None]]:
             if dtype == torch.float32 and CELL_GATES[cell] in CUDNN_FLAG_GATES:  # and its split-tf32 form
                 out[f"{cell}-{_dtype_name(dtype)}-exact-{size_class}-zoneout-full"] = _without_cudnn_tf32(
                     lambda c=cell, d=dtype, h=hidden - 8: zoneout_workload(c, d, h, FORM_BATCH["full"]))
+    for dtype in (torch.bfloat16, torch.float32):  # and on the GRU's persistent kernels: their largest class, barrier form
+        hidden, size_class = max((h, name) for name, h in size_classes("gru", dtype).items() if name.startswith("persistent"))
+        out[f"gru-{_dtype_name(dtype)}-{size_class}-barrier-zoneout-full"] = _forced(
+            "FASTRNN_PERSISTENT_MODE", "barrier", lambda d=dtype, h=hidden - 8: zoneout_workload("gru", d, h, FORM_BATCH["full"]))
+        if dtype == torch.bfloat16:  # eval's binaries too: its backward took 255 registers (sm_90, Triton 3.9), the mask's 214
+            out[f"gru-{_dtype_name(dtype)}-{size_class}-barrier-zoneout-eval-full"] = _forced(
+                "FASTRNN_PERSISTENT_MODE", "barrier",
+                lambda d=dtype, h=hidden - 8: zoneout_workload("gru", d, h, FORM_BATCH["full"], train=False))
     return out
 
 

@@ -119,6 +119,7 @@ class PersistentKernel:
     scratch: list
     meta: dict = dataclasses.field(default_factory=dict)  # constexprs only the persistent kernel takes
     forward: bool = False  # a forward kernel: takes the plan's forward constexprs (PersistentPlan.constexprs)
+    zoneout: bool = False  # takes the zoneout arguments the resident kernels take (launch's resident_meta)
 
 
 def launch(
@@ -133,16 +134,19 @@ def launch(
     shape in ``scratch`` (default: one ping-pong state ``(2, D, B, H)``; a ``None`` shape passes a
     dummy pointer the kernel never reads). ``meta`` holds the scalar and constexpr arguments.
     One launch is counted per call, also when the persistent kernel runs one launch per step.
-    ``resident_meta``: arguments only the resident kernels take (zoneout, ``fastrnn.ops.zoneout``);
-    a plan other than resident then raises ValueError."""
+    ``resident_meta``: arguments the resident kernels take and the others do not (zoneout,
+    ``fastrnn.ops.zoneout``), also passed to a persistent kernel that takes them
+    (``PersistentKernel.zoneout``); any other plan then raises ValueError."""
     p = plan(gates, H, dtype)
-    if resident_meta and p.strategy != "resident":
-        raise ValueError(f"{name}: {', '.join(resident_meta)} run on the resident kernels only, and hidden size {H} "
-                         f"({dtype}) plans to the {p.strategy} strategy")
+    takes_resident_meta = p.strategy == "resident" or (
+        p.strategy == "persistent" and persistent_kernel is not None and persistent_kernel.zoneout)
+    if resident_meta and not takes_resident_meta:
+        raise ValueError(f"{name}: {', '.join(resident_meta)} run on the resident kernels (and some persistent ones) only, "
+                         f"and hidden size {H} ({dtype}) plans to the {p.strategy} strategy")
     if p.strategy == "persistent":
         if persistent_kernel is None:
             raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
-        meta = dict(meta, **persistent_kernel.meta)
+        meta = dict(meta, **persistent_kernel.meta, **(resident_meta or {}))
         if "INPUT_PRECISION" in meta:  # the launcher's choice, made before the strategy was known
             meta["INPUT_PRECISION"] = input_precision(dtype, "persistent", gates)
         persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,

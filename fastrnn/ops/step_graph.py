@@ -135,16 +135,16 @@ def why_not(on_gpu: bool) -> str | None:
 def launch_key(kernel, grid: tuple, args: list, meta: dict, phases: int, max_spins: int, device) -> tuple:
     """What the parameters of the ``phases`` launches of ``kernel[grid](*args, <state>, phase,
     phase + 1, max_spins, **meta)`` are made of (the state buffers excluded: a graph owns its own).
-    Tensors count by data pointer, dtype, shape and strides; other values by type and value;
-    ``meta`` by name and ``repr``. Equal keys: a replay launches what the plain launches would."""
-    parts = []
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            parts.append(("tensor", arg.data_ptr(), str(arg.dtype), tuple(arg.shape), arg.stride()))
-        else:
-            parts.append((type(arg).__name__, arg))
-    return (id(kernel), tuple(grid), tuple(parts), tuple(sorted((k, repr(v)) for k, v in meta.items())),
-            phases, max_spins, str(torch.device(device)))
+    Tensors (in ``args`` or ``meta``, such as zoneout's mask) count by data pointer, dtype, shape
+    and strides; other values of ``args`` by type and value, of ``meta`` by name and ``repr``.
+    Equal keys: a replay launches what the plain launches would."""
+
+    def part(value) -> tuple:
+        return ("tensor", value.data_ptr(), str(value.dtype), tuple(value.shape), value.stride())
+
+    parts = [part(arg) if isinstance(arg, torch.Tensor) else (type(arg).__name__, arg) for arg in args]
+    named = sorted((k, part(v) if isinstance(v, torch.Tensor) else repr(v)) for k, v in meta.items())
+    return (id(kernel), tuple(grid), tuple(parts), tuple(named), phases, max_spins, str(torch.device(device)))
 
 
 class GraphCache:

@@ -1,4 +1,4 @@
-"""LSTM and GRU with zoneout on the resident kernels of ``fastrnn.kernels.lstm`` / ``gru``.
+"""LSTM and GRU with zoneout on the kernels of ``fastrnn.kernels.lstm`` / ``gru`` that zone out.
 
 Read top to bottom: which sizes the kernels take (:func:`zoneout_fits`), the kernels' zoneout
 arguments (:func:`zoneout_args`), the autograd Functions, the same Functions as registered
@@ -17,8 +17,10 @@ path and the reference loop agree under one seed. The kernels' constexpr ``ZONEO
 1 mask, 2 the scalar ``p``; the convention: :mod:`fastrnn.kernels.zoneout`) leaves the launches
 without zoneout compiled as before.
 
-Only the resident strategy zones out (the tiled and persistent kernels take no mask): a size that
-plans to another strategy runs the reference loop (:func:`zoneout_fits` is what routing asks).
+Which kernels zone out: the LSTM's resident kernels; the GRU's resident and persistent kernels
+(the persistent ones mix each program's own units of the state, so the exchanged ``h_t`` is the
+zoned one). The tiled kernels, and the LSTM's persistent ones, take no mask: a size that plans to
+them runs the reference loop (:func:`zoneout_fits` is what routing asks).
 
 What the forward keeps for the backward beyond the plain kernels' (``fastrnn.ops.lstm`` /
 ``gru``): the mask (it is the layer's own draw) and, for the LSTM, the cell's candidate state
@@ -46,24 +48,27 @@ from fastrnn.ops.recurrence import (
 )
 from fastrnn.registered_ops import refuse_double_backward
 
-#: Gates per cell whose resident kernels zone out.
+#: Gates per cell with zoneout kernels.
 GATES = {"lstm": lstm_ops.GATES, "gru": gru_ops.GATES}
+#: The strategies whose kernels zone out, per cell.
+ZONEOUT_STRATEGIES = {"lstm": frozenset({"resident"}), "gru": frozenset({"resident", "persistent"})}
 
 
 def zoneout_fits(cell: str, hidden: int, dtype: torch.dtype) -> bool:
-    """Whether ``cell`` at cell size ``hidden`` in ``dtype`` plans to the resident kernels (the only
-    ones that zone out); False for a cell without zoneout kernels. ``FASTRNN_STRATEGY`` counts
-    (forcing ``tiled`` or ``persistent`` sends zoneout calls to the loop)."""
+    """Whether ``cell`` at cell size ``hidden`` in ``dtype`` plans to kernels that zone out
+    (:data:`ZONEOUT_STRATEGIES`: LSTM resident; GRU resident and persistent); False for a cell
+    without zoneout kernels. ``FASTRNN_STRATEGY`` counts (forcing ``tiled``, or ``persistent`` for
+    the LSTM, sends zoneout calls to the loop)."""
     if cell not in GATES:
         return False
     try:
-        return plan(GATES[cell], hidden, dtype).strategy == "resident"
+        return plan(GATES[cell], hidden, dtype).strategy in ZONEOUT_STRATEGIES[cell]
     except ValueError:  # a forced strategy that cannot serve this size
         return False
 
 
 def zoneout_args(keep: Tensor | None, zoneout_p: float, cand: Tensor | None = None) -> dict:
-    """The resident kernels' zoneout arguments: ``ZONEOUT=1`` with the mask ``keep (T, B, D*H)``
+    """The zoneout kernels' arguments: ``ZONEOUT=1`` with the mask ``keep (T, B, D*H)``
     (training), else ``ZONEOUT=2`` with the scalar ``zoneout_p`` (eval); ``cand`` (LSTM only) the
     ``(T, B, D*H)`` buffer of candidate cell states."""
     args = dict(ZONEOUT=1, keep_ptr=keep) if keep is not None else dict(ZONEOUT=2, zoneout_p=float(zoneout_p))
