@@ -274,6 +274,27 @@ def test_wide_sub_tiles_stream_the_reduction(monkeypatch, case, mode):
     assert counts == expected_launches(L)
 
 
+def test_forward_streams_a_large_slice_in_one_sub_tile(monkeypatch):
+    """A forward of one 16-row sub-tile whose slice, read whole, would leave less than
+    ``FWD_WHOLE_SHARED_HEADROOM`` of the card's shared memory (an A100's H1024 B16 plan; here the
+    headroom raised past any card's) reads it in ``FWD_CHUNK``-wide chunks (lowered to 16: the head
+    part of 32 as 2 chunks, plus the 16-unit tail), with the whole register budget; the backward is
+    unchanged. fp16, per-step, against the float64 reference."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    T, B, H = 3, 4, 48
+    monkeypatch.setattr(persistent_ops, "FWD_WHOLE_SHARED_HEADROOM", 1 << 30)
+    monkeypatch.setattr(persistent_ops, "FWD_CHUNK", 16)
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "8")
+    plan = persistent_ops.persistent_plan(4, H, B, 2, torch.float16)
+    forward, backward = plan.constexprs(forward=True), plan.constexprs()
+    assert (forward["BLOCK_B"], forward["GROUP_TILES"], forward["BLOCK_KC"], forward["maxnreg"]) == (16, 1, 16, 255), forward
+    assert (backward["BLOCK_B"], backward["GROUP_TILES"], backward["BLOCK_KC"]) == (16, 1, 0) and "maxnreg" not in backward
+    assert persistent_ops.reduction_split(H, plan.weight_rows) == (32, 16)
+    counts = check_against_float64(T, B, H, 0, 1, torch.float16, 2e-2, within=persistent(monkeypatch, "per_step", 8))
+    assert counts == expected_launches(1)
+
+
 def test_l4_plan_gives_each_direction_its_sub_tiles():
     """L4 (LSTM B256 H1024 bf16): the forward walks its 128-row group in 4 sub-tiles of 32 rows in
     chunks of 64, the backward in 2 of 64 in chunks of 128 where a block has an H100's shared
@@ -296,3 +317,13 @@ def test_l4_plan_gives_each_direction_its_sub_tiles():
     assert tiling(a100.constexprs(forward=True)) == (32, 8, 64) and tiling(a100.constexprs()) == (16, 16, 256)
     l1 = {shared: persistent_ops.persistent_plan(4, 768, 16, 1, torch.bfloat16, 108, shared) for shared in (232_448, 166_912)}
     assert tiling(l1[232_448].constexprs()) == (16, 1, 0) and tiling(l1[166_912].constexprs()) == (16, 1, 256)
+    # H1024 B16 (one sub-tile): 8-unit slices of 64 KB on 132 SMs read whole; on an A100 16-unit ones of
+    # 128 KB, read in chunks of FWD_CHUNK with the whole register budget (FWD_WHOLE_SHARED_HEADROOM)
+    h1024 = {sms: persistent_ops.persistent_plan(4, 1024, 16, 1, torch.bfloat16, sms, shared)
+             for sms, shared in ((132, 232_448), (108, 166_912))}
+    assert h1024[132].slice == 8 and tiling(h1024[132].constexprs(forward=True)) == (16, 1, 0)
+    assert "maxnreg" not in h1024[132].constexprs(forward=True) and "maxnreg" not in hopper.constexprs(forward=True)
+    assert h1024[108].slice == 16 and tiling(h1024[108].constexprs(forward=True)) == (16, 1, 64)
+    assert h1024[108].constexprs(forward=True)["maxnreg"] == persistent_ops.REGISTER_BUDGET
+    projecting = persistent_ops.persistent_plan(4, 1024, 16, 1, torch.bfloat16, 108, 166_912, projecting=True)
+    assert tiling(projecting.constexprs(forward=True)) == (16, 1, 0)

@@ -120,7 +120,9 @@ def _fp32_register_budget(dtype: torch.dtype) -> dict:
     """The persistent kernels' ``maxnreg`` in fp32 (:func:`fastrnn.ops.persistent.register_budget`):
     the whole budget with tf32 products (L5's plan compiles clean with it, and the forward with
     lengths keeps an 8 B frame at 80 registers without), none with the split ones. The 16-bit LSTM
-    kernels launch without it, as their compile rows (L1, L4) were measured."""
+    kernels launch without it, as their compile rows (L1, L4) were measured, except a forward the
+    plan has read its slice in chunks for lack of shared memory (``fwd_maxnreg``:
+    :data:`fastrnn.ops.persistent.FWD_WHOLE_SHARED_HEADROOM`)."""
     if dtype != torch.float32:
         return {}
     return persistent.register_budget(dtype, input_precision(dtype, "persistent", GATES))

@@ -178,6 +178,21 @@ MAX_BLOCK_B = 16
 #: 128 rows 280 B. The backward's: :data:`BWD_MAX_BLOCK_B`.
 FWD_MAX_BLOCK_B = 32
 FWD_CHUNK = 64
+#: Shared memory (bytes) a 16-bit walking forward of one sub-tile per product must leave free on the
+#: card for reading its weight slice whole; with less, it reads the slice in :data:`FWD_CHUNK`-wide
+#: chunks of the head part with the whole register budget (``fwd_chunk``, ``fwd_maxnreg``). Read
+#: whole, the kernel keeps the slice and one ``BLOCK_B x h`` operand in shared memory (measured,
+#: ahead-of-time compiles, LSTM bf16, 8 warps, barrier mode: exactly ``slice bytes + BLOCK_B x
+#: (BLOCK_HOUT + BLOCK_HTAIL) x 2`` at H1024 and H512). At an A100's plans (108 SMs, 166,912 B per
+#: block, sm_80): H1024 B16/B1, 16-unit slices of 128 KB, 163,840 B, 3 KB left: 32 registers and
+#: 1,584-1,824 B of stack on Triton 3.6 and 3.9; in chunks of 64, 135,168 B and no stack with
+#: ``maxnreg`` (3.9 252-254 registers, 3.6 250-252; without it 3.6 stops at 128 registers with
+#: 8-16 B of stack, 3.9 at B1 likewise with 8 B). H512 B64 (147,456 B, 19 KB left) and H768 B16
+#: bidirectional (114,688 B) compile clean whole, so they keep it. On an H100/H200 (232,448 B) a
+#: slice within MAX_SLICE_WEIGHT_BYTES reads whole in at most 163,840 B, far from the limit (H1024
+#: B32, 128 KB read whole: 198 / 241 registers, no stack, 164,864 B): every H100/H200 plan of its own up to
+#: H1024 is unchanged (the GPU matrix's and the compile gate's binaries identical). fp32: not measured.
+FWD_WHOLE_SHARED_HEADROOM = 16 * 1024
 #: The backward's likewise (its partial of ``dh_{t-1}`` formed and stored chunk by chunk), on cards
 #: whose blocks may use at least ``BWD_WIDE_SHARED_BYTES`` of shared memory (Hopper's 227 KB).
 #: Measured at L4's plan (heaviest form, sm_90): 64 rows in chunks of 128 compile clean (184
@@ -253,6 +268,9 @@ class PersistentPlan:
     fwd_chunk: int = 0
     bwd_block_b: int = 0  # the backward's likewise (:data:`BWD_MAX_BLOCK_B`)
     bwd_chunk: int = 0
+    # The forward's maxnreg (0: none): REGISTER_BUDGET where it reads its slice in chunks of
+    # FWD_CHUNK for lack of shared memory to read it whole (:data:`FWD_WHOLE_SHARED_HEADROOM`)
+    fwd_maxnreg: int = 0
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -295,6 +313,8 @@ class PersistentPlan:
             if forward:
                 block_b = self.fwd_block_b or self.block_b
                 walk = dict(GROUP_TILES=self.fwd_tiles, BLOCK_KC=self.fwd_chunk)
+                if self.fwd_maxnreg:
+                    walk["maxnreg"] = self.fwd_maxnreg
             else:
                 block_b = self.bwd_block_b or self.block_b
                 walk = dict(GROUP_TILES=self.bwd_tiles, BLOCK_KC=self.bwd_chunk)
@@ -387,7 +407,10 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     sub-tiles of up to :data:`BWD_MAX_BLOCK_B` (L4 on an H100/H200: 2 of 64 rows); where it may
     not (an A100), the backward keeps sub-tiles of 16 rows, walked group or not, and forms its
     partial of ``dh`` in chunks of :data:`BWD_NARROW_CHUNK` where the head part is wider (L1, L3,
-    L4). Neither when ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``,
+    L4). A 16-bit forward of one sub-tile per product reads its slice in chunks of
+    :data:`FWD_CHUNK`, with ``maxnreg``, where reading it whole would leave less than
+    :data:`FWD_WHOLE_SHARED_HEADROOM` of the card's shared memory (an A100's H1024 B16). Neither
+    when ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``,
     the partial of ``dm_t``: ``H x BLOCK_B``) are not streamed, and at H1024 32-row sub-tiles
     spilled 0.5-1.3 KB on sm_90 where 16-row ones compile clean."""
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(max(1, batch))))
@@ -403,8 +426,8 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
             while triton.cdiv(hidden, size) * groups * directions > sms and size < block_k:
                 size *= 2
         rows = max(16, gates * size)  # the slice's gates stacked on M
-        weight_bytes = rows * sum(reduction_split(hidden, rows)) * (4 if dtype == torch.float32 else 2)
-        if gates not in WALKING_GATES or weight_bytes <= MAX_SLICE_WEIGHT_BYTES or group_tiles >= tiles:
+        slice_bytes = rows * sum(reduction_split(hidden, rows)) * (4 if dtype == torch.float32 else 2)
+        if gates not in WALKING_GATES or slice_bytes <= MAX_SLICE_WEIGHT_BYTES or group_tiles >= tiles:
             break
         group_tiles *= 2
     slices = triton.cdiv(hidden, size)
@@ -414,7 +437,7 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     # 4 warps beyond that); else 4.
     weight_bytes = gates * block_s * block_k * (4 if dtype == torch.float32 else 2)
     num_warps = 8 if dtype == torch.float32 or weight_bytes > 16 * 1024 else 4
-    wide = [0, 0, 0, 0]  # fwd_block_b, fwd_chunk, bwd_block_b, bwd_chunk
+    wide = [0, 0, 0, 0, 0]  # fwd_block_b, fwd_chunk, bwd_block_b, bwd_chunk, fwd_maxnreg
     narrow_card = shared < BWD_WIDE_SHARED_BYTES
     if gates in WALKING_GATES and not projecting:
         head = reduction_split(hidden, rows)[0]
@@ -423,6 +446,9 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
             for i, (widest, chunk) in enumerate(((FWD_MAX_BLOCK_B, FWD_CHUNK), (bwd_widest, BWD_CHUNK))):
                 if widest > block_b:
                     wide[2 * i:2 * i + 2] = min(widest, group_tiles * block_b), min(chunk, head)  # chunks of the head part
+        whole_read_shared = slice_bytes + block_b * sum(reduction_split(hidden, rows)) * 2  # the slice and one h operand
+        if not wide[1] and dtype != torch.float32 and whole_read_shared > shared - FWD_WHOLE_SHARED_HEADROOM:
+            wide[1], wide[4] = min(FWD_CHUNK, head), REGISTER_BUDGET
         if narrow_card and head > BWD_NARROW_CHUNK:  # 16-row sub-tiles (bwd_block_b 0: block_b), the partial in chunks
             wide[3] = BWD_NARROW_CHUNK
     return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide)
