@@ -35,15 +35,13 @@ DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else 
 
 @pytest.fixture
 def tf32_flag():
-    """``set_flag(cell_gates, value)``: the flag the cell's kernels follow set to ``value`` and the other
-    one to ``not value`` (cuDNN's RNN flag for the gates in ``recurrence.CUDNN_FLAG_GATES``,
-    ``torch.backends.cuda.matmul.allow_tf32`` for the rest); both restored afterwards."""
+    """``set_flag(value)``: the flag the layer kernels follow (cuDNN's RNN flag, every cell) set to
+    ``value`` and ``torch.backends.cuda.matmul.allow_tf32`` to ``not value``; both restored afterwards."""
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
-    def set_flag(gates: int, value: bool) -> None:
-        cudnn = gates in recurrence.CUDNN_FLAG_GATES
-        torch.backends.cudnn.allow_tf32 = value if cudnn else not value
-        torch.backends.cuda.matmul.allow_tf32 = not value if cudnn else value
+    def set_flag(value: bool) -> None:
+        torch.backends.cudnn.allow_tf32 = value
+        torch.backends.cuda.matmul.allow_tf32 = not value
 
     yield set_flag
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
@@ -101,8 +99,8 @@ def test_persistent_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, cel
     ``ieee`` (RNN, GRU) when the flag the cell follows does not allow tf32 and ``tf32`` when it
     does (captured at :func:`fastrnn.ops.persistent.launch`); the layer still matches torch.nn at
     fp32 tolerance."""
-    layer, gates, off, on = CELLS[cell]
-    tf32_flag(gates, allow_tf32)
+    layer, _, off, on = CELLS[cell]
+    tf32_flag(allow_tf32)
     monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "4")
     monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", "per_step")
@@ -149,9 +147,9 @@ def test_resident_launch_gets_the_chosen_precision(monkeypatch, tf32_flag, cell,
     when cuDNN's RNN flag does not allow tf32 and ``tf32`` when it does (the matmul flag set the other
     way), the GRU backward's tf32 form with the register budget (``recurrence.RESIDENT_BUDGET``);
     fp32-exact on the CPU."""
-    layer, gates, _, _ = CELLS[cell]
+    layer = CELLS[cell][0]
     kernels = {"lstm": lstm_kernels, "gru": gru_kernels, "rnn": rnn_kernels}[cell]
-    tf32_flag(gates, allow_tf32)
+    tf32_flag(allow_tf32)
     seen = []
     for name in (f"{cell}_fwd_resident_kernel", f"{cell}_bwd_resident_kernel"):
         monkeypatch.setattr(kernels, name, _RecordingKernel(getattr(kernels, name), name, seen))
@@ -176,10 +174,10 @@ def test_resident_and_16bit_precision(tf32_flag, allow_tf32):
     cell follows allows tf32; 16-bit products are always ``ieee``; the persistent kernels' fp32
     choice is the split ``tf32x4`` for the cells in ``SPLIT_TF32_GATES``, ``ieee`` for the others;
     kernels outside the strategy table follow the matmul flag whatever the cell."""
+    tf32_flag(allow_tf32)
+    on = "tf32" if allow_tf32 else None
+    matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     for gates in (1, 3, 4):
-        tf32_flag(gates, allow_tf32)
-        on = "tf32" if allow_tf32 else None
-        matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
         assert recurrence.input_precision(torch.float32, None, gates) == matmul  # kernels outside the strategy table
         split = "tf32x4" if gates in persistent.SPLIT_TF32_GATES else "ieee"
         assert recurrence.input_precision(torch.float32, "persistent", gates) == (on or split)

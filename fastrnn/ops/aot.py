@@ -28,7 +28,7 @@ How it works
   ``b_hh``, gelu, ``grad_clip``, gradient-flow record; ``B`` and ``H`` not divisible by 16) and
   ``batch1`` (one row: ``B`` folded). A strategy the plan picks only when forced runs forced
   (``tiled-forced``: ``FASTRNN_STRATEGY=tiled``). The fp32 kernels of the cells whose precision
-  follows cuDNN's RNN flag (``fastrnn.ops.recurrence.CUDNN_FLAG_GATES``: all three) compile at the
+  follows cuDNN's RNN flag (every cell's: ``fastrnn.ops.recurrence.input_precision``) compile at the
   default (tf32) and again with the flag off (``<cell>-fp32-exact-*``: the split-tf32 or FMA forms,
   at the plan they get then); the persistent classes also in barrier mode
   (``persistent-barrier``, ``persistent512-8w-barrier``; on a CPU the launcher runs per step): for
@@ -500,7 +500,6 @@ def _class_workloads(cell: str, dtype: torch.dtype, classes: dict[str, int], exa
 def workloads() -> dict[str, Callable[[], None]]:
     """Every workload of the gate by name (nothing runs until a workload is called)."""
     from fastrnn.ops.feedback import CELLS, compile_corners
-    from fastrnn.ops.recurrence import CUDNN_FLAG_GATES
 
     out: dict[str, Callable[[], None]] = {}
     for cell in CELL_GATES:
@@ -514,7 +513,7 @@ def workloads() -> dict[str, Callable[[], None]]:
             if "tiled" not in classes:  # tiled only when forced: its largest-H class, forced
                 for form, run in _layer_forms(cell, dtype, 2 ** 10).items():
                     out[f"{cell}-{_dtype_name(dtype)}-tiled-forced-{form}"] = _forced("FASTRNN_STRATEGY", "tiled", run)
-            if dtype == torch.float32 and CELL_GATES[cell] in CUDNN_FLAG_GATES:
+            if dtype == torch.float32:
                 # cuDNN's RNN flag off: the split-tf32 / FMA forms and the plan they get (``-exact-``)
                 with cudnn_tf32(False):
                     exact_classes = size_classes(cell, dtype)
@@ -542,7 +541,7 @@ def workloads() -> dict[str, Callable[[], None]]:
             hidden, size_class = max((h, name) for name, h in size_classes(cell, dtype).items() if name.startswith("resident"))
             out[f"{cell}-{_dtype_name(dtype)}-{size_class}-zoneout-full"] = (
                 lambda c=cell, d=dtype, h=hidden - 8: zoneout_workload(c, d, h, FORM_BATCH["full"]))
-            if dtype == torch.float32 and CELL_GATES[cell] in CUDNN_FLAG_GATES:  # and its split-tf32 form
+            if dtype == torch.float32:  # and its split-tf32 form
                 out[f"{cell}-{_dtype_name(dtype)}-exact-{size_class}-zoneout-full"] = _without_cudnn_tf32(
                     lambda c=cell, d=dtype, h=hidden - 8: zoneout_workload(c, d, h, FORM_BATCH["full"]))
     for dtype in (torch.bfloat16, torch.float32):  # and on the GRU's persistent kernels: their largest class, barrier form

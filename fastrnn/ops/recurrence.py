@@ -199,12 +199,6 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-#: Cells whose layer kernels (every strategy of the table) take their fp32 tf32 rule from cuDNN's RNN
-#: flag (:func:`cudnn_rnn_allows_tf32`), as ``torch.nn`` does for them on CUDA: all three. ``nn.RNN``,
-#: ``nn.GRU`` and ``nn.LSTM`` are one cuDNN RNN op there, each built on the same RNN descriptor.
-CUDNN_FLAG_GATES = frozenset({1, 3, 4})
-
-
 def cudnn_rnn_allows_tf32() -> bool:
     """Whether PyTorch lets cuDNN's fp32 RNNs (``torch.nn.LSTM`` on CUDA) use tf32 tensor cores.
 
@@ -245,8 +239,9 @@ def input_precision(dtype: torch.dtype, strategy: str | None = None, gates: int 
 
     Which flag (the precision contract). A fastrnn layer is drop-in for ``torch.nn``, and on CUDA an
     fp32 ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` is cuDNN, whose products are tf32 unless cuDNN's RNN
-    flag is off (:func:`cudnn_rnn_allows_tf32`, with the PyTorch file and line). So the layer kernels
-    of every cell (:data:`CUDNN_FLAG_GATES`, every strategy) follow that flag: by default tf32, as
+    flag is off (:func:`cudnn_rnn_allows_tf32`, with the PyTorch file and line; the three are one cuDNN
+    RNN op there, each built on the same RNN descriptor). So the layer kernels of every cell (every
+    strategy of the table) follow that flag: by default tf32, as
     ``torch.nn``'s; the exact forms above only when the user turns it off
     (``torch.backends.cudnn.allow_tf32 = False`` or ``torch.backends.cudnn.rnn.fp32_precision =
     "ieee"``), for fp32-level error. The kernels outside the table follow
@@ -258,7 +253,7 @@ def input_precision(dtype: torch.dtype, strategy: str | None = None, gates: int 
     they test the choice."""
     if dtype != torch.float32:
         return "ieee"
-    tf32 = cudnn_rnn_allows_tf32() if strategy is not None and gates in CUDNN_FLAG_GATES else torch.backends.cuda.matmul.allow_tf32
+    tf32 = cudnn_rnn_allows_tf32() if strategy is not None else torch.backends.cuda.matmul.allow_tf32
     if tf32:
         return "tf32"
     if strategy in ("resident", "tiled"):
