@@ -58,7 +58,7 @@ def gru_fwd(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, lengths: 
          kernel_lengths(lengths, gx), y, h_n, saved],
         dict(T=T, B=B, H=H, D=D, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device,
-        resident_meta=zoneout,  # zoneout arguments, for the resident and persistent kernels
+        zoneout_meta=zoneout,  # for the resident and persistent kernels
         # exchange: the ping-pong of h in the weights' dtype; carry: each program's fp32 state.
         persistent_kernel=PersistentKernel(kernels.gru_fwd_persistent_kernel, T, [((2, D, B, H), w.dtype), ((D, B, H), torch.float32)],
                                            meta=dict(persistent.register_budget(gx.dtype), SPLIT_K=gx.dtype != torch.float32),
@@ -91,7 +91,7 @@ def gru_bwd(
         dict(T=T, B=B, H=H, D=D, grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(y.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=y.dtype, device=y.device,
-        resident_meta=zoneout,  # zoneout arguments, for the resident and persistent kernels
+        zoneout_meta=zoneout,  # for the resident and persistent kernels
         # the gradients are exchanged through dgh itself; carry: each program's fp32 partial dh.
         # fp32 with tf32 products: the register budget (persistent.register_budget), as the LSTM's; the
         # forward keeps none (with it its full form spills, 56-80 B on sm_90).

@@ -104,7 +104,7 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         "lstm_fwd", GATES, (kernels.lstm_fwd_resident_kernel, kernels.lstm_fwd_tiled_kernel), args,
         dict(T=T, B=B, H=H, K=K, D=D, HAS_PROJ=proj, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
-        resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
+        zoneout_meta=zoneout,  # for the resident kernels only
         # exchanges: the ping-pong of h and, projecting, m, in the compute dtype; carry: c in fp32.
         persistent_kernel=PersistentKernel(
             kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
@@ -169,7 +169,7 @@ def lstm_bwd(
         dict(T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_PROJ=proj, HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(gates.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=gates.dtype, device=gates.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
-        resident_meta=zoneout,  # zoneout arguments, for the resident kernels only
+        zoneout_meta=zoneout,  # for the resident kernels only
         # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
         persistent_kernel=PersistentKernel(
             kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,

@@ -119,13 +119,13 @@ class PersistentKernel:
     scratch: list
     meta: dict = dataclasses.field(default_factory=dict)  # constexprs only the persistent kernel takes
     forward: bool = False  # a forward kernel: takes the plan's forward constexprs (PersistentPlan.constexprs)
-    zoneout: bool = False  # takes the zoneout arguments the resident kernels take (launch's resident_meta)
+    zoneout: bool = False  # takes the zoneout arguments the resident kernels take (launch's zoneout_meta)
 
 
 def launch(
     name: str, gates: int, kernel_pair: tuple, args: list, meta: dict, *,
     B: int, H: int, D: int, dtype: torch.dtype, device, scratch: list | None = None,
-    persistent_kernel: PersistentKernel | None = None, resident_meta: dict | None = None,
+    persistent_kernel: PersistentKernel | None = None, zoneout_meta: dict | None = None,
 ) -> None:
     """Launch the resident or the tiled kernel of ``kernel_pair`` as :func:`plan` says, on the
     grid ``(cdiv(B, BLOCK_B), D)``, or ``persistent_kernel`` on its own grid
@@ -134,19 +134,19 @@ def launch(
     shape in ``scratch`` (default: one ping-pong state ``(2, D, B, H)``; a ``None`` shape passes a
     dummy pointer the kernel never reads). ``meta`` holds the scalar and constexpr arguments.
     One launch is counted per call, also when the persistent kernel runs one launch per step.
-    ``resident_meta``: arguments the resident kernels take and the others do not (zoneout,
-    ``fastrnn.ops.zoneout``), also passed to a persistent kernel that takes them
-    (``PersistentKernel.zoneout``); any other plan then raises ValueError."""
+    ``zoneout_meta``: the zoneout arguments (``fastrnn.ops.zoneout``), which the resident kernels
+    take and a persistent kernel with ``PersistentKernel.zoneout``; any other plan then raises
+    ValueError."""
     p = plan(gates, H, dtype)
-    takes_resident_meta = p.strategy == "resident" or (
+    zones_out = p.strategy == "resident" or (
         p.strategy == "persistent" and persistent_kernel is not None and persistent_kernel.zoneout)
-    if resident_meta and not takes_resident_meta:
-        raise ValueError(f"{name}: {', '.join(resident_meta)} run on the resident kernels (and some persistent ones) only, "
+    if zoneout_meta and not zones_out:
+        raise ValueError(f"{name}: {', '.join(zoneout_meta)} run on the resident kernels (and some persistent ones) only, "
                          f"and hidden size {H} ({dtype}) plans to the {p.strategy} strategy")
     if p.strategy == "persistent":
         if persistent_kernel is None:
             raise ValueError(f"{name}: the plan is persistent, but no persistent kernel was given")
-        meta = dict(meta, **persistent_kernel.meta, **(resident_meta or {}))
+        meta = dict(meta, **persistent_kernel.meta, **(zoneout_meta or {}))
         if "INPUT_PRECISION" in meta:  # the launcher's choice, made before the strategy was known
             meta["INPUT_PRECISION"] = input_precision(dtype, "persistent", gates)
         persistent.launch(name, persistent_kernel.kernel, args, meta, gates=gates, B=B, H=H, D=D, dtype=dtype,
@@ -162,7 +162,7 @@ def launch(
         meta["maxnreg"] = register_budget(p.num_warps)
     resident, tiled = kernel_pair
     if p.strategy == "resident":
-        resident[grid](*args, **meta, **(resident_meta or {}))
+        resident[grid](*args, **meta, **(zoneout_meta or {}))
     else:
         shapes = [(2, D, B, H)] if scratch is None else scratch
         buffers = [args[0] if shape is None else torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes]
