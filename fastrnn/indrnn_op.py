@@ -96,14 +96,8 @@ def _backward(ctx, dy, dh_n):
     return dgx, du, dh0, None, None, None, None, None, None
 
 
-_DOUBLE_BACKWARD_REFUSED = (
-    "double backward is not supported through fastrnn::indrnn_recurrence (torch.compile); "
-    "the twice-differentiable path is FASTRNN_BACKEND=reference"
-)
-
-
 indrnn_recurrence.register_autograd(_backward, setup_context=_setup)
-refuse_double_backward(indrnn_recurrence_backward, _DOUBLE_BACKWARD_REFUSED)
+refuse_double_backward(indrnn_recurrence_backward, "fastrnn::indrnn_recurrence (torch.compile)")
 
 
 def reference_layer(

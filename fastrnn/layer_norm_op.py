@@ -34,10 +34,8 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-_DOUBLE_BACKWARD_REFUSED = (
-    "double backward is not supported through fastrnn's hand-written LayerNorm backward "
-    "(torch.compile); the twice-differentiable path is FASTRNN_BACKEND=reference"
-)
+#: What double backward is refused through (:func:`fastrnn.registered_ops.refuse_double_backward`).
+_DOUBLE_BACKWARD_THROUGH = "fastrnn's hand-written LayerNorm backward (torch.compile)"
 
 
 # ------------------------------------------------------------------------------------ LSTM
@@ -100,7 +98,7 @@ def _lstm_backward(ctx, dy, dh_n, dc_n):
 
 
 lstm_direction.register_autograd(_lstm_backward, setup_context=_lstm_setup)
-refuse_double_backward(lstm_direction_backward, _DOUBLE_BACKWARD_REFUSED)
+refuse_double_backward(lstm_direction_backward, _DOUBLE_BACKWARD_THROUGH)
 
 
 # ------------------------------------------------------------------------------------- GRU
@@ -160,4 +158,4 @@ def _gru_backward(ctx, dy, dh_n):
 
 
 gru_direction.register_autograd(_gru_backward, setup_context=_gru_setup)
-refuse_double_backward(gru_direction_backward, _DOUBLE_BACKWARD_REFUSED)
+refuse_double_backward(gru_direction_backward, _DOUBLE_BACKWARD_THROUGH)

@@ -366,13 +366,7 @@ def _backward(ctx, dy, dh_n, dc_n):
 native_bptt_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_DOUBLE_BACKWARD_REFUSED = (
-    "double backward is not supported through fastrnn's hand-written CPU backward (grad_clip, "
-    "gradient-flow recording, torch.compile); the twice-differentiable path is FASTRNN_BACKEND=reference"
-)
-
-
-refuse_double_backward(native_bptt_layer_backward_op, _DOUBLE_BACKWARD_REFUSED)
+refuse_double_backward(native_bptt_layer_backward_op, "fastrnn's hand-written CPU backward (grad_clip, gradient-flow recording, torch.compile)")
 
 
 def native_bptt_layer(

@@ -16,10 +16,12 @@ def _no_context(ctx, inputs, output) -> None:
     """The refusal needs nothing saved."""
 
 
-def refuse_double_backward(backward_op: torch.library.CustomOpDef, message: str) -> None:
+def refuse_double_backward(backward_op: torch.library.CustomOpDef, through: str) -> None:
     """Register on ``backward_op`` (the registered operator that is another operator's backward) an
-    autograd formula that raises ``RuntimeError(message)``: differentiating through it again
-    (``create_graph=True``, then ``backward``) fails with ``message``."""
+    autograd formula that raises a ``RuntimeError``: differentiating through it again
+    (``create_graph=True``, then ``backward``) fails with "double backward is not supported through
+    ``through``; the twice-differentiable path is FASTRNN_BACKEND=reference"."""
+    message = f"double backward is not supported through {through}; the twice-differentiable path is FASTRNN_BACKEND=reference"
 
     def refuse(ctx, *grads):
         raise RuntimeError(message)

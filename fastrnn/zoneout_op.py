@@ -107,14 +107,8 @@ def _backward(ctx, dy, dh_n, dc_n):
     return None, dx, dh0, (None if c0 is None else dc0), dweights, None, None, None, None, None
 
 
-_DOUBLE_BACKWARD_REFUSED = (
-    "double backward is not supported through fastrnn::zoned_reference_layer (torch.compile); "
-    "the twice-differentiable path is FASTRNN_BACKEND=reference"
-)
-
-
 zoned_reference_layer_op.register_autograd(_backward, setup_context=_setup)
-refuse_double_backward(zoned_reference_layer_backward, _DOUBLE_BACKWARD_REFUSED)
+refuse_double_backward(zoned_reference_layer_backward, "fastrnn::zoned_reference_layer (torch.compile)")
 
 
 def zoned_reference_layer(

@@ -234,16 +234,14 @@ def _gru_backward(ctx, dy, dh_n):
     return dgx, dw_hh, (None if b_hh is None else db_hh), dh0, None, None, None, None
 
 
-_DOUBLE_BACKWARD_REFUSED = (
-    "double backward is not supported through fastrnn's zoneout kernels; "
-    "the twice-differentiable path is FASTRNN_BACKEND=reference"
-)
+#: What double backward is refused through (:func:`fastrnn.registered_ops.refuse_double_backward`).
+_DOUBLE_BACKWARD_THROUGH = "fastrnn's zoneout kernels"
 
 
 lstm_zoneout_recurrence.register_autograd(_lstm_backward, setup_context=_lstm_setup)
-refuse_double_backward(lstm_zoneout_recurrence_backward, _DOUBLE_BACKWARD_REFUSED)
+refuse_double_backward(lstm_zoneout_recurrence_backward, _DOUBLE_BACKWARD_THROUGH)
 gru_zoneout_recurrence.register_autograd(_gru_backward, setup_context=_gru_setup)
-refuse_double_backward(gru_zoneout_recurrence_backward, _DOUBLE_BACKWARD_REFUSED)
+refuse_double_backward(gru_zoneout_recurrence_backward, _DOUBLE_BACKWARD_THROUGH)
 
 
 def zoneout_layer(
