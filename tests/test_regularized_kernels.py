@@ -25,6 +25,7 @@ from fastrnn import routing
 from fastrnn.backend import triton_interpreting
 from fastrnn.ops.recurrence import LAUNCHES, plan
 from tests.conftest import assert_close
+from tests.test_persistent import H as PERSISTENT_H, harness, persistent_env  # noqa: F401 (persistent_env: a fixture)
 
 #: Both paths run on one device (its generator draws the masks): a GPU's, else the CPU's (interpreter).
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
@@ -211,71 +212,51 @@ def test_gradient_flow_record_matches_the_reference():
 
 
 # --------------------------------------------------------- zoneout on the GRU's persistent kernels
-#: Forced persistent at H 32 with 8 units per program: 4 programs per direction (grid (4, 1, 2)).
-PERSISTENT_H, PERSISTENT_SLICE = 32, 8
+# The setting of tests/test_persistent.py (imported above): H 32 with 8 units per program, 4 programs per
+# direction (grid (4, 1, 2)); its fixture ``persistent_env`` forces it, its ``harness`` runs barrier mode
+# with one thread per program.
 needs_interpreter = pytest.mark.skipif(DEVICE != "cpu", reason="the hand-written oracle draws its masks on the CPU")
 
 
-@pytest.fixture
-def persistent_gru(monkeypatch):
-    """Force the persistent strategy at ``PERSISTENT_SLICE`` units per program; returns a mode setter."""
-    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
-    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(PERSISTENT_SLICE))
-    return lambda mode: monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
-
-
-def persistent_harness(mode: str):
-    """Barrier mode on the CPU: one thread per program (``tests/concurrent_grid.py``)."""
-    import contextlib
-
-    if mode != "barrier":
-        return contextlib.nullcontext()
-    from concurrent_grid import concurrent_grid, unsupported_reason
-
-    if unsupported_reason():
-        pytest.skip(unsupported_reason())
-    return concurrent_grid(timeout_s=120, chaos=0.05, seed=5)
-
-
-#: id -> (mode, train, layers): packed unsorted lengths and both directions in each.
+#: id -> (mode, train): one layer, packed unsorted lengths and both directions in each.
 PERSISTENT_CASES = {
-    "per_step-train": ("per_step", True, 1),
-    "per_step-eval": ("per_step", False, 1),
-    "barrier-train": ("barrier", True, 1),
+    "per_step-train": ("per_step", True),
+    "per_step-eval": ("per_step", False),
+    "barrier-train": ("barrier", True),
 }
 
 
 @needs_interpreter
 @pytest.mark.parametrize("name", PERSISTENT_CASES)
-def test_persistent_gru_zoneout_matches_handwritten_float64(name, persistent_gru):
+def test_persistent_gru_zoneout_matches_handwritten_float64(name, persistent_env):
     """The GRU's persistent kernels zone out (fp32, 1e-4) as the hand-written float64 GRU of
     ``tests/test_regularized_rnn.py`` does, masks from the same seed: outputs, final state and the
     gradients of the input, ``h0`` and every parameter."""
     from tests.test_regularized_rnn import assert_matches_oracle, forward, handwritten
 
-    mode, train, layers = PERSISTENT_CASES[name]
-    persistent_gru(mode)
+    mode, train = PERSISTENT_CASES[name]
+    persistent_env(mode)
     torch.manual_seed(0)
     T, B = 5, 3
-    module = fastrnn.GRU(I, PERSISTENT_H, num_layers=layers, bidirectional=True, zoneout=0.3).train(train)
+    module = fastrnn.GRU(I, PERSISTENT_H, bidirectional=True, zoneout=0.3).train(train)
     x = torch.randn(T, B, I, requires_grad=True)
-    h0 = torch.randn(2 * layers, B, PERSISTENT_H, requires_grad=True)
+    h0 = torch.randn(2, B, PERSISTENT_H, requires_grad=True)
     lengths = torch.tensor([5, 2, 4])
-    w_y, w_h = torch.randn(T, B, 2 * PERSISTENT_H, dtype=torch.float64), torch.randn(2 * layers, B, PERSISTENT_H, dtype=torch.float64)
+    w_y, w_h = torch.randn(T, B, 2 * PERSISTENT_H, dtype=torch.float64), torch.randn(2, B, PERSISTENT_H, dtype=torch.float64)
     before = dict(LAUNCHES)
     torch.manual_seed(3)
-    with fastrnn.use_backend("triton"), persistent_harness(mode):
+    with fastrnn.use_backend("triton"), harness(mode, seed=5):
         y, h_n, _, inputs = forward(module, x, lengths, h0, None, packed=True)
         want = handwritten(module, x.double(), lengths, h0.double(), None, 3, None)
         assert_matches_oracle(module, (y.double(), h_n.double(), None), want, inputs, w_y, w_h, atol=1e-4)
     launches = {k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v != before.get(k, 0)}
-    assert launches == {"gru_fwd_persistent": layers, "gru_bwd_persistent": layers}
+    assert launches == {"gru_fwd_persistent": 1, "gru_bwd_persistent": 1}
 
 
-def test_persistent_gru_zoneout_grad_clip_and_flow_record(persistent_gru):
+def test_persistent_gru_zoneout_grad_clip_and_flow_record(persistent_env):
     """``grad_clip`` (it binds) and the gradient-flow record through the zoning persistent kernels
     (per_step, packed, both directions), against the float64 reference path, same masks."""
-    persistent_gru("per_step")
+    persistent_env("per_step")
     module, reference, x, h0, _ = make("gru", torch.float32, True, PERSISTENT_H, zoneout=0.3, bidirectional=True, grad_clip=0.05)
     recorded = {}
     for m, dtype, backend in ((module, torch.float32, "triton"), (reference, torch.float64, "reference")):
