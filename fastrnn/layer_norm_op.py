@@ -17,21 +17,7 @@ import torch
 from torch import Tensor
 
 from fastrnn.layer_norm_rnn import LayerNormGRUFunction, LayerNormLSTMFunction
-from fastrnn.registered_ops import refuse_double_backward
-
-
-class _Context:
-    """What a Function's forward and backward use of autograd's ``ctx``, when an operator runs them."""
-
-    def __init__(self, needs_input_grad: tuple[bool, ...]):
-        self.needs_input_grad = needs_input_grad
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
+from fastrnn.registered_ops import OperatorContext, no_tensor, refuse_double_backward
 
 
 #: What double backward is refused through (:func:`fastrnn.registered_ops.refuse_double_backward`).
@@ -46,7 +32,7 @@ def lstm_direction(
     zoneout_p: float, grad_clip: float | None, flow_record: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`LayerNormLSTMFunction`'s forward: ``(y (T, B, H), h_n (B, H), c_n (B, H))``."""
-    return LayerNormLSTMFunction.forward(_Context(()), x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, bias_c, h0, c0,
+    return LayerNormLSTMFunction.forward(OperatorContext(), x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, bias_c, h0, c0,
                                          lengths, reverse, mask, zoneout_p, grad_clip, None)
 
 
@@ -65,19 +51,19 @@ def lstm_direction_backward(
     """``[dx, d w_ih, d gain_ih, d bias (empty without), d w_hh, d gain_hh, d gain_c, d bias_c, dh0, dc0,
     flow (T,) float64 (empty unless record_flow)]``: the forward again, then the hand-written backward."""
     flow = x.new_zeros(x.shape[0], dtype=torch.float64) if record_flow else None
-    ctx = _Context((True,))
+    ctx = OperatorContext((True,))
     LayerNormLSTMFunction.forward(ctx, x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, reverse,
                                   mask, zoneout_p, grad_clip, flow)
     grads = LayerNormLSTMFunction.backward(ctx, dy, dh_n, dc_n)[:10]
-    return [_empty(x) if g is None else g for g in grads] + [_empty(x) if flow is None else flow]
+    return [no_tensor(x) if g is None else g for g in grads] + [no_tensor(x) if flow is None else flow]
 
 
 @lstm_direction_backward.register_fake
 def _(x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, reverse, mask, zoneout_p, grad_clip,
       dy, dh_n, dc_n, record_flow):
     like = (x, w_ih, gain_ih, bias, w_hh, gain_hh, gain_c, bias_c, h0, c0)
-    flow = x.new_empty(x.shape[0], dtype=torch.float64) if record_flow else _empty(x)
-    return [_empty(x) if t is None else t.new_empty(t.shape) for t in like] + [flow]  # contiguous, as computed
+    flow = x.new_empty(x.shape[0], dtype=torch.float64) if record_flow else no_tensor(x)
+    return [no_tensor(x) if t is None else t.new_empty(t.shape) for t in like] + [flow]  # contiguous, as computed
 
 
 def _lstm_setup(ctx, inputs, output):
@@ -109,7 +95,7 @@ def gru_direction(
     grad_clip: float | None, flow_record: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """:class:`LayerNormGRUFunction`'s forward: ``(y (T, B, H), h_n (B, H))``."""
-    return LayerNormGRUFunction.forward(_Context(()), x, w_ih, gain_ih, b_ih, w_hh, gain_hh, b_hh, h0, lengths, reverse,
+    return LayerNormGRUFunction.forward(OperatorContext(), x, w_ih, gain_ih, b_ih, w_hh, gain_hh, b_hh, h0, lengths, reverse,
                                         mask, zoneout_p, grad_clip, None)
 
 
@@ -126,19 +112,19 @@ def gru_direction_backward(
 ) -> list[Tensor]:
     """``[dx, d w_ih, d gain_ih, d b_ih (empty without), d w_hh, d gain_hh, d b_hh, dh0, flow]``."""
     flow = x.new_zeros(x.shape[0], dtype=torch.float64) if record_flow else None
-    ctx = _Context((True,))
+    ctx = OperatorContext((True,))
     LayerNormGRUFunction.forward(ctx, x, w_ih, gain_ih, b_ih, w_hh, gain_hh, b_hh, h0, lengths, reverse, mask, zoneout_p,
                                  grad_clip, flow)
     grads = LayerNormGRUFunction.backward(ctx, dy, dh_n)[:8]
-    return [_empty(x) if g is None else g for g in grads] + [_empty(x) if flow is None else flow]
+    return [no_tensor(x) if g is None else g for g in grads] + [no_tensor(x) if flow is None else flow]
 
 
 @gru_direction_backward.register_fake
 def _(x, w_ih, gain_ih, b_ih, w_hh, gain_hh, b_hh, h0, lengths, reverse, mask, zoneout_p, grad_clip, dy, dh_n,
       record_flow):
     like = (x, w_ih, gain_ih, b_ih, w_hh, gain_hh, b_hh, h0)
-    flow = x.new_empty(x.shape[0], dtype=torch.float64) if record_flow else _empty(x)
-    return [_empty(x) if t is None else t.new_empty(t.shape) for t in like] + [flow]  # contiguous, as computed
+    flow = x.new_empty(x.shape[0], dtype=torch.float64) if record_flow else no_tensor(x)
+    return [no_tensor(x) if t is None else t.new_empty(t.shape) for t in like] + [flow]  # contiguous, as computed
 
 
 def _gru_setup(ctx, inputs, output):

@@ -35,7 +35,7 @@ from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn.reference import ACTIVATIONS
-from fastrnn.registered_ops import refuse_double_backward
+from fastrnn.registered_ops import no_tensor, refuse_double_backward
 
 #: Elman nonlinearities the native op computes; the others run the forward step loop.
 NATIVE_NONLINEARITIES = ("tanh", "relu")
@@ -304,10 +304,6 @@ def layer_backward(cell, nonlinearity, x, h0, c0, weights, lengths, y, dy, dh_n,
 
 
 # ------------------------------------------------------------------------- registered operators
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
 @torch.library.custom_op("fastrnn::native_bptt_layer", mutates_args=())
 def native_bptt_layer_op(
     cell: str, nonlinearity: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: list[Tensor],
@@ -316,13 +312,13 @@ def native_bptt_layer_op(
     """One layer, every direction: ``(y, h_n, c_n)`` (``c_n`` empty for RNN and GRU).
     ``flow_record`` is only handed to the backward, which fills it (eager mode)."""
     y, h_n, c_n = layer_forward(cell, nonlinearity, x, h0, c0, weights, lengths)
-    return y.contiguous(), h_n.contiguous(), (_empty(x) if c_n is None else c_n.contiguous())
+    return y.contiguous(), h_n.contiguous(), (no_tensor(x) if c_n is None else c_n.contiguous())
 
 
 @native_bptt_layer_op.register_fake
 def _(cell, nonlinearity, x, h0, c0, weights, lengths, grad_clip, flow_record):
     y = x.new_empty((x.shape[0], x.shape[1], h0.shape[0] * h0.shape[2]))
-    return y, torch.empty_like(h0), (_empty(x) if c0 is None else torch.empty_like(c0))
+    return y, torch.empty_like(h0), (no_tensor(x) if c0 is None else torch.empty_like(c0))
 
 
 @torch.library.custom_op("fastrnn::native_bptt_layer_backward", mutates_args=())
@@ -335,13 +331,13 @@ def native_bptt_layer_backward_op(
     dx, dh0, dc0, dweights, flow = layer_backward(
         cell, nonlinearity, x, h0, c0, weights, lengths, y, dy, dh_n, dc_n, grad_clip, record_flow
     )
-    return [dx, dh0, _empty(x) if dc0 is None else dc0, *dweights, _empty(x) if flow is None else flow]
+    return [dx, dh0, no_tensor(x) if dc0 is None else dc0, *dweights, no_tensor(x) if flow is None else flow]
 
 
 @native_bptt_layer_backward_op.register_fake
 def _(cell, nonlinearity, x, h0, c0, weights, lengths, y, dy, dh_n, dc_n, grad_clip, record_flow):
-    flow = x.new_empty((h0.shape[0], x.shape[0]), dtype=torch.float32) if record_flow else _empty(x)
-    return [torch.empty_like(x), torch.empty_like(h0), _empty(x) if c0 is None else torch.empty_like(c0),
+    flow = x.new_empty((h0.shape[0], x.shape[0]), dtype=torch.float32) if record_flow else no_tensor(x)
+    return [torch.empty_like(x), torch.empty_like(h0), no_tensor(x) if c0 is None else torch.empty_like(c0),
             *[torch.empty_like(w) for w in weights], flow]
 
 

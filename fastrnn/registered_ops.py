@@ -10,6 +10,24 @@ differentiable (``FASTRNN_BACKEND=reference``).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
+
+class OperatorContext:
+    """What a Function's ``forward`` and ``backward`` use of autograd's ``ctx`` when a registered
+    operator runs them: ``save_for_backward`` (kept as ``saved_tensors``) and ``needs_input_grad``."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...] = ()):
+        self.needs_input_grad = needs_input_grad
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def no_tensor(like: Tensor) -> Tensor:
+    """An empty tensor on ``like``'s device and dtype: what an operator returns where its Function
+    returns None (a registered operator's outputs are tensors)."""
+    return like.new_empty(0)
 
 
 def _no_context(ctx, inputs, output) -> None:

@@ -46,7 +46,7 @@ from fastrnn.ops.recurrence import (
     stack_params,
     write_flow_record,
 )
-from fastrnn.registered_ops import refuse_double_backward
+from fastrnn.registered_ops import OperatorContext, no_tensor, refuse_double_backward
 
 #: Gates per cell with zoneout kernels.
 GATES = {"lstm": lstm_ops.GATES, "gru": gru_ops.GATES}
@@ -130,24 +130,13 @@ class GRUZoneoutFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------- the Functions as registered operators
-class _Context:
-    """What the Functions' forward and backward use of autograd's ``ctx``, when an operator runs them."""
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
 @torch.library.custom_op("fastrnn::lstm_zoneout_recurrence", mutates_args=())
 def lstm_zoneout_recurrence(
     gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None, keep: Tensor | None,
     zoneout_p: float, grad_clip: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`LSTMZoneoutFunction`'s forward, ``(y, h_n, c_n)``, as what ``torch.compile`` traces."""
-    return LSTMZoneoutFunction.forward(_Context(), gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip, None)
+    return LSTMZoneoutFunction.forward(OperatorContext(), gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip, None)
 
 
 @lstm_zoneout_recurrence.register_fake
@@ -163,15 +152,15 @@ def lstm_zoneout_recurrence_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dgx, dW_hh, dW_hr (empty without), dh0, dc0)``: the forward kernel again (the operator keeps
     only its inputs), then the Function's backward."""
-    ctx = _Context()
+    ctx = OperatorContext()
     LSTMZoneoutFunction.forward(ctx, gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip, None)
     dgx, dw_hh, dw_hr, dh0, dc0 = LSTMZoneoutFunction.backward(ctx, dy, dh_n, dc_n)[:5]
-    return dgx, dw_hh, (_empty(gx) if dw_hr is None else dw_hr), dh0, dc0
+    return dgx, dw_hh, (no_tensor(gx) if dw_hr is None else dw_hr), dh0, dc0
 
 
 @lstm_zoneout_recurrence_backward.register_fake
 def _(gx, w_hh, w_hr, h0, c0, lengths, keep, zoneout_p, grad_clip, dy, dh_n, dc_n):
-    dw_hr = _empty(gx) if w_hr is None else w_hr.new_empty(w_hr.shape)
+    dw_hr = no_tensor(gx) if w_hr is None else w_hr.new_empty(w_hr.shape)
     return gx.new_empty(gx.shape), w_hh.new_empty(w_hh.shape), dw_hr, h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
 
@@ -194,7 +183,7 @@ def gru_zoneout_recurrence(
     zoneout_p: float, grad_clip: float | None,
 ) -> tuple[Tensor, Tensor]:
     """:class:`GRUZoneoutFunction`'s forward, ``(y, h_n)``, as what ``torch.compile`` traces."""
-    return GRUZoneoutFunction.forward(_Context(), gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip, None)
+    return GRUZoneoutFunction.forward(OperatorContext(), gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip, None)
 
 
 @gru_zoneout_recurrence.register_fake
@@ -209,15 +198,15 @@ def gru_zoneout_recurrence_backward(
     zoneout_p: float, grad_clip: float | None, dy: Tensor, dh_n: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dgx, dW_hh, db_hh (empty without), dh0)``: the forward kernel again, then the Function's backward."""
-    ctx = _Context()
+    ctx = OperatorContext()
     GRUZoneoutFunction.forward(ctx, gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip, None)
     dgx, dw_hh, db_hh, dh0 = GRUZoneoutFunction.backward(ctx, dy, dh_n)[:4]
-    return dgx, dw_hh, (_empty(gx) if db_hh is None else db_hh), dh0
+    return dgx, dw_hh, (no_tensor(gx) if db_hh is None else db_hh), dh0
 
 
 @gru_zoneout_recurrence_backward.register_fake
 def _(gx, w_hh, b_hh, h0, lengths, keep, zoneout_p, grad_clip, dy, dh_n):
-    db_hh = _empty(gx) if b_hh is None else b_hh.new_empty(b_hh.shape)
+    db_hh = no_tensor(gx) if b_hh is None else b_hh.new_empty(b_hh.shape)
     return gx.new_empty(gx.shape), w_hh.new_empty(w_hh.shape), db_hh, h0.new_empty(h0.shape)
 
 
