@@ -580,7 +580,8 @@ def launch(
     """Run ``kernel`` (a cell's persistent kernel, interface in the module docstring) over
     ``phases`` phases on the plan's grid; returns the mode it ran in (``barrier`` or ``per_step``).
     ``scratch``: the ``(shape, dtype)`` of each buffer the kernel takes after ``args`` (fresh,
-    uninitialised). Raises RuntimeError naming the kernel and grid if a wait ran out of spins."""
+    uninitialised). Raises RuntimeError naming the kernel and grid if a wait ran out of spins, or
+    if the device cannot load the per-step binary (:func:`_check_loads`: Triton's OutOfResources)."""
     # HAS_PROJ: the LSTM's projection (its kernels' constexpr), which keeps the narrow sub-tiles
     plan = launch_plan(gates, H, B, D, dtype, device, int(meta["K"]) if meta.get("HAS_PROJ", False) else 0)
 
