@@ -327,3 +327,52 @@ def test_l4_plan_gives_each_direction_its_sub_tiles():
     assert h1024[108].constexprs(forward=True)["maxnreg"] == persistent_ops.REGISTER_BUDGET
     projecting = persistent_ops.persistent_plan(4, 1024, 16, 1, torch.bfloat16, 108, 166_912, projecting=True)
     assert tiling(projecting.constexprs(forward=True)) == (16, 1, 0)
+
+
+def test_a100_projecting_plan_fits_its_shared_memory():
+    """The projecting bf16 forward keeps both weight slices in shared memory
+    (``projecting_fwd_shared_bytes``, the compile's figures): at H1016 P508 bidirectional B20 (the
+    compile gate's ``-H1024-full``) an A100's 108 SMs leave 32-unit slices needing 229,376 B, over its
+    166,912: the plan halves them to 16 (131,072 B), 128 programs, more than the SMs (so it runs per
+    step). An H100/H200's plan is the one it was (16-unit slices, 128 programs, all resident)."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    estimate = persistent_ops.projecting_fwd_shared_bytes
+    assert estimate(32, 1016, 508, 16) == 229_376 and estimate(16, 1016, 508, 16) == 131_072
+    a100 = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 108, 166_912, proj=508)
+    assert (a100.slice, a100.slices, a100.batch_groups, a100.group_tiles, a100.programs) == (16, 64, 1, 2, 128)
+    assert estimate(a100.slice, 1016, 508, a100.block_b) <= 166_912 - persistent_ops.PROJECTING_SHARED_MARGIN
+    hopper = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 132, 232_448, proj=508)
+    assert hopper == persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 132, 232_448, projecting=True)
+    assert (hopper.slice, hopper.programs) == (16, 128)
+    # H504 P252 (the -H512-full form) fits as it was planned on both cards
+    for sms, shared in ((108, 166_912), (132, 232_448)):
+        assert (persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, sms, shared, proj=252)
+                == persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, sms, shared, projecting=True))
+
+
+class _FakeProps:
+    multi_processor_count = 108
+    regs_per_multiprocessor = 65536
+    shared_memory_per_multiprocessor = 167_936
+
+
+def test_a_binary_the_gpu_cannot_load_falls_back_or_raises_a_named_error(monkeypatch):
+    """The safety net against Triton's OutOfResources at launch (a binary needing more shared memory
+    than the device's blocks have): the barrier decision counts it as not fitting (the launch then
+    runs per step), and a per-step binary the device cannot load raises a RuntimeError that names
+    the kernel, its grid and the resource, instead of Triton's error from inside a launch loop."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastrnn.ops import persistent as persistent_ops
+
+    def refuse(kernel, all_args, meta, grid):
+        raise OutOfResources(229_376, 166_912, "shared memory")
+
+    monkeypatch.setattr(persistent_ops, "_loaded", refuse)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _FakeProps())
+    plan = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 108, 166_912)  # slice 32, 64 programs: fits the SMs
+    assert plan.programs <= _FakeProps.multi_processor_count
+    assert persistent_ops._fits_one_per_sm(None, [], {}, plan, "cuda:0") is False
+    with pytest.raises(RuntimeError, match=r"lstm_fwd: grid \(32, 1, 2\) .*slice 32, 64 programs, per_step.*shared memory.*229376"):
+        persistent_ops._check_loads("lstm_fwd", None, [], {}, plan)

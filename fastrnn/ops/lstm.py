@@ -95,7 +95,7 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         return y, h0.clone() if T == 0 else h_n, c0.clone(), gates, c
     proj = w_hr is not None
     w_hh_k = kernel_weight(w_hh)
-    weight_rows = persistent.persistent_plan(GATES, H, B, D, gx.dtype, persistent.sm_count(gx.device)).weight_rows
+    weight_rows = persistent.launch_plan(GATES, H, B, D, gx.dtype, gx.device, K if proj else 0).weight_rows
     args = [
         gx.contiguous(), w_hh_k, kernel_weight(w_hr) if proj else w_hh_k, h0.contiguous(), c0.contiguous(),
         kernel_lengths(lengths, gx), y, h_n, gates, c,
@@ -157,8 +157,9 @@ def lstm_bwd(
     if B == 0:
         return dgates, dhp, dh0, dc0, flow
     w_hh_k = kernel_weight(w_hh)
-    partition = persistent.persistent_plan(GATES, H, B, D, gates.dtype, persistent.sm_count(gates.device))
-    shares = persistent.flow_shares(flow, GATES, H, B, D, gates.dtype)
+    # the partition the launch runs (its slices size the partials): the card's, with the projection
+    partition = persistent.launch_plan(GATES, H, B, D, gates.dtype, gates.device, K if proj else 0)
+    shares = persistent.flow_shares(flow, GATES, H, B, D, gates.dtype, K if proj else 0)
     args = [
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, c, c0.contiguous(), w_hh_k,
         kernel_weight(w_hr) if proj else w_hh_k, kernel_lengths(lengths, gates),

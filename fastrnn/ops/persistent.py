@@ -214,6 +214,10 @@ BWD_WIDE_SHARED_BYTES = 200 * 1024
 #: none on both (128: 242 / 254, none; 64: 408 B; 512: 8 B on 3.9); L3 (H512 B1, head 512) clean
 #: either way (224 / 191 registers whole, 231 / 191 in chunks of 256).
 BWD_NARROW_CHUNK = 256
+#: Shared memory (bytes) kept free below the card's limit by the estimate of a 16-bit projecting
+#: forward's (:func:`projecting_fwd_shared_bytes`): what the compile adds beyond the slices and the
+#: operand buffer (measured: 1,024 B on sm_90 at H1016 P508 and H504 P252, none on sm_80).
+PROJECTING_SHARED_MARGIN = 4 * 1024
 #: Polls before a wait gives up: a step's flag round trip is about a microsecond on a GPU, so this
 #: is seconds; an interpreted poll costs tens of microseconds and programs drift by milliseconds.
 MAX_SPINS = {"gpu": 1 << 22, "interpreter": 20_000}
@@ -390,8 +394,34 @@ def shared_per_block(device=None) -> int:
     return planning_shared_bytes or DEFAULT_SHARED_BYTES
 
 
+def projecting_fwd_shared_bytes(slice_units: int, hidden: int, proj: int, batch_rows: int) -> int:
+    """Shared memory (bytes) of the 16-bit projecting LSTM's persistent forward (``kernels/lstm.py``,
+    ``HAS_PROJ``) at a slice of ``slice_units`` units, ``hidden`` cell units projected to ``proj``,
+    sub-tiles of ``batch_rows``: both weight slices stay in shared memory for the whole sequence,
+    ``W_hh``'s (``4 * slice_units`` rows x ``h`` as :func:`reduction_split` parts it) and ``W_hr``'s
+    (``BLOCK_S x BLOCK_K``, in chunks), plus one buffer the step's operands go through, as wide as the
+    larger of ``h`` and ``m`` (``m``'s ``BLOCK_B x BLOCK_K`` reuses ``h``'s).
+
+    Measured (ahead-of-time compiles, bf16, bidirectional, lengths: the TTGIR's ``local_alloc``
+    buffers and ``metadata.shared``, Triton 3.9 and 3.6 alike) at H1016 P508, B20 in two sub-tiles of
+    16. Slice 32 (what an A100's 108 SMs gave): ``W_hh`` ``128 x 512`` (131,072 B), ``W_hr`` 8 chunks
+    of ``32 x 128`` (65,536 B: ``BLOCK_S`` 32 rows for a program's 16 projected units), ``m``
+    ``16 x 1024`` (32,768 B): 229,376 B, exactly the compile's figure, over the A100's 166,912.
+    Slice 16: 65,536 + 32,768 + 32,768 = 131,072 B (sm_80 barrier binary on both Tritons, per-step
+    binary on 3.6; 3.9's per-step binary keeps part of the weights in registers, 81,920 B), 132,096
+    on sm_90. H504 P252 (the ``-H512-full`` form, one sub-tile): 114,688 B at slice 32 on sm_80,
+    exactly; 65,536 against 66,560 at slice 16 on sm_90 (hence :data:`PROJECTING_SHARED_MARGIN`).
+    The backward holds less (sm_80: its weights in registers, 16,384 B at either slice; sm_90 at
+    slice 16: 103,424 B), so the forward's decides. fp32 (not planned past H256): not measured,
+    not estimated."""
+    rows = max(16, 4 * max(slice_units, 4))
+    block_s, block_k = max(16, slice_units), max(16, triton.next_power_of_2(hidden))
+    h_width = sum(reduction_split(proj, rows))
+    return (rows * h_width + block_s * block_k + batch_rows * max(h_width, block_k)) * 2
+
+
 def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, sms: int = DEFAULT_SM_COUNT,
-                    shared: int = DEFAULT_SHARED_BYTES, projecting: bool = False) -> PersistentPlan:
+                    shared: int = DEFAULT_SHARED_BYTES, projecting: bool = False, proj: int = 0) -> PersistentPlan:
     """The partition for ``gates`` stacked ``hidden``-wide gate blocks, ``batch`` rows and
     ``directions``: sub-tiles of ``BLOCK_B = 16`` rows (:data:`MAX_BLOCK_B`), one per batch group,
     and the smallest slice (a power of two, at least :data:`MIN_SLICE`) that keeps all programs at
@@ -412,7 +442,20 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     :data:`FWD_WHOLE_SHARED_HEADROOM` of the card's shared memory (an A100's H1024 B16). Neither
     when ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``,
     the partial of ``dm_t``: ``H x BLOCK_B``) are not streamed, and at H1024 32-row sub-tiles
-    spilled 0.5-1.3 KB on sm_90 where 16-row ones compile clean."""
+    spilled 0.5-1.3 KB on sm_90 where 16-row ones compile clean.
+
+    ``proj`` (the projection size; implies ``projecting``): a 16-bit projecting forward keeps both
+    weight slices in shared memory (:func:`projecting_fwd_shared_bytes`); where the slice that keeps
+    every program resident needs more than the card's ``shared`` (less
+    :data:`PROJECTING_SHARED_MARGIN`), the slice halves until it fits, and the grid then exceeds
+    ``sms``: it runs per step (``launch``: the per-step launches need no co-residency; barrier mode
+    is refused). An A100 at H1016 P508 bidirectional (the compile gate's ``-H1024-full``): 64 slices
+    of 16 (128 programs, per step) instead of 32 of 32 (64 programs, whose forward needs 229,376 B
+    and would die at launch with OutOfResources). The cost model (``fastrnn.ops.cost_model``, H100
+    figures, forward / backward us per step): per_step at slice 16 4.5 / 6.7 (twice that for the
+    projection's second phase, and the 128 programs run in two waves of 108), barrier at slice 32
+    3.2 / 4.5 were it to fit, the tiled strategy 321 / 318: per step it is."""
+    projecting = projecting or proj > 0
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(max(1, batch))))
     tiles = triton.cdiv(max(1, batch), block_b)
     block_k = max(16, triton.next_power_of_2(hidden))
@@ -430,6 +473,11 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
         if gates not in WALKING_GATES or slice_bytes <= MAX_SLICE_WEIGHT_BYTES or group_tiles >= tiles:
             break
         group_tiles *= 2
+    if proj and forced is None and dtype != torch.float32:  # both weight slices in shared memory: halve to fit
+        while size > MIN_SLICE and projecting_fwd_shared_bytes(size, hidden, proj, block_b) > shared - PROJECTING_SHARED_MARGIN:
+            size //= 2
+        rows = max(16, gates * size)
+        slice_bytes = rows * sum(reduction_split(hidden, rows)) * 2
     slices = triton.cdiv(hidden, size)
     block_s = max(16, size)
     # 8 warps for fp32 (FMA dots spread their operands over threads) or past 16 KB of weights per
@@ -454,16 +502,25 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide)
 
 
-def flow_shares(flow: torch.Tensor | None, gates: int, H: int, B: int, D: int, dtype: torch.dtype) -> torch.Tensor | None:
+def launch_plan(gates: int, H: int, B: int, D: int, dtype: torch.dtype, device, proj: int = 0) -> PersistentPlan:
+    """The partition :func:`launch` runs on ``device`` (its SMs and shared memory, or the card an
+    ahead-of-time compile plans for), ``proj`` the LSTM's projection size (0: none): what a
+    launcher sizing its scratch by the plan (slices, weight rows) must ask for."""
+    return persistent_plan(gates, H, B, D, dtype, sm_count(device), shared_per_block(device), proj=proj)
+
+
+def flow_shares(flow: torch.Tensor | None, gates: int, H: int, B: int, D: int, dtype: torch.dtype,
+                proj: int = 0) -> torch.Tensor | None:
     """Where a persistent backward kernel writes the gradient-flow record: each program its
     share of ``||dL/dh_t||^2`` in a plane of a zeroed ``(slices, D, T, B)`` fp32 tensor (sum the
-    planes into ``flow (D, T, B)`` after the launch). None when ``flow`` is None or the plan for
-    this size is not persistent (the other strategies write ``flow`` directly)."""
+    planes into ``flow (D, T, B)`` after the launch; ``proj`` as :func:`launch_plan` takes it).
+    None when ``flow`` is None or the plan for this size is not persistent (the other strategies
+    write ``flow`` directly)."""
     from fastrnn.ops.recurrence import plan
 
     if flow is None or plan(gates, H, dtype).strategy != "persistent":
         return None
-    slices = persistent_plan(gates, H, B, D, dtype, sm_count(flow.device)).slices
+    slices = launch_plan(gates, H, B, D, dtype, flow.device, proj).slices
     return flow.new_zeros((slices, *flow.shape))
 
 
@@ -471,20 +528,49 @@ def flow_shares(flow: torch.Tensor | None, gates: int, H: int, B: int, D: int, d
 #: Barrier-mode decisions on a GPU by (kernel, grid, constexprs): True (co-resident, accepted) or
 #: False (does not fit, or the cooperative launch was refused: run per_step).
 _BARRIER_OK: dict[tuple, bool] = {}
+#: Per-step launches on a GPU by the same key whose binary the device was found to load (:func:`_check_loads`).
+_LOADS_OK: set[tuple] = set()
+
+
+def _loaded(kernel, all_args: list, meta: dict, grid: tuple):
+    """The compiled kernel of this launch, loaded on the device: Triton raises
+    ``triton.runtime.errors.OutOfResources`` here (before any program runs) when its shared memory
+    exceeds what a block of the device may use."""
+    compiled = kernel.warmup(*all_args, grid=grid, **meta)
+    compiled._init_handles()
+    return compiled
 
 
 def _fits_one_per_sm(kernel, all_args: list, meta: dict, plan: PersistentPlan, device) -> bool:
     """From the compiled kernel: at least one program fits an SM (registers, shared memory), and
-    the grid is no larger than the SM count, so every program is resident at once."""
+    the grid is no larger than the SM count, so every program is resident at once. A barrier binary
+    the device cannot load (OutOfResources) does not fit: the launch runs per step, whose own
+    binary :func:`_check_loads` checks."""
     props = torch.cuda.get_device_properties(device)
     if plan.programs > props.multi_processor_count:
         return False
-    compiled = kernel.warmup(*all_args, grid=plan.grid, **meta)
-    compiled._init_handles()
+    try:
+        compiled = _loaded(kernel, all_args, meta, plan.grid)
+    except triton.runtime.errors.OutOfResources:
+        return False
     threads = 32 * plan.num_warps
     registers = getattr(props, "regs_per_multiprocessor", 65536)
     shared = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     return compiled.n_regs * threads <= registers and compiled.metadata.shared <= shared
+
+
+def _check_loads(name: str, kernel, all_args: list, meta: dict, plan: PersistentPlan) -> None:
+    """Raise RuntimeError naming the kernel, its grid and the resource when the device cannot load
+    the per-step binary of this launch (what ``kernel[grid]`` would die of with Triton's
+    OutOfResources): no plan of this kernel is left to fall back to."""
+    try:
+        _loaded(kernel, all_args, meta, plan.grid)
+    except triton.runtime.errors.OutOfResources as error:
+        raise RuntimeError(
+            f"{getattr(kernel, '__name__', name)}: grid {plan.grid} (slices x batch groups x directions; slice "
+            f"{plan.slice}, {plan.programs} programs, per_step) cannot launch on this GPU: {error} "
+            "(fastrnn.ops.persistent.persistent_plan sized it for this card's shared memory; please report it)"
+        ) from error
 
 
 def launch(
@@ -494,9 +580,10 @@ def launch(
     """Run ``kernel`` (a cell's persistent kernel, interface in the module docstring) over
     ``phases`` phases on the plan's grid; returns the mode it ran in (``barrier`` or ``per_step``).
     ``scratch``: the ``(shape, dtype)`` of each buffer the kernel takes after ``args`` (fresh,
-    uninitialised). Raises RuntimeError naming the kernel and grid if a wait ran out of spins."""
+    uninitialised). Raises RuntimeError naming the kernel and grid if a wait ran out of spins, or
+    if the device cannot load the per-step binary (:func:`_check_loads`: Triton's OutOfResources)."""
     # HAS_PROJ: the LSTM's projection (its kernels' constexpr), which keeps the narrow sub-tiles
-    plan = persistent_plan(gates, H, B, D, dtype, sm_count(device), shared_per_block(device), bool(meta.get("HAS_PROJ", False)))
+    plan = launch_plan(gates, H, B, D, dtype, device, int(meta["K"]) if meta.get("HAS_PROJ", False) else 0)
 
     def state() -> list[torch.Tensor]:  # what the kernel takes after args: scratch (uninitialised), flags, error (zeroed)
         buffers = [torch.empty(shape, device=device, dtype=dt) for shape, dt in scratch]
@@ -509,18 +596,23 @@ def launch(
 
     asked = mode()
     run_barrier = asked == "barrier" or (asked == "auto" and on_gpu)
+    if run_barrier and not on_gpu and planning_sm_count is not None and plan.programs > planning_sm_count:
+        # An ahead-of-time capture (fastrnn.ops.aot) for a card this grid cannot be resident on
+        # (persistent_plan's projecting slices): it records the per-step launches the card runs.
+        run_barrier = False
     all_args = [*args, *state()] if run_barrier else []
     error = all_args[-1] if run_barrier else None
+    # a tensor in meta (zoneout's mask) by its dtype: the compiled kernel does not depend on its values
+    key = (name, plan.grid, tuple(sorted((k, str(v.dtype) if isinstance(v, torch.Tensor) else str(v)) for k, v in meta.items())))
     if run_barrier and on_gpu:
-        # a tensor in meta (zoneout's mask) by its dtype: the compiled kernel does not depend on its values
-        key = (name, plan.grid, tuple(sorted((k, str(v.dtype) if isinstance(v, torch.Tensor) else str(v)) for k, v in meta.items())))
         if key not in _BARRIER_OK:
             _BARRIER_OK[key] = _fits_one_per_sm(kernel, [*all_args, 0, phases, max_spins],
                                                 dict(meta, BARRIER=True, launch_cooperative_grid=True), plan, device)
         if not _BARRIER_OK[key]:
             if asked == "barrier":
                 raise RuntimeError(f"{name}: FASTRNN_PERSISTENT_MODE=barrier, but grid {plan.grid} ({plan.programs} programs) "
-                                   "cannot be resident at once on this GPU")
+                                   "cannot be resident at once on this GPU (more programs than SMs, or the compiled kernel "
+                                   "needs more registers or shared memory than an SM has)")
             run_barrier = False
         else:
             try:
@@ -533,6 +625,9 @@ def launch(
     elif run_barrier:
         kernel[plan.grid](*all_args, 0, phases, max_spins, **meta, BARRIER=True)
     if not run_barrier:  # one launch per phase, captured in a CUDA graph where valid (fastrnn.ops.step_graph)
+        if on_gpu and key not in _LOADS_OK:
+            _check_loads(name, kernel, [*args, *state(), 0, 1, max_spins], dict(meta, BARRIER=False), plan)
+            _LOADS_OK.add(key)
         step_graph.launch_steps(name, kernel, plan.grid, args, state, meta, phases=phases, max_spins=max_spins,
                                 device=device, on_gpu=on_gpu)
     if run_barrier and int(error.item()) != 0:
