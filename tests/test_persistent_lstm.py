@@ -111,6 +111,26 @@ def test_half_precision_projection_split_over_warps(monkeypatch, dtype, tol):
     assert counts == expected_launches(1)
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-2)], ids=["fp32", "fp16"])
+def test_projected_units_narrower_than_the_slice(monkeypatch, dtype, tol):
+    """Projecting, 32-unit slices on an A100 (as it plans H504 P252 bidirectional B20): ``BLOCK_S``
+    covers a program's projected units only (``persistent.projected_block``: P 19 over 2 slices, 10
+    and 9 units, in 16 rows) where the gates' tile is 32 units wide, and the 16-bit backward forms
+    its partial of ``dh`` in chunks (``PROJECTING_BWD_NARROW_CHUNK``, lowered from 128 to 16: the
+    32-unit head part as 2). H 64, per step, against the float64 reference (fp32: the 2-D
+    projection product, the partial whole; fp16: the split product)."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "32")
+    monkeypatch.setattr(persistent_ops, "planning_shared_bytes", 166_912)
+    monkeypatch.setattr(persistent_ops, "PROJECTING_BWD_NARROW_CHUNK", 16)
+    plan = persistent_ops.persistent_plan(4, 64, 4, 2, dtype, shared=persistent_ops.shared_per_block(), proj=19)
+    assert (plan.slice, plan.slices, plan.block_s) == (32, 2, 16), plan
+    assert (plan.constexprs(forward=True)["BLOCK_KC"], plan.constexprs()["BLOCK_KC"]) == (0, 0 if dtype == torch.float32 else 16)
+    counts = check_against_float64(3, 4, 64, 19, 1, dtype, tol, within=persistent(monkeypatch, "per_step", 32))
+    assert counts == expected_launches(1)
+
+
 @pytest.mark.parametrize("mode", ["per_step", "barrier"])
 @pytest.mark.parametrize("P", [0, 7], ids=["no_proj", "proj"])
 def test_clip_and_flow_match_reference(monkeypatch, P, mode):
@@ -332,23 +352,28 @@ def test_l4_plan_gives_each_direction_its_sub_tiles():
 def test_a100_projecting_plan_fits_its_shared_memory():
     """The projecting bf16 forward keeps both weight slices in shared memory
     (``projecting_fwd_shared_bytes``, the compile's figures): at H1016 P508 bidirectional B20 (the
-    compile gate's ``-H1024-full``) an A100's 108 SMs leave 32-unit slices needing 229,376 B, over its
+    compile gate's ``-H1024-full``) an A100's 108 SMs leave 32-unit slices needing 196,608 B, over its
     166,912: the plan halves them to 16 (131,072 B), 128 programs, more than the SMs (so it runs per
     step). An H100/H200's plan is the one it was (16-unit slices, 128 programs, all resident)."""
     from fastrnn.ops import persistent as persistent_ops
 
     estimate = persistent_ops.projecting_fwd_shared_bytes
-    assert estimate(32, 1016, 508, 16) == 229_376 and estimate(16, 1016, 508, 16) == 131_072
+    assert estimate(32, 1016, 508, 16) == 196_608 and estimate(16, 1016, 508, 16) == 131_072
+    assert estimate(32, 504, 252, 16) == 98_304  # -H512-full's A100 plan: BLOCK_S 16 (projected_block) for its 16 projected units
     a100 = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 108, 166_912, proj=508)
     assert (a100.slice, a100.slices, a100.batch_groups, a100.group_tiles, a100.programs) == (16, 64, 1, 2, 128)
     assert estimate(a100.slice, 1016, 508, a100.block_b) <= 166_912 - persistent_ops.PROJECTING_SHARED_MARGIN
     hopper = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 132, 232_448, proj=508)
     assert hopper == persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 132, 232_448, projecting=True)
     assert (hopper.slice, hopper.programs) == (16, 128)
-    # H504 P252 (the -H512-full form) fits as it was planned on both cards
-    for sms, shared in ((108, 166_912), (132, 232_448)):
-        assert (persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, sms, shared, proj=252)
-                == persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, sms, shared, projecting=True))
+    # H504 P252 (the -H512-full form) fits at the slice it was planned on both cards; an A100's 32-unit
+    # slices get a BLOCK_S of their 16 projected units (projected_block) and the backward's partial
+    # of dh in chunks (PROJECTING_BWD_NARROW_CHUNK)
+    for sms, shared, slice_units, bwd_chunk in ((108, 166_912, 32, 128), (132, 232_448, 16, 0)):
+        plan = persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, sms, shared, proj=252)
+        unprojected = persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, sms, shared, projecting=True)
+        assert (plan.slice, plan.programs, plan.num_warps) == (unprojected.slice, unprojected.programs, unprojected.num_warps)
+        assert (plan.slice, plan.block_s, unprojected.block_s, plan.bwd_chunk) == (slice_units, 16, slice_units, bwd_chunk)
 
 
 class _FakeProps:

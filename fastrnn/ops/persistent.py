@@ -214,6 +214,14 @@ BWD_WIDE_SHARED_BYTES = 200 * 1024
 #: none on both (128: 242 / 254, none; 64: 408 B; 512: 8 B on 3.9); L3 (H512 B1, head 512) clean
 #: either way (224 / 191 registers whole, 231 / 191 in chunks of 256).
 BWD_NARROW_CHUNK = 256
+#: The projecting LSTM's 16-bit backward's likewise, on the same cards: its partial of ``dh_{t-1}``
+#: (``P`` wide) formed in chunks of this many units of the head part wherever that part is wider.
+#: Measured at the A100 plans (sm_80, bf16, bidirectional, lengths, every option; stack bytes on
+#: Triton 3.9 / 3.6, 255 registers and 16,384 B of shared memory throughout, with
+#: :func:`projected_block`): ``-H512-full`` (H504 P252, head 256, barrier) whole 80 / 312, in chunks
+#: of 128 16 / 248, of 64 248 / 488; ``-H1024-full`` (H1016 P508, head 512, per step, 2 sub-tiles)
+#: whole 32 / 184, in chunks of 256 32 / 184, of 128 0 / 8, of 64 176 / 280. fp32: not measured.
+PROJECTING_BWD_NARROW_CHUNK = 128
 #: Shared memory (bytes) kept free below the card's limit by the estimate of a 16-bit projecting
 #: forward's (:func:`projecting_fwd_shared_bytes`): what the compile adds beyond the slices and the
 #: operand buffer (measured: 1,024 B on sm_90 at H1016 P508 and H504 P252, none on sm_80).
@@ -257,7 +265,9 @@ class PersistentPlan:
     """How one layer's recurrence is spread over programs (see the module docstring)."""
 
     slice: int  # SLICE: hidden units per program
-    block_s: int  # BLOCK_S: units of each gate's weight tile, max(16, SLICE) (tl.dot's N side)
+    # BLOCK_S: units of each gate's weight tile, max(16, SLICE) (tl.dot's N side); projecting (the
+    # LSTM's kernels use it for the projected units only) :func:`projected_block`
+    block_s: int
     block_k: int  # BLOCK_K: all of h, next power of two >= max(16, H) (the reduction)
     block_b: int  # BLOCK_B: batch rows per sub-tile (tl.dot's N side), a power of two >= 16
     slices: int  # programs per (batch group, direction): cdiv(H, SLICE)
@@ -394,28 +404,44 @@ def shared_per_block(device=None) -> int:
     return planning_shared_bytes or DEFAULT_SHARED_BYTES
 
 
+def projected_block(proj: int, slices: int) -> int:
+    """``BLOCK_S`` of the projecting LSTM's persistent kernels (``kernels/lstm.py``, ``HAS_PROJ``),
+    which use it for a program's projected units only (``SP = cdiv(proj, slices)`` of the ``proj``
+    units of ``h``: its rows of ``W_hr``, its units of ``dh``; the gates' tile is ``SLICE``-wide on its
+    own): the next power of two >= ``SP``, at least 16 (``tl.dot``'s smallest side). ``max(16,
+    SLICE)``, as the other cells use, padded a 32-unit slice's 16 projected units to 32 rows (``proj <
+    hidden``, so ``SP <= SLICE``). Measured at the ``-H512-full`` form's A100 plan (H504 P252
+    bidirectional B20, 16 slices of 32 x 2 groups x 2 directions, sm_80, ahead-of-time compiles):
+    forward 114,688 -> 98,304 B of shared memory, stack 48 -> 8 B on Triton 3.6 (3.9: none either
+    way); backward stack 168 -> 80 B (3.9), 408 -> 312 B (3.6); 255 registers throughout. At the
+    16-unit slices of every sm_90 plan of the compile gate it is 16 either way (binaries unchanged).
+    The plan's warp count still follows the gates' tile (``max(16, SLICE)``)."""
+    return max(16, triton.next_power_of_2(triton.cdiv(proj, slices)))
+
+
 def projecting_fwd_shared_bytes(slice_units: int, hidden: int, proj: int, batch_rows: int) -> int:
     """Shared memory (bytes) of the 16-bit projecting LSTM's persistent forward (``kernels/lstm.py``,
     ``HAS_PROJ``) at a slice of ``slice_units`` units, ``hidden`` cell units projected to ``proj``,
     sub-tiles of ``batch_rows``: both weight slices stay in shared memory for the whole sequence,
     ``W_hh``'s (``4 * slice_units`` rows x ``h`` as :func:`reduction_split` parts it) and ``W_hr``'s
-    (``BLOCK_S x BLOCK_K``, in chunks), plus one buffer the step's operands go through, as wide as the
+    (``BLOCK_S x BLOCK_K``, in chunks; ``BLOCK_S`` :func:`projected_block`), plus one buffer the step's operands go through, as wide as the
     larger of ``h`` and ``m`` (``m``'s ``BLOCK_B x BLOCK_K`` reuses ``h``'s).
 
     Measured (ahead-of-time compiles, bf16, bidirectional, lengths: the TTGIR's ``local_alloc``
     buffers and ``metadata.shared``, Triton 3.9 and 3.6 alike) at H1016 P508, B20 in two sub-tiles of
     16. Slice 32 (what an A100's 108 SMs gave): ``W_hh`` ``128 x 512`` (131,072 B), ``W_hr`` 8 chunks
-    of ``32 x 128`` (65,536 B: ``BLOCK_S`` 32 rows for a program's 16 projected units), ``m``
-    ``16 x 1024`` (32,768 B): 229,376 B, exactly the compile's figure, over the A100's 166,912.
+    of ``16 x 128`` (32,768 B: ``BLOCK_S`` 16 rows for a program's 16 projected units), ``m``
+    ``16 x 1024`` (32,768 B): 196,608 B, exactly the compile's figure (sm_80, Triton 3.9, the slice
+    forced), over the A100's 166,912 (229,376 B when ``BLOCK_S`` was ``max(16, SLICE)``, 32).
     Slice 16: 65,536 + 32,768 + 32,768 = 131,072 B (sm_80 barrier binary on both Tritons, per-step
     binary on 3.6; 3.9's per-step binary keeps part of the weights in registers, 81,920 B), 132,096
-    on sm_90. H504 P252 (the ``-H512-full`` form, one sub-tile): 114,688 B at slice 32 on sm_80,
-    exactly; 65,536 against 66,560 at slice 16 on sm_90 (hence :data:`PROJECTING_SHARED_MARGIN`).
+    on sm_90. H504 P252 (the ``-H512-full`` form, one sub-tile): 98,304 B at slice 32 on sm_80,
+    exactly, on both Tritons (114,688 with ``BLOCK_S`` 32); 65,536 against 66,560 at slice 16 on sm_90 (hence :data:`PROJECTING_SHARED_MARGIN`).
     The backward holds less (sm_80: its weights in registers, 16,384 B at either slice; sm_90 at
     slice 16: 103,424 B), so the forward's decides. fp32 (not planned past H256): not measured,
     not estimated."""
     rows = max(16, 4 * max(slice_units, 4))
-    block_s, block_k = max(16, slice_units), max(16, triton.next_power_of_2(hidden))
+    block_s, block_k = projected_block(proj, triton.cdiv(hidden, slice_units)), max(16, triton.next_power_of_2(hidden))
     h_width = sum(reduction_split(proj, rows))
     return (rows * h_width + block_s * block_k + batch_rows * max(h_width, block_k)) * 2
 
@@ -442,7 +468,10 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     :data:`FWD_WHOLE_SHARED_HEADROOM` of the card's shared memory (an A100's H1024 B16). Neither
     when ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``,
     the partial of ``dm_t``: ``H x BLOCK_B``) are not streamed, and at H1024 32-row sub-tiles
-    spilled 0.5-1.3 KB on sm_90 where 16-row ones compile clean.
+    spilled 0.5-1.3 KB on sm_90 where 16-row ones compile clean; only a 16-bit projecting backward
+    on such a card forms its partial of ``dh`` (``P`` wide) in chunks of
+    :data:`PROJECTING_BWD_NARROW_CHUNK` (``-H512-full``, ``-H1024-full``), and its ``BLOCK_S`` spans
+    the projected units (:func:`projected_block`).
 
     ``proj`` (the projection size; implies ``projecting``): a 16-bit projecting forward keeps both
     weight slices in shared memory (:func:`projecting_fwd_shared_bytes`); where the slice that keeps
@@ -450,7 +479,7 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     :data:`PROJECTING_SHARED_MARGIN`), the slice halves until it fits, and the grid then exceeds
     ``sms``: it runs per step (``launch``: the per-step launches need no co-residency; barrier mode
     is refused). An A100 at H1016 P508 bidirectional (the compile gate's ``-H1024-full``): 64 slices
-    of 16 (128 programs, per step) instead of 32 of 32 (64 programs, whose forward needs 229,376 B
+    of 16 (128 programs, per step) instead of 32 of 32 (64 programs, whose forward needs 196,608 B
     and would die at launch with OutOfResources). The cost model (``fastrnn.ops.cost_model``, H100
     figures, forward / backward us per step): per_step at slice 16 4.5 / 6.7 (twice that for the
     projection's second phase, and the 128 programs run in two waves of 108), barrier at slice 32
@@ -479,11 +508,12 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
         rows = max(16, gates * size)
         slice_bytes = rows * sum(reduction_split(hidden, rows)) * 2
     slices = triton.cdiv(hidden, size)
-    block_s = max(16, size)
+    gate_units = max(16, size)  # BLOCK_S of a slice's gates (projecting: of its projected units, below)
+    block_s = projected_block(proj, slices) if proj else gate_units
     # 8 warps for fp32 (FMA dots spread their operands over threads) or past 16 KB of weights per
     # program (the dot operands are replicated across warps; the compile report shows spills at
     # 4 warps beyond that); else 4.
-    weight_bytes = gates * block_s * block_k * (4 if dtype == torch.float32 else 2)
+    weight_bytes = gates * gate_units * block_k * (4 if dtype == torch.float32 else 2)
     num_warps = 8 if dtype == torch.float32 or weight_bytes > 16 * 1024 else 4
     wide = [0, 0, 0, 0, 0]  # fwd_block_b, fwd_chunk, bwd_block_b, bwd_chunk, fwd_maxnreg
     narrow_card = shared < BWD_WIDE_SHARED_BYTES
@@ -499,6 +529,9 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
             wide[1], wide[4] = min(FWD_CHUNK, head), REGISTER_BUDGET
         if narrow_card and head > BWD_NARROW_CHUNK:  # 16-row sub-tiles (bwd_block_b 0: block_b), the partial in chunks
             wide[3] = BWD_NARROW_CHUNK
+    elif gates in WALKING_GATES and proj and narrow_card and dtype != torch.float32:
+        if reduction_split(proj, rows)[0] > PROJECTING_BWD_NARROW_CHUNK:  # the partial of dh_{t-1} in chunks
+            wide[3] = PROJECTING_BWD_NARROW_CHUNK
     return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide)
 
 
