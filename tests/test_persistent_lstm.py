@@ -122,7 +122,7 @@ def test_projected_units_narrower_than_the_slice(monkeypatch, dtype, tol):
     from fastrnn.ops import persistent as persistent_ops
 
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "32")
-    monkeypatch.setattr(persistent_ops, "planning_shared_bytes", 166_912)
+    monkeypatch.setattr(persistent_ops, "planning_card", persistent_ops.PlanningCard(persistent_ops.DEFAULT_SM_COUNT, 166_912))
     monkeypatch.setattr(persistent_ops, "PROJECTING_BWD_NARROW_CHUNK", 16)
     plan = persistent_ops.persistent_plan(4, 64, 4, 2, dtype, shared=persistent_ops.shared_per_block(), proj=19)
     assert (plan.slice, plan.slices, plan.block_s) == (32, 2, 16), plan
@@ -178,7 +178,8 @@ def test_split_reduction_and_walked_batch_group(monkeypatch, case, mode):
     dtype, tol, P = SPLIT_WALK_CASES[case]
     T, B, H, L = 4, 20, 48, 1
     monkeypatch.setattr(persistent_ops, "MAX_SLICE_WEIGHT_BYTES", 1)
-    monkeypatch.setattr(persistent_ops, "planning_shared_bytes", 166_912)  # the backward keeps 16-row sub-tiles
+    # an A100's shared memory: the backward keeps 16-row sub-tiles
+    monkeypatch.setattr(persistent_ops, "planning_card", persistent_ops.PlanningCard(persistent_ops.DEFAULT_SM_COUNT, 166_912))
     monkeypatch.setattr(persistent_ops, "BWD_NARROW_CHUNK", 16)
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "8")
     plan = persistent_ops.persistent_plan(4, H, B, 2, dtype, shared=persistent_ops.shared_per_block(), projecting=bool(P))

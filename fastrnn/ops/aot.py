@@ -188,17 +188,17 @@ def capture_launches(arch: int = 90) -> Iterator[list[Launch]]:
     from fastrnn.ops import persistent
 
     previous_driver, previous_hook = driver._active, knobs.runtime.jit_cache_hook
-    previous_card = persistent.planning_shared_bytes, persistent.planning_sm_count
+    previous_card = persistent.planning_card
     driver.set_active(_AheadOfTimeDriver(arch))
     knobs.runtime.jit_cache_hook = record
     # the persistent plan follows the card: its shared memory per block and its SM count
-    persistent.planning_shared_bytes, persistent.planning_sm_count = SHARED_LIMIT[arch], SM_COUNT[arch]
+    persistent.planning_card = persistent.PlanningCard(SM_COUNT[arch], SHARED_LIMIT[arch])
     try:
         yield launches
     finally:
         driver.set_active(previous_driver)
         knobs.runtime.jit_cache_hook = previous_hook
-        persistent.planning_shared_bytes, persistent.planning_sm_count = previous_card
+        persistent.planning_card = previous_card
 
 
 def compile_binary(launch: Launch):

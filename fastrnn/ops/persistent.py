@@ -375,9 +375,18 @@ def mode() -> str:
     return raw
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanningCard:
+    """The card an ahead-of-time compile plans for: its SM count and the shared memory one block
+    may use (bytes)."""
+
+    sms: int
+    shared_bytes: int
+
+
 #: Set by ``fastrnn.ops.aot.capture_launches`` while it records the launches of an ahead-of-time
-#: compile: the SM count of the card it compiles for (None: :data:`DEFAULT_SM_COUNT`).
-planning_sm_count: int | None = None
+#: compile: the card it compiles for (None: :data:`DEFAULT_SM_COUNT`, :data:`DEFAULT_SHARED_BYTES`).
+planning_card: PlanningCard | None = None
 
 
 def sm_count(device=None) -> int:
@@ -385,14 +394,11 @@ def sm_count(device=None) -> int:
     :data:`DEFAULT_SM_COUNT`."""
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return planning_sm_count or DEFAULT_SM_COUNT
+    return planning_card.sms if planning_card is not None else DEFAULT_SM_COUNT
 
 
 #: Shared memory one block may use, assumed without a GPU: the H100/H200's (232,448 B; A100: 166,912).
 DEFAULT_SHARED_BYTES = 232_448
-#: Set by ``fastrnn.ops.aot.capture_launches`` while it records the launches of an ahead-of-time
-#: compile: the shared memory per block of the card it compiles for (None: :data:`DEFAULT_SHARED_BYTES`).
-planning_shared_bytes: int | None = None
 
 
 def shared_per_block(device=None) -> int:
@@ -401,7 +407,7 @@ def shared_per_block(device=None) -> int:
     if device is not None and torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return getattr(props, "shared_memory_per_block_optin", None) or (232_448 if props.major >= 9 else 166_912)
-    return planning_shared_bytes or DEFAULT_SHARED_BYTES
+    return planning_card.shared_bytes if planning_card is not None else DEFAULT_SHARED_BYTES
 
 
 def projected_block(proj: int, slices: int) -> int:
@@ -629,7 +635,7 @@ def launch(
 
     asked = mode()
     run_barrier = asked == "barrier" or (asked == "auto" and on_gpu)
-    if run_barrier and not on_gpu and planning_sm_count is not None and plan.programs > planning_sm_count:
+    if run_barrier and not on_gpu and planning_card is not None and plan.programs > planning_card.sms:
         # An ahead-of-time capture (fastrnn.ops.aot) for a card this grid cannot be resident on
         # (persistent_plan's projecting slices): it records the per-step launches the card runs.
         run_barrier = False
