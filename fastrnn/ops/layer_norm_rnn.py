@@ -1,9 +1,19 @@
 """LayerNormLSTM and LayerNormGRU on the fused kernels of ``fastrnn.kernels.layer_norm_rnn``.
 
 Read top to bottom: which kernels serve a size (``strategy``: resident where one program holds
-its direction's ``W_hh`` on chip, ``kernel_blocks``; tiled beyond), the LSTM's forward and
-backward launchers and autograd Function, the GRU's, then the layer functions the modules of
+its direction's ``W_hh`` on chip, ``kernel_blocks``; tiled beyond; for the LayerNormLSTM forward
+in 16-bit up to ``H`` 256, persistent: ``persistent_planned``), the LSTM's forward and backward
+launchers and autograd Function, the GRU's, then the layer functions the modules of
 :mod:`fastrnn.layer_norm_rnn` call.
+
+The persistent LayerNormLSTM forward (``layer_norm_lstm_fwd_persistent_kernel``, launched by
+:func:`fastrnn.ops.persistent.launch`: the plain LSTM's partition, barrier mode on a GPU, per_step
+under the interpreter or where the grid does not fit) writes the same saved tensors as the
+resident and tiled forwards, so every call, training included, may take it: its backward runs on
+the resident or tiled kernels (there is no persistent LayerNormLSTM backward yet; the GRU has no
+persistent kernel). Each step takes three exchange rounds (``h``, then the moments of the
+recurrent norm and of the cell norm), where the plain cells take one; ``python -m bench --plan``
+reports them (``exchange_rounds_per_step``).
 
 Split of the work. Before the loop, on the host, in PyTorch: the input side
 ``ax = LN(W_ih x; gain_ih) + b_ih (+ b_hh, LSTM)`` of every step and direction (one GEMM and one
@@ -24,15 +34,19 @@ What the forward saves per row, step and direction (compute dtype; ``G`` gates):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from torch import Tensor
 
 from fastrnn.kernels import layer_norm_rnn as kernels
 from fastrnn.layer_norm_rnn import input_side
+from fastrnn.ops import persistent
 from fastrnn.ops.lstm import final_cell_state
 from fastrnn.ops.recurrence import (
     BLOCK_B,
+    STRATEGY_ENV,
     compute_dtype,
     count_launch,
     flow_buffer,
@@ -71,13 +85,52 @@ def kernel_blocks(gates: int, hidden: int, dtype: torch.dtype) -> tuple[int, int
     return block_h, (warps if block_h == largest else 4)
 
 
-def strategy(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
-    """``"resident"``, ``"tiled"`` (beyond the resident size) or None (no kernel for the dtype)."""
+def strategy(gates: int, hidden: int, dtype: torch.dtype, batch: int | None = None, directions: int = 1,
+             device=None) -> str | None:
+    """``"resident"``, ``"tiled"`` (beyond the resident size), ``"persistent"`` (the LayerNormLSTM
+    forward given its ``batch``, where :func:`persistent_planned`) or None (no kernel for the dtype).
+    Without ``batch`` (the backward kernels, the GRU's): resident or tiled."""
     if dtype not in KERNEL_DTYPES:
         return None
+    if batch is not None and persistent_planned(gates, hidden, batch, directions, dtype, device):
+        return "persistent"
     if kernel_blocks(gates, hidden, dtype) is not None:
         return "resident"
     return "tiled"
+
+
+#: Widest ``BLOCK_K`` (``H`` rounded up to a power of two) at which the LayerNormLSTM forward plans
+#: persistent by itself: its kernel reads its slice whole, one sub-tile of ``BLOCK_B`` rows per
+#: program (the GPU matrix's LayerNormLSTM row, B64 H256 bf16: 32 slices of 8 units x 4 groups).
+#: Held to the compile gate (``python -m fastrnn.ops.aot``, workloads ``layer-norm-lstm-persistent-*``).
+PERSISTENT_MAX_BLOCK_K = 256
+
+
+def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None):
+    """The persistent LayerNormLSTM forward's partition: the plain LSTM's
+    (:func:`fastrnn.ops.persistent.persistent_plan`, 4 gates) for this card."""
+    return persistent.persistent_plan(4, hidden, batch, directions, dtype, persistent.sm_count(device),
+                                      persistent.shared_per_block(device))
+
+
+def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None) -> bool:
+    """Whether the LayerNormLSTM forward runs on its persistent kernel: forced by
+    ``FASTRNN_STRATEGY=persistent`` (any size and dtype; ``FASTRNN_PERSISTENT_SLICE`` and
+    ``FASTRNN_PERSISTENT_MODE`` as for the plain cells), else in 16-bit beyond the resident size up to
+    :data:`PERSISTENT_MAX_BLOCK_K`, where the plan holds each program to one sub-tile of rows read
+    whole and fits the card at one program per SM. fp32 keeps the tiled forward unless forced.
+    Only the forward: the backward runs on the resident or tiled kernels from what it saved."""
+    if gates != 4 or dtype not in KERNEL_DTYPES:
+        return False
+    forced = os.environ.get(STRATEGY_ENV, "").strip().lower()
+    if forced == "persistent":
+        return True
+    if dtype == torch.float32 or kernel_blocks(gates, hidden, dtype) is not None:
+        return False
+    if max(16, triton_next_power_of_2(hidden)) > PERSISTENT_MAX_BLOCK_K:
+        return False
+    p = persistent_plan(hidden, batch, directions, dtype, device)
+    return p.fwd_tiles == 1 and p.fwd_chunk == 0 and p.programs <= persistent.sm_count(device)
 
 
 def why_not(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
@@ -130,6 +183,10 @@ def layer_norm_lstm_fwd(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep
     gates, r_hat = torch.empty_like(ax), torch.empty_like(ax)
     c, c_hat = torch.empty_like(y), torch.empty_like(y)
     stats = torch.empty((T, B, D, 2), device=ax.device, dtype=torch.float32)
+    if strategy(4, H, ax.dtype, B, D, ax.device) == "persistent":
+        _layer_norm_lstm_fwd_persistent(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep, zoneout_p,
+                                        (y, h_n, gates, r_hat, c, c_hat, stats))
+        return y, h_n, final_cell_state(c, D), (gates, r_hat, c, c_hat, stats)
     tiled = strategy(4, H, ax.dtype) == "tiled"
     kernel = kernels.layer_norm_lstm_fwd_tiled_kernel if tiled else kernels.layer_norm_lstm_fwd_kernel
     # tiled scratch: h ping-pong, c, the raw products, the new cell
@@ -142,6 +199,31 @@ def layer_norm_lstm_fwd(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep
     )
     count_launch("layer_norm_lstm_fwd_tiled" if tiled else "layer_norm_lstm_fwd")
     return y, h_n, final_cell_state(c, D), (gates, r_hat, c, c_hat, stats)
+
+
+def _layer_norm_lstm_fwd_persistent(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep, zoneout_p, outputs):
+    """:func:`layer_norm_lstm_fwd` on ``layer_norm_lstm_fwd_persistent_kernel`` (``fastrnn.ops.persistent.launch``:
+    barrier or per-step mode), three phases per step; ``outputs`` ``(y, h_n, gates, r_hat, c, c_hat, stats)``."""
+    T, B, _ = ax.shape
+    D, _, H = h0.shape
+    partition = persistent_plan(H, B, D, ax.dtype, ax.device)
+    if partition.fwd_tiles != 1 or partition.fwd_chunk:
+        raise ValueError(f"layer_norm_lstm_fwd: the persistent kernel holds one sub-tile of rows read whole, and the plan for "
+                         f"H {H}, B {B} walks {partition.fwd_tiles} sub-tiles (chunk {partition.fwd_chunk}): unset {STRATEGY_ENV}")
+    slices = partition.slices
+    args = [ax.contiguous(), kernel_weight(w_hh), gain_hh.contiguous(), gain_c.contiguous(), bias_c.contiguous(),
+            h0.contiguous(), c0.contiguous(), kernel_lengths(lengths, ax), outputs[0] if keep is None else keep.contiguous(),
+            *outputs]
+    meta = dict(T=T, B=B, H=H, D=D, zoneout_p=float(zoneout_p), HAS_LENGTHS=lengths is not None,
+                ZONEOUT=zoneout_mode(keep, zoneout_p), INPUT_PRECISION=input_precision(ax.dtype))
+    if ax.dtype != torch.float32:
+        meta["maxnreg"] = persistent.REGISTER_BUDGET
+    # fp32 scratch: the h ping-pong, the moments of r and of c_new, the raw product, c_new and o, the carried c
+    scratch = [((2, D, B, H), torch.float32), ((D, B, slices, 2), torch.float32), ((D, B, slices, 2), torch.float32),
+               ((D, B, 4 * H), torch.float32), ((2, D, B, H), torch.float32), ((D, B, H), torch.float32)]
+    persistent.launch("layer_norm_lstm_fwd", kernels.layer_norm_lstm_fwd_persistent_kernel, args, meta, gates=4, B=B, H=H, D=D,
+                      dtype=ax.dtype, device=ax.device, phases=3 * T, scratch=scratch, forward=True)
+    count_launch("layer_norm_lstm_fwd_persistent")
 
 
 def layer_norm_lstm_bwd(dy, dh_n, dc_n, saved, c0, keep, zoneout_p, w_hh, gain_hh, gain_c, bias_c, lengths, grad_clip, record_flow):
