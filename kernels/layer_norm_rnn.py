@@ -1183,7 +1183,7 @@ def layer_norm_lstm_fwd_persistent_kernel(
     r_ok = (r_unit < S) & (piece * S + r_unit < H)
     cols_k = tl.arange(0, BLOCK_K)
     k_ok = cols_k < H
-    w, _ = load_weight_slice(w_hh_ptr + d64 * 4 * H * H, w_rows, r_ok, H, cols_k, k_ok, cols_k, k_ok, BLOCK_K, 0, 0)
+    w, _no_tail = load_weight_slice(w_hh_ptr + d64 * 4 * H * H, w_rows, r_ok, H, cols_k, k_ok, cols_k, k_ok, BLOCK_K, 0, 0)
     gain_rows = tl.load(gain_hh_ptr + d64 * 4 * H + w_rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
     gain_c = tl.load(gain_c_ptr + d64 * H + units, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
     bias_c = tl.load(bias_c_ptr + d64 * H + units, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
@@ -1227,7 +1227,7 @@ def layer_norm_lstm_fwd_persistent_kernel(
             tl.store(r_hat_ptr + gate_offs, r_hat.to(r_hat_ptr.dtype.element_ty), mask=rows_ok)
             i, f, g, o = split_gates(pre_act, S_TILE, BLOCK_B)
             c = tl.load(carry_ptr + own, mask=tile_ok, other=0.0)
-            i, f, g, o, c_new, _ = lstm_cell(i, f, g, o, c, tile_ok, False)
+            i, f, g, o, c_new, _m = lstm_cell(i, f, g, o, c, tile_ok, False)
             unit_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
             tl.store(gates_ptr + unit_offs, i.to(gates_ptr.dtype.element_ty), mask=tile_ok)
             tl.store(gates_ptr + unit_offs + H, f.to(gates_ptr.dtype.element_ty), mask=tile_ok)

@@ -85,3 +85,45 @@ def test_missing_moments_wait_is_caught(persistent_case, monkeypatch):
     caught = first_run_caught(lambda: run_case(name, torch.float32)[1], lambda actual: check(names, actual, expected),
                               FAULT_RUNS, FAULT_CHAOS, FAULT_JITTER_S)
     assert caught, f"the missing moments wait went unnoticed in {FAULT_RUNS} runs"
+
+
+# ---------------------------------------------------------------------------------- PTX
+PTX_SCRIPT = r"""
+import json, re, sys
+from fastrnn.ops import aot
+import torch
+out = {}
+# The GPU row's launch as the launcher makes it: barrier mode (forced: on a CPU the launcher runs
+# per step), and per step (the same layer unforced).
+hidden, batch = aot.LAYER_NORM_PERSISTENT_ROW
+runs = {"barrier": aot.workloads()["layer-norm-lstm-bf16-persistent-barrier-plain"],
+        "per_step": lambda: aot.layer_norm_workload("lstm", torch.bfloat16, hidden, batch, "plain")}
+for mode, run in runs.items():
+    with aot.capture_launches(90) as launches:
+        run()
+    for launch in launches:
+        if launch.name == "layer_norm_lstm_fwd_persistent_kernel":
+            ptx = aot.compile_binary(launch).asm["ptx"]
+            ops = [line.strip() for line in ptx.splitlines() if re.search(r"\b(atom|red|ld|fence)\.", line)]
+            out[mode] = [o for o in ops if re.search(r"acquire|release|volatile|acq_rel", o)]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_ptx_orders_the_exchanges():
+    """sm_90 PTX of the GPU row's forward (bf16): in barrier mode acquire reads in the waits, release
+    atomics at the arrives, no volatile spin; per step (barrier compiled out), none of them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRNN_STRATEGY", "FASTRNN_PERSISTENT_SLICE")}
+    done = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ops = json.loads(done.stdout)
+    barrier = ops["barrier"]
+    assert any(".acquire" in op and ("atom." in op or "ld." in op or "fence." in op) for op in barrier), barrier
+    assert sum(".release" in op and ("atom." in op or "red." in op) for op in barrier) >= 3, barrier  # one arrive per round
+    assert not any("volatile" in op for op in barrier), barrier
+    assert not any(".acquire" in op or ".release" in op for op in ops["per_step"]), ops["per_step"]

@@ -460,6 +460,10 @@ def layer_norm_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, 
 #: The hidden size the LayerNorm tiled kernels are compiled at: the GPU matrix's LayerNormLSTM
 #: row (B64 T512 H256 bf16). Their binary does not depend on H beyond divisibility.
 LAYER_NORM_TILED_HIDDEN = 256
+#: ``(hidden, batch)`` of the persistent LayerNormLSTM forward's workloads: the GPU matrix's
+#: LayerNormLSTM row, whose plan it is (32 slices of 8 units x 4 batch groups one way; the ``full``
+#: form, H248 bidirectional, 16 of 16 x 4 x 2), in barrier mode; bf16 plans it, fp32 is forced.
+LAYER_NORM_PERSISTENT_ROW = (256, 64)
 
 
 def layer_norm_size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
@@ -526,8 +530,18 @@ def workloads() -> dict[str, Callable[[], None]]:
             for size_class, hidden in layer_norm_size_classes(cell, dtype).items():
                 for form in ("plain", "full", "batch1"):
                     size = hidden - 8 if form == "full" else hidden  # same block, not divisible by 16
+                    run = lambda c=cell, d=dtype, h=size, f=form: layer_norm_workload(c, d, h, FORM_BATCH[f], f)  # noqa: E731
+                    # the tiled forward too (the 16-bit LSTM's plans persistent at this size)
                     out[f"layer-norm-{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = (
-                        lambda c=cell, d=dtype, h=size, f=form: layer_norm_workload(c, d, h, FORM_BATCH[f], f))
+                        _forced("FASTRNN_STRATEGY", "tiled", run) if size_class == "tiled" else run)
+    hidden, batch = LAYER_NORM_PERSISTENT_ROW
+    for dtype in (torch.bfloat16, torch.float32):  # the persistent LayerNormLSTM forward (and the tiled backward)
+        for form in ("plain", "full", "batch1"):
+            size, rows = (hidden - 8 if form == "full" else hidden), (1 if form == "batch1" else batch)
+            run = lambda d=dtype, h=size, b=rows, f=form: layer_norm_workload("lstm", d, h, b, f)  # noqa: E731
+            if dtype == torch.float32:  # bf16 as the card's plan says (an A100's bidirectional B64: tiled), fp32 forced
+                run = _forced("FASTRNN_STRATEGY", "persistent", run)
+            out[f"layer-norm-lstm-{_dtype_name(dtype)}-persistent-barrier-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
     for cell in CELLS:
         for dtype, block_h, block_o, warps in compile_corners(cell):
             for form in ("plain", "full"):

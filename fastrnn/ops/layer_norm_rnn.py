@@ -104,6 +104,12 @@ def strategy(gates: int, hidden: int, dtype: torch.dtype, batch: int | None = No
 #: program (the GPU matrix's LayerNormLSTM row, B64 H256 bf16: 32 slices of 8 units x 4 groups).
 #: Held to the compile gate (``python -m fastrnn.ops.aot``, workloads ``layer-norm-lstm-persistent-*``).
 PERSISTENT_MAX_BLOCK_K = 256
+#: Most bytes of ``W_hh`` one program of the persistent LayerNormLSTM forward holds where it plans
+#: by itself (``4 * BLOCK_S * BLOCK_K`` 16-bit values): every form of the compile gate compiles with
+#: no stack frame at up to 32 KB (sm_90, H256 B64: one direction 8-unit slices, bidirectional
+#: 16 units; sm_80 one direction 16 units), and at 64 KB (an A100's plan for the bidirectional
+#: B64 H248, 32-unit slices) the forward spills 496 B (Triton 3.9) / 112 B (3.6) on sm_80.
+PERSISTENT_MAX_SLICE_BYTES = 32 * 1024
 
 
 def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None):
@@ -116,21 +122,25 @@ def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype
 def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None) -> bool:
     """Whether the LayerNormLSTM forward runs on its persistent kernel: forced by
     ``FASTRNN_STRATEGY=persistent`` (any size and dtype; ``FASTRNN_PERSISTENT_SLICE`` and
-    ``FASTRNN_PERSISTENT_MODE`` as for the plain cells), else in 16-bit beyond the resident size up to
+    ``FASTRNN_PERSISTENT_MODE`` as for the plain cells), never with ``FASTRNN_STRATEGY`` ``resident``
+    or ``tiled`` (then the resident or tiled kernels serve it as their sizes say), else in 16-bit beyond the resident size up to
     :data:`PERSISTENT_MAX_BLOCK_K`, where the plan holds each program to one sub-tile of rows read
-    whole and fits the card at one program per SM. fp32 keeps the tiled forward unless forced.
+    whole, at most :data:`PERSISTENT_MAX_SLICE_BYTES` of weights, and fits the card at one program
+    per SM. fp32 keeps the tiled forward unless forced.
     Only the forward: the backward runs on the resident or tiled kernels from what it saved."""
     if gates != 4 or dtype not in KERNEL_DTYPES:
         return False
     forced = os.environ.get(STRATEGY_ENV, "").strip().lower()
-    if forced == "persistent":
-        return True
+    if forced:  # persistent: forced; resident or tiled: the kernels' own choice without it
+        return forced == "persistent"
     if dtype == torch.float32 or kernel_blocks(gates, hidden, dtype) is not None:
         return False
     if max(16, triton_next_power_of_2(hidden)) > PERSISTENT_MAX_BLOCK_K:
         return False
     p = persistent_plan(hidden, batch, directions, dtype, device)
-    return p.fwd_tiles == 1 and p.fwd_chunk == 0 and p.programs <= persistent.sm_count(device)
+    slice_bytes = 4 * p.block_s * p.block_k * dtype.itemsize
+    return (p.fwd_tiles == 1 and p.fwd_chunk == 0 and p.programs <= persistent.sm_count(device)
+            and slice_bytes <= PERSISTENT_MAX_SLICE_BYTES)
 
 
 def why_not(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
