@@ -229,8 +229,8 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
 
 
 #: The LayerNormLSTM GPU row of issue 18 (``bench.cells.GPU_ROWS``: N1, B64 T512 H256 bf16), after
-#: the GPU matrix's rows. Its forward plans persistent with three exchange rounds per step
-#: (``fastrnn.ops.layer_norm_rnn.persistent_planned``), its backward tiled.
+#: the GPU matrix's rows. Its forward and backward plan persistent with three exchange rounds per
+#: step each (``fastrnn.ops.layer_norm_rnn.persistent_planned``).
 LAYER_NORM_ROWS = ("N1",)
 #: What each extra round of the LayerNormLSTM forward publishes per batch row and program: a
 #: partial ``(sum, centred sum of squares)`` in fp32 (``kernels/layer_norm_rnn.py``).
@@ -248,9 +248,9 @@ def layer_norm_rows():
 def plan_layer_norm_row(row, arch: int = 90) -> dict:
     """The report's object for a LayerNormLSTM row (``bench.cells.CellRow``): the launches of
     ``fastrnn.ops.aot.layer_norm_workload`` at its shape (barrier mode), compiled for ``sm_{arch}``;
-    the forward's partition as the launcher plans it, estimated with its exchange rounds, and the
-    backward as the strategy it runs on (tiled)."""
-    from fastrnn.ops import aot, layer_norm_rnn, persistent
+    the partition as the launcher plans it, estimated with its exchange rounds each way (a tiled
+    backward, where the plan gives it, estimated as the tiled strategy)."""
+    from fastrnn.ops import aot, layer_norm_rnn
     from fastrnn.ops.aot import compile_launch
     from fastrnn.ops.recurrence import input_precision
 
@@ -270,32 +270,37 @@ def plan_layer_norm_row(row, arch: int = 90) -> dict:
     workload = cost_model.Workload("lstm", 4, row.hidden, row.batch, 1, dtype.itemsize, dtype == torch.float32,
                                    precision=precision, persistent_precision=precision)
     forward = next(launch for launch in unique.values() if "_fwd_" in launch.name)
-    tiled_bwd = cost_model.estimate(workload, cost_model.today_partition(workload, "tiled"))
+    backward = next(launch for launch in unique.values() if "_bwd_" in launch.name)
+    tiled_partition = cost_model.today_partition(workload, "tiled")
     if "_persistent" in forward.name:
         pp = layer_norm_rnn.persistent_plan(row.hidden, row.batch, 1, dtype)
         partition = cost_model.Partition(
             "persistent", pp.programs, pp.batch_groups, pp.block_b, hidden_slice=pp.slice, slices=pp.slices, mode="barrier",
-            exchange_bytes=LAYER_NORM_EXCHANGE_BYTES, num_warps=pp.num_warps, exchange_rounds=3, round_bytes=LAYER_NORM_ROUND_BYTES)
+            exchange_bytes=LAYER_NORM_EXCHANGE_BYTES, num_warps=pp.num_warps, exchange_rounds=3, round_bytes=LAYER_NORM_ROUND_BYTES,
+            bwd_exchange="reduce", gather=min(8, pp.block_flags), bwd_exchange_rounds=3)
     else:
-        partition = cost_model.today_partition(workload, "tiled")
+        partition = tiled_partition
     est = cost_model.estimate(workload, partition)
+    bwd_persistent = "_persistent" in backward.name
+    bwd_est = est if bwd_persistent else cost_model.estimate(workload, tiled_partition)
     record: dict = dict(
         row=row.name, shape=row.describe(), hidden=row.hidden, strategy=partition.strategy,
         mode=partition.mode if partition.strategy == "persistent" else "one launch", input_precision=precision,
-        partition=partition.describe() + ("; backward tiled" if partition.strategy == "persistent" else ""),
+        partition=partition.describe() + ("" if bwd_persistent or partition.strategy != "persistent" else "; backward tiled"),
         programs=partition.programs, exchange_rounds_per_step=partition.exchange_rounds if partition.strategy == "persistent" else 0,
+        exchange_rounds_per_step_bwd=partition.bwd_exchange_rounds if bwd_persistent else 0,
         weight_bytes_reread_per_step=est.weight_bytes_reread_per_step,
-        weight_bytes_reread_per_step_bwd=tiled_bwd.weight_bytes_reread_per_step,
-        exchange_bytes_per_step=est.exchange_bytes_per_step, exchange_bytes_per_step_bwd=tiled_bwd.exchange_bytes_per_step_bwd,
+        weight_bytes_reread_per_step_bwd=0 if bwd_persistent else bwd_est.weight_bytes_reread_per_step,
+        exchange_bytes_per_step=est.exchange_bytes_per_step, exchange_bytes_per_step_bwd=bwd_est.exchange_bytes_per_step_bwd,
         l2_bytes_per_step=est.l2_bytes_per_step,
         registers=max((k["registers"] for k in kernels), default=None),
         spill_bytes=max((k["spill_bytes"] for k in kernels), default=None),
         shared_bytes=max((k["shared_bytes"] for k in kernels), default=None),
         kernels=kernels,
-        est_us_per_step_fwd=_rounded(est.fwd_us), est_us_per_step_bwd=_rounded(tiled_bwd.bwd_us),
-        est_us_per_step_fwd_bwd=_rounded(est.fwd_us + tiled_bwd.bwd_us), est_us_per_step_fwd_optimistic=_rounded(est.fwd_best_us),
+        est_us_per_step_fwd=_rounded(est.fwd_us), est_us_per_step_bwd=_rounded(bwd_est.bwd_us),
+        est_us_per_step_fwd_bwd=_rounded(est.fwd_us + bwd_est.bwd_us), est_us_per_step_fwd_optimistic=_rounded(est.fwd_best_us),
         est_terms_us_fwd={k: _rounded(v, 3) for k, v in est.fwd_terms_us.items()},
-        est_terms_us_bwd={k: _rounded(v, 3) for k, v in tiled_bwd.bwd_terms_us.items()},
+        est_terms_us_bwd={k: _rounded(v, 3) for k, v in bwd_est.bwd_terms_us.items()},
         estimate_kind="cost model (fastrnn.ops.cost_model), no GPU measurement; the norms' pointwise math is not counted",
     )
     compare = {}
@@ -306,12 +311,12 @@ def plan_layer_norm_row(row, arch: int = 90) -> dict:
         per_step = cost_model.estimate(workload, dataclasses.replace(partition, mode="per_step"))
         compare["persistent_per_step"] = dict(weight_bytes_reread_per_step=per_step.weight_bytes_reread_per_step,
                                               est_us_per_step_fwd=_rounded(per_step.fwd_us),
-                                              est_us_per_step_bwd=_rounded(tiled_bwd.bwd_us))
-        one_round = cost_model.estimate(workload, dataclasses.replace(partition, exchange_rounds=1))
+                                              est_us_per_step_bwd=_rounded(per_step.bwd_us if bwd_persistent else bwd_est.bwd_us))
+        one_round = cost_model.estimate(workload, dataclasses.replace(partition, exchange_rounds=1, bwd_exchange_rounds=1))
         compare["persistent_one_round"] = dict(weight_bytes_reread_per_step=0, est_us_per_step_fwd=_rounded(one_round.fwd_us),
-                                               est_us_per_step_bwd=_rounded(tiled_bwd.bwd_us))
+                                               est_us_per_step_bwd=_rounded(one_round.bwd_us if bwd_persistent else bwd_est.bwd_us))
     record["other_strategies"] = compare
-    checks = [f"W_hh re-read by the (tiled) backward: {tiled_bwd.weight_bytes_reread_per_step:,} B per step"]
+    checks = [] if bwd_persistent else [f"W_hh re-read by the (tiled) backward: {bwd_est.weight_bytes_reread_per_step:,} B per step"]
     for k in kernels:
         if k["spill_bytes"]:
             checks.append(f"{k['kernel']} spills on {k['arch']}: {k['registers']} registers, {k['stack_bytes']} B of stack, "

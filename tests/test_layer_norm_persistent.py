@@ -1,8 +1,8 @@
-"""The persistent LayerNormLSTM forward (``layer_norm_lstm_fwd_persistent_kernel``, three exchange
-rounds per step: ``h``, the recurrent norm's moments, the cell norm's) against the hand-written
-float64 equations of ``tests/test_layer_norm_rnn.py`` (through ``tests/test_layer_norm_kernels.py``'s
-``run_case``): outputs, final states and every gradient (the backward runs on the tiled kernels
-from what the persistent forward saved).
+"""The persistent LayerNormLSTM kernels (``layer_norm_lstm_{fwd,bwd}_persistent_kernel``, three
+exchange rounds per step each way: forward ``h``, the recurrent norm's moments, the cell norm's;
+backward the cell norm's and the recurrent norm's means, the partials of ``dh``) against the
+hand-written float64 equations of ``tests/test_layer_norm_rnn.py`` (through
+``tests/test_layer_norm_kernels.py``'s ``run_case``): outputs, final states and every gradient.
 
 * per_step mode on the stock interpreter: zoneout in eval with two batch groups and a last slice
   narrower than the others (H 20 at 8 units per program: the moments' counts differ per program).
@@ -11,6 +11,8 @@ from what the persistent forward saved).
 * barrier mode under the thread-per-program harness (``tests/concurrent_grid.py``), 4 programs per
   direction, and the mutation check: without the waits before the moments are combined
   (``FAULT_NO_STATS_WAIT``) the harness sees wrong numbers.
+* The gradient-flow record (per-program shares summed on the host) against the reference loop's.
+* The sm_90 PTX of the GPU row's kernels orders the exchanges (acquire waits, release arrives).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def check(names, actual, expected):
 def test_per_step_matches_float64_equations(persistent_case):
     names, actual, expected, counts, module = run_case(persistent_case("eval-zoneout-two-groups-narrow-slice", "per_step"),
                                                        torch.float32)
-    assert counts == {"layer_norm_lstm_fwd_persistent": 1, "layer_norm_lstm_bwd_tiled": 1}
+    assert counts == {"layer_norm_lstm_fwd_persistent": 1, "layer_norm_lstm_bwd_persistent": 1}
     check(names, actual, expected)
 
 
@@ -69,7 +71,7 @@ def test_barrier_matches_float64_equations(persistent_case):
     assert persistent.persistent_plan(4, 32, 3, 2, torch.float32).grid == (4, 1, 2)
     with harness("barrier", seed=3):
         names, actual, expected, counts, _ = run_case(name, torch.float32)
-    assert counts == {"layer_norm_lstm_fwd_persistent": 1, "layer_norm_lstm_bwd_tiled": 1}
+    assert counts == {"layer_norm_lstm_fwd_persistent": 1, "layer_norm_lstm_bwd_persistent": 1}
     check(names, actual, expected)
 
 
@@ -79,12 +81,27 @@ def test_missing_moments_wait_is_caught(persistent_case, monkeypatch):
     name = persistent_case("bidir-packed-zoneout-clip", "barrier")
     if unsupported_reason():
         pytest.skip(unsupported_reason())
-    with harness("barrier", seed=4):
-        names, _, expected, _, _ = run_case(name, torch.float32)
     monkeypatch.setattr(persistent, "FAULT", int(kernels.FAULT_NO_STATS_WAIT))
-    caught = first_run_caught(lambda: run_case(name, torch.float32)[1], lambda actual: check(names, actual, expected),
+    caught = first_run_caught(lambda: run_case(name, torch.float32)[:3], lambda result: check(*result),
                               FAULT_RUNS, FAULT_CHAOS, FAULT_JITTER_S)
     assert caught, f"the missing moments wait went unnoticed in {FAULT_RUNS} runs"
+
+
+def test_gradient_flow_record_matches_the_loop(persistent_case):
+    import fastrnn
+
+    persistent_case("bidir-packed-zoneout-clip", "per_step")
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormLSTM(3, 20, bidirectional=True)
+    x = torch.randn(4, 2, 3)
+    norms = {}
+    for path in ("reference", "triton"):
+        with fastrnn.use_backend(path), fastrnn.record_gradient_flow() as flow:
+            y, _ = module(x)
+            y[-1].sum().backward()
+        norms[path] = flow.norms()
+    assert (norms["triton"][0] > 0).all()
+    assert_close(norms["triton"], norms["reference"], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- PTX
@@ -102,17 +119,16 @@ for mode, run in runs.items():
     with aot.capture_launches(90) as launches:
         run()
     for launch in launches:
-        if launch.name == "layer_norm_lstm_fwd_persistent_kernel":
+        if launch.name.endswith("_persistent_kernel") and f"{launch.name}-{mode}" not in out:
             ptx = aot.compile_binary(launch).asm["ptx"]
             ops = [line.strip() for line in ptx.splitlines() if re.search(r"\b(atom|red|ld|fence)\.", line)]
-            out[mode] = [o for o in ops if re.search(r"acquire|release|volatile|acq_rel", o)]
+            out[f"{launch.name}-{mode}"] = [o for o in ops if re.search(r"acquire|release|volatile|acq_rel", o)]
 json.dump(out, sys.stdout)
 """
 
 
-def test_ptx_orders_the_exchanges():
-    """sm_90 PTX of the GPU row's forward (bf16): in barrier mode acquire reads in the waits, release
-    atomics at the arrives, no volatile spin; per step (barrier compiled out), none of them."""
+@pytest.fixture(scope="module")
+def ordering_ops():
     import json
     import os
     import subprocess
@@ -121,9 +137,16 @@ def test_ptx_orders_the_exchanges():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRNN_STRATEGY", "FASTRNN_PERSISTENT_SLICE")}
     done = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    ops = json.loads(done.stdout)
-    barrier = ops["barrier"]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("kernel", ["layer_norm_lstm_fwd", "layer_norm_lstm_bwd"])
+def test_ptx_orders_the_exchanges(ordering_ops, kernel):
+    """sm_90 PTX of the GPU row's kernels (bf16): in barrier mode acquire reads in the waits, release
+    atomics at the arrives (one per round), no volatile spin; per step (barrier compiled out), none."""
+    barrier = ordering_ops[f"{kernel}_persistent_kernel-barrier"]
     assert any(".acquire" in op and ("atom." in op or "ld." in op or "fence." in op) for op in barrier), barrier
-    assert sum(".release" in op and ("atom." in op or "red." in op) for op in barrier) >= 3, barrier  # one arrive per round
+    assert sum(".release" in op and ("atom." in op or "red." in op) for op in barrier) >= 3, barrier
     assert not any("volatile" in op for op in barrier), barrier
-    assert not any(".acquire" in op or ".release" in op for op in ops["per_step"]), ops["per_step"]
+    per_step = ordering_ops[f"{kernel}_persistent_kernel-per_step"]
+    assert not any(".acquire" in op or ".release" in op for op in per_step), per_step

@@ -161,6 +161,7 @@ class Partition:
     # mode, a launch of its own.
     exchange_rounds: int = 1
     round_bytes: int = 0
+    bwd_exchange_rounds: int = 1  # the backward's (the LayerNormLSTM's: 3, its two norms' means and dh)
 
     def describe(self) -> str:
         if self.strategy == "persistent":
@@ -251,16 +252,20 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
     # the forward's extra rounds (Partition.exchange_rounds): each program reads every program's
     # partial of its group's rows and writes its own
     extra_rounds = p.exchange_rounds - 1
-    read_rounds = extra_rounds * p.slices * Bg * p.round_bytes
+
+    def read_rounds(rounds):  # the partials a program reads in its extra rounds
+        return (rounds - 1) * p.slices * Bg * p.round_bytes
     slice_bytes = G * S * K * e  # rows of W_hh (forward) or columns (backward) a program holds
     weights_reread = slice_bytes * p.programs if p.mode == "per_step" else 0
     # forward exchange: every program reads all K columns of h_{t-1} of its batch group; owners write theirs
     read_fwd = Bg * K * x
-    exchange_fwd = p.programs * (read_fwd + read_rounds + extra_rounds * Bg * p.round_bytes) + w.directions * w.batch * K * x
+    exchange_fwd = (p.programs * (read_fwd + read_rounds(p.exchange_rounds) + extra_rounds * Bg * p.round_bytes)
+                    + w.directions * w.batch * K * x)
     # backward exchange, written and read, all programs
     if p.bwd_exchange == "reduce":  # fp32 partials of dh over all K units, each owner sums its S units'
         read_bwd = p.slices * S * Bg * 4
-        exchange_bwd = p.programs * (K * Bg * 4 + read_bwd)
+        exchange_bwd = p.programs * (K * Bg * 4 + read_bwd + read_rounds(p.bwd_exchange_rounds)
+                                     + (p.bwd_exchange_rounds - 1) * Bg * p.round_bytes)
         bwd_loads, bwd_m, bwd_k = math.ceil(p.slices / p.gather), K, G * S
     else:  # all G*H gate gradients of the group (all-gather of dgates)
         read_bwd = Bg * G * H * x
@@ -281,7 +286,7 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
         per_sm = figure("l2_bytes_per_clk_per_sm_best" if best else "l2_bytes_per_clk_per_sm")
         bw = _bandwidth(p.programs, per_sm)
         load = loads * tiles * lat + (read_bytes + (slice_bytes if p.mode == "per_step" else 0) + carried(tiles)) / bw
-        load += (rounds - 1) * lat + (read_rounds if rounds > 1 else 0) / bw  # the extra rounds' partials
+        load += (rounds - 1) * lat + read_rounds(rounds) / bw  # the extra rounds' partials
         # read once per sub-tile's product; "tf32x4" holds the slice twice over (its tf32 halves,
         # fastrnn.kernels.precision)
         weights = (tiles * slice_bytes * _weight_copies(w) / figure("shared_bytes_per_clk_per_sm")
@@ -300,7 +305,7 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
 
     fwd, fwd_terms = step(read_fwd, G * S, K, rounds=p.exchange_rounds)
     fwd_best, _ = step(read_fwd, G * S, K, best=True, rounds=p.exchange_rounds)
-    bwd, bwd_terms = step(read_bwd, bwd_m, bwd_k, bwd_loads, tiles=bwd_tiles)
+    bwd, bwd_terms = step(read_bwd, bwd_m, bwd_k, bwd_loads, tiles=bwd_tiles, rounds=p.bwd_exchange_rounds)
     return Estimate(weights_reread, exchange_fwd, exchange_bwd, l2_fwd, fwd, bwd, fwd_terms, bwd_terms, fwd_best)
 
 
