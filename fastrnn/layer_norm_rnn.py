@@ -598,8 +598,14 @@ class _LayerNormRecurrence(StackedRecurrence):
                 1 if data.dim() == 2 else data.shape[0 if self.batch_first else 1])
             ops = importlib.import_module("fastrnn.ops.layer_norm_rnn")
             dtype = torch.get_autocast_dtype(data.device.type) if torch.is_autocast_enabled(data.device.type) else data.dtype
-            if ops.strategy(self.GATES, self.hidden_size, dtype, batch, 2 if self.bidirectional else 1, data.device) == "persistent":
-                where = f"the forward persistent, W_hh spread over the programs and the norms' moments exchanged; the backward {where}"
+            directions = 2 if self.bidirectional else 1
+            ways = [ops.strategy(self.GATES, self.hidden_size, dtype, batch, directions, data.device, backward) == "persistent"
+                    for backward in (False, True)]
+            spread = "W_hh spread over the programs, the norms' statistics exchanged between them"
+            if all(ways):
+                where = f"persistent: {spread}"
+            elif ways[0]:
+                where = f"the forward persistent ({spread}), the backward {where}"
             return Route("triton", f"{self.NAME}: the fused Triton kernels ({where}, the recurrent and cell norms in "
                                    "the step), one launch per layer each way")
         if detail is not None:

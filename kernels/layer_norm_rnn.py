@@ -1084,8 +1084,11 @@ def combined_moments(partials, lanes, n_slices, SLICE: tl.constexpr, units_per_g
     :func:`slice_moments` (``partials``: fp32 ``(B, n_slices, 2)`` of this group and direction,
     ``lanes (BLOCK_FLAGS,)``): Chan et al.'s pairwise combine, ``M2 = sum_q M2_q + sum_q n_q
     (mean_q - mean)^2``, program ``q`` holding ``n_q = gates * min(SLICE, units_per_gate - q*SLICE)``
-    values. As exact as the resident kernels' centred two-pass moments (every term is a centred
-    square), where the one-pass ``E[v^2] - mean^2`` of the tiled kernels cancels. fp32."""
+    values. Close to the resident kernels' centred two-pass moments (every term is a centred
+    square), where the one-pass ``E[v^2] - mean^2`` of the tiled kernels cancels: measured in fp32
+    against float64 on 64 rows of 256 values in 32 slices, the worst relative error of ``rstd`` is
+    1.9e-7 (two-pass 0.9e-7, one-pass 1.7e-5) at mean 4, spread 0.3, and 7.6e-6 (two-pass 1.1e-7,
+    one-pass 0.17) at mean 10, spread 0.01; all three 1e-7 on ``W_hh h`` at torch.nn's init. fp32."""
     lane_ok = lanes < n_slices
     ok = lane_ok[:, None] & row_ok[None, :]
     at = partials + (rows.to(tl.int64)[None, :] * n_slices + lanes[:, None]) * 2

@@ -87,6 +87,17 @@ def test_missing_moments_wait_is_caught(persistent_case, monkeypatch):
     assert caught, f"the missing moments wait went unnoticed in {FAULT_RUNS} runs"
 
 
+def test_explain_names_the_persistent_kernels():
+    """The 16-bit LayerNormLSTM past the resident size plans persistent by itself (the GPU row's
+    shape); at B256 the plan walks sub-tiles, which these kernels do not: tiled."""
+    import fastrnn
+
+    module = fastrnn.LayerNormLSTM(3, 256, dtype=torch.bfloat16)
+    with fastrnn.use_backend("triton"):
+        assert "persistent: W_hh spread over the programs" in fastrnn.explain(module, torch.zeros(2, 64, 3, dtype=torch.bfloat16))
+        assert "re-read per step in tiles" in fastrnn.explain(module, torch.zeros(2, 256, 3, dtype=torch.bfloat16))
+
+
 def test_gradient_flow_record_matches_the_loop(persistent_case):
     import fastrnn
 
