@@ -1326,7 +1326,8 @@ def layer_norm_lstm_bwd_persistent_kernel(
     plane ``s``. Scratch (fp32): ``dh_partial (n_slices, D, B, H)``; ``c_moments``, ``r_moments (D, B,
     n_slices, 2)``; own, a phase apart: ``grad (2, D, B, H)`` ``(1 - k) dh_t`` and ``dL/dchat``,
     ``e (D, B, 4H)``, ``dh_carry``, ``dc_carry (D, B, H)`` the carried ``dh`` (its local part: the
-    zoneout carry, or all of it past a row's length) and ``dc``."""
+    zoneout carry, or all of it past a row's length) and ``dc``. ``BLOCK_KC`` (the plain LSTM's
+    chunked partial) is not used: the partial is formed whole, as the forward reads its slice."""
     tl.static_assert(GROUP_TILES == 1, "the persistent LayerNormLSTM backward walks one sub-tile per program")
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4
