@@ -13,6 +13,9 @@ hand-written float64 equations of ``tests/test_layer_norm_rnn.py`` (through
   (``FAULT_NO_STATS_WAIT``) the harness sees wrong numbers.
 * The gradient-flow record (per-program shares summed on the host) against the reference loop's.
 * The sm_90 PTX of the GPU row's kernels orders the exchanges (acquire waits, release arrives).
+* On CUDA (``bench/gpu_check.sh`` runs ``tests/test_persistent*.py``): barrier mode as cooperative
+  launches and per step, fp32 and bf16, against the float64 reference loop on the CPU; and the GPU
+  row's shape on its own plan (no knob forced).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from tests.conftest import assert_close
 from tests.test_layer_norm_kernels import CASES, run_case
 from tests.test_persistent import FAULT_CHAOS, FAULT_JITTER_S, FAULT_RUNS, harness
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not triton_interpreting(), reason="interpreter tests")
+ON_CUDA = torch.cuda.is_available()
+interpreted = pytest.mark.skipif(ON_CUDA or not triton_interpreting(), reason="the interpreter's tests (CPU tensors)")
+on_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
 
-if not torch.cuda.is_available():
+if not ON_CUDA:
     from concurrent_grid import first_run_caught, unsupported_reason
 
 SLICE = 8
@@ -60,6 +65,7 @@ def check(names, actual, expected):
         assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-4, msg=lambda m, label=label: f"{label}: {m}")
 
 
+@interpreted
 def test_per_step_matches_float64_equations(persistent_case):
     names, actual, expected, counts, module = run_case(persistent_case("eval-zoneout-two-groups-narrow-slice", "per_step"),
                                                        torch.float32)
@@ -67,6 +73,7 @@ def test_per_step_matches_float64_equations(persistent_case):
     check(names, actual, expected)
 
 
+@interpreted
 def test_barrier_matches_float64_equations(persistent_case):
     name = persistent_case("bidir-packed-zoneout-clip", "barrier")
     assert persistent.persistent_plan(4, 32, 3, 2, torch.float32).grid == (4, 1, 2)
@@ -76,6 +83,7 @@ def test_barrier_matches_float64_equations(persistent_case):
     check(names, actual, expected)
 
 
+@interpreted
 def test_missing_moments_wait_is_caught(persistent_case, monkeypatch):
     """The kernels without their waits before combining the norms' statistics (the waits for
     ``h_{t-1}`` and for the partials of ``dh`` kept) give wrong numbers under the harness in one of
@@ -91,6 +99,7 @@ def test_missing_moments_wait_is_caught(persistent_case, monkeypatch):
     assert caught, f"the missing moments wait went unnoticed in {FAULT_RUNS} runs"
 
 
+@interpreted
 def test_explain_names_the_persistent_kernels():
     """The 16-bit LayerNormLSTM past the resident size plans persistent by itself (the GPU row's
     shape); at B256 the plan walks sub-tiles, which these kernels do not: tiled."""
@@ -102,6 +111,7 @@ def test_explain_names_the_persistent_kernels():
         assert "re-read per step in tiles" in fastrnn.explain(module, torch.zeros(2, 256, 3, dtype=torch.bfloat16))
 
 
+@interpreted
 def test_gradient_flow_record_matches_the_loop(persistent_case):
     import fastrnn
 
@@ -159,3 +169,74 @@ def test_ptx_orders_the_exchanges(ordering_ops, kernel):
     assert any(".acquire" in op and ("atom." in op or "ld." in op or "fence." in op) for op in ops), ops
     assert sum(".release" in op and ("atom." in op or "red." in op) for op in ops) >= 3, ops
     assert not any("volatile" in op for op in ops), ops
+
+
+# ---------------------------------------------------------------------------------- CUDA
+def cuda_against_float64(module, batch, steps, bidirectional, device="cuda"):
+    """Outputs, final states and every gradient of ``module`` (on ``device``) against a float64 copy of it
+    on the reference path (CPU): relative error (norm of the difference over the norm) per tensor.
+    Unsorted packed lengths, zoneout in eval (no mask to draw: the same on both devices)."""
+    import copy
+
+    from torch.nn.utils.rnn import pack_sequence
+
+    import fastrnn
+
+    torch.manual_seed(1)
+    D = 2 if bidirectional else 1
+    lengths = [steps, 1] + [int(n) for n in torch.randint(1, steps + 1, (batch - 2,))]
+    xs = [torch.randn(n, module.input_size) for n in lengths]
+    h0, c0 = torch.randn(D, batch, module.hidden_size), torch.randn(D, batch, module.hidden_size)
+    results = {}
+    for path, m, device, dtype in (("triton", module, device, module.weight_hh_l0.dtype),
+                                   ("reference", copy.deepcopy(module).cpu().double(), "cpu", torch.float64)):
+        x = pack_sequence([v.to(device, dtype) for v in xs], enforce_sorted=False)
+        state = [v.to(device, dtype, copy=True).requires_grad_() for v in (h0, c0)]
+        m.zero_grad()
+        with fastrnn.use_backend(path):
+            y, (h_n, c_n) = m(x, tuple(state))
+            weights = torch.linspace(-1, 1, y.data.numel(), device=device, dtype=dtype).view_as(y.data)
+            ((y.data * weights).sum() + h_n.square().sum() + c_n.sum()).backward()
+        results[path] = dict(y=y.data, h_n=h_n, c_n=c_n, dh0=state[0].grad, dc0=state[1].grad,
+                             **{f"d{n}": p.grad for n, p in m.named_parameters()})
+    missing = [f"{path} {k}" for path, r in results.items() for k, v in r.items() if v is None]
+    assert not missing, missing
+    return {k: ((v.double().cpu() - results["reference"][k]).norm() / results["reference"][k].norm()).item()
+            for k, v in results["triton"].items()}
+
+
+@on_cuda
+@pytest.mark.parametrize("mode", ["barrier", "per_step"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_matches_float64(mode, dtype, monkeypatch):
+    """4 programs per direction (H 32, 8 units each), bidirectional, forced."""
+    import fastrnn
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(SLICE))
+    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormLSTM(6, 32, bidirectional=True, zoneout=0.25, grad_clip=0.5).eval().to("cuda", dtype)
+    before = dict(LAUNCHES)
+    errors = cuda_against_float64(module, 5, 7, True)
+    assert LAUNCHES.get("layer_norm_lstm_bwd_persistent", 0) > before.get("layer_norm_lstm_bwd_persistent", 0)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    assert max(errors.values()) < tolerance, errors
+
+
+@on_cuda
+def test_cuda_gpu_row_plan_matches_float64():
+    """The GPU row's shape (LayerNormLSTM H256 B64 bf16, a few steps) on its own plan: 32 slices of
+    8 units x 4 batch groups, barrier mode where the card fits it (a cooperative launch)."""
+    import fastrnn
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormLSTM(16, 256).to("cuda", torch.bfloat16)
+    before = dict(LAUNCHES)
+    errors = cuda_against_float64(module, 64, 6, False)
+    for way in ("fwd", "bwd"):
+        key = f"layer_norm_lstm_{way}_persistent"
+        assert LAUNCHES.get(key, 0) == before.get(key, 0) + 1, (key, LAUNCHES)
+    assert max(errors.values()) < 5e-2, errors
