@@ -103,7 +103,7 @@ def strategy(gates: int, hidden: int, dtype: torch.dtype, batch: int | None = No
 #: Widest ``BLOCK_K`` (``H`` rounded up to a power of two) at which the LayerNormLSTM forward plans
 #: persistent by itself: its kernel reads its slice whole, one sub-tile of ``BLOCK_B`` rows per
 #: program (the GPU matrix's LayerNormLSTM row, B64 H256 bf16: 32 slices of 8 units x 4 groups).
-#: Held to the compile gate (``python -m fastrnn.ops.aot``, workloads ``layer-norm-lstm-persistent-*``).
+#: Held to the compile gate (``python -m fastrnn.ops.aot``, workloads ``layer-norm-lstm-*-persistent-barrier-*``).
 PERSISTENT_MAX_BLOCK_K = 256
 #: Most bytes of ``W_hh`` one program of the persistent LayerNormLSTM forward holds where it plans
 #: by itself (``4 * BLOCK_S * BLOCK_K`` 16-bit values): every form of the compile gate compiles with
@@ -122,15 +122,17 @@ def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype
 
 def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None,
                        backward: bool = False) -> bool:
-    """Whether the LayerNormLSTM forward runs on its persistent kernel: forced by
-    ``FASTRNN_STRATEGY=persistent`` (any size and dtype; ``FASTRNN_PERSISTENT_SLICE`` and
+    """Whether the LayerNormLSTM forward (``backward``: its backward) runs on its persistent kernel:
+    forced by ``FASTRNN_STRATEGY=persistent`` (any size and dtype; ``FASTRNN_PERSISTENT_SLICE`` and
     ``FASTRNN_PERSISTENT_MODE`` as for the plain cells), never with ``FASTRNN_STRATEGY`` ``resident``
-    or ``tiled`` (then the resident or tiled kernels serve it as their sizes say), else in 16-bit beyond the resident size up to
-    :data:`PERSISTENT_MAX_BLOCK_K`, where the plan holds each program to one sub-tile of rows read
-    whole (``backward``: the plan's backward sub-tiles, ``bwd_tiles``, ``bwd_chunk``), at most
-    :data:`PERSISTENT_MAX_SLICE_BYTES` of weights, and fits the card at one program per SM. fp32
-    keeps the tiled kernels unless forced. The forward and the backward decide apart: each reads
-    and writes the same saved tensors whichever kernel the other ran on.""" 
+    or ``tiled`` (then the resident or tiled kernels serve it as their sizes say), else in 16-bit
+    beyond the resident size up to :data:`PERSISTENT_MAX_BLOCK_K`, where the plan holds each
+    program to one sub-tile of rows read whole (``fwd_tiles``, ``fwd_chunk``; the backward's
+    ``bwd_tiles``, ``bwd_chunk``), at most :data:`PERSISTENT_MAX_SLICE_BYTES` of weights, and fits
+    the card at one program per SM. fp32 keeps the tiled kernels unless forced (its persistent
+    backward spills on sm_90: ``fastrnn.ops.aot.LAYER_NORM_PERSISTENT_ROW``). The forward and the
+    backward decide apart: each reads and writes the same saved tensors whichever kernel the other
+    ran on."""
     if gates != 4 or dtype not in KERNEL_DTYPES:
         return False
     forced = os.environ.get(STRATEGY_ENV, "").strip().lower()
