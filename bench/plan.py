@@ -1,6 +1,7 @@
 """The plan report: ``python -m bench --plan [--json]``.
 
-For every row of the GPU matrix (:data:`bench.matrix.GPU_MATRIX`): the strategy and grid the
+For every row of the GPU matrix (:data:`bench.matrix.GPU_MATRIX`), then the LayerNormLSTM GPU row of
+issue 18 (:data:`LAYER_NORM_ROWS`, :func:`plan_layer_norm_row`): the strategy and grid the
 launcher would use on an H100/H200, the kernels it would launch compiled ahead of time for sm_90
 with the real launch's signature and specialisation (:func:`fastrnn.ops.aot.capture_launches`:
 registers, spills, shared memory), the bytes and the time per step the cost model
@@ -157,6 +158,8 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
         input_precision=workload.persistent_precision if partition.strategy == "persistent" else workload.precision,
         partition=partition.describe(),
         programs=partition.programs,
+        # flag rounds per forward step: 1 for a persistent plain cell (h), 0 where programs exchange nothing
+        exchange_rounds_per_step=partition.exchange_rounds if partition.strategy == "persistent" else 0,
         weight_bytes_reread_per_step=est.weight_bytes_reread_per_step,
         exchange_bytes_per_step=est.exchange_bytes_per_step,
         exchange_bytes_per_step_bwd=est.exchange_bytes_per_step_bwd,
@@ -225,12 +228,117 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
     return record
 
 
-def plan_report(rows: tuple[matrix.Row, ...] = matrix.GPU_MATRIX, arch: int = 90, log=None) -> list[dict]:
+#: The LayerNormLSTM GPU row of issue 18 (``bench.cells.GPU_ROWS``: N1, B64 T512 H256 bf16), after
+#: the GPU matrix's rows. Its forward and backward plan persistent with three exchange rounds per
+#: step each (``fastrnn.ops.layer_norm_rnn.persistent_planned``).
+LAYER_NORM_ROWS = ("N1",)
+#: What each extra round of the LayerNormLSTM forward publishes per batch row and program: a
+#: partial ``(sum, centred sum of squares)`` in fp32 (``kernels/layer_norm_rnn.py``).
+LAYER_NORM_ROUND_BYTES = 8
+#: The persistent LayerNormLSTM forward exchanges ``h`` in fp32.
+LAYER_NORM_EXCHANGE_BYTES = 4
+
+
+def layer_norm_rows():
+    from bench.cells import GPU_ROWS
+
+    return tuple(r for r in GPU_ROWS if r.name in LAYER_NORM_ROWS)
+
+
+def plan_layer_norm_row(row, arch: int = 90) -> dict:
+    """The report's object for a LayerNormLSTM row (``bench.cells.CellRow``): the launches of
+    ``fastrnn.ops.aot.layer_norm_workload`` at its shape (barrier mode), compiled for ``sm_{arch}``;
+    the partition as the launcher plans it, estimated with its exchange rounds each way (a tiled
+    backward, where the plan gives it, estimated as the tiled strategy)."""
+    from fastrnn.ops import aot, layer_norm_rnn
+    from fastrnn.ops.aot import compile_launch
+    from fastrnn.ops.recurrence import input_precision
+
+    dtype = matrix.DTYPES[row.dtype]
+    with _barrier_mode(), aot.capture_launches(arch) as launches:
+        aot.layer_norm_workload("lstm", dtype, row.hidden, row.batch, "plain")
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key, launch)
+    kernels, errors = [], []
+    for launch in unique.values():
+        try:
+            kernels.append(_kernel_record(launch, compile_launch(launch)))
+        except Exception as error:  # reported in the row, as plan_row does
+            errors.append(f"{launch.name}: {type(error).__name__}: {error}")
+    precision = input_precision(dtype)
+    workload = cost_model.Workload("lstm", 4, row.hidden, row.batch, 1, dtype.itemsize, dtype == torch.float32,
+                                   precision=precision, persistent_precision=precision)
+    forward = next(launch for launch in unique.values() if "_fwd_" in launch.name)
+    backward = next(launch for launch in unique.values() if "_bwd_" in launch.name)
+    tiled_partition = cost_model.today_partition(workload, "tiled")
+    if "_persistent" in forward.name:
+        pp = layer_norm_rnn.persistent_plan(row.hidden, row.batch, 1, dtype)
+        partition = cost_model.Partition(
+            "persistent", pp.programs, pp.batch_groups, pp.block_b, hidden_slice=pp.slice, slices=pp.slices, mode="barrier",
+            exchange_bytes=LAYER_NORM_EXCHANGE_BYTES, num_warps=pp.num_warps, exchange_rounds=3, round_bytes=LAYER_NORM_ROUND_BYTES,
+            bwd_exchange="reduce", gather=min(8, pp.block_flags), bwd_exchange_rounds=3)
+    else:
+        partition = tiled_partition
+    est = cost_model.estimate(workload, partition)
+    bwd_persistent = "_persistent" in backward.name
+    bwd_est = est if bwd_persistent else cost_model.estimate(workload, tiled_partition)
+    record: dict = dict(
+        row=row.name, shape=row.describe(), hidden=row.hidden, strategy=partition.strategy,
+        mode=partition.mode if partition.strategy == "persistent" else "one launch", input_precision=precision,
+        partition=partition.describe() + ("" if bwd_persistent or partition.strategy != "persistent" else "; backward tiled"),
+        programs=partition.programs, exchange_rounds_per_step=partition.exchange_rounds if partition.strategy == "persistent" else 0,
+        exchange_rounds_per_step_bwd=partition.bwd_exchange_rounds if bwd_persistent else 0,
+        weight_bytes_reread_per_step=est.weight_bytes_reread_per_step,
+        weight_bytes_reread_per_step_bwd=0 if bwd_persistent else bwd_est.weight_bytes_reread_per_step,
+        exchange_bytes_per_step=est.exchange_bytes_per_step, exchange_bytes_per_step_bwd=bwd_est.exchange_bytes_per_step_bwd,
+        l2_bytes_per_step=est.l2_bytes_per_step,
+        registers=max((k["registers"] for k in kernels), default=None),
+        spill_bytes=max((k["spill_bytes"] for k in kernels), default=None),
+        shared_bytes=max((k["shared_bytes"] for k in kernels), default=None),
+        kernels=kernels,
+        est_us_per_step_fwd=_rounded(est.fwd_us), est_us_per_step_bwd=_rounded(bwd_est.bwd_us),
+        est_us_per_step_fwd_bwd=_rounded(est.fwd_us + bwd_est.bwd_us), est_us_per_step_fwd_optimistic=_rounded(est.fwd_best_us),
+        est_terms_us_fwd={k: _rounded(v, 3) for k, v in est.fwd_terms_us.items()},
+        est_terms_us_bwd={k: _rounded(v, 3) for k, v in bwd_est.bwd_terms_us.items()},
+        estimate_kind="cost model (fastrnn.ops.cost_model), no GPU measurement; the norms' pointwise math is not counted",
+    )
+    compare = {}
+    if partition.strategy == "persistent":
+        tiled = cost_model.estimate(workload, cost_model.today_partition(workload, "tiled"))
+        compare["tiled"] = dict(weight_bytes_reread_per_step=tiled.weight_bytes_reread_per_step,
+                                est_us_per_step_fwd=_rounded(tiled.fwd_us), est_us_per_step_bwd=_rounded(tiled.bwd_us))
+        per_step = cost_model.estimate(workload, dataclasses.replace(partition, mode="per_step"))
+        compare["persistent_per_step"] = dict(weight_bytes_reread_per_step=per_step.weight_bytes_reread_per_step,
+                                              est_us_per_step_fwd=_rounded(per_step.fwd_us),
+                                              est_us_per_step_bwd=_rounded(per_step.bwd_us if bwd_persistent else bwd_est.bwd_us))
+        one_round = cost_model.estimate(workload, dataclasses.replace(partition, exchange_rounds=1, bwd_exchange_rounds=1))
+        compare["persistent_one_round"] = dict(weight_bytes_reread_per_step=0, est_us_per_step_fwd=_rounded(one_round.fwd_us),
+                                               est_us_per_step_bwd=_rounded(one_round.bwd_us if bwd_persistent else bwd_est.bwd_us))
+    record["other_strategies"] = compare
+    checks = [] if bwd_persistent else [f"W_hh re-read by the (tiled) backward: {bwd_est.weight_bytes_reread_per_step:,} B per step"]
+    for k in kernels:
+        if k["spill_bytes"]:
+            checks.append(f"{k['kernel']} spills on {k['arch']}: {k['registers']} registers, {k['stack_bytes']} B of stack, "
+                          f"{k['local_bytes']} B of local memory per thread")
+        if k["shared_bytes"] > SHARED_LIMIT[arch]:
+            checks.append(f"{k['kernel']} needs {k['shared_bytes']:,} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]:,}")
+    if errors:
+        checks.append("compile failed: " + "; ".join(errors))
+    record["issues"] = checks
+    return record
+
+
+def plan_report(rows: tuple[matrix.Row, ...] = matrix.GPU_MATRIX, arch: int = 90, log=None, layer_norm_rows=()) -> list[dict]:
     out = []
     for row in rows:
         if log:
             log(f"plan {row.name} {row.describe()} ...")
         out.append(plan_row(row, arch))
+    for row in layer_norm_rows:
+        if log:
+            log(f"plan {row.name} {row.describe()} ...")
+        out.append(plan_layer_norm_row(row, arch))
     return out
 
 
@@ -245,11 +353,11 @@ def _bytes(n) -> str:
 
 def text_report(records: list[dict]) -> str:
     """A readable table of the records, the model's figures and their sources."""
-    header = ["row", "strategy", "programs", "W re-read/step", "exchange/step", "regs", "spill", "shared",
+    header = ["row", "strategy", "programs", "rounds", "W re-read/step", "exchange/step", "regs", "spill", "shared",
               "est fwd us", "est bwd us", "cuDNN fwd us", "issues"]
     cells = []
     for r in records:
-        cells.append([r["row"], r["strategy"], str(r["programs"]), _bytes(r["weight_bytes_reread_per_step"]),
+        cells.append([r["row"], r["strategy"], str(r["programs"]), str(r["exchange_rounds_per_step"]), _bytes(r["weight_bytes_reread_per_step"]),
                       _bytes(r["exchange_bytes_per_step"]), str(r["registers"]), str(r["spill_bytes"]),
                       _bytes(r["shared_bytes"]), f"{r['est_us_per_step_fwd']:.2f}", f"{r['est_us_per_step_bwd']:.2f}",
                       str(r.get("cudnn_us_per_step_anchor", "-")), str(len(r["issues"]))])
@@ -286,6 +394,7 @@ def done_when(records: list[dict]) -> list[str]:
         names = [r["row"] for r in records if miss(r)]
         return "yes" if not names else "no: " + ", ".join(names)
 
+    records = [r for r in records if r["row"] not in LAYER_NORM_ROWS]  # issue 12's: the GPU matrix's rows
     large = [r for r in records if r["hidden"] >= 512]
     return [
         f"persistent on every row: {rows(lambda r: r['strategy'] != 'persistent')}",
@@ -303,8 +412,11 @@ def main(as_json: bool, row_names: str | None = None) -> int:
         print("python -m bench --plan compiles for sm_90: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    rows = matrix.select(matrix.GPU_MATRIX, row_names)
-    records = plan_report(rows, log=lambda line: print(line, file=sys.stderr, flush=True))
+    names = [n.strip().upper() for n in (row_names or "").split(",") if n.strip()]
+    layer_norm = tuple(r for r in layer_norm_rows() if not names or r.name in names)
+    rest = ",".join(n for n in names if n not in LAYER_NORM_ROWS)
+    rows = matrix.select(matrix.GPU_MATRIX, rest) if rest or not names else ()
+    records = plan_report(rows, log=lambda line: print(line, file=sys.stderr, flush=True), layer_norm_rows=layer_norm)
     print(json.dumps(records, indent=1) if as_json else text_report(records))
     return 1 if any(r["registers"] is None for r in records) else 0
 

@@ -594,6 +594,18 @@ class _LayerNormRecurrence(StackedRecurrence):
         layer, detail = self._kernel_choice(data)
         if layer is not None:
             where = "W_hh on chip" if detail == "resident" else "W_hh re-read per step in tiles"
+            batch = int(input.batch_sizes[0]) if isinstance(input, PackedSequence) else (
+                1 if data.dim() == 2 else data.shape[0 if self.batch_first else 1])
+            ops = importlib.import_module("fastrnn.ops.layer_norm_rnn")
+            dtype = torch.get_autocast_dtype(data.device.type) if torch.is_autocast_enabled(data.device.type) else data.dtype
+            directions = 2 if self.bidirectional else 1
+            ways = [ops.strategy(self.GATES, self.hidden_size, dtype, batch, directions, data.device, backward) == "persistent"
+                    for backward in (False, True)]
+            spread = "W_hh spread over the programs, the norms' statistics exchanged between them"
+            if all(ways):
+                where = f"persistent: {spread}"
+            elif ways[0]:
+                where = f"the forward persistent ({spread}), the backward {where}"
             return Route("triton", f"{self.NAME}: the fused Triton kernels ({where}, the recurrent and cell norms in "
                                    "the step), one launch per layer each way")
         if detail is not None:

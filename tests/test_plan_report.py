@@ -13,8 +13,10 @@ import torch
 
 from bench.matrix import GATES, GPU_MATRIX
 
-KEYS = ("row", "strategy", "programs", "weight_bytes_reread_per_step", "exchange_bytes_per_step", "registers",
-        "spill_bytes", "shared_bytes", "est_us_per_step_fwd", "est_us_per_step_bwd", "cudnn_us_per_step_anchor")
+KEYS = ("row", "strategy", "programs", "exchange_rounds_per_step", "weight_bytes_reread_per_step", "exchange_bytes_per_step",
+        "registers", "spill_bytes", "shared_bytes", "est_us_per_step_fwd", "est_us_per_step_bwd", "cudnn_us_per_step_anchor")
+#: The rows after the GPU matrix's: issue 18's LayerNormLSTM row (bench.plan.LAYER_NORM_ROWS), no cuDNN anchor.
+LAYER_NORM_ROWS = ("N1",)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,10 @@ def report():
 
 
 def test_one_object_per_row_with_the_keys(report):
-    assert list(report) == [row.name for row in GPU_MATRIX]
+    assert list(report) == [row.name for row in GPU_MATRIX] + list(LAYER_NORM_ROWS)
     for name, r in report.items():
+        if name in LAYER_NORM_ROWS:
+            continue
         missing = [k for k in KEYS if k not in r]
         assert not missing, f"{name} lacks {missing}"
         assert r["registers"] > 0 and r["spill_bytes"] >= 0 and r["shared_bytes"] > 0, name
@@ -48,3 +52,23 @@ def test_strategy_is_the_launchers(report, row):
         assert all("_persistent_kernel" in k["kernel"] for k in r["kernels"])
     else:
         assert r["weight_bytes_reread_per_step"] > 0
+
+
+def test_layer_norm_row_counts_its_exchange_rounds(report):
+    """N1 (LayerNormLSTM B64 H256 bf16): both ways on the persistent kernels with three flag rounds
+    per step (forward: h, the recurrent norm's moments, the cell norm's; backward: the two norms'
+    means, the partials of dh), one for every persistent plain row; the estimate pays for the extra
+    rounds (more than the same partition with one round, less than the tiled strategy)."""
+    r = report["N1"]
+    missing = [k for k in KEYS if k not in r and k != "cudnn_us_per_step_anchor"]
+    assert not missing, missing
+    assert r["strategy"] == "persistent" and r["weight_bytes_reread_per_step"] == 0
+    assert r["exchange_rounds_per_step"] == 3 and r["exchange_rounds_per_step_bwd"] == 3
+    assert sorted(k["kernel"] for k in r["kernels"]) == ["layer_norm_lstm_bwd_persistent_kernel", "layer_norm_lstm_fwd_persistent_kernel"]
+    assert all(k["spill_bytes"] == 0 for k in r["kernels"])
+    other = r["other_strategies"]
+    for way in ("fwd", "bwd"):
+        key = f"est_us_per_step_{way}"
+        assert other["persistent_one_round"][key] < r[key] < other["tiled"][key], way
+    assert all(report[row.name]["exchange_rounds_per_step"] == (1 if report[row.name]["strategy"] == "persistent" else 0)
+               for row in GPU_MATRIX)

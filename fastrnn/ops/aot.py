@@ -430,11 +430,11 @@ def indrnn_workload(dtype: torch.dtype, hidden: int, batch: int, *, full: bool) 
     y.float().sum().backward()
 
 
-def layer_norm_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, form: str) -> None:
+def layer_norm_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, form: str, backward: bool = True) -> None:
     """One LayerNormLSTM / LayerNormGRU layer (``cell`` ``"lstm"`` / ``"gru"``) forward and backward
-    through :mod:`fastrnn.ops.layer_norm_rnn`'s kernels. ``form`` ``plain``: one direction, no
-    options; ``full``: bidirectional, lengths, a zoneout mask, ``grad_clip``, the gradient-flow
-    record; ``batch1``: eval-mode zoneout (its own binary)."""
+    (``backward`` False: forward only) through :mod:`fastrnn.ops.layer_norm_rnn`'s kernels. ``form``
+    ``plain``: one direction, no options; ``full``: bidirectional, lengths, a zoneout mask,
+    ``grad_clip``, the gradient-flow record; ``batch1``: eval-mode zoneout (its own binary)."""
     from fastrnn.ops.layer_norm_rnn import layer_norm_gru_kernel_layer, layer_norm_lstm_kernel_layer
 
     gates, directions = (4 if cell == "lstm" else 3), (2 if form == "full" else 1)
@@ -450,16 +450,25 @@ def layer_norm_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, 
                    zoneout_mask=torch.ones(STEPS, batch, directions * hidden, dtype=dtype) if full else None,
                    zoneout_p=0.1 if form != "plain" else 0.0, grad_clip=1.0 if full else None,
                    flow_record=torch.zeros(directions, STEPS) if full else None)
-    if cell == "lstm":
-        y, _, _ = layer_norm_lstm_kernel_layer(x, h0, torch.zeros_like(h0), params, **options)
-    else:
-        y, _ = layer_norm_gru_kernel_layer(x, h0, params, **options)
-    y.float().sum().backward()
+    with torch.set_grad_enabled(backward):
+        if cell == "lstm":
+            y, _, _ = layer_norm_lstm_kernel_layer(x, h0, torch.zeros_like(h0), params, **options)
+        else:
+            y, _ = layer_norm_gru_kernel_layer(x, h0, params, **options)
+    if backward:
+        y.float().sum().backward()
 
 
 #: The hidden size the LayerNorm tiled kernels are compiled at: the GPU matrix's LayerNormLSTM
 #: row (B64 T512 H256 bf16). Their binary does not depend on H beyond divisibility.
 LAYER_NORM_TILED_HIDDEN = 256
+#: ``(hidden, batch)`` of the persistent LayerNormLSTM kernels' workloads: the GPU matrix's
+#: LayerNormLSTM row, whose plan it is (32 slices of 8 units x 4 batch groups one way; the ``full``
+#: form, H248 bidirectional, 16 of 16 x 4 x 2), in barrier mode; bf16 as the card plans it, fp32
+#: forced and forward only (``-fwd-``): fp32 plans the tiled kernels, and its persistent backward,
+#: which runs only when forced, spills on sm_90 (FMA products; 96-896 B of stack on Triton 3.6 and
+#: 3.9 in the three forms).
+LAYER_NORM_PERSISTENT_ROW = (256, 64)
 
 
 def layer_norm_size_classes(cell: str, dtype: torch.dtype) -> dict[str, int]:
@@ -526,8 +535,19 @@ def workloads() -> dict[str, Callable[[], None]]:
             for size_class, hidden in layer_norm_size_classes(cell, dtype).items():
                 for form in ("plain", "full", "batch1"):
                     size = hidden - 8 if form == "full" else hidden  # same block, not divisible by 16
+                    run = lambda c=cell, d=dtype, h=size, f=form: layer_norm_workload(c, d, h, FORM_BATCH[f], f)  # noqa: E731
+                    # the tiled forward too (the 16-bit LSTM's plans persistent at this size)
                     out[f"layer-norm-{cell}-{_dtype_name(dtype)}-{size_class}-{form}"] = (
-                        lambda c=cell, d=dtype, h=size, f=form: layer_norm_workload(c, d, h, FORM_BATCH[f], f))
+                        _forced("FASTRNN_STRATEGY", "tiled", run) if size_class == "tiled" else run)
+    hidden, batch = LAYER_NORM_PERSISTENT_ROW
+    for dtype in (torch.bfloat16, torch.float32):  # the persistent LayerNormLSTM forward (and the tiled backward)
+        for form in ("plain", "full", "batch1"):
+            size, rows, fp32 = (hidden - 8 if form == "full" else hidden), (1 if form == "batch1" else batch), dtype == torch.float32
+            run = lambda d=dtype, h=size, b=rows, f=form, bwd=not fp32: layer_norm_workload("lstm", d, h, b, f, bwd)  # noqa: E731
+            if fp32:  # bf16 as the card's plan says (an A100's bidirectional B64: tiled), fp32 forced, forward only
+                run = _forced("FASTRNN_STRATEGY", "persistent", run)
+            name = f"layer-norm-lstm-{_dtype_name(dtype)}-persistent-barrier-{'fwd-' if fp32 else ''}{form}"
+            out[name] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
     for cell in CELLS:
         for dtype, block_h, block_o, warps in compile_corners(cell):
             for form in ("plain", "full"):

@@ -25,6 +25,10 @@ What a step costs, per program, on the critical path (the slowest program sets t
   exchange) and reduces over ``G*H`` (M = S).
 * ``persistent`` in ``per_step`` mode: one launch per step (in a CUDA graph), no flag, but the
   weight slice is loaded again every step (``weight_bytes_reread_per_step`` = all of ``W_hh``).
+* A forward of several exchange rounds per step (``Partition.exchange_rounds``: the LayerNormLSTM's
+  3, its norms' moments combined across the slices) pays the flag round trip (per step mode: the
+  launch) once per round and one more L2 load per extra round; the pointwise norm math is not
+  counted beyond the gates'.
 * ``tiled`` (today's large-H strategy): one program per 16-row batch tile and direction streams all
   of its direction's ``W_hh`` from L2 every step in an unpipelined loop of ``REDUCE``-wide tiles.
 * ``resident`` (small H): ``W_hh`` in registers, no exchange; the mma chain and the pointwise.
@@ -151,6 +155,13 @@ class Partition:
     gather: int = 8  # partials summed per load ("reduce")
     batch_tiles: int = 1  # sub-tiles a program walks its batch group in, one product after another
     bwd_batch_tiles: int = 0  # the backward's, where its sub-tiles are narrower than the forward's (0: batch_tiles)
+    # Flag rounds per forward step: 1 (h), 3 for the LayerNormLSTM (h, then the recurrent and the
+    # cell norm's moments: kernels/layer_norm_rnn.py), each extra round a flag round trip, an L2
+    # load of every program's ``round_bytes`` per batch row (its partial moments) and, per step
+    # mode, a launch of its own.
+    exchange_rounds: int = 1
+    round_bytes: int = 0
+    bwd_exchange_rounds: int = 1  # the backward's (the LayerNormLSTM's: 3, its two norms' means and dh)
 
     def describe(self) -> str:
         if self.strategy == "persistent":
@@ -238,15 +249,23 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
     lat = figure("l2_latency_clk")
     flag = figure("flag_round_trip_l2_latencies") * lat if p.mode == "barrier" else 0.0
     launch = figure("graph_launch_us") if p.mode == "per_step" else 0.0
+    # the forward's extra rounds (Partition.exchange_rounds): each program reads every program's
+    # partial of its group's rows and writes its own
+    extra_rounds = p.exchange_rounds - 1
+
+    def read_rounds(rounds):  # the partials a program reads in its extra rounds
+        return (rounds - 1) * p.slices * Bg * p.round_bytes
     slice_bytes = G * S * K * e  # rows of W_hh (forward) or columns (backward) a program holds
     weights_reread = slice_bytes * p.programs if p.mode == "per_step" else 0
     # forward exchange: every program reads all K columns of h_{t-1} of its batch group; owners write theirs
     read_fwd = Bg * K * x
-    exchange_fwd = p.programs * read_fwd + w.directions * w.batch * K * x
+    exchange_fwd = (p.programs * (read_fwd + read_rounds(p.exchange_rounds) + extra_rounds * Bg * p.round_bytes)
+                    + w.directions * w.batch * K * x)
     # backward exchange, written and read, all programs
     if p.bwd_exchange == "reduce":  # fp32 partials of dh over all K units, each owner sums its S units'
         read_bwd = p.slices * S * Bg * 4
-        exchange_bwd = p.programs * (K * Bg * 4 + read_bwd)
+        exchange_bwd = p.programs * (K * Bg * 4 + read_bwd + read_rounds(p.bwd_exchange_rounds)
+                                     + (p.bwd_exchange_rounds - 1) * Bg * p.round_bytes)
         bwd_loads, bwd_m, bwd_k = math.ceil(p.slices / p.gather), K, G * S
     else:  # all G*H gate gradients of the group (all-gather of dgates)
         read_bwd = Bg * G * H * x
@@ -263,10 +282,11 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
     stream_fwd = p.programs * Bg * (G * S + S + G * S + (S if w.cell == "lstm" else 0)) * e
     l2_fwd = weights_reread + exchange_fwd + stream_fwd
 
-    def step(read_bytes, m, k, loads=1, best=False, tiles=p.batch_tiles):
+    def step(read_bytes, m, k, loads=1, best=False, tiles=p.batch_tiles, rounds=1):
         per_sm = figure("l2_bytes_per_clk_per_sm_best" if best else "l2_bytes_per_clk_per_sm")
         bw = _bandwidth(p.programs, per_sm)
         load = loads * tiles * lat + (read_bytes + (slice_bytes if p.mode == "per_step" else 0) + carried(tiles)) / bw
+        load += (rounds - 1) * lat + read_rounds(rounds) / bw  # the extra rounds' partials
         # read once per sub-tile's product; "tf32x4" holds the slice twice over (its tf32 halves,
         # fastrnn.kernels.precision)
         weights = (tiles * slice_bytes * _weight_copies(w) / figure("shared_bytes_per_clk_per_sm")
@@ -277,15 +297,15 @@ def _persistent(w: Workload, p: Partition) -> Estimate:
         chain, rate = chain * tiles, rate * tiles
         pointwise = _pointwise_clk(G * S * Bg, p.num_warps)
         floor = l2_fwd / figure("l2_total_bytes_per_clk")
-        terms = {"launch": launch, "flag": clk_to_us(flag), "exchange_load": clk_to_us(load),
+        terms = {"launch": rounds * launch, "flag": clk_to_us(rounds * flag), "exchange_load": clk_to_us(load),
                  "weights_from_shared": clk_to_us(weights), "tensor_core": clk_to_us(max(chain, rate)),
                  "pointwise": clk_to_us(pointwise)}
         total = max(sum(terms.values()), clk_to_us(floor))
         return total, terms
 
-    fwd, fwd_terms = step(read_fwd, G * S, K)
-    fwd_best, _ = step(read_fwd, G * S, K, best=True)
-    bwd, bwd_terms = step(read_bwd, bwd_m, bwd_k, bwd_loads, tiles=bwd_tiles)
+    fwd, fwd_terms = step(read_fwd, G * S, K, rounds=p.exchange_rounds)
+    fwd_best, _ = step(read_fwd, G * S, K, best=True, rounds=p.exchange_rounds)
+    bwd, bwd_terms = step(read_bwd, bwd_m, bwd_k, bwd_loads, tiles=bwd_tiles, rounds=p.bwd_exchange_rounds)
     return Estimate(weights_reread, exchange_fwd, exchange_bwd, l2_fwd, fwd, bwd, fwd_terms, bwd_terms, fwd_best)
 
 

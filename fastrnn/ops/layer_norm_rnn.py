@@ -1,9 +1,20 @@
 """LayerNormLSTM and LayerNormGRU on the fused kernels of ``fastrnn.kernels.layer_norm_rnn``.
 
 Read top to bottom: which kernels serve a size (``strategy``: resident where one program holds
-its direction's ``W_hh`` on chip, ``kernel_blocks``; tiled beyond), the LSTM's forward and
-backward launchers and autograd Function, the GRU's, then the layer functions the modules of
+its direction's ``W_hh`` on chip, ``kernel_blocks``; tiled beyond; for the LayerNormLSTM in 16-bit
+up to ``H`` 256, persistent: ``persistent_planned``), the LSTM's forward and backward
+launchers and autograd Function, the GRU's, then the layer functions the modules of
 :mod:`fastrnn.layer_norm_rnn` call.
+
+The persistent LayerNormLSTM kernels (``layer_norm_lstm_{fwd,bwd}_persistent_kernel``, launched
+by :func:`fastrnn.ops.persistent.launch`: the plain LSTM's partition, barrier mode on a GPU,
+per_step under the interpreter or where the grid does not fit) read and write the same saved
+tensors as the resident and tiled ones, so forward and backward choose apart (the backward plans
+persistent where the plan's backward sub-tiles are one per program; else it runs tiled from what
+the persistent forward saved). Each step takes three exchange rounds each way (forward ``h``, the
+moments of the recurrent norm and of the cell norm; backward the two norms' means and the
+partials of ``dh``), where the plain cells take one; ``python -m bench --plan`` reports them
+(``exchange_rounds_per_step``). The GRU has no persistent kernel.
 
 Split of the work. Before the loop, on the host, in PyTorch: the input side
 ``ax = LN(W_ih x; gain_ih) + b_ih (+ b_hh, LSTM)`` of every step and direction (one GEMM and one
@@ -24,15 +35,19 @@ What the forward saves per row, step and direction (compute dtype; ``G`` gates):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from torch import Tensor
 
 from fastrnn.kernels import layer_norm_rnn as kernels
 from fastrnn.layer_norm_rnn import input_side
+from fastrnn.ops import persistent
 from fastrnn.ops.lstm import final_cell_state
 from fastrnn.ops.recurrence import (
     BLOCK_B,
+    STRATEGY_ENV,
     compute_dtype,
     count_launch,
     flow_buffer,
@@ -71,13 +86,66 @@ def kernel_blocks(gates: int, hidden: int, dtype: torch.dtype) -> tuple[int, int
     return block_h, (warps if block_h == largest else 4)
 
 
-def strategy(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
-    """``"resident"``, ``"tiled"`` (beyond the resident size) or None (no kernel for the dtype)."""
+def strategy(gates: int, hidden: int, dtype: torch.dtype, batch: int | None = None, directions: int = 1,
+             device=None, backward: bool = False) -> str | None:
+    """``"resident"``, ``"tiled"`` (beyond the resident size), ``"persistent"`` (the LayerNormLSTM
+    forward, or with ``backward`` its backward, given its ``batch``, where :func:`persistent_planned`)
+    or None (no kernel for the dtype). Without ``batch`` (the GRU's kernels): resident or tiled."""
     if dtype not in KERNEL_DTYPES:
         return None
+    if batch is not None and persistent_planned(gates, hidden, batch, directions, dtype, device, backward):
+        return "persistent"
     if kernel_blocks(gates, hidden, dtype) is not None:
         return "resident"
     return "tiled"
+
+
+#: Widest ``BLOCK_K`` (``H`` rounded up to a power of two) at which the LayerNormLSTM forward plans
+#: persistent by itself: its kernel reads its slice whole, one sub-tile of ``BLOCK_B`` rows per
+#: program (the GPU matrix's LayerNormLSTM row, B64 H256 bf16: 32 slices of 8 units x 4 groups).
+#: Held to the compile gate (``python -m fastrnn.ops.aot``, workloads ``layer-norm-lstm-*-persistent-barrier-*``).
+PERSISTENT_MAX_BLOCK_K = 256
+#: Most bytes of ``W_hh`` one program of the persistent LayerNormLSTM forward holds where it plans
+#: by itself (``4 * BLOCK_S * BLOCK_K`` 16-bit values): every form of the compile gate compiles with
+#: no stack frame at up to 32 KB (sm_90, H256 B64: one direction 8-unit slices, bidirectional
+#: 16 units; sm_80 one direction 16 units), and at 64 KB (an A100's plan for the bidirectional
+#: B64 H248, 32-unit slices) the forward spills 496 B (Triton 3.9) / 112 B (3.6) on sm_80.
+PERSISTENT_MAX_SLICE_BYTES = 32 * 1024
+
+
+def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None):
+    """The persistent LayerNormLSTM forward's partition: the plain LSTM's
+    (:func:`fastrnn.ops.persistent.persistent_plan`, 4 gates) for this card."""
+    return persistent.persistent_plan(4, hidden, batch, directions, dtype, persistent.sm_count(device),
+                                      persistent.shared_per_block(device))
+
+
+def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None,
+                       backward: bool = False) -> bool:
+    """Whether the LayerNormLSTM forward (``backward``: its backward) runs on its persistent kernel:
+    forced by ``FASTRNN_STRATEGY=persistent`` (any size and dtype; ``FASTRNN_PERSISTENT_SLICE`` and
+    ``FASTRNN_PERSISTENT_MODE`` as for the plain cells), never with ``FASTRNN_STRATEGY`` ``resident``
+    or ``tiled`` (then the resident or tiled kernels serve it as their sizes say), else in 16-bit
+    beyond the resident size up to :data:`PERSISTENT_MAX_BLOCK_K`, where the plan holds each
+    program to one sub-tile of rows read whole (``fwd_tiles``, ``fwd_chunk``; the backward's
+    ``bwd_tiles``, ``bwd_chunk``), at most :data:`PERSISTENT_MAX_SLICE_BYTES` of weights, and fits
+    the card at one program per SM. fp32 keeps the tiled kernels unless forced (its persistent
+    backward spills on sm_90: ``fastrnn.ops.aot.LAYER_NORM_PERSISTENT_ROW``). The forward and the
+    backward decide apart: each reads and writes the same saved tensors whichever kernel the other
+    ran on."""
+    if gates != 4 or dtype not in KERNEL_DTYPES:
+        return False
+    forced = os.environ.get(STRATEGY_ENV, "").strip().lower()
+    if forced:  # persistent: forced; resident or tiled: the kernels' own choice without it
+        return forced == "persistent"
+    if dtype == torch.float32 or kernel_blocks(gates, hidden, dtype) is not None:
+        return False
+    if max(16, triton_next_power_of_2(hidden)) > PERSISTENT_MAX_BLOCK_K:
+        return False
+    p = persistent_plan(hidden, batch, directions, dtype, device)
+    slice_bytes = 4 * p.block_s * p.block_k * dtype.itemsize
+    one_tile = p.bwd_tiles == 1 and p.bwd_chunk == 0 if backward else p.fwd_tiles == 1 and p.fwd_chunk == 0
+    return one_tile and p.programs <= persistent.sm_count(device) and slice_bytes <= PERSISTENT_MAX_SLICE_BYTES
 
 
 def why_not(gates: int, hidden: int, dtype: torch.dtype) -> str | None:
@@ -130,6 +198,10 @@ def layer_norm_lstm_fwd(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep
     gates, r_hat = torch.empty_like(ax), torch.empty_like(ax)
     c, c_hat = torch.empty_like(y), torch.empty_like(y)
     stats = torch.empty((T, B, D, 2), device=ax.device, dtype=torch.float32)
+    if strategy(4, H, ax.dtype, B, D, ax.device) == "persistent":
+        _layer_norm_lstm_fwd_persistent(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep, zoneout_p,
+                                        (y, h_n, gates, r_hat, c, c_hat, stats))
+        return y, h_n, final_cell_state(c, D), (gates, r_hat, c, c_hat, stats)
     tiled = strategy(4, H, ax.dtype) == "tiled"
     kernel = kernels.layer_norm_lstm_fwd_tiled_kernel if tiled else kernels.layer_norm_lstm_fwd_kernel
     # tiled scratch: h ping-pong, c, the raw products, the new cell
@@ -144,6 +216,31 @@ def layer_norm_lstm_fwd(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep
     return y, h_n, final_cell_state(c, D), (gates, r_hat, c, c_hat, stats)
 
 
+def _layer_norm_lstm_fwd_persistent(ax, w_hh, gain_hh, gain_c, bias_c, h0, c0, lengths, keep, zoneout_p, outputs):
+    """:func:`layer_norm_lstm_fwd` on ``layer_norm_lstm_fwd_persistent_kernel`` (``fastrnn.ops.persistent.launch``:
+    barrier or per-step mode), three phases per step; ``outputs`` ``(y, h_n, gates, r_hat, c, c_hat, stats)``."""
+    T, B, _ = ax.shape
+    D, _, H = h0.shape
+    partition = persistent_plan(H, B, D, ax.dtype, ax.device)
+    if partition.fwd_tiles != 1 or partition.fwd_chunk:
+        raise ValueError(f"layer_norm_lstm_fwd: the persistent kernel holds one sub-tile of rows read whole, and the plan for "
+                         f"H {H}, B {B} walks {partition.fwd_tiles} sub-tiles (chunk {partition.fwd_chunk}): unset {STRATEGY_ENV}")
+    slices = partition.slices
+    args = [ax.contiguous(), kernel_weight(w_hh), gain_hh.contiguous(), gain_c.contiguous(), bias_c.contiguous(),
+            h0.contiguous(), c0.contiguous(), kernel_lengths(lengths, ax), outputs[0] if keep is None else keep.contiguous(),
+            *outputs]
+    meta = dict(T=T, B=B, H=H, D=D, zoneout_p=float(zoneout_p), HAS_LENGTHS=lengths is not None,
+                ZONEOUT=zoneout_mode(keep, zoneout_p), INPUT_PRECISION=input_precision(ax.dtype))
+    if ax.dtype != torch.float32:
+        meta["maxnreg"] = persistent.REGISTER_BUDGET
+    # fp32 scratch: the h ping-pong, the moments of r and of c_new, the raw product, c_new and o, the carried c
+    scratch = [((2, D, B, H), torch.float32), ((D, B, slices, 2), torch.float32), ((D, B, slices, 2), torch.float32),
+               ((D, B, 4 * H), torch.float32), ((2, D, B, H), torch.float32), ((D, B, H), torch.float32)]
+    persistent.launch("layer_norm_lstm_fwd", kernels.layer_norm_lstm_fwd_persistent_kernel, args, meta, gates=4, B=B, H=H, D=D,
+                      dtype=ax.dtype, device=ax.device, phases=3 * T, scratch=scratch, forward=True)
+    count_launch("layer_norm_lstm_fwd_persistent")
+
+
 def layer_norm_lstm_bwd(dy, dh_n, dc_n, saved, c0, keep, zoneout_p, w_hh, gain_hh, gain_c, bias_c, lengths, grad_clip, record_flow):
     """Backward through time: ``d_ax (T, B, D*4H)`` (clamped with ``grad_clip``), ``d_r`` (the
     gradient of ``W_hh h_{t-1}``, same shape), ``dh0``, ``dc0``, the summed ``d_norm (D, 6, H)``
@@ -153,6 +250,9 @@ def layer_norm_lstm_bwd(dy, dh_n, dc_n, saved, c0, keep, zoneout_p, w_hh, gain_h
     D, _, H = c0.shape
     d_ax, d_r = torch.empty_like(gates), torch.empty_like(gates)
     dh0, dc0 = torch.empty_like(c0), torch.empty_like(c0)
+    if strategy(4, H, gates.dtype, B, D, gates.device, backward=True) == "persistent":
+        return _layer_norm_lstm_bwd_persistent(dy, dh_n, dc_n, saved, c0, keep, zoneout_p, w_hh, gain_hh, gain_c, bias_c, lengths,
+                                               grad_clip, record_flow)
     tiled = strategy(4, H, gates.dtype) == "tiled"
     d_norm = _norm_partials(D, B, H, gates.device)
     if tiled:
@@ -170,6 +270,42 @@ def layer_norm_lstm_bwd(dy, dh_n, dc_n, saved, c0, keep, zoneout_p, w_hh, gain_h
         CLIP=grad_clip is not None, RECORD_FLOW=record_flow, **_meta(4, H, gates.dtype, lengths, keep, zoneout_p),
     )
     count_launch("layer_norm_lstm_bwd_tiled" if tiled else "layer_norm_lstm_bwd")
+    return d_ax, d_r, dh0, dc0, d_norm.sum(1), flow
+
+
+def _layer_norm_lstm_bwd_persistent(dy, dh_n, dc_n, saved, c0, keep, zoneout_p, w_hh, gain_hh, gain_c, bias_c, lengths, grad_clip,
+                                    record_flow):
+    """:func:`layer_norm_lstm_bwd` on ``layer_norm_lstm_bwd_persistent_kernel`` (``3T + 1`` phases)."""
+    gates, r_hat, c, c_hat, stats = saved
+    T, B, _ = gates.shape
+    D, _, H = c0.shape
+    partition = persistent_plan(H, B, D, gates.dtype, gates.device)
+    if partition.bwd_tiles != 1:
+        raise ValueError(f"layer_norm_lstm_bwd: the persistent kernel holds one sub-tile of rows, and the plan for H {H}, B {B} walks "
+                         f"{partition.bwd_tiles}: unset {STRATEGY_ENV}")
+    slices = partition.slices
+    d_ax, d_r = torch.empty_like(gates), torch.empty_like(gates)
+    dh0, dc0 = torch.empty_like(c0), torch.empty_like(c0)
+    d_norm = _norm_partials(D, B, H, gates.device).zero_()  # each program adds its units' sums step by step
+    flow = flow_buffer(record_flow, D, T, B, gates.device)
+    shares = None if flow is None else flow.new_zeros((slices, *flow.shape))
+    args = [dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), gates, r_hat, c, c_hat, stats, c0.contiguous(),
+            c if keep is None else keep.contiguous(), kernel_weight(w_hh), gain_hh.contiguous(), gain_c.contiguous(),
+            bias_c.contiguous(), kernel_lengths(lengths, gates), d_ax, d_r, dh0, dc0, d_norm, d_norm if shares is None else shares]
+    meta = dict(T=T, B=B, H=H, D=D, zoneout_p=float(zoneout_p), grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
+                ZONEOUT=zoneout_mode(keep, zoneout_p), CLIP=grad_clip is not None, RECORD_FLOW=record_flow,
+                INPUT_PRECISION=input_precision(gates.dtype))
+    if gates.dtype != torch.float32:
+        meta["maxnreg"] = persistent.REGISTER_BUDGET
+    # fp32 scratch: the partials of dh, the moments of the two norms' backward, (1 - k) dh_t and dL/dchat, e, the carried dh and dc
+    f32 = torch.float32
+    scratch = [((slices, D, B, H), f32), ((D, B, slices, 2), f32), ((D, B, slices, 2), f32), ((2, D, B, H), f32),
+               ((D, B, 4 * H), f32), ((D, B, H), f32), ((D, B, H), f32)]
+    persistent.launch("layer_norm_lstm_bwd", kernels.layer_norm_lstm_bwd_persistent_kernel, args, meta, gates=4, B=B, H=H, D=D,
+                      dtype=gates.dtype, device=gates.device, phases=3 * T + 1, scratch=scratch)
+    count_launch("layer_norm_lstm_bwd_persistent")
+    if shares is not None:
+        flow.copy_(shares.sum(0))
     return d_ax, d_r, dh0, dc0, d_norm.sum(1), flow
 
 

@@ -1,0 +1,244 @@
+"""The persistent LayerNormLSTM kernels (``layer_norm_lstm_{fwd,bwd}_persistent_kernel``, three
+exchange rounds per step each way: forward ``h``, the recurrent norm's moments, the cell norm's;
+backward the cell norm's and the recurrent norm's means, the partials of ``dh``) against the
+hand-written float64 equations of ``tests/test_layer_norm_rnn.py`` (through
+``tests/test_layer_norm_kernels.py``'s ``run_case``): outputs, final states and every gradient.
+
+* per_step mode on the stock interpreter: zoneout in eval with two batch groups and a last slice
+  narrower than the others (H 20 at 8 units per program: the moments' counts differ per program).
+  (Bidirectional, unsorted lengths, zoneout in training and ``grad_clip`` in per_step mode: the bf16
+  H70 case of ``tests/test_layer_norm_kernels.py``, which plans to this forward by itself.)
+* barrier mode under the thread-per-program harness (``tests/concurrent_grid.py``), 4 programs per
+  direction, and the mutation check: without the waits before the moments are combined
+  (``FAULT_NO_STATS_WAIT``) the harness sees wrong numbers.
+* The gradient-flow record (per-program shares summed on the host) against the reference loop's.
+* The sm_90 PTX of the GPU row's kernels orders the exchanges (acquire waits, release arrives).
+* On CUDA (``bench/gpu_check.sh`` runs ``tests/test_persistent*.py``): barrier mode as cooperative
+  launches and per step, fp32 and bf16, against the float64 reference loop on the CPU; and the GPU
+  row's shape on its own plan (no knob forced).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastrnn.backend import triton_interpreting
+from fastrnn.kernels import layer_norm_rnn as kernels
+from fastrnn.ops import persistent
+from tests.conftest import assert_close
+from tests.test_layer_norm_kernels import CASES, run_case
+from tests.test_persistent import FAULT_CHAOS, FAULT_JITTER_S, FAULT_RUNS, harness
+
+ON_CUDA = torch.cuda.is_available()
+interpreted = pytest.mark.skipif(ON_CUDA or not triton_interpreting(), reason="the interpreter's tests (CPU tensors)")
+on_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
+
+if not ON_CUDA:
+    from concurrent_grid import first_run_caught, unsupported_reason
+
+SLICE = 8
+#: id -> run_case's (cell, options, training, packed, batch, hidden)
+PERSISTENT_CASES = {
+    "bidir-packed-zoneout-clip": ("lstm", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 32),
+    "eval-zoneout-two-groups-narrow-slice": ("lstm", dict(zoneout=0.25), False, False, 17, 20),
+    "packed-zoneout-clip": ("lstm", dict(zoneout=0.3, grad_clip=0.05), True, True, 3, 32),  # the mutation check's: 4 programs
+}
+
+
+@pytest.fixture
+def persistent_case(monkeypatch):
+    """Force the persistent forward at SLICE units per program in ``mode``; registers the case."""
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(SLICE))
+
+    def setup(name, mode):
+        monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
+        monkeypatch.setitem(CASES, name, PERSISTENT_CASES[name])
+        return name
+    return setup
+
+
+def check(names, actual, expected):
+    for label, a, e in zip(names, actual, expected):
+        assert a.dtype == torch.float32, label
+        assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-4, msg=lambda m, label=label: f"{label}: {m}")
+
+
+@interpreted
+def test_per_step_matches_float64_equations(persistent_case):
+    names, actual, expected, counts, module = run_case(persistent_case("eval-zoneout-two-groups-narrow-slice", "per_step"),
+                                                       torch.float32)
+    assert counts == {"layer_norm_lstm_fwd_persistent": 1, "layer_norm_lstm_bwd_persistent": 1}
+    check(names, actual, expected)
+
+
+@interpreted
+def test_barrier_matches_float64_equations(persistent_case):
+    name = persistent_case("bidir-packed-zoneout-clip", "barrier")
+    assert persistent.persistent_plan(4, 32, 3, 2, torch.float32).grid == (4, 1, 2)
+    with harness("barrier", seed=3):
+        names, actual, expected, counts, _ = run_case(name, torch.float32)
+    assert counts == {"layer_norm_lstm_fwd_persistent": 1, "layer_norm_lstm_bwd_persistent": 1}
+    check(names, actual, expected)
+
+
+@interpreted
+def test_missing_moments_wait_is_caught(persistent_case, monkeypatch):
+    """The kernels without their waits before combining the norms' statistics (the waits for
+    ``h_{t-1}`` and for the partials of ``dh`` kept) give wrong numbers under the harness in one of
+    up to FAULT_RUNS runs. Measured (one direction, 4 programs, the fault harness setting): caught
+    in the first run 3 of 3 times, as are sync's no-wait, off-by-one and arrive-early faults; the
+    correct kernels passed 4 of 4 runs at that setting (5 of 5 bidirectional)."""
+    name = persistent_case("packed-zoneout-clip", "barrier")
+    if unsupported_reason():
+        pytest.skip(unsupported_reason())
+    monkeypatch.setattr(persistent, "FAULT", int(kernels.FAULT_NO_STATS_WAIT))
+    caught = first_run_caught(lambda: run_case(name, torch.float32)[:3], lambda result: check(*result),
+                              FAULT_RUNS, FAULT_CHAOS, FAULT_JITTER_S)
+    assert caught, f"the missing moments wait went unnoticed in {FAULT_RUNS} runs"
+
+
+@interpreted
+def test_explain_names_the_persistent_kernels():
+    """The 16-bit LayerNormLSTM past the resident size plans persistent by itself (the GPU row's
+    shape); at B256 the plan walks sub-tiles, which these kernels do not: tiled."""
+    import fastrnn
+
+    module = fastrnn.LayerNormLSTM(3, 256, dtype=torch.bfloat16)
+    with fastrnn.use_backend("triton"):
+        assert "persistent: W_hh spread over the programs" in fastrnn.explain(module, torch.zeros(2, 64, 3, dtype=torch.bfloat16))
+        assert "re-read per step in tiles" in fastrnn.explain(module, torch.zeros(2, 256, 3, dtype=torch.bfloat16))
+
+
+@interpreted
+def test_gradient_flow_record_matches_the_loop(persistent_case):
+    import fastrnn
+
+    persistent_case("bidir-packed-zoneout-clip", "per_step")
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormLSTM(3, 20)
+    x = torch.randn(4, 2, 3)
+    norms = {}
+    for path in ("reference", "triton"):
+        with fastrnn.use_backend(path), fastrnn.record_gradient_flow() as flow:
+            y, _ = module(x)
+            y[-1].sum().backward()
+        norms[path] = flow.norms()
+    assert (norms["triton"][0] > 0).all()
+    assert_close(norms["triton"], norms["reference"], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- PTX
+PTX_SCRIPT = r"""
+import json, re, sys
+from fastrnn.ops import aot
+out = {}
+# The GPU row's launches as the launcher makes them in barrier mode (forced: on a CPU the launcher
+# runs per step): the compile gate's binaries (tests/test_kernel_compile.py), from Triton's cache.
+with aot.capture_launches(90) as launches:
+    aot.workloads()["layer-norm-lstm-bf16-persistent-barrier-plain"]()
+for launch in launches:
+    if launch.name.endswith("_persistent_kernel") and launch.name not in out:
+        ptx = aot.compile_binary(launch).asm["ptx"]
+        ops = [line.strip() for line in ptx.splitlines() if re.search(r"\b(atom|red|ld|fence)\.", line)]
+        out[launch.name] = [o for o in ops if re.search(r"acquire|release|volatile|acq_rel", o)]
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def ordering_ops():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRNN_STRATEGY", "FASTRNN_PERSISTENT_SLICE")}
+    done = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("kernel", ["layer_norm_lstm_fwd", "layer_norm_lstm_bwd"])
+def test_ptx_orders_the_exchanges(ordering_ops, kernel):
+    """sm_90 PTX of the GPU row's kernels (bf16, barrier mode): acquire reads in the waits, release
+    atomics at the arrives (one per round), no volatile spin. (Per step the barrier is compiled out
+    by the constexpr ``BARRIER``, as in the plain cells' kernels, whose PTX test checks that form.)"""
+    ops = ordering_ops[f"{kernel}_persistent_kernel"]
+    assert any(".acquire" in op and ("atom." in op or "ld." in op or "fence." in op) for op in ops), ops
+    assert sum(".release" in op and ("atom." in op or "red." in op) for op in ops) >= 3, ops
+    assert not any("volatile" in op for op in ops), ops
+
+
+# ---------------------------------------------------------------------------------- CUDA
+def cuda_against_float64(module, batch, steps, bidirectional, device="cuda"):
+    """Outputs, final states and every gradient of ``module`` (on ``device``) against a float64 copy of it
+    on the reference path (CPU): relative error (norm of the difference over the norm) per tensor.
+    Unsorted packed lengths, zoneout in eval (no mask to draw: the same on both devices)."""
+    import copy
+
+    from torch.nn.utils.rnn import pack_sequence
+
+    import fastrnn
+
+    torch.manual_seed(1)
+    D = 2 if bidirectional else 1
+    lengths = [steps, 1] + [int(n) for n in torch.randint(1, steps + 1, (batch - 2,))]
+    xs = [torch.randn(n, module.input_size) for n in lengths]
+    h0, c0 = torch.randn(D, batch, module.hidden_size), torch.randn(D, batch, module.hidden_size)
+    results = {}
+    for path, m, device, dtype in (("triton", module, device, module.weight_hh_l0.dtype),
+                                   ("reference", copy.deepcopy(module).cpu().double(), "cpu", torch.float64)):
+        x = pack_sequence([v.to(device, dtype) for v in xs], enforce_sorted=False)
+        state = [v.to(device, dtype, copy=True).requires_grad_() for v in (h0, c0)]
+        m.zero_grad()
+        with fastrnn.use_backend(path):
+            y, (h_n, c_n) = m(x, tuple(state))
+            weights = torch.linspace(-1, 1, y.data.numel(), device=device, dtype=dtype).view_as(y.data)
+            ((y.data * weights).sum() + h_n.square().sum() + c_n.sum()).backward()
+        results[path] = dict(y=y.data, h_n=h_n, c_n=c_n, dh0=state[0].grad, dc0=state[1].grad,
+                             **{f"d{n}": p.grad for n, p in m.named_parameters()})
+    missing = [f"{path} {k}" for path, r in results.items() for k, v in r.items() if v is None]
+    assert not missing, missing
+    return {k: ((v.double().cpu() - results["reference"][k]).norm() / results["reference"][k].norm()).item()
+            for k, v in results["triton"].items()}
+
+
+@on_cuda
+@pytest.mark.parametrize(("mode", "dtype"), [("barrier", torch.float32), ("per_step", torch.bfloat16)],
+                         ids=["barrier-fp32", "per_step-bf16"])
+def test_cuda_matches_float64(mode, dtype, monkeypatch):
+    """4 programs per direction (H 32, 8 units each), bidirectional, forced. Two of the four
+    (mode, dtype) pairs: each is two compiles on the GPU (bench/gpu_check.sh's tests share 120 s);
+    the GPU row's test adds bf16 in barrier mode."""
+    import fastrnn
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(SLICE))
+    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormLSTM(6, 32, bidirectional=True, zoneout=0.25, grad_clip=0.5).eval().to("cuda", dtype)
+    before = dict(LAUNCHES)
+    errors = cuda_against_float64(module, 5, 7, True)
+    assert LAUNCHES.get("layer_norm_lstm_bwd_persistent", 0) > before.get("layer_norm_lstm_bwd_persistent", 0)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    assert max(errors.values()) < tolerance, errors
+
+
+@on_cuda
+def test_cuda_gpu_row_plan_matches_float64():
+    """The GPU row's shape (LayerNormLSTM H256 B64 bf16, a few steps) on its own plan: 32 slices of
+    8 units x 4 batch groups, barrier mode where the card fits it (a cooperative launch)."""
+    import fastrnn
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormLSTM(16, 256).to("cuda", torch.bfloat16)
+    before = dict(LAUNCHES)
+    errors = cuda_against_float64(module, 64, 6, False)
+    for way in ("fwd", "bwd"):
+        key = f"layer_norm_lstm_{way}_persistent"
+        assert LAUNCHES.get(key, 0) == before.get(key, 0) + 1, (key, LAUNCHES)
+    assert max(errors.values()) < 5e-2, errors
