@@ -50,6 +50,20 @@ ANCHORS: dict[str, dict] = {
 MIN_PROGRAMS_LARGE_H = 64
 
 
+def compile_checks(kernels: list[dict], errors: list[str], arch: int) -> list[str]:
+    """What a row's compiled kernels fail: spills, shared memory over the arch's limit, failed compiles."""
+    checks = []
+    for k in kernels:
+        if k["spill_bytes"]:
+            checks.append(f"{k['kernel']} spills on {k['arch']}: {k['registers']} registers, {k['stack_bytes']} B of stack, "
+                          f"{k['local_bytes']} B of local memory per thread")
+        if k["shared_bytes"] > SHARED_LIMIT[arch]:
+            checks.append(f"{k['kernel']} needs {k['shared_bytes']:,} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]:,}")
+    if errors:
+        checks.append("compile failed: " + "; ".join(errors))
+    return checks
+
+
 @contextlib.contextmanager
 def _barrier_mode():
     """Persistent launches as an H100/H200 runs them: one cooperative launch (``BARRIER=True``),
@@ -216,14 +230,7 @@ def plan_row(row: matrix.Row, arch: int = 90) -> dict:
         fix = record.get("model_best_partition", {})
         checks.append(f"forward estimate {est.fwd_us:.2f} us > cuDNN anchor {anchor['strict'][0]} us"
                       + (f"; the model's best partition: {fix['partition']} at {fix['est_us_per_step_fwd']} us" if fix else ""))
-    for k in kernels:
-        if k["spill_bytes"]:
-            checks.append(f"{k['kernel']} spills on {k['arch']}: {k['registers']} registers, {k['stack_bytes']} B of stack, "
-                          f"{k['local_bytes']} B of local memory per thread")
-        if k["shared_bytes"] > SHARED_LIMIT[arch]:
-            checks.append(f"{k['kernel']} needs {k['shared_bytes']:,} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]:,}")
-    if errors:
-        checks.append("compile failed: " + "; ".join(errors))
+    checks += compile_checks(kernels, errors, arch)
     record["issues"] = checks
     return record
 
@@ -317,14 +324,7 @@ def plan_layer_norm_row(row, arch: int = 90) -> dict:
                                                est_us_per_step_bwd=_rounded(one_round.bwd_us if bwd_persistent else bwd_est.bwd_us))
     record["other_strategies"] = compare
     checks = [] if bwd_persistent else [f"W_hh re-read by the (tiled) backward: {bwd_est.weight_bytes_reread_per_step:,} B per step"]
-    for k in kernels:
-        if k["spill_bytes"]:
-            checks.append(f"{k['kernel']} spills on {k['arch']}: {k['registers']} registers, {k['stack_bytes']} B of stack, "
-                          f"{k['local_bytes']} B of local memory per thread")
-        if k["shared_bytes"] > SHARED_LIMIT[arch]:
-            checks.append(f"{k['kernel']} needs {k['shared_bytes']:,} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]:,}")
-    if errors:
-        checks.append("compile failed: " + "; ".join(errors))
+    checks += compile_checks(kernels, errors, arch)
     record["issues"] = checks
     return record
 
