@@ -161,7 +161,9 @@ Scratch (``fastrnn.ops.lstm`` allocates it; nothing is read before it is written
   it. ``m_exchange (D, B, H)`` compute dtype (``HAS_PROJ``; else ``(1,)``): one slot suffices, as
   two barriers separate its writes from one step to the next. ``carry (D, B, H)`` fp32: ``c``.
 * backward ``dh_partial (2, n_slices, D, B, K)``, ``dm_partial (2, n_slices, D, B, H)``
-  (``HAS_PROJ``; else ``(1,)``): fp32, each program's partials, ping-pong by walk step;
+  (``HAS_PROJ``; else ``(1,)``): fp32, each program's partials, ping-pong by walk step (with
+  zoneout ``dh_partial`` has ``n_slices + 1`` planes: the last holds each program's kept part of
+  ``dh_t`` at its own units, one more partial of ``dh_{t-1}``);
   ``dh_carry (D, B, K)``, ``dc_carry (D, B, H)``: fp32.
 
 ``flow`` (``RECORD_FLOW``): ``(n_slices, D, T, B)`` fp32, zeroed (``persistent.flow_shares``): each
@@ -1051,12 +1053,13 @@ def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh
                      state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece, tile,
                      CLIP: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr,
                      BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr,
-                     BLOCK_KC: tl.constexpr, keep_ptr, cand_ptr, zoneout_p, valid, HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr):
+                     BLOCK_KC: tl.constexpr, keep, cand_ptr, valid, HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr):
     """Step ``t``'s gate gradients of the slice (``(S_TILE, BLOCK_B)`` tiles) from ``dm = dL/dm_t``
     and the carried ``dc = dL/dc_t``: stored to ``dgates``, and this program's partial
     ``dh_{t-1}^T = W_slice^T dgates_slice^T`` (all ``K`` units) to ``dh_partial``; returns ``dL/dc_{t-1}``.
     With ``ZONEOUT`` the cell sees ``(1 - keep) * dc`` and the candidate ``cand`` as its ``c_t``, and
-    ``keep * dc`` passes straight to ``dc_{t-1}`` (``valid``: past a row's length ``dc`` passes whole)."""
+    ``keep * dc`` passes straight to ``dc_{t-1}`` (``keep``: the slice's zoneout weights, as
+    ``zoneout_keep`` reads them; ``valid``: past a row's length ``dc`` passes whole)."""
     step = (t * B + rows.to(tl.int64))[None, :]
     g_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
     i = tl.load(gates_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -1077,7 +1080,6 @@ def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh
     c_prev = tl.where(first, c_init, c_prev)
     # Past a row's length the saved gates (i = g = o = 0, f = 1) give zero gate gradients and dc_{t-1} = dc.
     if ZONEOUT != 0:  # the kept part of dc goes straight to the slice's own units of dc_{t-1}
-        keep = zoneout_keep(keep_ptr, step * (D * H) + c_cols, tile_ok, zoneout_p, ZONEOUT)
         di, df, dg, do, dc_prev = lstm_cell_grad(dm, (1.0 - keep) * dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
         dc_prev += keep * dc
         if HAS_LENGTHS:
@@ -1128,7 +1130,7 @@ def lstm_bwd_persistent_kernel(
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
     BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr, BLOCK_KC: tl.constexpr,
-    keep_ptr=None, cand_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0,
+    keep_ptr=None, cand_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0, ZONEOUT_KC: tl.constexpr = 0,
 ):
     """Backward phases ``phase_begin ... phase_end - 1``: ``T + 1`` per direction (``2T + 1``
     projecting), the last one only forming ``dh_0`` (and storing ``dh0``, ``dc0``). Walk step ``i``
@@ -1149,8 +1151,10 @@ def lstm_bwd_persistent_kernel(
     the backward's own, ``BLOCK_KC`` the chunks its partial of ``dh_{t-1}`` is formed in).
     ``keep_ptr``, ``cand_ptr``, ``zoneout_p``, ``ZONEOUT``: zoneout as the module docstring says: the
     step sees ``(1 - keep) * dh_t`` (to ``dhp`` and the products) and ``(1 - keep) * dc``, and the kept
-    parts pass straight to the program's own units of ``dh_{t-1}`` (held in ``dh`` until the partials
-    of the next phase are added to it) and ``dc_{t-1}``; ``keep`` read after the wait."""
+    parts pass straight to the program's own units of ``dh_{t-1}`` (in ``dh_partial``'s extra plane,
+    ``(2, n_slices + 1, D, B, K)`` with zoneout, summed with the other partials) and ``dc_{t-1}``;
+    ``keep`` read after the wait. ``ZONEOUT_KC``: with zoneout, the width of the chunks the partial
+    of ``dh_{t-1}`` is formed in where the plan holds the head part whole (``BLOCK_KC = 0``; 0: whole)."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4
     # Partials summed per load: 8; projecting in barrier mode 4, except the sum of dm with tf32
@@ -1178,12 +1182,16 @@ def lstm_bwd_persistent_kernel(
     cols_k = tl.arange(0, BLOCK_HOUT)
     k_ok = cols_k < K
     # BLOCK_KC > 0: the head part as chunks of KC units, one tile each (see _cell_grad_stage)
-    KC: tl.constexpr = BLOCK_KC if BLOCK_KC < BLOCK_HOUT else BLOCK_HOUT
+    # (ZONEOUT_KC: the launcher's chunks with zoneout without projection, where the plan has none:
+    # whole, L1's zoneout backward took 255 registers and a 48 B stack frame on sm_90, Triton 3.9;
+    # in chunks of 256, 223 and none)
+    BWD_KC: tl.constexpr = BLOCK_KC if BLOCK_KC > 0 else ZONEOUT_KC
+    KC: tl.constexpr = BWD_KC if BWD_KC < BLOCK_HOUT else BLOCK_HOUT
     TAIL: tl.constexpr = BLOCK_HTAIL if BLOCK_HTAIL > 0 else 16
     cols_tail = BLOCK_HOUT + tl.arange(0, TAIL)
     tail_ok = cols_tail < K
     w, w_tail = load_weight_slice(w_hh_ptr + d64 * 4 * H * K, w_rows, r_ok, K, cols_k, k_ok, cols_tail, tail_ok,
-                                  BLOCK_HOUT, BLOCK_HTAIL, KC if BLOCK_KC > 0 else 0)
+                                  BLOCK_HOUT, BLOCK_HTAIL, KC if BWD_KC > 0 else 0)
     if HAS_PROJ:
         # The forward's rows of W_hr: the partial of dm_t is W_hr_slice^T dhp_slice^T.
         sp = tl.cdiv(K, n_slices)
@@ -1220,7 +1228,10 @@ def lstm_bwd_persistent_kernel(
     else:
         dh = tl.load(dh_carry_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0)
         dc = tl.load(dc_carry_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
-    dh_slot = n_slices * D * B * K  # elements per ping-pong slot of the partials
+    # With zoneout dh_partial has one plane more, plane n_slices: each program's kept part of dh_t at
+    # its own units, one more partial of dh_{t-1} (summed with the others; not held across the products)
+    dh_planes = n_slices + 1 if ZONEOUT != 0 else n_slices
+    dh_slot = dh_planes * D * B * K  # elements per ping-pong slot of the partials
     dm_slot = n_slices * D * B * H
 
     for stage in range(phase_begin, phase_end):
@@ -1249,10 +1260,8 @@ def lstm_bwd_persistent_kernel(
                     if BARRIER:
                         if tile == 0:
                             wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-                    dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, n_slices, D * B * K, state_rows, K, dh_units, dh_tile,
+                    dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, dh_planes, D * B * K, state_rows, K, dh_units, dh_tile,
                                              GATHER_DH, DH_TILE, BLOCK_B)
-                    if ZONEOUT != 0:  # dh holds the kept part of the previous step's dh_t
-                        dh_new += dh
                     if HAS_LENGTHS:  # past a row's length dh passes through
                         t_before = step_time(s - 1, T, 1 - direction)
                         dh = tl.where((t_before < length)[None, :], dh_new, dh)
@@ -1265,12 +1274,10 @@ def lstm_bwd_persistent_kernel(
                     if RECORD_FLOW:
                         share = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
                         tl.store(flow_ptr + ((piece * D + direction) * T + t) * B + rows, share, mask=row_ok)
-                    if ZONEOUT != 0:  # the kept part of dh_t waits in dh for the partials of dh_{t-1}; the step sees the rest
+                    if ZONEOUT != 0:  # the kept part of dh_t is the program's partial of its own units of dh_{t-1}; the step sees the rest
                         keep = zoneout_keep(keep_ptr, step * (D * H) + direction * H + dh_units[:, None], dh_tile, zoneout_p, ZONEOUT)
-                        if HAS_LENGTHS:
-                            dh = tl.where(valid, keep * dh_t, dh)
-                        else:
-                            dh = keep * dh_t
+                        tl.store(dh_partial_ptr + (s % 2) * dh_slot + n_slices * (D * B * K) + state_rows * K + dh_units[:, None], keep * dh_t,
+                                 mask=dh_tile)
                         dh_t = (1.0 - keep) * dh_t
                     if HAS_PROJ:
                         tl.store(dhp_ptr + step * (D * K) + direction * K + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
@@ -1278,10 +1285,11 @@ def lstm_bwd_persistent_kernel(
                         publish(dm_part, dm_partial_ptr + (s % 2) * dm_slot + piece * (D * B * H) + state_rows * H + cols_h[:, None],
                                 h_ok[:, None] & row_ok[None, :], own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
                     else:
+                        # without projection the units of h are the slice's: the same keep weighs dc
                         dc = _cell_grad_stage(dh_t, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
                                               state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
                                               tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES,
-                                              KC if BLOCK_KC > 0 else 0, keep_ptr, cand_ptr, zoneout_p, valid, HAS_LENGTHS, ZONEOUT)
+                                              KC if BWD_KC > 0 else 0, keep if ZONEOUT != 0 else None, cand_ptr, valid, HAS_LENGTHS, ZONEOUT)
                 else:
                     tl.store(dh0_ptr + state_rows * K + dh_units[:, None], dh.to(dh0_ptr.dtype.element_ty), mask=dh_tile)
                     tl.store(dc0_ptr + state_rows * H + units[:, None], dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok)
@@ -1291,10 +1299,12 @@ def lstm_bwd_persistent_kernel(
                         wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
                 dm = gather_partials(dm_partial_ptr + (s % 2) * dm_slot, n_slices, D * B * H, state_rows, H, units, tile_ok,
                                      GATHER_DM, S_TILE, BLOCK_B)
+                if ZONEOUT != 0:  # the slice's units of c
+                    keep = zoneout_keep(keep_ptr, step * (D * H) + direction * H + units[:, None], tile_ok, zoneout_p, ZONEOUT)
                 dc = _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
                                       state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
                                       tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES,
-                                              KC if BLOCK_KC > 0 else 0, keep_ptr, cand_ptr, zoneout_p, valid, HAS_LENGTHS, ZONEOUT)
+                                              KC if BWD_KC > 0 else 0, keep if ZONEOUT != 0 else None, cand_ptr, valid, HAS_LENGTHS, ZONEOUT)
             if GROUP_TILES > 1:
                 tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
                 tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)

@@ -39,7 +39,7 @@ How it works
   generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
   full, and the zoneout forms (``*-zoneout-full``: LSTM and GRU at their largest resident class
   and at their largest persistent class in barrier mode; the GRU's bf16 also in eval, the LSTM's
-  persistent ones also without projection). Identical launches from different workloads
+  persistent ones also without projection and at the L1 row's shape). Identical launches from different workloads
   compile once.
 * :func:`check`: the limits every launch is held to (``tests/test_kernel_compile.py``): no local
   memory, no stack frame on sm_90 (sm_80's small frames are reported, not failed), at most 255
@@ -357,24 +357,26 @@ def feedback_workload(cell: str, dtype: torch.dtype, hidden: int, output: int, b
     y.float().sum().backward()
 
 
-def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, train: bool = True, projecting: bool = True) -> None:
+def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, train: bool = True, projecting: bool = True,
+                     full: bool = True) -> None:
     """One LSTM or GRU layer with zoneout in training (the mask read by the forward and backward
     kernels the size plans to: resident or persistent; ``train`` False: eval, the scalar ``p``)
     forward and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option on as in the
     ``full`` form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a projection
-    (LSTM, unless not ``projecting``)."""
+    (LSTM, unless not ``projecting``); not ``full``: one direction, no other option, no projection."""
     import fastrnn
     from fastrnn.ops.zoneout import zoneout_layer
 
-    proj_size = hidden // 2 if cell == "lstm" and projecting else 0
-    kwargs = dict(bidirectional=True, dtype=dtype, **({"proj_size": proj_size} if proj_size else {}))
+    proj_size = hidden // 2 if cell == "lstm" and projecting and full else 0
+    directions = 2 if full else 1
+    kwargs = dict(bidirectional=full, dtype=dtype, **({"proj_size": proj_size} if proj_size else {}))
     module = {"gru": fastrnn.GRU, "lstm": fastrnn.LSTM}[cell](INPUT_SIZE, hidden, **kwargs)
     x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
-    h0 = torch.zeros(2, batch, proj_size or hidden, dtype=dtype)
-    c0 = torch.zeros(2, batch, hidden, dtype=dtype) if cell == "lstm" else None
-    keep = torch.ones(STEPS, batch, 2 * hidden, dtype=dtype) if train else None
-    y, _, _ = zoneout_layer(cell, x, h0, c0, module._layer_params()[0], torch.full((batch,), STEPS), keep, 0.1,
-                            grad_clip=1.0, flow_record=torch.zeros(2, STEPS))
+    h0 = torch.zeros(directions, batch, proj_size or hidden, dtype=dtype)
+    c0 = torch.zeros(directions, batch, hidden, dtype=dtype) if cell == "lstm" else None
+    keep = torch.ones(STEPS, batch, directions * hidden, dtype=dtype) if train else None
+    y, _, _ = zoneout_layer(cell, x, h0, c0, module._layer_params()[0], torch.full((batch,), STEPS) if full else None, keep, 0.1,
+                            grad_clip=1.0 if full else None, flow_record=torch.zeros(directions, STEPS) if full else None)
     y.float().sum().backward()
 
 
@@ -573,6 +575,9 @@ def workloads() -> dict[str, Callable[[], None]]:
                 "FASTRNN_PERSISTENT_MODE", "barrier",
                 lambda d=dtype, h=classes[size_class] - 8, p=projecting, t=train:
                 zoneout_workload("lstm", d, h, FORM_BATCH["full"], train=t, projecting=p))
+    hidden, batch = PERSISTENT_GATE_CELLS["lstm"]["L1"]  # and at the GPU matrix's L1 row (its backward's own chunks)
+    out["lstm-bf16-persistent-barrier-L1-zoneout"] = _forced(
+        "FASTRNN_PERSISTENT_MODE", "barrier", lambda: zoneout_workload("lstm", torch.bfloat16, hidden, batch, full=False))
     return out
 
 

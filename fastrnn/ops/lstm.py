@@ -129,6 +129,13 @@ def _fp32_register_budget(dtype: torch.dtype) -> dict:
     return persistent.register_budget(dtype, input_precision(dtype, "persistent", GATES))
 
 
+def _zoneout_chunk(zoneout: dict | None, proj: bool) -> dict:
+    """The persistent backward's ``ZONEOUT_KC`` with zoneout and without projection: its partial of
+    ``dh_{t-1}`` in chunks of :data:`fastrnn.ops.persistent.BWD_NARROW_CHUNK` where the plan holds
+    the head part whole (measured: ``kernels/lstm.py``); none otherwise."""
+    return {"ZONEOUT_KC": persistent.BWD_NARROW_CHUNK} if zoneout and not proj else {}
+
+
 def final_cell_state(c: Tensor, directions: int) -> Tensor:
     """``c_n (D, B, H)`` from the saved cell states ``c (T, B, D*H)``: the state after each
     direction's last step (``t = T-1`` forward, ``t = 0`` reverse; a row past its length keeps its
@@ -174,10 +181,12 @@ def lstm_bwd(
         # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
         persistent_kernel=PersistentKernel(
             kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
-            [((2, partition.slices, D, B, K), torch.float32), ((2, partition.slices, D, B, H) if proj else (1,), torch.float32),
+            # with zoneout dh_partial has one plane more: each program's kept part of dh_t (kernels/lstm.py)
+            [((2, partition.slices + (zoneout is not None), D, B, K), torch.float32),
+             ((2, partition.slices, D, B, H) if proj else (1,), torch.float32),
              ((D, B, K), torch.float32), ((D, B, H), torch.float32)],
             dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, partition.weight_rows)),
-                 **_fp32_register_budget(gates.dtype)),
+                 **_fp32_register_budget(gates.dtype), **_zoneout_chunk(zoneout, proj)),
             zoneout=True,
         ),
     )
