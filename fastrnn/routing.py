@@ -26,7 +26,7 @@ CPU (any other device)                         ``native`` (``torch._VF``, what `
                                                operator per layer, the native forward inside and
                                                fastrnn's backward (:mod:`fastrnn.native_bptt`)
 LSTM/GRU with ``zoneout`` (training or eval)   CUDA: ``triton`` where the size plans to kernels
-                                               that zone out (LSTM: resident; GRU: resident and
+                                               that zone out (LSTM and GRU: resident and
                                                persistent; ``CallInfo.zoneout_fits``; cuDNN cannot
                                                zone out), else ``reference`` (the loop of
                                                :mod:`fastrnn.regularized_rnn`; under
@@ -121,8 +121,8 @@ class CallInfo:
     generation with feedback (:mod:`fastrnn.topologies`), ``fusable``: in a shape the fused
     generation kernel takes (one layer, one direction, no projection, a head it knows; its size
     limits are checked by :func:`route_generation`); ``zoneout``: an LSTM/GRU call with zoneout
-    (training or eval), ``zoneout_fits``: its size plans to kernels that zone out (the LSTM's
-    resident ones, the GRU's resident and persistent ones: :func:`fastrnn.ops.zoneout.zoneout_fits`)."""
+    (training or eval), ``zoneout_fits``: its size plans to kernels that zone out (the LSTM's and
+    the GRU's resident and persistent ones: :func:`fastrnn.ops.zoneout.zoneout_fits`)."""
 
     cell: str
     dtype: torch.dtype
@@ -389,7 +389,7 @@ def decide(device: DeviceInfo, call: CallInfo, table: dict, requested: str = "au
 
 
 _ZONEOUT_LOOP = "fastrnn.regularized_rnn's loop of reference cell steps"
-_ZONEOUT_KERNELS = "the LSTM's resident kernels and the GRU's resident and persistent kernels"
+_ZONEOUT_KERNELS = "the LSTM's and the GRU's resident and persistent kernels"
 
 
 def _zoneout_route(device: DeviceInfo, call: CallInfo, dtype: torch.dtype) -> Route:

@@ -43,7 +43,7 @@ Kernel arguments (shapes in elements):
   length.
 * ``flow`` (backward output, ``RECORD_FLOW``; else any pointer, never written): ``(D, T, B)``
   fp32, ``||dL/dh_t||^2`` of each row (0 past its length). ``grad_clip``: fp32 scalar (``CLIP``).
-* Zoneout (resident kernels only; ``ZONEOUT`` constexpr, 0 compiles them as without it): 1
+* Zoneout (resident and persistent kernels; ``ZONEOUT`` constexpr, 0 compiles them as without it): 1
   training, ``keep (T, B, D*H)`` compute dtype, the 0/1 mask of :mod:`fastrnn.regularization`
   (direction ``d`` in features ``d*H:(d+1)*H``; ``h`` is zoned by its first ``K`` units); 2 eval,
   the scalar ``zoneout_p`` (fp32) in its place. The step's cell computes ``c'``, ``h'`` as above,
@@ -51,6 +51,10 @@ Kernel arguments (shapes in elements):
   (``y`` and the saved ``c`` hold the zoned states). ``cand (T, B, D*H)`` compute dtype, written by
   the forward, read by the backward: ``c'`` of every step (the backward's ``tanh``, and with
   projection ``m_t = sigmoid(o) tanh(c')`` for ``dW_hr``). Past a row's length nothing is mixed.
+  The persistent kernels mix each program's own units (its slice of ``c``; its units of ``h``, or
+  its projected units projecting), so the exchanged ``h_t`` is the zoned one. Backward: the step
+  sees ``(1 - keep)`` of ``dh_t`` and ``dc_t``; ``keep`` of them passes straight to ``dh_{t-1}``,
+  ``dc_{t-1}`` (elementwise: a persistent program's own units).
 * Tiled scratch (fp32, each element written before it is read): forward ``h_state (2, D, B, K)``,
   ``c_state (2, D, B, H)``, ``m_state (D, B, H)`` (``HAS_PROJ``); backward ``dh_state (2, D, B, K)``,
   ``dc_state (2, D, B, H)``, ``dm_state (D, B, H)`` (``HAS_PROJ``). Step ``s`` reads slot ``s % 2``
@@ -157,7 +161,9 @@ Scratch (``fastrnn.ops.lstm`` allocates it; nothing is read before it is written
   it. ``m_exchange (D, B, H)`` compute dtype (``HAS_PROJ``; else ``(1,)``): one slot suffices, as
   two barriers separate its writes from one step to the next. ``carry (D, B, H)`` fp32: ``c``.
 * backward ``dh_partial (2, n_slices, D, B, K)``, ``dm_partial (2, n_slices, D, B, H)``
-  (``HAS_PROJ``; else ``(1,)``): fp32, each program's partials, ping-pong by walk step;
+  (``HAS_PROJ``; else ``(1,)``): fp32, each program's partials, ping-pong by walk step (with
+  zoneout ``dh_partial`` has ``n_slices + 1`` planes: the last holds each program's kept part of
+  ``dh_t`` at its own units, one more partial of ``dh_{t-1}``);
   ``dh_carry (D, B, K)``, ``dc_carry (D, B, H)``: fp32.
 
 ``flow`` (``RECORD_FLOW``): ``(n_slices, D, T, B)`` fp32, zeroed (``persistent.flow_shares``): each
@@ -783,13 +789,16 @@ def _gate_stage(
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_HTAIL: tl.constexpr,
     GROUP_TILES: tl.constexpr, BLOCK_KC: tl.constexpr,
+    keep_ptr, cand_ptr, zoneout_p, ZONEOUT: tl.constexpr,
 ):
     """Walk step ``s`` (time ``t``) on batch sub-tile ``tile`` (rows ``rows``): the slice's gates
     from the whole ``h_{t-1}`` (``h_read``, in two parts of ``BLOCK_HOUT`` and ``BLOCK_HTAIL``
     units when ``BLOCK_HTAIL > 0``; with ``BLOCK_KC > 0`` the head part's weights ``w`` are a tuple
     of ``BLOCK_KC``-wide chunks and ``h`` is read and multiplied chunk by chunk into one
     accumulator), the cell update, the saved ``gates`` and ``c``; publishes ``m_t`` (projecting)
-    or ``h_t``. Returns ``c_t``."""
+    or ``h_t``. With ``ZONEOUT`` the candidate ``c'`` goes to ``cand`` and the slice's units of
+    ``c_t`` (and, without projection, of ``h_t``, read from ``h_read``) are zoned before they are
+    stored and published. Returns ``c_t``."""
     step = (t * B + rows.to(tl.int64))[None, :]
     # gx does not depend on the other programs: fetched before the wait.
     pre = tl.load(gx_ptr + step * (D * 4 * H) + direction * 4 * H + w_rows[:, None], mask=r_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
@@ -809,19 +818,36 @@ def _gate_stage(
         h_tail = tl.load(h_read + cols_tail[:, None], mask=tail_ok[:, None] & row_ok[None, :], other=0.0)
         pre += weight_product(w_tail, h_tail.to(w_tail.dtype), INPUT_PRECISION)
     i, f, g, o = split_gates(pre, S_TILE, BLOCK_B)
+    c_prev = c
     i, f, g, o, c, m = lstm_cell(i, f, g, o, c, valid, HAS_LENGTHS)
     gate_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
     tl.store(gates_ptr + gate_offs, i.to(gates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(gates_ptr + gate_offs + H, f.to(gates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(gates_ptr + gate_offs + 2 * H, g.to(gates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(gates_ptr + gate_offs + 3 * H, o.to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    if ZONEOUT != 0:  # the slice's own units of c: the cell's candidate saved, then mixed with c_{t-1}
+        c_offs = step * (D * H) + direction * H + units[:, None]
+        tl.store(cand_ptr + c_offs, c.to(cand_ptr.dtype.element_ty), mask=tile_ok)
+        keep = zoneout_keep(keep_ptr, c_offs, tile_ok, zoneout_p, ZONEOUT)
+        c = keep * c_prev + (1.0 - keep) * c
+        if HAS_LENGTHS:
+            c = tl.where(valid, c, c_prev)
     tl.store(c_ptr + step * (D * H) + direction * H + units[:, None], c.to(c_ptr.dtype.element_ty), mask=tile_ok)
     if HAS_PROJ:
         publish(m, m_exchange_ptr + state_rows * H + units[:, None], tile_ok, own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
     else:
-        tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], m.to(y_ptr.dtype.element_ty), mask=tile_ok)
-        if HAS_LENGTHS:  # past a row's length h keeps its value
-            m = tl.where(valid, m, tl.load(h_read + units[:, None], mask=tile_ok, other=0.0).to(tl.float32))
+        if ZONEOUT != 0:  # the slice's own units of h (K = H: the mask's units of c): the exchanged h_t is the zoned one
+            h_prev = tl.load(h_read + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
+            m = keep * h_prev + (1.0 - keep) * m
+            if HAS_LENGTHS:  # past a row's length y is 0 and h keeps its value
+                tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], tl.where(valid, m, 0.0).to(y_ptr.dtype.element_ty), mask=tile_ok)
+                m = tl.where(valid, m, h_prev)
+            else:
+                tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], m.to(y_ptr.dtype.element_ty), mask=tile_ok)
+        else:
+            tl.store(y_ptr + step * (D * K) + direction * K + units[:, None], m.to(y_ptr.dtype.element_ty), mask=tile_ok)
+            if HAS_LENGTHS:  # past a row's length h keeps its value
+                m = tl.where(valid, m, tl.load(h_read + units[:, None], mask=tile_ok, other=0.0).to(tl.float32))
         if s == T - 1:
             tl.store(h_final + units[:, None], m.to(h_final.dtype.element_ty), mask=tile_ok)
         publish(m, h_write + units[:, None], tile_ok, own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
@@ -835,9 +861,11 @@ def _projection_stage(
     flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
     HAS_LENGTHS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BARRIER: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, FAULT: tl.constexpr, GROUP_TILES: tl.constexpr, PROJ_SPLIT: tl.constexpr,
+    keep_ptr, zoneout_p, ZONEOUT: tl.constexpr,
 ):
     """Walk step ``s``'s projection on batch sub-tile ``tile``: the program's projected units of
-    ``h_t = W_hr m_t`` from the whole ``m_t``, to ``y`` and published (and to ``h_n`` at the last step)."""
+    ``h_t = W_hr m_t`` from the whole ``m_t``, to ``y`` and published (and to ``h_n`` at the last step).
+    With ``ZONEOUT`` they are zoned first, by the mask's first ``P`` units of the direction."""
     if BARRIER:
         if tile == 0:
             wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
@@ -850,9 +878,20 @@ def _projection_stage(
         h_new = weight_product(w_r, m_all.to(w_r.dtype), INPUT_PRECISION)
     proj_tile = proj_ok[:, None] & row_ok[None, :]
     step = (t * B + rows.to(tl.int64))[None, :]
-    tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
-    if HAS_LENGTHS:  # m = 0 past a row's length, so y is 0 there; h keeps its value
-        h_new = tl.where(valid, h_new, tl.load(h_read + proj_units[:, None], mask=proj_tile, other=0.0).to(tl.float32))
+    if ZONEOUT != 0:  # the program's own projected units: the exchanged h_t is the zoned one
+        h_prev = tl.load(h_read + proj_units[:, None], mask=proj_tile, other=0.0).to(tl.float32)
+        keep = zoneout_keep(keep_ptr, step * (D * H) + direction * H + proj_units[:, None], proj_tile, zoneout_p, ZONEOUT)
+        h_new = keep * h_prev + (1.0 - keep) * h_new
+        if HAS_LENGTHS:  # past a row's length y is 0 and h keeps its value
+            tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], tl.where(valid, h_new, 0.0).to(y_ptr.dtype.element_ty),
+                     mask=proj_tile)
+            h_new = tl.where(valid, h_new, h_prev)
+        else:
+            tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
+    else:
+        tl.store(y_ptr + step * (D * K) + direction * K + proj_units[:, None], h_new.to(y_ptr.dtype.element_ty), mask=proj_tile)
+        if HAS_LENGTHS:  # m = 0 past a row's length, so y is 0 there; h keeps its value
+            h_new = tl.where(valid, h_new, tl.load(h_read + proj_units[:, None], mask=proj_tile, other=0.0).to(tl.float32))
     if s == T - 1:
         tl.store(h_final + proj_units[:, None], h_new.to(h_final.dtype.element_ty), mask=proj_tile)
     publish(h_new, h_write + proj_units[:, None], proj_tile, own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
@@ -867,6 +906,7 @@ def lstm_fwd_persistent_kernel(
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
     BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr, BLOCK_KC: tl.constexpr,
+    keep_ptr=None, cand_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0,
 ):
     """Forward phases ``phase_begin ... phase_end - 1`` (``T`` per direction, ``2T`` projecting:
     phase ``2i`` the gates of walk step ``i``, ``2i + 1`` its projection). Writes ``y``, ``h_n``, the
@@ -876,7 +916,9 @@ def lstm_fwd_persistent_kernel(
     projected units, at most ``SLICE`` per program), ``BLOCK_FLAGS >= n_slices``; program
     ``(s, g, d)`` walks batch rows ``g*GROUP_TILES*BLOCK_B ...`` in ``GROUP_TILES`` sub-tiles.
     ``BLOCK_KC``: 0, or the width of the chunks the head part of the reduction is held and read in
-    (a power of two; capped at ``BLOCK_HOUT``)."""
+    (a power of two; capped at ``BLOCK_HOUT``). ``keep_ptr``, ``cand_ptr``, ``zoneout_p``,
+    ``ZONEOUT``: zoneout as the module docstring says, each program mixing its own units of ``c_t``
+    and ``h_t`` (its projected units, projecting) before they are stored and published."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4  # 4 * S_TILE >= 16: tl.dot's smallest M
     # The projection's reduction over the H units of m in PROJ_SPLIT chunks, one batched (3-D) dot
@@ -967,14 +1009,15 @@ def lstm_fwd_persistent_kernel(
                                 y_ptr, gates_ptr, c_ptr, c, s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows, units,
                                 tile_ok, flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
                                 HAS_PROJ, HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, S_TILE, BLOCK_B, BLOCK_HTAIL,
-                                GROUP_TILES, KC if BLOCK_KC > 0 else 0)
+                                GROUP_TILES, KC if BLOCK_KC > 0 else 0, keep_ptr, cand_ptr, zoneout_p, ZONEOUT)
                 if GROUP_TILES > 1:
                     tl.store(carry_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
             else:
                 _projection_stage(w_r, cols_h, proj_units, proj_ok, h_read, h_write, h_final, m_exchange_ptr, y_ptr,
                                   s, t, valid, stage, T, B, H, K, D, direction, rows, row_ok, state_rows,
                                   flags, own_flag, piece, n_slices, error_ptr, max_spins, tile,
-                                  HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, GROUP_TILES, PROJ_SPLIT)
+                                  HAS_LENGTHS, INPUT_PRECISION, BARRIER, BLOCK_FLAGS, FAULT, GROUP_TILES, PROJ_SPLIT,
+                                  keep_ptr, zoneout_p, ZONEOUT)
     if GROUP_TILES == 1:
         rows, row_ok, state_rows, tile_ok = batch_tile(group_rows, 0, B, d64, unit_ok, BLOCK_B)
         tl.store(carry_ptr + state_rows * H + units[:, None], c, mask=tile_ok)
@@ -1010,10 +1053,13 @@ def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh
                      state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece, tile,
                      CLIP: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_TILE: tl.constexpr, BLOCK_B: tl.constexpr,
                      BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr,
-                     BLOCK_KC: tl.constexpr):
+                     BLOCK_KC: tl.constexpr, keep, cand_ptr, valid, HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr):
     """Step ``t``'s gate gradients of the slice (``(S_TILE, BLOCK_B)`` tiles) from ``dm = dL/dm_t``
     and the carried ``dc = dL/dc_t``: stored to ``dgates``, and this program's partial
-    ``dh_{t-1}^T = W_slice^T dgates_slice^T`` (all ``K`` units) to ``dh_partial``; returns ``dL/dc_{t-1}``."""
+    ``dh_{t-1}^T = W_slice^T dgates_slice^T`` (all ``K`` units) to ``dh_partial``; returns ``dL/dc_{t-1}``.
+    With ``ZONEOUT`` the cell sees ``(1 - keep) * dc`` and the candidate ``cand`` as its ``c_t``, and
+    ``keep * dc`` passes straight to ``dc_{t-1}`` (``keep``: the slice's zoneout weights, as
+    ``zoneout_keep`` reads them; ``valid``: past a row's length ``dc`` passes whole)."""
     step = (t * B + rows.to(tl.int64))[None, :]
     g_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
     i = tl.load(gates_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -1021,7 +1067,10 @@ def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh
     g = tl.load(gates_ptr + g_offs + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
     o = tl.load(gates_ptr + g_offs + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
     c_cols = direction * H + units[:, None]
-    c_t = tl.load(c_ptr + step * (D * H) + c_cols, mask=tile_ok, other=0.0).to(tl.float32)
+    if ZONEOUT != 0:  # the cell's own c_t before zoneout mixed it with c_{t-1}
+        c_t = tl.load(cand_ptr + step * (D * H) + c_cols, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        c_t = tl.load(c_ptr + step * (D * H) + c_cols, mask=tile_ok, other=0.0).to(tl.float32)
     # The state the forward step read: c[t-1] (forward direction) / c[t+1] (reverse), c0 at the walk's start.
     t_prev = t - 1 + 2 * direction
     first = (t_prev < 0) | (t_prev >= T)
@@ -1030,7 +1079,13 @@ def _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, dh
     c_prev = tl.load(c_ptr + (t_prev * B + rows.to(tl.int64))[None, :] * (D * H) + c_cols, mask=tile_ok, other=0.0).to(tl.float32)
     c_prev = tl.where(first, c_init, c_prev)
     # Past a row's length the saved gates (i = g = o = 0, f = 1) give zero gate gradients and dc_{t-1} = dc.
-    di, df, dg, do, dc_prev = lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
+    if ZONEOUT != 0:  # the kept part of dc goes straight to the slice's own units of dc_{t-1}
+        di, df, dg, do, dc_prev = lstm_cell_grad(dm, (1.0 - keep) * dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
+        dc_prev += keep * dc
+        if HAS_LENGTHS:
+            dc_prev = tl.where(valid, dc_prev, dc)
+    else:
+        di, df, dg, do, dc_prev = lstm_cell_grad(dm, dc, i, f, g, o, c_t, c_prev, grad_clip, CLIP)
     tl.store(dgates_ptr + g_offs, di.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(dgates_ptr + g_offs + H, df.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(dgates_ptr + g_offs + 2 * H, dg.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
@@ -1075,6 +1130,7 @@ def lstm_bwd_persistent_kernel(
     SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, BLOCK_HOUT: tl.constexpr,
     BLOCK_HTAIL: tl.constexpr, GROUP_TILES: tl.constexpr, BLOCK_KC: tl.constexpr,
+    keep_ptr=None, cand_ptr=None, zoneout_p=None, ZONEOUT: tl.constexpr = 0, ZONEOUT_KC: tl.constexpr = 0,
 ):
     """Backward phases ``phase_begin ... phase_end - 1``: ``T + 1`` per direction (``2T + 1``
     projecting), the last one only forming ``dh_0`` (and storing ``dh0``, ``dc0``). Walk step ``i``
@@ -1092,7 +1148,13 @@ def lstm_bwd_persistent_kernel(
     ``||dL/dh_t||^2`` in plane ``s``. ``dh_carry (D, B, K)``, ``dc_carry (D, B, H)``: fp32, the carried
     ``dh``, ``dc`` between per-step launches (read when ``phase_begin > 0``; the first phase reads
     ``dh_n``, ``dc_n``). Same tile sizes as the forward (``BLOCK_B``, ``GROUP_TILES``, ``BLOCK_KC``:
-    the backward's own, ``BLOCK_KC`` the chunks its partial of ``dh_{t-1}`` is formed in)."""
+    the backward's own, ``BLOCK_KC`` the chunks its partial of ``dh_{t-1}`` is formed in).
+    ``keep_ptr``, ``cand_ptr``, ``zoneout_p``, ``ZONEOUT``: zoneout as the module docstring says: the
+    step sees ``(1 - keep) * dh_t`` (to ``dhp`` and the products) and ``(1 - keep) * dc``, and the kept
+    parts pass straight to the program's own units of ``dh_{t-1}`` (in ``dh_partial``'s extra plane,
+    ``(2, n_slices + 1, D, B, K)`` with zoneout, summed with the other partials) and ``dc_{t-1}``;
+    ``keep`` read after the wait. ``ZONEOUT_KC``: with zoneout, the width of the chunks the partial
+    of ``dh_{t-1}`` is formed in where the plan holds the head part whole (``BLOCK_KC = 0``; 0: whole)."""
     S: tl.constexpr = SLICE
     S_TILE: tl.constexpr = SLICE if SLICE >= 4 else 4
     # Partials summed per load: 8; projecting in barrier mode 4, except the sum of dm with tf32
@@ -1120,12 +1182,16 @@ def lstm_bwd_persistent_kernel(
     cols_k = tl.arange(0, BLOCK_HOUT)
     k_ok = cols_k < K
     # BLOCK_KC > 0: the head part as chunks of KC units, one tile each (see _cell_grad_stage)
-    KC: tl.constexpr = BLOCK_KC if BLOCK_KC < BLOCK_HOUT else BLOCK_HOUT
+    # (ZONEOUT_KC: the launcher's chunks with zoneout without projection, where the plan has none:
+    # whole, L1's zoneout backward took 255 registers and a 48 B stack frame on sm_90, Triton 3.9;
+    # in chunks of 256, 223 and none)
+    BWD_KC: tl.constexpr = BLOCK_KC if BLOCK_KC > 0 else ZONEOUT_KC
+    KC: tl.constexpr = BWD_KC if BWD_KC < BLOCK_HOUT else BLOCK_HOUT
     TAIL: tl.constexpr = BLOCK_HTAIL if BLOCK_HTAIL > 0 else 16
     cols_tail = BLOCK_HOUT + tl.arange(0, TAIL)
     tail_ok = cols_tail < K
     w, w_tail = load_weight_slice(w_hh_ptr + d64 * 4 * H * K, w_rows, r_ok, K, cols_k, k_ok, cols_tail, tail_ok,
-                                  BLOCK_HOUT, BLOCK_HTAIL, KC if BLOCK_KC > 0 else 0)
+                                  BLOCK_HOUT, BLOCK_HTAIL, KC if BWD_KC > 0 else 0)
     if HAS_PROJ:
         # The forward's rows of W_hr: the partial of dm_t is W_hr_slice^T dhp_slice^T.
         sp = tl.cdiv(K, n_slices)
@@ -1162,7 +1228,10 @@ def lstm_bwd_persistent_kernel(
     else:
         dh = tl.load(dh_carry_ptr + state_rows * K + dh_units[:, None], mask=dh_tile, other=0.0)
         dc = tl.load(dc_carry_ptr + state_rows * H + units[:, None], mask=tile_ok, other=0.0)
-    dh_slot = n_slices * D * B * K  # elements per ping-pong slot of the partials
+    # With zoneout dh_partial has one plane more, plane n_slices: each program's kept part of dh_t at
+    # its own units, one more partial of dh_{t-1} (summed with the others; not held across the products)
+    dh_planes = n_slices + 1 if ZONEOUT != 0 else n_slices
+    dh_slot = dh_planes * D * B * K  # elements per ping-pong slot of the partials
     dm_slot = n_slices * D * B * H
 
     for stage in range(phase_begin, phase_end):
@@ -1191,7 +1260,7 @@ def lstm_bwd_persistent_kernel(
                     if BARRIER:
                         if tile == 0:
                             wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
-                    dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, n_slices, D * B * K, state_rows, K, dh_units, dh_tile,
+                    dh_new = gather_partials(dh_partial_ptr + ((s - 1) % 2) * dh_slot, dh_planes, D * B * K, state_rows, K, dh_units, dh_tile,
                                              GATHER_DH, DH_TILE, BLOCK_B)
                     if HAS_LENGTHS:  # past a row's length dh passes through
                         t_before = step_time(s - 1, T, 1 - direction)
@@ -1205,16 +1274,22 @@ def lstm_bwd_persistent_kernel(
                     if RECORD_FLOW:
                         share = tl.sum(tl.where(dh_tile, dh_t * dh_t, 0.0), axis=0)
                         tl.store(flow_ptr + ((piece * D + direction) * T + t) * B + rows, share, mask=row_ok)
+                    if ZONEOUT != 0:  # the kept part of dh_t is the program's partial of its own units of dh_{t-1}; the step sees the rest
+                        keep = zoneout_keep(keep_ptr, step * (D * H) + direction * H + dh_units[:, None], dh_tile, zoneout_p, ZONEOUT)
+                        tl.store(dh_partial_ptr + (s % 2) * dh_slot + n_slices * (D * B * K) + state_rows * K + dh_units[:, None], keep * dh_t,
+                                 mask=dh_tile)
+                        dh_t = (1.0 - keep) * dh_t
                     if HAS_PROJ:
                         tl.store(dhp_ptr + step * (D * K) + direction * K + dh_units[:, None], dh_t.to(dhp_ptr.dtype.element_ty), mask=dh_tile)
                         dm_part = weight_product(tl.trans(w_r), dh_t.to(w_r.dtype), INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
                         publish(dm_part, dm_partial_ptr + (s % 2) * dm_slot + piece * (D * B * H) + state_rows * H + cols_h[:, None],
                                 h_ok[:, None] & row_ok[None, :], own_flag, stage, piece, tile, BARRIER, FAULT, GROUP_TILES)
                     else:
+                        # without projection the units of h are the slice's: the same keep weighs dc
                         dc = _cell_grad_stage(dh_t, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
                                               state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
                                               tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES,
-                                              KC if BLOCK_KC > 0 else 0)
+                                              KC if BWD_KC > 0 else 0, keep if ZONEOUT != 0 else None, cand_ptr, valid, HAS_LENGTHS, ZONEOUT)
                 else:
                     tl.store(dh0_ptr + state_rows * K + dh_units[:, None], dh.to(dh0_ptr.dtype.element_ty), mask=dh_tile)
                     tl.store(dc0_ptr + state_rows * H + units[:, None], dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok)
@@ -1224,10 +1299,12 @@ def lstm_bwd_persistent_kernel(
                         wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
                 dm = gather_partials(dm_partial_ptr + (s % 2) * dm_slot, n_slices, D * B * H, state_rows, H, units, tile_ok,
                                      GATHER_DM, S_TILE, BLOCK_B)
+                if ZONEOUT != 0:  # the slice's units of c
+                    keep = zoneout_keep(keep_ptr, step * (D * H) + direction * H + units[:, None], tile_ok, zoneout_p, ZONEOUT)
                 dc = _cell_grad_stage(dm, dc, w, w_tail, gates_ptr, c_ptr, c0_ptr, dgates_ptr, own_partial, t, T, B, H, K, D, direction, rows,
                                       state_rows, units, tile_ok, cols_k, k_ok, cols_tail, tail_ok, row_ok, grad_clip, own_flag, stage, piece,
                                       tile, CLIP, INPUT_PRECISION, S_TILE, BLOCK_B, BARRIER, FAULT, BLOCK_HTAIL, GROUP_TILES,
-                                              KC if BLOCK_KC > 0 else 0)
+                                              KC if BWD_KC > 0 else 0, keep if ZONEOUT != 0 else None, cand_ptr, valid, HAS_LENGTHS, ZONEOUT)
             if GROUP_TILES > 1:
                 tl.store(dh_carry_ptr + state_rows * K + dh_units[:, None], dh, mask=dh_tile)
                 tl.store(dc_carry_ptr + state_rows * H + units[:, None], dc, mask=tile_ok)

@@ -7,8 +7,9 @@ on a CPU, ``tests/conftest.py``) and its float64 copy on the reference path
 under the same seed, so the zoneout and DropConnect masks are the same draws. Compared: outputs,
 final states and the gradient of every input, initial state and parameter; fp32 at 1e-4
 absolute, fp16/bf16 by the largest error over the largest value (as ``tests/test_kernels_lstm.py``).
-Launch counts prove the kernels ran. Then :func:`fastrnn.routing.decide` for zoneout calls, and
-the loop where the resident kernels cannot hold the size.
+Launch counts prove the kernels ran. Then :func:`fastrnn.routing.decide` for zoneout calls, the
+loop where the size plans to kernels that take no mask (the tiled ones), and the persistent
+kernels' zoneout (LSTM with and without projection, GRU) against the hand-written float64 cells.
 """
 
 from __future__ import annotations
@@ -141,15 +142,16 @@ def test_masks_follow_the_seed_and_zoneout_changes_the_result():
     assert not torch.allclose(first[0], plain[0])
 
 
-def test_sizes_past_the_resident_kernels_run_the_loop():
-    """fp32 LSTM at H 20 plans past the resident kernels (persistent with cuDNN's tf32 flag on, the
-    default; tiled with it off: ``fastrnn.ops.recurrence.input_precision``), which take no mask: the
-    zoneout loop runs (no launch) and fastrnn.explain says why; DropConnect alone still runs the
-    kernels it plans to."""
+def test_sizes_on_the_tiled_kernels_run_the_loop(monkeypatch):
+    """fp32 LSTM at H 20 planned to the tiled kernels (forced: with cuDNN's tf32 flag on, the
+    default, it plans persistent, which zones out; ``fastrnn.ops.recurrence.input_precision``), which
+    take no mask: the zoneout loop runs (no launch) and fastrnn.explain says why; DropConnect alone
+    still runs the kernels it plans to."""
+    monkeypatch.setenv("FASTRNN_STRATEGY", "tiled")
     module, reference, x, h0, c0 = make("lstm", torch.float32, True, H=20, zoneout=0.3)
     with fastrnn.use_backend("triton"):
         reason = fastrnn.explain(module, x.to(DEVICE))
-    assert reason.startswith("reference: FASTRNN_BACKEND=triton, but zoneout runs on the LSTM's resident kernels and")
+    assert reason.startswith("reference: FASTRNN_BACKEND=triton, but zoneout runs on the LSTM's and the GRU's resident and persistent kernels")
     actual, launches = run(module, "triton", x, h0, c0, False)
     expected, _ = run(reference, "reference", x.double(), h0.double(), c0.double(), False)
     assert launches == {}
@@ -159,9 +161,7 @@ def test_sizes_past_the_resident_kernels_run_the_loop():
     with fastrnn.use_backend("triton"):
         assert fastrnn.explain(module, x.to(DEVICE)).startswith("triton: recurrent_dropout: W_hh masked on the host")
     _, launches = run(module, "triton", x, h0, c0, False)
-    strategy = plan(4, 20, torch.float32).strategy
-    assert strategy in ("tiled", "persistent")
-    assert launches == {f"lstm_fwd_{strategy}": 1, f"lstm_bwd_{strategy}": 1}
+    assert launches == {"lstm_fwd_tiled": 1, "lstm_bwd_tiled": 1}
 
 
 CUDA = routing.DeviceInfo("cuda", "NVIDIA H200", "9.0")
@@ -211,82 +211,97 @@ def test_gradient_flow_record_matches_the_reference():
     assert_close(norms.double(), expected.double(), atol=1e-4)
 
 
-# --------------------------------------------------------- zoneout on the GRU's persistent kernels
+# --------------------------------------------------------- zoneout on the persistent kernels (LSTM, GRU)
 # The setting of tests/test_persistent.py (imported above): H 32 with 8 units per program, 4 programs per
 # direction (grid (4, 1, 2)); its fixture ``persistent_env`` forces it, its ``harness`` runs barrier mode
 # with one thread per program.
 needs_interpreter = pytest.mark.skipif(DEVICE != "cpu", reason="the hand-written oracle draws its masks on the CPU")
+#: The LSTM's projection in these cases: 10 units over 4 programs (3, 3, 3 and 1 projected units).
+PERSISTENT_P = 10
 
 
-#: id -> (mode, train): one layer, packed unsorted lengths and both directions in each.
+#: id -> (cell, mode, train, proj_size): one layer, packed unsorted lengths and both directions in
+#: each. The LSTM without projection in eval: ``test_persistent_zoneout_grad_clip_and_flow_record``.
 PERSISTENT_CASES = {
-    "per_step-train": ("per_step", True),
-    "per_step-eval": ("per_step", False),
-    "barrier-train": ("barrier", True),
+    "gru-per_step-train": ("gru", "per_step", True, 0),
+    "gru-per_step-eval": ("gru", "per_step", False, 0),
+    "gru-barrier-train": ("gru", "barrier", True, 0),
+    "lstm-per_step-train": ("lstm", "per_step", True, 0),
+    "lstm-per_step-eval-proj": ("lstm", "per_step", False, PERSISTENT_P),
+    "lstm-barrier-train-proj": ("lstm", "barrier", True, PERSISTENT_P),
 }
 
 
 @needs_interpreter
 @pytest.mark.parametrize("name", PERSISTENT_CASES)
-def test_persistent_gru_zoneout_matches_handwritten_float64(name, persistent_env):
-    """The GRU's persistent kernels zone out (fp32, 1e-4) as the hand-written float64 GRU of
-    ``tests/test_regularized_rnn.py`` does, masks from the same seed: outputs, final state and the
-    gradients of the input, ``h0`` and every parameter."""
+def test_persistent_zoneout_matches_handwritten_float64(name, persistent_env):
+    """The persistent kernels zone out (fp32, 1e-4) as the hand-written float64 LSTM and GRU of
+    ``tests/test_regularized_rnn.py`` do, masks from the same seed: outputs, final states and the
+    gradients of the input, ``h0``, ``c0`` and every parameter (``weight_hr`` projecting)."""
     from tests.test_regularized_rnn import assert_matches_oracle, forward, handwritten
 
-    mode, train = PERSISTENT_CASES[name]
+    cell, mode, train, proj = PERSISTENT_CASES[name]
     persistent_env(mode)
     torch.manual_seed(0)
-    T, B = 5, 3
-    module = fastrnn.GRU(I, PERSISTENT_H, bidirectional=True, zoneout=0.3).train(train)
+    T, B, H = 5, 3, PERSISTENT_H
+    options = dict(proj_size=proj) if proj else {}
+    module = (fastrnn.LSTM if cell == "lstm" else fastrnn.GRU)(I, H, bidirectional=True, zoneout=0.3, **options).train(train)
     x = torch.randn(T, B, I, requires_grad=True)
-    h0 = torch.randn(2, B, PERSISTENT_H, requires_grad=True)
+    h0 = torch.randn(2, B, proj or H, requires_grad=True)
+    c0 = torch.randn(2, B, H, requires_grad=True) if cell == "lstm" else None
     lengths = torch.tensor([5, 2, 4])
-    w_y, w_h = torch.randn(T, B, 2 * PERSISTENT_H, dtype=torch.float64), torch.randn(2, B, PERSISTENT_H, dtype=torch.float64)
+    w_y, w_h = torch.randn(T, B, 2 * (proj or H), dtype=torch.float64), torch.randn(2, B, H, dtype=torch.float64)
     before = dict(LAUNCHES)
     torch.manual_seed(3)
     with fastrnn.use_backend("triton"), harness(mode, seed=5):
-        y, h_n, _, inputs = forward(module, x, lengths, h0, None, packed=True)
-        want = handwritten(module, x.double(), lengths, h0.double(), None, 3, None)
-        assert_matches_oracle(module, (y.double(), h_n.double(), None), want, inputs, w_y, w_h, atol=1e-4)
+        y, h_n, c_n, inputs = forward(module, x, lengths, h0, c0, packed=True)
+        want = handwritten(module, x.double(), lengths, h0.double(), None if c0 is None else c0.double(), 3, None)
+        got = (y.double(), h_n.double(), None if c_n is None else c_n.double())
+        assert_matches_oracle(module, got, want, inputs, w_y, w_h, atol=1e-4)
     launches = {k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v != before.get(k, 0)}
-    assert launches == {"gru_fwd_persistent": 1, "gru_bwd_persistent": 1}
+    assert launches == {f"{cell}_fwd_persistent": 1, f"{cell}_bwd_persistent": 1}
 
 
-def test_persistent_gru_zoneout_grad_clip_and_flow_record(persistent_env):
+@pytest.mark.parametrize(("cell", "train"), [("gru", True), ("lstm", False)], ids=["gru-train", "lstm-eval"])
+def test_persistent_zoneout_grad_clip_and_flow_record(cell, train, persistent_env):
     """``grad_clip`` (it binds) and the gradient-flow record through the zoning persistent kernels
     (per_step, packed, both directions), against the float64 reference path, same masks."""
     persistent_env("per_step")
-    module, reference, x, h0, _ = make("gru", torch.float32, True, PERSISTENT_H, zoneout=0.3, bidirectional=True, grad_clip=0.05)
+    module, reference, x, h0, c0 = make(cell, torch.float32, train, PERSISTENT_H, zoneout=0.3, bidirectional=True, grad_clip=0.05)
     recorded = {}
     for m, dtype, backend in ((module, torch.float32, "triton"), (reference, torch.float64, "reference")):
         with fastrnn.record_gradient_flow() as flow:
-            tensors, launches = run(m, backend, x.to(dtype), h0.to(dtype), None, True)
+            tensors, launches = run(m, backend, x.to(dtype), h0.to(dtype), None if c0 is None else c0.to(dtype), True)
         recorded[backend] = tensors, flow.norms(), launches
     (got, norms, launches), (want, expected, _) = recorded["triton"], recorded["reference"]
-    assert launches == {"gru_fwd_persistent": 1, "gru_bwd_persistent": 1}
+    assert launches == {f"{cell}_fwd_persistent": 1, f"{cell}_bwd_persistent": 1}
     for index, (a, e) in enumerate(zip(got, want)):
         assert_close(a.double(), e, atol=1e-4, msg=lambda m, i=index: f"tensor {i}: {m}")
     assert_close(norms.double(), expected.double(), atol=1e-4)
     reference.grad_clip = None
-    unclipped, _ = run(reference, "reference", x.double(), h0.double(), None, True)
-    assert not torch.allclose(unclipped[-3], want[-3]), "the clip must bind in this test (d weight_hh)"
+    unclipped, _ = run(reference, "reference", x.double(), h0.double(), None if c0 is None else c0.double(), True)
+    w_hh = len(want) - len(list(reference.parameters())) + [n for n, _ in reference.named_parameters()].index("weight_hh_l0")
+    assert not torch.allclose(unclipped[w_hh], want[w_hh]), "the clip must bind in this test (d weight_hh_l0)"
 
 
-def test_zoneout_routes_to_the_grus_persistent_kernels_not_the_lstms(monkeypatch):
-    """A GRU zoneout call that plans persistent runs the kernels; the LSTM's persistent kernels take
-    no mask (its call runs the loop), nor do the tiled kernels."""
+def test_zoneout_routes_to_the_persistent_kernels(monkeypatch):
+    """An LSTM or GRU zoneout call that plans persistent runs the kernels; the tiled kernels take
+    no mask (a call that plans to them runs the loop)."""
     from fastrnn.ops.zoneout import zoneout_fits
 
-    persistent = [h for h in (96, 128, 256, 512) if plan(3, h, torch.bfloat16).strategy == "persistent"]
-    assert persistent, "the GRU plans persistent at some 16-bit size past the resident kernels"
-    assert all(zoneout_fits("gru", h, torch.bfloat16) for h in persistent)
-    assert not any(zoneout_fits("lstm", h, torch.bfloat16) for h in persistent if plan(4, h, torch.bfloat16).strategy == "persistent")
+    for cell, gates in (("lstm", 4), ("gru", 3)):
+        persistent = [h for h in (96, 128, 256, 512, 1024) if plan(gates, h, torch.bfloat16).strategy == "persistent"]
+        assert persistent, f"the {cell} plans persistent at some 16-bit size past the resident kernels"
+        assert all(zoneout_fits(cell, h, torch.bfloat16) for h in persistent)
     monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
     x = torch.randn(5, 2, I, device=DEVICE)
     with fastrnn.use_backend("triton"):
-        assert fastrnn.explain(fastrnn.GRU(I, PERSISTENT_H, zoneout=0.1, device=DEVICE), x).startswith("triton: ")
-        assert fastrnn.explain(fastrnn.LSTM(I, PERSISTENT_H, zoneout=0.1, device=DEVICE), x).startswith(
-            "reference: FASTRNN_BACKEND=triton, but zoneout runs on the LSTM's resident kernels and the GRU's")
+        for module in (fastrnn.GRU(I, PERSISTENT_H, zoneout=0.1, device=DEVICE),
+                       fastrnn.LSTM(I, PERSISTENT_H, zoneout=0.1, device=DEVICE),
+                       fastrnn.LSTM(I, PERSISTENT_H, zoneout=0.1, proj_size=PERSISTENT_P, device=DEVICE)):
+            assert fastrnn.explain(module, x).startswith("triton: "), module
     monkeypatch.setenv("FASTRNN_STRATEGY", "tiled")
     assert not zoneout_fits("gru", 128, torch.bfloat16) and not zoneout_fits("lstm", 128, torch.bfloat16)
+    with fastrnn.use_backend("triton"):
+        assert fastrnn.explain(fastrnn.LSTM(I, PERSISTENT_H, zoneout=0.1, device=DEVICE), x).startswith(
+            "reference: FASTRNN_BACKEND=triton, but zoneout runs on the LSTM's and the GRU's resident and persistent kernels only")

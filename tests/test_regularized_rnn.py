@@ -18,7 +18,8 @@ def lstm_cell(p, x, h, c, clip):
         gates.register_hook(lambda g: g.clamp(-clip, clip))
     i, f, g, o = gates.chunk(4)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    m = torch.sigmoid(o) * torch.tanh(c)
+    return (p["weight_hr"] @ m if "weight_hr" in p else m), c  # torch.nn's projection: h = W_hr m
 
 
 def gru_cell(p, x, h, clip):
@@ -35,7 +36,8 @@ def handwritten(module, x, lengths, h0, c0, seed, clip, lstm_step=lstm_cell, gru
     of ``fastrnn.regularization`` drawn from ``seed`` (dropout between layers, DropConnect on
     ``W_hh``, zoneout on ``h`` and ``c``); a step is ``lstm_step(p, x, h, c, clip) -> (h, c)`` or
     ``gru_step(p, x, h, clip) -> h`` (``p``: one direction's parameters without the layer suffix).
-    ``x (T, B, I)``; returns ``y (T, B, D*H)`` (zero past a row's length), ``h_n``, ``c_n`` or None."""
+    With ``proj_size`` (LSTM) ``h`` has ``P`` units, zoned by the mask's first ``P`` of the direction.
+    ``x (T, B, I)``; returns ``y (T, B, D*K)`` (``K``: P or H; zero past a row's length), ``h_n``, ``c_n`` or None."""
     torch.manual_seed(seed)
     T, B, _ = x.shape
     H, D, pz = module.hidden_size, 2 if module.bidirectional else 1, module.zoneout
@@ -60,12 +62,13 @@ def handwritten(module, x, lengths, h0, c0, seed, clip, lstm_step=lstm_cell, gru
                     h_new, c_new = lstm_step(p, x[t, row], h, c, clip) if c is not None else (gru_step(p, x[t, row], h, clip), None)
                     if pz:
                         keep = mask[t, row, d * H:(d + 1) * H] if mask is not None else pz
-                        h_new = keep * h + (1 - keep) * h_new
+                        keep_h = keep[:len(h)] if mask is not None else pz
+                        h_new = keep_h * h + (1 - keep_h) * h_new
                         c_new = None if c is None else keep * c + (1 - keep) * c_new
                     h, c = h_new, c_new
                     out[t, row, d] = h
                 finals[layer * D + d, row] = (h, c)
-        zero = x.new_zeros(H)
+        zero = x.new_zeros(getattr(module, "proj_size", 0) or H)
         x = torch.stack([torch.stack([torch.cat([out.get((t, r, d), zero) for d in range(D)]) for r in range(B)]) for t in range(T)])
     keys = range(module.num_layers * D)
     h_n = torch.stack([torch.stack([finals[k, r][0] for r in range(B)]) for k in keys])
@@ -88,8 +91,10 @@ def forward(module, x, lengths, h0, c0, packed):
 
 
 def weighted_loss(y, h_n, c_n, w_y, w_h):
-    """A loss weighing every element of ``y``, ``h_n`` and ``c_n`` (``c_n`` by ``w_h`` flipped), in float64."""
-    return (y.double() * w_y).sum() + (h_n.double() * w_h).sum() + (0 if c_n is None else (c_n.double() * w_h.flip(0)).sum())
+    """A loss weighing every element of ``y``, ``h_n`` and ``c_n`` (``c_n`` by ``w_h`` flipped; a
+    projected ``h_n`` by its first ``P`` units), in float64."""
+    return ((y.double() * w_y).sum() + (h_n.double() * w_h[..., :h_n.shape[-1]]).sum()
+            + (0 if c_n is None else (c_n.double() * w_h.flip(0)).sum()))
 
 
 def assert_matches_oracle(module, got, want, inputs, w_y, w_h, atol=1e-9):

@@ -37,8 +37,9 @@ How it works
   per hidden size (``persistent-H1024``) and the GPU matrix's rows by shape
   (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, the fused
   generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
-  full, and the zoneout forms (``*-zoneout-full``: LSTM and GRU at their largest resident class,
-  the GRU at its largest persistent class in barrier mode, bf16 also in eval). Identical launches from different workloads
+  full, and the zoneout forms (``*-zoneout-full``: LSTM and GRU at their largest resident class
+  and at their largest persistent class in barrier mode; the GRU's bf16 also in eval, the LSTM's
+  persistent ones also without projection and at the L1 row's shape). Identical launches from different workloads
   compile once.
 * :func:`check`: the limits every launch is held to (``tests/test_kernel_compile.py``): no local
   memory, no stack frame on sm_90 (sm_80's small frames are reported, not failed), at most 255
@@ -257,6 +258,12 @@ PERSISTENT_GATE_HIDDEN = 256
 #: at the GPU matrix's persistent LSTM rows beyond it by shape (``bench/matrix.py``: L1 B16 H768,
 #: L4 B256 H1024, whose plans split the reduction and walk batch groups in sub-tiles).
 PERSISTENT_GATE_CELLS = {"lstm": {"L1": (768, 16), "L4": (1024, 256)}}
+#: The persistent LSTM class the zoneout gate compiles without projection, where not the largest.
+#: In 16-bit the persistent kernels' full form without projection (bidirectional, lengths, B20; the
+#: gate's own full forms project) spills past H512 with or without zoneout, a defect outside this
+#: gate: sm_90, Triton 3.9, no zoneout, forward/backward stack 384/16 B at H1016, 456/96 B at H760
+#: (at B16 112/88 and 168/0 B); at H504 214/200 registers and none.
+ZONEOUT_NOPROJ_CLASS = {torch.bfloat16: "persistent-H512"}
 #: Batch rows of each form: a multiple of 16, not one, and a single row (folded to 1).
 FORM_BATCH = {"plain": 16, "full": 20, "batch1": 1}
 
@@ -350,24 +357,26 @@ def feedback_workload(cell: str, dtype: torch.dtype, hidden: int, output: int, b
     y.float().sum().backward()
 
 
-def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, train: bool = True) -> None:
+def zoneout_workload(cell: str, dtype: torch.dtype, hidden: int, batch: int, train: bool = True, projecting: bool = True,
+                     full: bool = True) -> None:
     """One LSTM or GRU layer with zoneout in training (the mask read by the forward and backward
-    kernels the size plans to: resident, or the GRU's persistent ones; ``train`` False: eval, the
-    scalar ``p``) forward and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option
-    on as in the ``full`` form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a
-    projection (LSTM)."""
+    kernels the size plans to: resident or persistent; ``train`` False: eval, the scalar ``p``)
+    forward and backward (``fastrnn.ops.zoneout.zoneout_layer``), every other option on as in the
+    ``full`` form: bidirectional, lengths, ``grad_clip``, the gradient-flow record, a projection
+    (LSTM, unless not ``projecting``); not ``full``: one direction, no other option, no projection."""
     import fastrnn
     from fastrnn.ops.zoneout import zoneout_layer
 
-    proj_size = hidden // 2 if cell == "lstm" else 0
-    kwargs = dict(bidirectional=True, dtype=dtype, **({"proj_size": proj_size} if proj_size else {}))
+    proj_size = hidden // 2 if cell == "lstm" and projecting and full else 0
+    directions = 2 if full else 1
+    kwargs = dict(bidirectional=full, dtype=dtype, **({"proj_size": proj_size} if proj_size else {}))
     module = {"gru": fastrnn.GRU, "lstm": fastrnn.LSTM}[cell](INPUT_SIZE, hidden, **kwargs)
     x = torch.zeros(STEPS, batch, INPUT_SIZE, dtype=dtype, requires_grad=True)
-    h0 = torch.zeros(2, batch, proj_size or hidden, dtype=dtype)
-    c0 = torch.zeros(2, batch, hidden, dtype=dtype) if cell == "lstm" else None
-    keep = torch.ones(STEPS, batch, 2 * hidden, dtype=dtype) if train else None
-    y, _, _ = zoneout_layer(cell, x, h0, c0, module._layer_params()[0], torch.full((batch,), STEPS), keep, 0.1,
-                            grad_clip=1.0, flow_record=torch.zeros(2, STEPS))
+    h0 = torch.zeros(directions, batch, proj_size or hidden, dtype=dtype)
+    c0 = torch.zeros(directions, batch, hidden, dtype=dtype) if cell == "lstm" else None
+    keep = torch.ones(STEPS, batch, directions * hidden, dtype=dtype) if train else None
+    y, _, _ = zoneout_layer(cell, x, h0, c0, module._layer_params()[0], torch.full((batch,), STEPS) if full else None, keep, 0.1,
+                            grad_clip=1.0 if full else None, flow_record=torch.zeros(directions, STEPS) if full else None)
     y.float().sum().backward()
 
 
@@ -572,6 +581,23 @@ def workloads() -> dict[str, Callable[[], None]]:
             out[f"gru-{_dtype_name(dtype)}-{size_class}-barrier-zoneout-eval-full"] = _forced(
                 "FASTRNN_PERSISTENT_MODE", "barrier",
                 lambda d=dtype, h=hidden - 8: zoneout_workload("gru", d, h, FORM_BATCH["full"], train=False))
+    # and on the LSTM's persistent kernels, barrier form: projecting at their largest class (bf16 in eval too:
+    # its forward takes 255 registers, the mask's 254); without projection at the largest class whose
+    # full form compiles clean without zoneout (ZONEOUT_NOPROJ_CLASS)
+    for dtype in (torch.bfloat16, torch.float32):
+        classes = {name: h for name, h in size_classes("lstm", dtype).items() if name.startswith("persistent")}
+        largest = max(classes, key=classes.get)
+        forms = [(largest, "", True, True)] + [(largest, "-eval", True, False)] * (dtype != torch.float32)
+        forms.append((ZONEOUT_NOPROJ_CLASS.get(dtype, largest), "-noproj", False, True))
+        for size_class, suffix, projecting, train in forms:
+            barrier = size_class.replace("persistent", "persistent-barrier", 1)
+            out[f"lstm-{_dtype_name(dtype)}-{barrier}-zoneout{suffix}-full"] = _forced(
+                "FASTRNN_PERSISTENT_MODE", "barrier",
+                lambda d=dtype, h=classes[size_class] - 8, p=projecting, t=train:
+                zoneout_workload("lstm", d, h, FORM_BATCH["full"], train=t, projecting=p))
+    hidden, batch = PERSISTENT_GATE_CELLS["lstm"]["L1"]  # and at the GPU matrix's L1 row (its backward's own chunks)
+    out["lstm-bf16-persistent-barrier-L1-zoneout"] = _forced(
+        "FASTRNN_PERSISTENT_MODE", "barrier", lambda: zoneout_workload("lstm", torch.bfloat16, hidden, batch, full=False))
     return out
 
 

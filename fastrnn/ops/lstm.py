@@ -82,8 +82,9 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
              zoneout: dict | None = None):
     """``gx (T, B, D*4H)``, ``w_hh (D, 4H, K)``, ``w_hr (D, P, H)`` or None, ``h0 (D, B, K)``,
     ``c0 (D, B, H)`` -> ``y (T, B, D*K)``, ``h_n (D, B, K)``, ``c_n (D, B, H)`` and the saved
-    ``gates (T, B, D*4H)``, ``c (T, B, D*H)`` (compute dtype). ``zoneout``: the resident kernels'
-    zoneout arguments (:func:`fastrnn.ops.zoneout.zoneout_args`), None without zoneout."""
+    ``gates (T, B, D*4H)``, ``c (T, B, D*H)`` (compute dtype). ``zoneout``: the kernels' zoneout
+    arguments (:func:`fastrnn.ops.zoneout.zoneout_args`; the resident and persistent kernels take
+    them, the tiled ones do not), None without zoneout."""
     T, B, _ = gx.shape
     D, _, H = c0.shape
     K = h0.shape[2]
@@ -104,13 +105,13 @@ def lstm_fwd(gx: Tensor, w_hh: Tensor, w_hr: Tensor | None, h0: Tensor, c0: Tens
         "lstm_fwd", GATES, (kernels.lstm_fwd_resident_kernel, kernels.lstm_fwd_tiled_kernel), args,
         dict(T=T, B=B, H=H, K=K, D=D, HAS_PROJ=proj, HAS_LENGTHS=lengths is not None, INPUT_PRECISION=input_precision(gx.dtype)),
         B=B, H=H, D=D, dtype=gx.dtype, device=gx.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
-        zoneout_meta=zoneout,  # for the resident kernels only
+        zoneout_meta=zoneout,  # for the resident and persistent kernels
         # exchanges: the ping-pong of h and, projecting, m, in the compute dtype; carry: c in fp32.
         persistent_kernel=PersistentKernel(
             kernels.lstm_fwd_persistent_kernel, 2 * T if proj else T,
             [((2, D, B, K), gx.dtype), ((D, B, H) if proj else (1,), gx.dtype), ((D, B, H), torch.float32)],
             dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, weight_rows)), **_fp32_register_budget(gx.dtype)),
-            forward=True,
+            forward=True, zoneout=True,
         ),
     )
     return y, h_n, final_cell_state(c, D), gates, c
@@ -126,6 +127,13 @@ def _fp32_register_budget(dtype: torch.dtype) -> dict:
     if dtype != torch.float32:
         return {}
     return persistent.register_budget(dtype, input_precision(dtype, "persistent", GATES))
+
+
+def _zoneout_chunk(zoneout: dict | None, proj: bool) -> dict:
+    """The persistent backward's ``ZONEOUT_KC`` with zoneout and without projection: its partial of
+    ``dh_{t-1}`` in chunks of :data:`fastrnn.ops.persistent.BWD_NARROW_CHUNK` where the plan holds
+    the head part whole (measured: ``kernels/lstm.py``); none otherwise."""
+    return {"ZONEOUT_KC": persistent.BWD_NARROW_CHUNK} if zoneout and not proj else {}
 
 
 def final_cell_state(c: Tensor, directions: int) -> Tensor:
@@ -170,14 +178,17 @@ def lstm_bwd(
         dict(T=T, B=B, H=H, K=K, D=D, grad_clip=float(grad_clip or 0.0), HAS_PROJ=proj, HAS_LENGTHS=lengths is not None,
              INPUT_PRECISION=input_precision(gates.dtype), CLIP=grad_clip is not None, RECORD_FLOW=record_flow),
         B=B, H=H, D=D, dtype=gates.dtype, device=gates.device, scratch=[(2, D, B, K), (2, D, B, H), (D, B, H) if proj else None],
-        zoneout_meta=zoneout,  # for the resident kernels only
+        zoneout_meta=zoneout,  # for the resident and persistent kernels
         # fp32 per-program partials of dh (and dm), ping-pong by step; carry: dh and dc in fp32.
         persistent_kernel=PersistentKernel(
             kernels.lstm_bwd_persistent_kernel, 2 * T + 1 if proj else T + 1,
-            [((2, partition.slices, D, B, K), torch.float32), ((2, partition.slices, D, B, H) if proj else (1,), torch.float32),
+            # with zoneout dh_partial has one plane more: each program's kept part of dh_t (kernels/lstm.py)
+            [((2, partition.slices + (zoneout is not None), D, B, K), torch.float32),
+             ((2, partition.slices, D, B, H) if proj else (1,), torch.float32),
              ((D, B, K), torch.float32), ((D, B, H), torch.float32)],
             dict(zip(("BLOCK_HOUT", "BLOCK_HTAIL"), persistent.reduction_split(K, partition.weight_rows)),
-                 **_fp32_register_budget(gates.dtype)),
+                 **_fp32_register_budget(gates.dtype), **_zoneout_chunk(zoneout, proj)),
+            zoneout=True,
         ),
     )
     if shares is not None:

@@ -17,10 +17,10 @@ path and the reference loop agree under one seed. The kernels' constexpr ``ZONEO
 1 mask, 2 the scalar ``p``; the convention: :mod:`fastrnn.kernels.zoneout`) leaves the launches
 without zoneout compiled as before.
 
-Which kernels zone out: the LSTM's resident kernels; the GRU's resident and persistent kernels
-(the persistent ones mix each program's own units of the state, so the exchanged ``h_t`` is the
-zoned one). The tiled kernels, and the LSTM's persistent ones, take no mask: a size that plans to
-them runs the reference loop (:func:`zoneout_fits` is what routing asks).
+Which kernels zone out: the resident and persistent kernels of the LSTM (with and without
+projection) and of the GRU (the persistent ones mix each program's own units of the state, so
+the exchanged ``h_t`` is the zoned one). The tiled kernels take no mask: a size that plans to them
+runs the reference loop (:func:`zoneout_fits` is what routing asks).
 
 What the forward keeps for the backward beyond the plain kernels' (``fastrnn.ops.lstm`` /
 ``gru``): the mask (it is the layer's own draw) and, for the LSTM, the cell's candidate state
@@ -51,14 +51,13 @@ from fastrnn.registered_ops import OperatorContext, no_tensor, refuse_double_bac
 #: Gates per cell with zoneout kernels.
 GATES = {"lstm": lstm_ops.GATES, "gru": gru_ops.GATES}
 #: The strategies whose kernels zone out, per cell.
-ZONEOUT_STRATEGIES = {"lstm": frozenset({"resident"}), "gru": frozenset({"resident", "persistent"})}
+ZONEOUT_STRATEGIES = {"lstm": frozenset({"resident", "persistent"}), "gru": frozenset({"resident", "persistent"})}
 
 
 def zoneout_fits(cell: str, hidden: int, dtype: torch.dtype) -> bool:
     """Whether ``cell`` at cell size ``hidden`` in ``dtype`` plans to kernels that zone out
-    (:data:`ZONEOUT_STRATEGIES`: LSTM resident; GRU resident and persistent); False for a cell
-    without zoneout kernels. ``FASTRNN_STRATEGY`` counts (forcing ``tiled``, or ``persistent`` for
-    the LSTM, sends zoneout calls to the loop)."""
+    (:data:`ZONEOUT_STRATEGIES`: resident and persistent, LSTM and GRU); False for a cell without
+    zoneout kernels. ``FASTRNN_STRATEGY`` counts (forcing ``tiled`` sends zoneout calls to the loop)."""
     if cell not in GATES:
         return False
     try:
