@@ -93,7 +93,8 @@ and direction ``d``. Every product puts the weights on the M side and the batch 
 ``tl.dot`` needs every dimension >= 16, so the four gates of a slice are stacked on M
 (``SLICE = 8``: ``M = 32``; ``S_TILE = max(SLICE, 4)`` rows per gate, masked past the slice), and
 the projected units of a program (``SP = cdiv(P, n_slices) <= SLICE``) are padded to
-``BLOCK_S = max(SLICE, 16)`` masked rows. The ``K`` units of ``h`` a weight row spans are held (and
+``BLOCK_S`` masked rows, the next power of two >= ``max(SP, 16)``
+(``fastrnn.ops.persistent.projected_block``). The ``K`` units of ``h`` a weight row spans are held (and
 ``h`` read) in two power-of-two parts, ``BLOCK_HOUT`` then ``BLOCK_HTAIL`` units (``w``, ``w_tail``;
 ``BLOCK_HTAIL = 0``: one part), chosen by ``fastrnn.ops.persistent.reduction_split`` (``768 = 512 +
 256``: a quarter less weight and ``h`` than one 1024-wide part). A group is ``GROUP_TILES``
@@ -912,8 +913,8 @@ def lstm_fwd_persistent_kernel(
     phase ``2i`` the gates of walk step ``i``, ``2i + 1`` its projection). Writes ``y``, ``h_n``, the
     saved ``gates`` and ``c``, the exchanges and ``carry`` (``c`` between per-step launches: fp32
     ``(D, B, H)``). The walk's first step reads ``h0`` (and ``c0`` when ``phase_begin = 0``).
-    ``BLOCK_K >= H``, ``BLOCK_HOUT + BLOCK_HTAIL >= K``, ``BLOCK_S = max(SLICE, 16)`` (the
-    projected units, at most ``SLICE`` per program), ``BLOCK_FLAGS >= n_slices``; program
+    ``BLOCK_K >= H``, ``BLOCK_HOUT + BLOCK_HTAIL >= K``, ``BLOCK_S`` the next power of two >=
+    ``max(SP, 16)`` (the projected units, ``SP <= SLICE`` per program: ``projected_block``), ``BLOCK_FLAGS >= n_slices``; program
     ``(s, g, d)`` walks batch rows ``g*GROUP_TILES*BLOCK_B ...`` in ``GROUP_TILES`` sub-tiles.
     ``BLOCK_KC``: 0, or the width of the chunks the head part of the reduction is held and read in
     (a power of two; capped at ``BLOCK_HOUT``). ``keep_ptr``, ``cand_ptr``, ``zoneout_p``,
