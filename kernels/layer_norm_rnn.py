@@ -1464,3 +1464,180 @@ def layer_norm_lstm_bwd_persistent_kernel(
             partial = weight_product(tl.trans(w), d_r.to(w.dtype), INPUT_PRECISION)  # (BLOCK_K, BLOCK_B)
             publish(partial, dh_partial_ptr + piece * partial_stride + state_rows * H + cols_k[:, None], k_ok[:, None] & row_ok[None, :],
                     own_flag, stage, piece, 0, BARRIER, FAULT, 1)
+
+
+# --------------------------------------------------------------------- LayerNormGRU, persistent
+# (imported here, not with the imports above, so this section merges apart from edits to the LSTM's)
+from fastrnn.kernels.recurrence import gather_rows, load_weight_split, persistent_tile, slice_product  # noqa: E402
+
+
+@triton.jit
+def gru_slice_weights(w_base, H, units, unit_ok, ks, k_ok, SPLIT_K: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr):
+    """A persistent program's rows of direction ``d``'s ``W_hh`` (``w_base``: its ``(3H, H)``
+    block) for its ``units``, one tile per gate (r, z, n) in the form of the plain GRU's persistent
+    forward (``fastrnn.kernels.gru.gru_fwd_persistent_kernel``): with ``SPLIT_K``
+    ``w[c, k, i] = W_hh[d, q*H + units[i], c*CHUNK + k]`` (``load_weight_split``), else
+    ``w[k, i]`` ``(BLOCK_K, BLOCK_S)``. (That kernel spells the same load inline; it could call this.)"""
+    if SPLIT_K:
+        w_r = load_weight_split(w_base, 1, H, H, units, unit_ok, SPLIT, CHUNK)
+        w_z = load_weight_split(w_base + H * H, 1, H, H, units, unit_ok, SPLIT, CHUNK)
+        w_n = load_weight_split(w_base + 2 * H * H, 1, H, H, units, unit_ok, SPLIT, CHUNK)
+    else:
+        w_offs = ks[:, None] + units[None, :] * H
+        w_ok = k_ok[:, None] & unit_ok[None, :]
+        w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
+        w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
+        w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    return w_r, w_z, w_n
+
+
+@triton.jit
+def gate_slice_moments(a, b, c, ok, count):
+    """This program's partial of a row's recurrent-norm moments over its slice of all three gate
+    blocks ``a, b, c`` (fp32 ``(BLOCK_S, BLOCK_B)`` units x rows, ``ok`` the real entries,
+    ``count`` real units per block): each block's :func:`slice_moments`, merged pairwise by
+    :func:`merged_moments`. ``(sum, centred sum of squares)`` per batch row, ``(BLOCK_B,)``."""
+    n = count.to(tl.float32)
+    total, square = slice_moments(a, ok, n)
+    block_total, block_square = slice_moments(b, ok, n)
+    total, square = merged_moments(total, square, n, block_total, block_square, n)
+    block_total, block_square = slice_moments(c, ok, n)
+    return merged_moments(total, square, 2.0 * n, block_total, block_square, n)
+
+
+@triton.jit
+def normalised_slice(pre_ptr, own_pre, q: tl.constexpr, H, mean, rstd, ok):
+    """Gate ``q``'s block of this program's raw products (``pre``, fp32, its own units x rows)
+    normalised with the rows' combined ``mean``, ``rstd`` ``(BLOCK_B,)``; zero outside ``ok``."""
+    pre = tl.load(pre_ptr + own_pre + q * H, mask=ok, other=0.0)
+    return tl.where(ok, (pre - mean[None, :]) * rstd[None, :], 0.0)
+
+
+@triton.jit(do_not_specialize=["phase_begin", "phase_end", "T"])
+def layer_norm_gru_fwd_persistent_kernel(
+    ax_ptr, w_hh_ptr, gain_hh_ptr, b_hh_ptr, h0_ptr, lengths_ptr, keep_ptr,
+    y_ptr, h_n_ptr, gates_ptr, r_hat_ptr, stats_ptr,
+    h_exchange_ptr, r_moments_ptr, pre_ptr,
+    flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+    T, B, H, D, zoneout_p,
+    HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """The persistent LayerNormGRU forward: the plain GRU's persistent partition and product
+    (``fastrnn.kernels.gru.gru_fwd_persistent_kernel``; ``fastrnn.ops.persistent``'s plan for 3
+    gates): program ``(s, g, d)`` holds the r, z and n rows of direction ``d``'s ``W_hh`` for its
+    ``SLICE`` units (:func:`gru_slice_weights`, on chip for the whole launch) and computes those
+    units for the batch rows ``g*BLOCK_B ...``, its state transposed (units x rows). It takes the
+    resident forward's arguments and writes what it writes (``y``, ``h_n``, the saved ``gates``
+    ``r, z, n, b_n``, ``r_hat``, ``stats``; same layouts), so the resident and tiled backward
+    kernels take its output as their own.
+
+    A row's recurrent norm spans all ``3H`` products, every program's slice, so a step is two
+    phases, each ending in an arrive (``fastrnn.kernels.sync``; phase ``p = 2*i + k`` of walk step
+    ``i``, flags count phases done):
+
+    0. wait for ``h_{t-1}`` (flags ``>= p``; the walk's first step reads ``h0``), gather all of it
+       for the group's rows, ``gh_q = W_slice_q h_{t-1}`` for the three gates (into ``pre``);
+       publish the slice's moments over its ``3*SLICE`` products (:func:`gate_slice_moments`).
+    1. wait (``>= p``), combine every slice's moments over ``3H`` (:func:`combined_moments`):
+       ``rhat``, ``b_t = rhat * gain_hh + b_hh``, the gates (``gru_gates``: the reset gate
+       multiplies the normalised ``b_n``, as the resident kernel's), zoneout, lengths; publish
+       the slice's units of ``h_t``.
+
+    Two exchange rounds per step, the fewest: the moments need every slice's products, which need
+    all of ``h_{t-1}`` (one round each; ``var(r)`` is the quadratic form ``h^T W_hh^T W_hh h``, not
+    local without the ``H x H`` Gram matrix in every program: the LayerNormLSTM forward's
+    argument), and once ``rhat`` is known a GRU step has no second norm: every unit's update is
+    local. (The LayerNormLSTM takes a third, for its cell norm.) The moments' buffer is reused
+    step after step without a ping-pong: a program writes the next step's partials only after a
+    wait that every program passes only after reading this step's; ``h`` keeps its ping-pong
+    (``fastrnn.kernels.sync``, point 3).
+
+    Numerics: the products are the resident kernel's (``h`` cast to the weights' dtype, fp32
+    accumulation), the moments combined centred (:func:`combined_moments`); ``h`` is exchanged
+    in fp32, as the resident kernel keeps it in registers.
+
+    Scratch (fp32, per launch; ``fastrnn.ops.layer_norm_rnn.layer_norm_gru_fwd``): ``h_exchange
+    (2, D, B, H)`` the ping-pong of ``h`` (step ``i`` reads slot ``i % 2``); ``r_moments (D, B,
+    slices, 2)`` the published partials; this program's own, a phase apart: ``pre (D, B, 3H)``
+    the raw products. ``BLOCK_K >= H``, ``BLOCK_FLAGS >= slices``; ``SPLIT_K`` (16-bit) the
+    product's ``k`` side in chunks, as the plain GRU's. ``FAULT``: ``fastrnn.kernels.sync``'s, and
+    :data:`FAULT_NO_STATS_WAIT` skips the wait before the moments are combined."""
+    direction, piece, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
+    flags, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
+    n_slices = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK_FLAGS)
+    d64 = direction.to(tl.int64)
+    SPLIT: tl.constexpr = 8 if BLOCK_K >= 128 else BLOCK_K // 16  # as the plain GRU's
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT
+    w_r, w_z, w_n = gru_slice_weights(w_hh_ptr + d64 * 3 * H * H, H, units, unit_ok, ks, k_ok, SPLIT_K, SPLIT, CHUNK)
+    gain = gain_hh_ptr + d64 * 3 * H + units
+    bias = b_hh_ptr + d64 * 3 * H + units
+    gain_r = tl.load(gain, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    gain_z = tl.load(gain + H, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    gain_n = tl.load(gain + 2 * H, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    bias_r = tl.load(bias, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    bias_z = tl.load(bias + H, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    bias_n = tl.load(bias + 2 * H, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
+    state_rows = (d64 * B + rows64)[None, :]  # (1, BLOCK_B): this program's rows of a (D, B, .) buffer
+    own = state_rows * H + units[:, None]  # its units x rows of a (D, B, H) buffer
+    own_pre = state_rows * (3 * H) + units[:, None]  # ... and of a (D, B, 3H) one, gate r
+    moments_at = ((d64 * B + rows64) * n_slices + piece)[None, :] * 2  # (1, BLOCK_B)
+    r_moments = r_moments_ptr + d64 * B * n_slices * 2
+    count = tl.minimum(SLICE, H - piece * SLICE)  # real units of this slice
+    h_slot = D * B * H
+
+    for stage in range(phase_begin, phase_end):
+        s = stage // 2
+        t = step_time(s, T, direction).to(tl.int64)
+        step = (t * B + rows64)[None, :]
+        h_read = h_exchange_ptr + (s % 2) * h_slot
+        if stage % 2 == 0:  # the products of the slice's rows with all of h_{t-1}; their moments
+            if BARRIER:
+                if s > 0:
+                    wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+            if s == 0:
+                h_all = gather_rows(h0_ptr + d64 * B * H, H, rows64, row_ok, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
+            else:
+                h_all = gather_rows(h_read + d64 * B * H, H, rows64, row_ok, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
+            gh_r = tl.trans(slice_product(h_all, w_r, INPUT_PRECISION, SPLIT_K))
+            gh_z = tl.trans(slice_product(h_all, w_z, INPUT_PRECISION, SPLIT_K))
+            gh_n = tl.trans(slice_product(h_all, w_n, INPUT_PRECISION, SPLIT_K))
+            store_gates(pre_ptr, own_pre, H, tile_ok, gh_r, gh_z, gh_n)
+            total, square = gate_slice_moments(gh_r, gh_z, gh_n, tile_ok, count)
+            tl.store(r_moments_ptr + moments_at + 1, square[None, :], mask=row_ok[None, :])
+            publish(total[None, :], r_moments_ptr + moments_at, row_ok[None, :], own_flag, stage, piece, 0, BARRIER, FAULT, 1)
+        else:  # the recurrent norm over all 3H, the gates, h_t; zoneout and lengths; publish h_t
+            stats_wait(flags, n_slices, stage, error_ptr, max_spins, BARRIER, BLOCK_FLAGS, FAULT)
+            mean, rstd = combined_moments(r_moments, lanes, n_slices, SLICE, H, 3, 3 * H, B, rows, row_ok)
+            r_r = normalised_slice(pre_ptr, own_pre, 0, H, mean, rstd, tile_ok)
+            r_z = normalised_slice(pre_ptr, own_pre, 1, H, mean, rstd, tile_ok)
+            r_n = normalised_slice(pre_ptr, own_pre, 2, H, mean, rstd, tile_ok)
+            g_offs = step * (D * 3 * H) + direction * 3 * H + units[:, None]
+            u_offs = step * (D * H) + direction * H + units[:, None]
+            h = walk_state(h0_ptr + state_rows * H, h_read + state_rows * H, s, units[:, None], tile_ok)
+            b_n = r_n * gain_n + bias_n
+            r, z, n, h_new = gru_gates(
+                load_gate(ax_ptr, g_offs, 0, H, tile_ok), load_gate(ax_ptr, g_offs, 1, H, tile_ok), load_gate(ax_ptr, g_offs, 2, H, tile_ok),
+                r_r * gain_r + bias_r, r_z * gain_z + bias_z, b_n, h,
+            )
+            if ZONEOUT != 0:
+                keep = zoneout_keep(keep_ptr, u_offs, tile_ok, zoneout_p, ZONEOUT)
+                h_new = keep * h + (1.0 - keep) * h_new
+            if HAS_LENGTHS:
+                live = (t < length)[None, :]
+                out = tl.where(live, h_new, 0.0)
+                h = tl.where(live, h_new, h)
+            else:
+                out = h_new
+                h = h_new
+            tl.store(y_ptr + u_offs, out.to(y_ptr.dtype.element_ty), mask=tile_ok)
+            store_gates(gates_ptr, step * (D * 4 * H) + direction * 4 * H + units[:, None], H, tile_ok, r, z, n, b_n)
+            store_gates(r_hat_ptr, g_offs, H, tile_ok, r_r, r_z, r_n)
+            if piece == 0:
+                tl.store(stats_ptr + step * D + direction, rstd[None, :], mask=row_ok[None, :])
+            if s == T - 1:
+                tl.store(h_n_ptr + own, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
+            publish(h, h_exchange_ptr + ((s + 1) % 2) * h_slot + own, tile_ok, own_flag, stage, piece, 0, BARRIER, FAULT, 1)

@@ -242,3 +242,66 @@ def test_cuda_gpu_row_plan_matches_float64():
         key = f"layer_norm_lstm_{way}_persistent"
         assert LAUNCHES.get(key, 0) == before.get(key, 0) + 1, (key, LAUNCHES)
     assert max(errors.values()) < 5e-2, errors
+
+
+# ------------------------------------------------------------------ the persistent LayerNormGRU
+#: The persistent LayerNormGRU forward (``layer_norm_gru_fwd_persistent_kernel``, two exchange rounds
+#: per step: the recurrent norm's moments, then ``h``); its backward is the resident or tiled one,
+#: from what the persistent forward saved. id -> run_case's (cell, options, training, packed, batch, hidden)
+GRU_PERSISTENT_CASES = {
+    # 3 programs per direction, the last 4 units wide (the moments' counts differ per program)
+    "gru-bidir-packed-zoneout-clip-narrow-slice": ("gru", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 20),
+    "gru-eval-zoneout-two-groups": ("gru", dict(zoneout=0.25), False, False, 17, 20),
+    # barrier mode: 4 programs per direction x 2 batch groups x 2 directions
+    "gru-bidir-packed-zoneout-two-groups": ("gru", dict(bidirectional=True, zoneout=0.3), True, True, 17, 32),
+    "gru-packed-zoneout-clip": ("gru", dict(zoneout=0.3, grad_clip=0.05), True, True, 3, 32),  # the mutation check's: 4 programs
+}
+GRU_COUNTS = {"layer_norm_gru_fwd_persistent": 1, "layer_norm_gru_bwd": 1}
+
+
+@pytest.fixture
+def gru_persistent_case(monkeypatch):
+    """:func:`persistent_case` for :data:`GRU_PERSISTENT_CASES`."""
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(SLICE))
+
+    def setup(name, mode):
+        monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
+        monkeypatch.setitem(CASES, name, GRU_PERSISTENT_CASES[name])
+        return name
+    return setup
+
+
+@interpreted
+@pytest.mark.parametrize("name", ["gru-bidir-packed-zoneout-clip-narrow-slice", "gru-eval-zoneout-two-groups"])
+def test_gru_per_step_matches_float64_equations(gru_persistent_case, name):
+    """Outputs, final state and every gradient (the resident backward from the persistent forward's
+    saved tensors): bidirectional with unsorted lengths, zoneout in training and ``grad_clip``; zoneout
+    in eval with two batch groups."""
+    names, actual, expected, counts, _ = run_case(gru_persistent_case(name, "per_step"), torch.float32)
+    assert counts == GRU_COUNTS
+    check(names, actual, expected)
+
+
+@interpreted
+def test_gru_barrier_matches_float64_equations(gru_persistent_case):
+    name = gru_persistent_case("gru-bidir-packed-zoneout-two-groups", "barrier")
+    assert persistent.persistent_plan(3, 32, 17, 2, torch.float32).grid == (4, 2, 2)
+    with harness("barrier", seed=3):
+        names, actual, expected, counts, _ = run_case(name, torch.float32)
+    assert counts == GRU_COUNTS
+    check(names, actual, expected)
+
+
+@interpreted
+def test_gru_missing_moments_wait_is_caught(gru_persistent_case, monkeypatch):
+    """The persistent LayerNormGRU forward without its wait before combining the moments
+    (``FAULT_NO_STATS_WAIT``; the wait for ``h_{t-1}`` kept) gives wrong numbers under the harness
+    in one of up to FAULT_RUNS runs."""
+    name = gru_persistent_case("gru-packed-zoneout-clip", "barrier")
+    if unsupported_reason():
+        pytest.skip(unsupported_reason())
+    monkeypatch.setattr(persistent, "FAULT", int(kernels.FAULT_NO_STATS_WAIT))
+    caught = first_run_caught(lambda: run_case(name, torch.float32)[:3], lambda result: check(*result),
+                              FAULT_RUNS, FAULT_CHAOS, FAULT_JITTER_S)
+    assert caught, f"the missing moments wait went unnoticed in {FAULT_RUNS} runs"

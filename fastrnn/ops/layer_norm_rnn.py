@@ -90,7 +90,8 @@ def strategy(gates: int, hidden: int, dtype: torch.dtype, batch: int | None = No
              device=None, backward: bool = False) -> str | None:
     """``"resident"``, ``"tiled"`` (beyond the resident size), ``"persistent"`` (the LayerNormLSTM
     forward, or with ``backward`` its backward, given its ``batch``, where :func:`persistent_planned`)
-    or None (no kernel for the dtype). Without ``batch`` (the GRU's kernels): resident or tiled."""
+    or None (no kernel for the dtype). The LayerNormGRU forward likewise (``gates=3``); its backward
+    is resident or tiled. Without ``batch``: resident or tiled."""
     if dtype not in KERNEL_DTYPES:
         return None
     if batch is not None and persistent_planned(gates, hidden, batch, directions, dtype, device, backward):
@@ -113,16 +114,20 @@ PERSISTENT_MAX_BLOCK_K = 256
 PERSISTENT_MAX_SLICE_BYTES = 32 * 1024
 
 
-def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None):
-    """The persistent LayerNormLSTM forward's partition: the plain LSTM's
-    (:func:`fastrnn.ops.persistent.persistent_plan`, 4 gates) for this card."""
-    return persistent.persistent_plan(4, hidden, batch, directions, dtype, persistent.sm_count(device),
+def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None, gates: int = 4):
+    """The persistent LayerNormLSTM kernels' partition: the plain LSTM's
+    (:func:`fastrnn.ops.persistent.persistent_plan`, 4 gates) for this card; ``gates=3`` the
+    LayerNormGRU forward's, the plain GRU's."""
+    return persistent.persistent_plan(gates, hidden, batch, directions, dtype, persistent.sm_count(device),
                                       persistent.shared_per_block(device))
 
 
 def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None,
                        backward: bool = False) -> bool:
-    """Whether the LayerNormLSTM forward (``backward``: its backward) runs on its persistent kernel:
+    """Whether the LayerNormLSTM forward (``backward``: its backward) runs on its persistent kernel
+    (``gates=3``: the LayerNormGRU forward, on the same conditions; the GRU has no persistent
+    backward yet, so with ``backward`` it is always False and the resident or tiled backward runs
+    from what the persistent forward saved):
     forced by ``FASTRNN_STRATEGY=persistent`` (any size and dtype; ``FASTRNN_PERSISTENT_SLICE`` and
     ``FASTRNN_PERSISTENT_MODE`` as for the plain cells), never with ``FASTRNN_STRATEGY`` ``resident``
     or ``tiled`` (then the resident or tiled kernels serve it as their sizes say), else in 16-bit
@@ -133,7 +138,7 @@ def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dty
     backward spills on sm_90: ``fastrnn.ops.aot.LAYER_NORM_PERSISTENT_ROW``). The forward and the
     backward decide apart: each reads and writes the same saved tensors whichever kernel the other
     ran on."""
-    if gates != 4 or dtype not in KERNEL_DTYPES:
+    if gates not in (3, 4) or dtype not in KERNEL_DTYPES or (gates == 3 and backward):
         return False
     forced = os.environ.get(STRATEGY_ENV, "").strip().lower()
     if forced:  # persistent: forced; resident or tiled: the kernels' own choice without it
@@ -142,8 +147,8 @@ def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dty
         return False
     if max(16, triton_next_power_of_2(hidden)) > PERSISTENT_MAX_BLOCK_K:
         return False
-    p = persistent_plan(hidden, batch, directions, dtype, device)
-    slice_bytes = 4 * p.block_s * p.block_k * dtype.itemsize
+    p = persistent_plan(hidden, batch, directions, dtype, device, gates)
+    slice_bytes = gates * p.block_s * p.block_k * dtype.itemsize
     one_tile = p.bwd_tiles == 1 and p.bwd_chunk == 0 if backward else p.fwd_tiles == 1 and p.fwd_chunk == 0
     return one_tile and p.programs <= persistent.sm_count(device) and slice_bytes <= PERSISTENT_MAX_SLICE_BYTES
 
@@ -349,6 +354,9 @@ def layer_norm_gru_fwd(ax, w_hh, gain_hh, b_hh, h0, lengths, keep, zoneout_p):
     gates = ax.new_empty((T, B, D * 4 * H))
     r_hat = torch.empty_like(ax)
     stats = torch.empty((T, B, D), device=ax.device, dtype=torch.float32)
+    if strategy(3, H, ax.dtype, B, D, ax.device) == "persistent":
+        _layer_norm_gru_fwd_persistent(ax, w_hh, gain_hh, b_hh, h0, lengths, keep, zoneout_p, (y, h_n, gates, r_hat, stats))
+        return y, h_n, (gates, r_hat, stats)
     tiled = strategy(3, H, ax.dtype) == "tiled"
     kernel = kernels.layer_norm_gru_fwd_tiled_kernel if tiled else kernels.layer_norm_gru_fwd_kernel
     scratch = _scratch((2, D, B, H), (D, B, 3 * H), device=ax.device) if tiled else []  # h ping-pong, the raw products
@@ -360,6 +368,26 @@ def layer_norm_gru_fwd(ax, w_hh, gain_hh, b_hh, h0, lengths, keep, zoneout_p):
     )
     count_launch("layer_norm_gru_fwd_tiled" if tiled else "layer_norm_gru_fwd")
     return y, h_n, (gates, r_hat, stats)
+
+
+def _layer_norm_gru_fwd_persistent(ax, w_hh, gain_hh, b_hh, h0, lengths, keep, zoneout_p, outputs):
+    """:func:`layer_norm_gru_fwd` on ``layer_norm_gru_fwd_persistent_kernel`` (``fastrnn.ops.persistent.launch``:
+    barrier or per-step mode), two phases per step; ``outputs`` ``(y, h_n, gates, r_hat, stats)``."""
+    T, B, _ = ax.shape
+    D, _, H = h0.shape
+    slices = persistent_plan(H, B, D, ax.dtype, ax.device, gates=3).slices
+    args = [ax.contiguous(), kernel_weight(w_hh), gain_hh.contiguous(), b_hh.contiguous(), h0.contiguous(),
+            kernel_lengths(lengths, ax), outputs[0] if keep is None else keep.contiguous(), *outputs]
+    # 16-bit: the product's k side split and the whole register budget, as the plain GRU's persistent forward
+    meta = dict(T=T, B=B, H=H, D=D, zoneout_p=float(zoneout_p), HAS_LENGTHS=lengths is not None,
+                ZONEOUT=zoneout_mode(keep, zoneout_p), INPUT_PRECISION=input_precision(ax.dtype),
+                SPLIT_K=ax.dtype != torch.float32, **persistent.register_budget(ax.dtype))
+    # fp32 scratch: the h ping-pong, the moments of r, the raw products
+    f32 = torch.float32
+    scratch = [((2, D, B, H), f32), ((D, B, slices, 2), f32), ((D, B, 3 * H), f32)]
+    persistent.launch("layer_norm_gru_fwd", kernels.layer_norm_gru_fwd_persistent_kernel, args, meta, gates=3, B=B, H=H, D=D,
+                      dtype=ax.dtype, device=ax.device, phases=2 * T, scratch=scratch, forward=True)
+    count_launch("layer_norm_gru_fwd_persistent")
 
 
 def layer_norm_gru_bwd(dy, dh_n, y, saved, h0, keep, zoneout_p, w_hh, gain_hh, lengths, grad_clip, record_flow):
