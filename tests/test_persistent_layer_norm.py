@@ -305,3 +305,52 @@ def test_gru_missing_moments_wait_is_caught(gru_persistent_case, monkeypatch):
     caught = first_run_caught(lambda: run_case(name, torch.float32)[:3], lambda result: check(*result),
                               FAULT_RUNS, FAULT_CHAOS, FAULT_JITTER_S)
     assert caught, f"the missing moments wait went unnoticed in {FAULT_RUNS} runs"
+
+
+@interpreted
+def test_gru_bf16_plans_the_persistent_forward_by_itself(monkeypatch):
+    """The 16-bit LayerNormGRU past the resident size plans the persistent forward by itself (H 70,
+    bidirectional, unsorted lengths, zoneout in training, ``grad_clip``; 32-unit slices so the
+    interpreter runs 3 programs per direction, not the plan's 18) and trains through the tiled
+    backward from what it saved; ``fastrnn.explain`` says so. Tolerances as
+    ``tests/test_layer_norm_kernels.py``'s bf16 cases."""
+    import fastrnn
+
+    from tests.test_layer_norm_kernels import TOLERANCE
+
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "32")
+    names, actual, expected, counts, module = run_case("gru-tiled-bidir-packed-zoneout-clip", torch.bfloat16)
+    assert counts == {"layer_norm_gru_fwd_persistent": 1, "layer_norm_gru_bwd_tiled": 1}
+    out_tol, grad_tol = TOLERANCE[torch.bfloat16]
+    for label, a, e in zip(names, actual, expected):
+        worst = ((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-12)).item()
+        assert worst < (grad_tol if label.startswith("d ") else out_tol), (label, worst)
+    with fastrnn.use_backend("triton"):
+        route = fastrnn.explain(module, torch.zeros(2, 3, 4, dtype=torch.bfloat16))
+    assert "the forward persistent" in route and "the backward W_hh re-read per step in tiles" in route, route
+
+
+@pytest.fixture(scope="module")
+def gru_ordering_ops():
+    """:func:`ordering_ops` for the persistent LayerNormGRU forward (its compile-gate workload)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    lstm_workload = "layer-norm-lstm-bf16-persistent-barrier-plain"
+    assert lstm_workload in PTX_SCRIPT
+    script = PTX_SCRIPT.replace(lstm_workload, "layer-norm-gru-bf16-persistent-barrier-fwd-plain")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRNN_STRATEGY", "FASTRNN_PERSISTENT_SLICE")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_gru_ptx_orders_the_exchanges(gru_ordering_ops):
+    """sm_90 PTX of the persistent LayerNormGRU forward (bf16, barrier mode, the compile gate's
+    plan): acquire reads in the waits, a release atomic at each of its two arrives, no volatile spin."""
+    ops = gru_ordering_ops["layer_norm_gru_fwd_persistent_kernel"]
+    assert any(".acquire" in op and ("atom." in op or "ld." in op or "fence." in op) for op in ops), ops
+    assert sum(".release" in op and ("atom." in op or "red." in op) for op in ops) >= 2, ops
+    assert not any("volatile" in op for op in ops), ops
