@@ -309,17 +309,18 @@ def test_gru_missing_moments_wait_is_caught(gru_persistent_case, monkeypatch):
 
 @interpreted
 def test_gru_bf16_plans_the_persistent_forward_by_itself(monkeypatch):
-    """The 16-bit LayerNormGRU past the resident size plans the persistent forward by itself (H 70,
-    bidirectional, unsorted lengths, zoneout in training, ``grad_clip``; 32-unit slices so the
-    interpreter runs 3 programs per direction, not the plan's 18) and trains through the tiled
-    backward from what it saved; ``fastrnn.explain`` says so. Tolerances as
-    ``tests/test_layer_norm_kernels.py``'s bf16 cases."""
+    """The 16-bit LayerNormGRU plans the persistent forward by itself from ``BLOCK_K`` 256 (H 130,
+    unsorted lengths, zoneout in training, ``grad_clip``; 16-unit slices, 9 programs, a narrow last
+    one) and trains through the tiled backward from what it saved; ``fastrnn.explain`` says so, and
+    that H 120 keeps the tiled forward. Tolerances as ``tests/test_layer_norm_kernels.py``'s bf16 cases."""
     import fastrnn
 
     from tests.test_layer_norm_kernels import TOLERANCE
 
-    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "32")
-    names, actual, expected, counts, module = run_case("gru-tiled-bidir-packed-zoneout-clip", torch.bfloat16)
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", "16")
+    name = "gru-bf16-packed-zoneout-clip-H130"
+    monkeypatch.setitem(CASES, name, ("gru", dict(zoneout=0.3, grad_clip=0.05), True, True, 3, 130))
+    names, actual, expected, counts, module = run_case(name, torch.bfloat16)
     assert counts == {"layer_norm_gru_fwd_persistent": 1, "layer_norm_gru_bwd_tiled": 1}
     out_tol, grad_tol = TOLERANCE[torch.bfloat16]
     for label, a, e in zip(names, actual, expected):
@@ -328,6 +329,9 @@ def test_gru_bf16_plans_the_persistent_forward_by_itself(monkeypatch):
     with fastrnn.use_backend("triton"):
         route = fastrnn.explain(module, torch.zeros(2, 3, 4, dtype=torch.bfloat16))
     assert "the forward persistent" in route and "the backward W_hh re-read per step in tiles" in route, route
+    with fastrnn.use_backend("triton"):
+        narrower = fastrnn.explain(fastrnn.LayerNormGRU(4, 120, dtype=torch.bfloat16), torch.zeros(2, 3, 4, dtype=torch.bfloat16))
+    assert "persistent" not in narrower and "re-read per step in tiles" in narrower, narrower
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Read top to bottom: which kernels serve a size (``strategy``: resident where one program holds
 its direction's ``W_hh`` on chip, ``kernel_blocks``; tiled beyond; for the LayerNormLSTM in 16-bit
-up to ``H`` 256, persistent: ``persistent_planned``), the LSTM's forward and backward
+up to ``H`` 256, and the LayerNormGRU forward from 129, persistent: ``persistent_planned``), the LSTM's forward and backward
 launchers and autograd Function, the GRU's, then the layer functions the modules of
 :mod:`fastrnn.layer_norm_rnn` call.
 
@@ -14,7 +14,11 @@ persistent where the plan's backward sub-tiles are one per program; else it runs
 the persistent forward saved). Each step takes three exchange rounds each way (forward ``h``, the
 moments of the recurrent norm and of the cell norm; backward the two norms' means and the
 partials of ``dh``), where the plain cells take one; ``python -m bench --plan`` reports them
-(``exchange_rounds_per_step``). The GRU has no persistent kernel.
+(``exchange_rounds_per_step``). The LayerNormGRU has a persistent forward
+(``layer_norm_gru_fwd_persistent_kernel``, the plain GRU's partition, planned on the LSTM's
+conditions from ``BLOCK_K`` :data:`GRU_PERSISTENT_MIN_BLOCK_K`): two exchange rounds per step (the
+recurrent norm's moments, then ``h``); no persistent backward yet, so its backward is the resident
+or tiled kernel, reading what the persistent forward saved (the same tensors).
 
 Split of the work. Before the loop, on the host, in PyTorch: the input side
 ``ax = LN(W_ih x; gain_ih) + b_ih (+ b_hh, LSTM)`` of every step and direction (one GEMM and one
@@ -112,6 +116,13 @@ PERSISTENT_MAX_BLOCK_K = 256
 #: 16 units; sm_80 one direction 16 units), and at 64 KB (an A100's plan for the bidirectional
 #: B64 H248, 32-unit slices) the forward spills 496 B (Triton 3.9) / 112 B (3.6) on sm_80.
 PERSISTENT_MAX_SLICE_BYTES = 32 * 1024
+#: Narrowest ``BLOCK_K`` at which the LayerNormGRU forward plans persistent by itself (so 16-bit
+#: ``H`` 129..256). At 128 the plan gives its programs 4 warps (at most 16 KB of weights each) and
+#: Triton 3.6 spills the kernel's full form (255 registers, 8-24 B of stack on sm_90 at H120 B16 and
+#: B64 bidirectional with lengths and zoneout; Triton 3.9 205-218 registers, none); at 256 (8 warps)
+#: every form measured compiles with no stack frame on sm_90 and sm_80 on both (``python -m
+#: fastrnn.ops.aot``, workloads ``layer-norm-gru-*-persistent-barrier-fwd-*``).
+GRU_PERSISTENT_MIN_BLOCK_K = 256
 
 
 def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None, gates: int = 4):
@@ -145,7 +156,8 @@ def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dty
         return forced == "persistent"
     if dtype == torch.float32 or kernel_blocks(gates, hidden, dtype) is not None:
         return False
-    if max(16, triton_next_power_of_2(hidden)) > PERSISTENT_MAX_BLOCK_K:
+    block_k = max(16, triton_next_power_of_2(hidden))
+    if block_k > PERSISTENT_MAX_BLOCK_K or (gates == 3 and block_k < GRU_PERSISTENT_MIN_BLOCK_K):
         return False
     p = persistent_plan(hidden, batch, directions, dtype, device, gates)
     slice_bytes = gates * p.block_s * p.block_k * dtype.itemsize
