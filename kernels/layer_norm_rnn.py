@@ -1472,18 +1472,25 @@ from fastrnn.kernels.recurrence import gather_rows, load_weight_split, persisten
 
 
 @triton.jit
-def gru_slice_weights(w_base, H, units, unit_ok, ks, k_ok, SPLIT_K: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr):
-    """A persistent program's rows of direction ``d``'s ``W_hh`` (``w_base``: its ``(3H, H)``
-    block) for its ``units``, one tile per gate (r, z, n) in the form of the plain GRU's persistent
-    forward (``fastrnn.kernels.gru.gru_fwd_persistent_kernel``): with ``SPLIT_K``
-    ``w[c, k, i] = W_hh[d, q*H + units[i], c*CHUNK + k]`` (``load_weight_split``), else
-    ``w[k, i]`` ``(BLOCK_K, BLOCK_S)``. (That kernel spells the same load inline; it could call this.)"""
-    if SPLIT_K:
-        w_r = load_weight_split(w_base, 1, H, H, units, unit_ok, SPLIT, CHUNK)
-        w_z = load_weight_split(w_base + H * H, 1, H, H, units, unit_ok, SPLIT, CHUNK)
-        w_n = load_weight_split(w_base + 2 * H * H, 1, H, H, units, unit_ok, SPLIT, CHUNK)
+def gru_slice_weights(w_base, H, units, unit_ok, ks, k_ok, COLUMNS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """A persistent program's part of direction ``d``'s ``W_hh`` (``w_base``: its ``(3H, H)``
+    block), one tile per gate (r, z, n), loaded once for the whole launch, in the forms of the
+    plain GRU's persistent kernels (``fastrnn.kernels.gru``, which spell the same loads inline and
+    could call this): the forward's (``COLUMNS`` False) the rows of its ``units``, ``w[k, i] =
+    W_hh[d, q*H + units[i], k]``; the backward's (``COLUMNS``) their columns, ``w[n, i] = W_hh[d,
+    q*H + n, units[i]]``; each ``(BLOCK_K, BLOCK_S)``, or with ``SPLIT_K`` cut into ``(SPLIT, CHUNK,
+    BLOCK_S)`` (``load_weight_split``)."""
+    if COLUMNS:
+        k_stride, unit_stride = H, 1
     else:
-        w_offs = ks[:, None] + units[None, :] * H
+        k_stride, unit_stride = 1, H
+    if SPLIT_K:
+        w_r = load_weight_split(w_base, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
+        w_z = load_weight_split(w_base + H * H, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
+        w_n = load_weight_split(w_base + 2 * H * H, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
+    else:
+        w_offs = ks[:, None] * k_stride + units[None, :] * unit_stride
         w_ok = k_ok[:, None] & unit_ok[None, :]
         w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
         w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
@@ -1571,7 +1578,7 @@ def layer_norm_gru_fwd_persistent_kernel(
     d64 = direction.to(tl.int64)
     SPLIT: tl.constexpr = 8 if BLOCK_K >= 128 else BLOCK_K // 16  # as the plain GRU's
     CHUNK: tl.constexpr = BLOCK_K // SPLIT
-    w_r, w_z, w_n = gru_slice_weights(w_hh_ptr + d64 * 3 * H * H, H, units, unit_ok, ks, k_ok, SPLIT_K, SPLIT, CHUNK)
+    w_r, w_z, w_n = gru_slice_weights(w_hh_ptr + d64 * 3 * H * H, H, units, unit_ok, ks, k_ok, False, SPLIT_K, SPLIT, CHUNK)
     gain = gain_hh_ptr + d64 * 3 * H + units
     bias = b_hh_ptr + d64 * 3 * H + units
     gain_r = tl.load(gain, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
@@ -1641,3 +1648,153 @@ def layer_norm_gru_fwd_persistent_kernel(
             if s == T - 1:
                 tl.store(h_n_ptr + own, h.to(h_n_ptr.dtype.element_ty), mask=tile_ok)
             publish(h, h_exchange_ptr + ((s + 1) % 2) * h_slot + own, tile_ok, own_flag, stage, piece, 0, BARRIER, FAULT, 1)
+
+
+@triton.jit(do_not_specialize=["phase_begin", "phase_end", "T"])
+def layer_norm_gru_bwd_persistent_kernel(
+    dy_ptr, dh_n_ptr, y_ptr, gates_ptr, r_hat_ptr, stats_ptr, h0_ptr, keep_ptr, w_hh_ptr, gain_hh_ptr, lengths_ptr,
+    d_ax_ptr, d_r_ptr, dh0_ptr, d_norm_ptr, flow_ptr,
+    e_ptr, e_moments_ptr, carry_ptr,
+    flags_ptr, error_ptr, phase_begin, phase_end, max_spins,
+    T, B, H, D, zoneout_p, grad_clip,
+    HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr, CLIP: tl.constexpr, RECORD_FLOW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, SLICE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_FLAGS: tl.constexpr, BARRIER: tl.constexpr, FAULT: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """The persistent LayerNormGRU backward: the plain GRU's persistent backward partition
+    (``fastrnn.kernels.gru.gru_bwd_persistent_kernel``: program ``(s, g, d)`` holds the columns of
+    direction ``d``'s ``W_hh`` of its ``SLICE`` units, all three gates, :func:`gru_slice_weights`),
+    the forward's walk reversed, the math of :func:`layer_norm_gru_bwd_kernel`; it reads what every
+    LayerNormGRU forward saves and writes what the resident backward writes. Two phases per step and
+    one more at the end (``2T + 1``; phase ``p = 2*i + k`` of walk step ``i``, flags count phases done):
+
+    0. wait (``i > 0``), ``dh`` of the slice's units = its carried part + ``d_r W_hh[:, units]``
+       of the step before (the forward's step after: all ``3H`` of ``d_r`` gathered, the all-gather
+       of the plain GRU's backward, through ``d_r`` itself); ``dh_t = dy_t + dh``, the flow share,
+       zoneout's split, ``gru_gates_grad`` (``d_ax``), the norm parameters' sums, ``e = d_b *
+       gain_hh``; publish the slice's ``sum e``, ``sum e * rhat``. (Phase ``2T``: only ``dh``;
+       store ``dh0``.)
+    1. wait, ``d_r = rstd (e - mean(e) - rhat mean(e rhat))`` from the means over ``3H``; publish
+       the slice's units of ``d_r`` (stored in ``d_r``, the gathered operand of the next phase 0).
+
+    Two rounds per step, the fewest: the norm's backward needs a row's two means over every slice,
+    and ``dh_{t-1}`` needs every slice's ``d_r``. The means are plain sums (no cancellation). The
+    moments' buffer is reused without a ping-pong (a program writes the next step's partials only
+    after a wait every program passes only after reading this step's); ``d_r`` of each step has
+    its own place in the output. ``d_norm (D, cdiv(B, BLOCK_B), 6, H)`` fp32, zeroed by the
+    launcher: each program adds its units' sums over its rows, step by step (its entries are its
+    own). ``flow`` (``RECORD_FLOW``): ``(n_slices, D, T, B)`` fp32, this program's share of
+    ``||dL/dh_t||^2`` in plane ``s``. Scratch (fp32), the program's own, a phase apart: ``e (D, B,
+    3H)``, ``carry (D, B, H)`` the carried part of ``dh`` (the gates' direct part and zoneout's, or
+    all of it past a row's length); ``e_moments (D, B, slices, 2)`` the published partials."""
+    direction, piece, units, unit_ok, rows, rows64, row_ok, ks, k_ok, tile_ok = persistent_tile(B, H, SLICE, BLOCK_S, BLOCK_K, BLOCK_B)
+    flags, own_flag = group_flags(flags_ptr, tl.num_programs(0), BLOCK_FLAGS)
+    n_slices = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK_FLAGS)
+    d64 = direction.to(tl.int64)
+    SPLIT: tl.constexpr = 8 if BLOCK_K >= 128 else BLOCK_K // 16  # as the plain GRU's
+    CHUNK: tl.constexpr = BLOCK_K // SPLIT
+    w_r, w_z, w_n = gru_slice_weights(w_hh_ptr + d64 * 3 * H * H, H, units, unit_ok, ks, k_ok, True, SPLIT_K, SPLIT, CHUNK)
+    gain = gain_hh_ptr + d64 * 3 * H + units
+    gain_r = tl.load(gain, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    gain_z = tl.load(gain + H, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    gain_n = tl.load(gain + 2 * H, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    state_rows = (d64 * B + rows64)[None, :]
+    own = state_rows * H + units[:, None]
+    own_e = state_rows * (3 * H) + units[:, None]
+    moments_at = ((d64 * B + rows64) * n_slices + piece)[None, :] * 2
+    e_moments = e_moments_ptr + d64 * B * n_slices * 2
+    norm_plane = d_norm_ptr + ((direction * tl.num_programs(1) + tl.program_id(1)) * 6).to(tl.int64) * H + units
+    g_stride = D * 3 * H  # elements between consecutive batch rows of d_r
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)[None, :]
+    else:
+        length = T
+
+    for stage in range(phase_begin, phase_end):
+        i = stage // 2
+        t = step_time(tl.minimum(i, T - 1), T, 1 - direction).to(tl.int64)
+        step = (t * B + rows64)[None, :]
+        g_offs = step * g_stride + direction * 3 * H + units[:, None]
+        u_offs = step * (D * H) + direction * H + units[:, None]
+        if HAS_LENGTHS:
+            valid = (t < length) & row_ok[None, :]
+        else:
+            valid = row_ok[None, :]
+        if stage % 2 == 0:  # dh; the gate gradients, e and its sums over the slice
+            if i == 0:
+                dh = tl.load(dh_n_ptr + own, mask=tile_ok, other=0.0).to(tl.float32)
+            else:
+                dh = tl.load(carry_ptr + own, mask=tile_ok, other=0.0)
+                if BARRIER:
+                    wait(flags, n_slices, stage, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
+                t_after = step_time(i - 1, T, 1 - direction).to(tl.int64)  # the step the forward took after t
+                gathered = d_r_ptr + t_after * B * g_stride + direction * 3 * H
+                d_r_r = gather_rows(gathered, g_stride, rows64, row_ok, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
+                d_r_z = gather_rows(gathered + H, g_stride, rows64, row_ok, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
+                d_r_n = gather_rows(gathered + 2 * H, g_stride, rows64, row_ok, ks, k_ok, H, w_r.dtype, SPLIT_K, SPLIT, CHUNK)
+                acc = tl.dot(d_r_r, w_r, input_precision=INPUT_PRECISION)
+                acc += tl.dot(d_r_z, w_z, input_precision=INPUT_PRECISION)
+                acc += tl.dot(d_r_n, w_n, input_precision=INPUT_PRECISION)
+                if SPLIT_K:  # the chunks' partial products summed once (split_product's reduction)
+                    acc = tl.sum(acc, axis=0)
+                dh += tl.trans(acc)
+            if i == T:
+                tl.store(dh0_ptr + own, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
+            else:
+                d_state = step_grad(dy_ptr, u_offs, dh, valid, tile_ok)
+                if RECORD_FLOW:
+                    share = tl.sum(tl.where(tile_ok, d_state * d_state, 0.0), axis=0)
+                    tl.store(flow_ptr + ((piece * D + direction) * T + t) * B + rows64, share, mask=row_ok)
+                if ZONEOUT != 0:  # the kept part goes straight to dh_{t-1}
+                    keep = zoneout_keep(keep_ptr, u_offs, tile_ok, zoneout_p, ZONEOUT)
+                    d_h_new = (1.0 - keep) * d_state
+                    kept = keep * d_state
+                else:
+                    d_h_new = d_state
+                    kept = tl.zeros_like(d_state)
+                t_read = t - 1 + 2 * direction  # the state step t read: y there, h0 where a row's walk starts
+                start = (t_read < 0) | (t_read >= length)
+                t_read = tl.minimum(tl.maximum(t_read, 0), T - 1)
+                h_prev = tl.load(y_ptr + (t_read * B + rows64)[None, :] * (D * H) + direction * H + units[:, None], mask=tile_ok,
+                                 other=0.0).to(tl.float32)
+                h_prev = tl.where(start, tl.load(h0_ptr + own, mask=tile_ok, other=0.0).to(tl.float32), h_prev)
+                saved_offs = step * (D * 4 * H) + direction * 4 * H + units[:, None]
+                dr_pre, dz_pre, dn_pre, db_n, direct = gru_gates_grad(
+                    d_h_new, h_prev, load_gate(gates_ptr, saved_offs, 0, H, tile_ok), load_gate(gates_ptr, saved_offs, 1, H, tile_ok),
+                    load_gate(gates_ptr, saved_offs, 2, H, tile_ok), load_gate(gates_ptr, saved_offs, 3, H, tile_ok), grad_clip, CLIP)
+                store_gates(d_ax_ptr, g_offs, H, tile_ok, dr_pre, dz_pre, dn_pre)
+                tl.store(carry_ptr + own, tl.where(valid, direct + kept, dh), mask=tile_ok)  # dh_{t-1}'s own part
+                # d_b = (dr_pre, dz_pre, db_n) reaches b_hh as is, and gain_hh through rhat
+                r_r = load_gate(r_hat_ptr, g_offs, 0, H, tile_ok)
+                r_z = load_gate(r_hat_ptr, g_offs, 1, H, tile_ok)
+                r_n = load_gate(r_hat_ptr, g_offs, 2, H, tile_ok)
+                accumulate(norm_plane, tl.sum(dr_pre * r_r, axis=1), unit_ok)
+                accumulate(norm_plane + H, tl.sum(dz_pre * r_z, axis=1), unit_ok)
+                accumulate(norm_plane + 2 * H, tl.sum(db_n * r_n, axis=1), unit_ok)
+                accumulate(norm_plane + 3 * H, tl.sum(dr_pre, axis=1), unit_ok)
+                accumulate(norm_plane + 4 * H, tl.sum(dz_pre, axis=1), unit_ok)
+                accumulate(norm_plane + 5 * H, tl.sum(db_n, axis=1), unit_ok)
+                e_r = tl.where(tile_ok, dr_pre * gain_r, 0.0)
+                e_z = tl.where(tile_ok, dz_pre * gain_z, 0.0)
+                e_n = tl.where(tile_ok, db_n * gain_n, 0.0)
+                store_gates(e_ptr, own_e, H, tile_ok, e_r, e_z, e_n)
+                e_x = tl.sum(e_r * r_r + e_z * r_z + e_n * r_n, axis=0)
+                tl.store(e_moments_ptr + moments_at + 1, e_x[None, :], mask=row_ok[None, :])
+                publish(tl.sum(e_r + e_z + e_n, axis=0)[None, :], e_moments_ptr + moments_at, row_ok[None, :], own_flag, stage, piece, 0,
+                        BARRIER, FAULT, 1)
+        else:  # d_r from the means over 3H; publish the slice's units of it
+            stats_wait(flags, n_slices, stage, error_ptr, max_spins, BARRIER, BLOCK_FLAGS, FAULT)
+            sum_e, sum_ex = summed_partials(e_moments, lanes, n_slices, rows, row_ok)
+            mean_e = (sum_e / (3 * H))[None, :]
+            mean_ex = (sum_ex / (3 * H))[None, :]
+            rstd = tl.load(stats_ptr + step * D + direction, mask=row_ok[None, :], other=0.0)
+            d_r_r = tl.where(tile_ok, rstd * (load_gate(e_ptr, own_e, 0, H, tile_ok) - mean_e
+                                              - load_gate(r_hat_ptr, g_offs, 0, H, tile_ok) * mean_ex), 0.0)
+            d_r_z = tl.where(tile_ok, rstd * (load_gate(e_ptr, own_e, 1, H, tile_ok) - mean_e
+                                              - load_gate(r_hat_ptr, g_offs, 1, H, tile_ok) * mean_ex), 0.0)
+            d_r_n = tl.where(tile_ok, rstd * (load_gate(e_ptr, own_e, 2, H, tile_ok) - mean_e
+                                              - load_gate(r_hat_ptr, g_offs, 2, H, tile_ok) * mean_ex), 0.0)
+            store_gate(d_r_ptr, g_offs, 0, H, d_r_r, tile_ok)
+            store_gate(d_r_ptr, g_offs, 1, H, d_r_z, tile_ok)
+            publish(d_r_n, d_r_ptr + g_offs + 2 * H, tile_ok, own_flag, stage, piece, 0, BARRIER, FAULT, 1)

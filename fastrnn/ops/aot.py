@@ -557,17 +557,16 @@ def workloads() -> dict[str, Callable[[], None]]:
                 run = _forced("FASTRNN_STRATEGY", "persistent", run)
             name = f"layer-norm-lstm-{_dtype_name(dtype)}-persistent-barrier-{'fwd-' if fp32 else ''}{form}"
             out[name] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
-    # the persistent LayerNormGRU forward at the same shape, forward only (its backward is the resident or
-    # tiled one, which the classes above compile): bf16 as the card plans it (an A100's bidirectional
-    # B64 H248: 32-unit slices, 48 KB of weights, past PERSISTENT_MAX_SLICE_BYTES: tiled), plain and full;
-    # fp32 forced, full (the heaviest form)
+    # the persistent LayerNormGRU kernels at the same shape, forward and backward: bf16 as the card plans
+    # it (an A100's bidirectional B64 H248: 32-unit slices, 48 KB of weights, past
+    # PERSISTENT_MAX_SLICE_BYTES: tiled), plain and full; fp32 forced, full (the heaviest form)
     for dtype, forms in ((torch.bfloat16, ("plain", "full")), (torch.float32, ("full",))):
         for form in forms:
             size = hidden - 8 if form == "full" else hidden
-            run = lambda d=dtype, h=size, b=batch, f=form: layer_norm_workload("gru", d, h, b, f, backward=False)  # noqa: E731
+            run = lambda d=dtype, h=size, b=batch, f=form: layer_norm_workload("gru", d, h, b, f)  # noqa: E731
             if dtype == torch.float32:
                 run = _forced("FASTRNN_STRATEGY", "persistent", run)
-            out[f"layer-norm-gru-{_dtype_name(dtype)}-persistent-barrier-fwd-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
+            out[f"layer-norm-gru-{_dtype_name(dtype)}-persistent-barrier-{form}"] = _forced("FASTRNN_PERSISTENT_MODE", "barrier", run)
     for cell in CELLS:
         for dtype, block_h, block_o, warps in compile_corners(cell):
             for form in ("plain", "full"):

@@ -2,7 +2,7 @@
 
 Read top to bottom: which kernels serve a size (``strategy``: resident where one program holds
 its direction's ``W_hh`` on chip, ``kernel_blocks``; tiled beyond; for the LayerNormLSTM in 16-bit
-up to ``H`` 256, and the LayerNormGRU forward from 129, persistent: ``persistent_planned``), the LSTM's forward and backward
+up to ``H`` 256, and the LayerNormGRU from 129, persistent: ``persistent_planned``), the LSTM's forward and backward
 launchers and autograd Function, the GRU's, then the layer functions the modules of
 :mod:`fastrnn.layer_norm_rnn` call.
 
@@ -14,11 +14,11 @@ persistent where the plan's backward sub-tiles are one per program; else it runs
 the persistent forward saved). Each step takes three exchange rounds each way (forward ``h``, the
 moments of the recurrent norm and of the cell norm; backward the two norms' means and the
 partials of ``dh``), where the plain cells take one; ``python -m bench --plan`` reports them
-(``exchange_rounds_per_step``). The LayerNormGRU has a persistent forward
-(``layer_norm_gru_fwd_persistent_kernel``, the plain GRU's partition, planned on the LSTM's
-conditions from ``BLOCK_K`` :data:`GRU_PERSISTENT_MIN_BLOCK_K`): two exchange rounds per step (the
-recurrent norm's moments, then ``h``); no persistent backward yet, so its backward is the resident
-or tiled kernel, reading what the persistent forward saved (the same tensors).
+(``exchange_rounds_per_step``). The LayerNormGRU's persistent kernels
+(``layer_norm_gru_{fwd,bwd}_persistent_kernel``, the plain GRU's partitions, planned on the LSTM's
+conditions from ``BLOCK_K`` :data:`GRU_PERSISTENT_MIN_BLOCK_K`) take two exchange rounds per step
+each way (forward the recurrent norm's moments, then ``h``; backward the norm's means, then
+``d_r``), and read and write the same saved tensors as its resident and tiled kernels.
 
 Split of the work. Before the loop, on the host, in PyTorch: the input side
 ``ax = LN(W_ih x; gain_ih) + b_ih (+ b_hh, LSTM)`` of every step and direction (one GEMM and one
@@ -94,8 +94,8 @@ def strategy(gates: int, hidden: int, dtype: torch.dtype, batch: int | None = No
              device=None, backward: bool = False) -> str | None:
     """``"resident"``, ``"tiled"`` (beyond the resident size), ``"persistent"`` (the LayerNormLSTM
     forward, or with ``backward`` its backward, given its ``batch``, where :func:`persistent_planned`)
-    or None (no kernel for the dtype). The LayerNormGRU forward likewise (``gates=3``); its backward
-    is resident or tiled. Without ``batch``: resident or tiled."""
+    or None (no kernel for the dtype). The LayerNormGRU likewise (``gates=3``). Without ``batch``:
+    resident or tiled."""
     if dtype not in KERNEL_DTYPES:
         return None
     if batch is not None and persistent_planned(gates, hidden, batch, directions, dtype, device, backward):
@@ -120,8 +120,8 @@ PERSISTENT_MAX_SLICE_BYTES = 32 * 1024
 #: ``H`` 129..256). At 128 the plan gives its programs 4 warps (at most 16 KB of weights each) and
 #: Triton 3.6 spills the kernel's full form (255 registers, 8-24 B of stack on sm_90 at H120 B16 and
 #: B64 bidirectional with lengths and zoneout; Triton 3.9 205-218 registers, none); at 256 (8 warps)
-#: every form measured compiles with no stack frame on sm_90 and sm_80 on both (``python -m
-#: fastrnn.ops.aot``, workloads ``layer-norm-gru-*-persistent-barrier-fwd-*``).
+#: every form measured, forward and backward, compiles with no stack frame on sm_90 and sm_80 on
+#: both (``python -m fastrnn.ops.aot``, workloads ``layer-norm-gru-*-persistent-barrier-*``).
 GRU_PERSISTENT_MIN_BLOCK_K = 256
 
 
@@ -136,9 +136,8 @@ def persistent_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype
 def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dtype: torch.dtype, device=None,
                        backward: bool = False) -> bool:
     """Whether the LayerNormLSTM forward (``backward``: its backward) runs on its persistent kernel
-    (``gates=3``: the LayerNormGRU forward, on the same conditions; the GRU has no persistent
-    backward yet, so with ``backward`` it is always False and the resident or tiled backward runs
-    from what the persistent forward saved):
+    (``gates=3``: the LayerNormGRU's, on the same conditions and from ``BLOCK_K``
+    :data:`GRU_PERSISTENT_MIN_BLOCK_K`):
     forced by ``FASTRNN_STRATEGY=persistent`` (any size and dtype; ``FASTRNN_PERSISTENT_SLICE`` and
     ``FASTRNN_PERSISTENT_MODE`` as for the plain cells), never with ``FASTRNN_STRATEGY`` ``resident``
     or ``tiled`` (then the resident or tiled kernels serve it as their sizes say), else in 16-bit
@@ -149,7 +148,7 @@ def persistent_planned(gates: int, hidden: int, batch: int, directions: int, dty
     backward spills on sm_90: ``fastrnn.ops.aot.LAYER_NORM_PERSISTENT_ROW``). The forward and the
     backward decide apart: each reads and writes the same saved tensors whichever kernel the other
     ran on."""
-    if gates not in (3, 4) or dtype not in KERNEL_DTYPES or (gates == 3 and backward):
+    if gates not in (3, 4) or dtype not in KERNEL_DTYPES:
         return False
     forced = os.environ.get(STRATEGY_ENV, "").strip().lower()
     if forced:  # persistent: forced; resident or tiled: the kernels' own choice without it
@@ -409,6 +408,8 @@ def layer_norm_gru_bwd(dy, dh_n, y, saved, h0, keep, zoneout_p, w_hh, gain_hh, l
     gates, r_hat, stats = saved
     T, B, _ = r_hat.shape
     D, _, H = h0.shape
+    if strategy(3, H, y.dtype, B, D, y.device, backward=True) == "persistent":
+        return _layer_norm_gru_bwd_persistent(dy, dh_n, y, saved, h0, keep, zoneout_p, w_hh, gain_hh, lengths, grad_clip, record_flow)
     d_ax, d_r = torch.empty_like(r_hat), torch.empty_like(r_hat)
     dh0 = torch.empty_like(h0)
     tiled = strategy(3, H, y.dtype) == "tiled"
@@ -426,6 +427,34 @@ def layer_norm_gru_bwd(dy, dh_n, y, saved, h0, keep, zoneout_p, w_hh, gain_hh, l
         CLIP=grad_clip is not None, RECORD_FLOW=record_flow, **_meta(3, H, y.dtype, lengths, keep, zoneout_p),
     )
     count_launch("layer_norm_gru_bwd_tiled" if tiled else "layer_norm_gru_bwd")
+    return d_ax, d_r, dh0, d_norm.sum(1), flow
+
+
+def _layer_norm_gru_bwd_persistent(dy, dh_n, y, saved, h0, keep, zoneout_p, w_hh, gain_hh, lengths, grad_clip, record_flow):
+    """:func:`layer_norm_gru_bwd` on ``layer_norm_gru_bwd_persistent_kernel`` (``2T + 1`` phases)."""
+    gates, r_hat, stats = saved
+    T, B, _ = r_hat.shape
+    D, _, H = h0.shape
+    slices = persistent_plan(H, B, D, y.dtype, y.device, gates=3).slices
+    d_ax, d_r = torch.empty_like(r_hat), torch.empty_like(r_hat)
+    dh0 = torch.empty_like(h0)
+    d_norm = _norm_partials(D, B, H, y.device).zero_()  # each program adds its units' sums step by step
+    flow = flow_buffer(record_flow, D, T, B, y.device)
+    shares = None if flow is None else flow.new_zeros((slices, *flow.shape))
+    args = [dy.contiguous(), dh_n.contiguous(), y, gates, r_hat, stats, h0.contiguous(), y if keep is None else keep.contiguous(),
+            kernel_weight(w_hh), gain_hh.contiguous(), kernel_lengths(lengths, y), d_ax, d_r, dh0, d_norm,
+            d_norm if shares is None else shares]
+    meta = dict(T=T, B=B, H=H, D=D, zoneout_p=float(zoneout_p), grad_clip=float(grad_clip or 0.0), HAS_LENGTHS=lengths is not None,
+                ZONEOUT=zoneout_mode(keep, zoneout_p), CLIP=grad_clip is not None, RECORD_FLOW=record_flow,
+                INPUT_PRECISION=input_precision(y.dtype), SPLIT_K=y.dtype != torch.float32, **persistent.register_budget(y.dtype))
+    # fp32 scratch: e = d_b * gain_hh, the partial sums of the norm's backward, the carried part of dh
+    f32 = torch.float32
+    scratch = [((D, B, 3 * H), f32), ((D, B, slices, 2), f32), ((D, B, H), f32)]
+    persistent.launch("layer_norm_gru_bwd", kernels.layer_norm_gru_bwd_persistent_kernel, args, meta, gates=3, B=B, H=H, D=D,
+                      dtype=y.dtype, device=y.device, phases=2 * T + 1, scratch=scratch)
+    count_launch("layer_norm_gru_bwd_persistent")
+    if shares is not None:
+        flow.copy_(shares.sum(0))
     return d_ax, d_r, dh0, d_norm.sum(1), flow
 
 
