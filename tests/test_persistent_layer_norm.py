@@ -379,3 +379,73 @@ def test_gru_gradient_flow_record_matches_the_loop(gru_persistent_case):
         norms[path] = flow.norms()
     assert (norms["triton"][0] > 0).all()
     assert_close(norms["triton"], norms["reference"], atol=1e-5, rtol=1e-5)
+
+
+def gru_cuda_against_float64(module, batch, steps, bidirectional, device="cuda"):
+    """:func:`cuda_against_float64` for a LayerNormGRU (state ``h`` alone): relative error per tensor."""
+    import copy
+
+    from torch.nn.utils.rnn import pack_sequence
+
+    import fastrnn
+
+    torch.manual_seed(1)
+    D = 2 if bidirectional else 1
+    lengths = [steps, 1] + [int(n) for n in torch.randint(1, steps + 1, (batch - 2,))]
+    xs = [torch.randn(n, module.input_size) for n in lengths]
+    h0 = torch.randn(D, batch, module.hidden_size)
+    results = {}
+    for path, m, device, dtype in (("triton", module, device, module.weight_hh_l0.dtype),
+                                   ("reference", copy.deepcopy(module).cpu().double(), "cpu", torch.float64)):
+        x = pack_sequence([v.to(device, dtype) for v in xs], enforce_sorted=False)
+        state = h0.to(device, dtype, copy=True).requires_grad_()
+        m.zero_grad()
+        with fastrnn.use_backend(path):
+            y, h_n = m(x, state)
+            weights = torch.linspace(-1, 1, y.data.numel(), device=device, dtype=dtype).view_as(y.data)
+            ((y.data * weights).sum() + h_n.square().sum()).backward()
+        results[path] = dict(y=y.data, h_n=h_n, dh0=state.grad, **{f"d{n}": p.grad for n, p in m.named_parameters()})
+    missing = [f"{path} {k}" for path, r in results.items() for k, v in r.items() if v is None]
+    assert not missing, missing
+    return {k: ((v.double().cpu() - results["reference"][k]).norm() / results["reference"][k].norm()).item()
+            for k, v in results["triton"].items()}
+
+
+@on_cuda
+@pytest.mark.parametrize(("mode", "dtype"), [("barrier", torch.float32), ("per_step", torch.bfloat16)],
+                         ids=["barrier-fp32", "per_step-bf16"])
+def test_gru_cuda_matches_float64(mode, dtype, monkeypatch):
+    """The persistent LayerNormGRU kernels on CUDA, forced: 4 programs per direction (H 32, 8 units
+    each), bidirectional, zoneout in eval, ``grad_clip``, unsorted packed lengths."""
+    import fastrnn
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
+    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(SLICE))
+    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormGRU(6, 32, bidirectional=True, zoneout=0.25, grad_clip=0.5).eval().to("cuda", dtype)
+    before = dict(LAUNCHES)
+    errors = gru_cuda_against_float64(module, 5, 7, True)
+    for way in ("fwd", "bwd"):
+        key = f"layer_norm_gru_{way}_persistent"
+        assert LAUNCHES.get(key, 0) > before.get(key, 0), (key, LAUNCHES)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    assert max(errors.values()) < tolerance, errors
+
+
+@on_cuda
+def test_gru_cuda_own_plan_matches_float64():
+    """The compile gate's shape (LayerNormGRU H256 B64 bf16, a few steps) on its own plan: 32 slices
+    of 8 units x 4 batch groups on an H100/H200, barrier mode where the card fits it."""
+    import fastrnn
+    from fastrnn.ops.recurrence import LAUNCHES
+
+    torch.manual_seed(0)
+    module = fastrnn.LayerNormGRU(16, 256).to("cuda", torch.bfloat16)
+    before = dict(LAUNCHES)
+    errors = gru_cuda_against_float64(module, 64, 6, False)
+    for way in ("fwd", "bwd"):
+        key = f"layer_norm_gru_{way}_persistent"
+        assert LAUNCHES.get(key, 0) == before.get(key, 0) + 1, (key, LAUNCHES)
+    assert max(errors.values()) < 5e-2, errors
