@@ -214,6 +214,33 @@ BWD_WIDE_SHARED_BYTES = 200 * 1024
 #: none on both (128: 242 / 254, none; 64: 408 B; 512: 8 B on 3.9); L3 (H512 B1, head 512) clean
 #: either way (224 / 191 registers whole, 231 / 191 in chunks of 256).
 BWD_NARROW_CHUNK = 256
+#: The walking cells' 16-bit forward and backward without projection where one program holds a
+#: 1024-wide reduction (``BLOCK_K`` 1024: H 513-1024) and the binary is not one of the GPU matrix's
+#: unidirectional ones with ``H`` a multiple of 16 (L1, L4: clean at their plans, unchanged): a
+#: bidirectional layer, or ``H`` not divisible by 16. Their sub-tiles stay 16 rows (``fwd_block_b``,
+#: ``bwd_block_b`` 0), the forward reads the head part of ``h`` in chunks of :data:`NARROW_FWD_CHUNK`
+#: units and the backward forms its partial of ``dh`` in chunks of :data:`NARROW_BWD_CHUNK`, on every
+#: card. The weights stay on chip (in shared memory, as before). Measured (issue #12; ahead-of-time
+#: compiles, sm_90, bf16, bidirectional, lengths, ``grad_clip``, the gradient-flow record; forward /
+#: backward registers, ``+N`` bytes of stack; Triton 3.9, then 3.6), before -> with it:
+#:
+#: * H1016 B20 (64 slices of 16, one group of two sub-tiles; before: forward 32 rows in chunks of 64,
+#:   backward 32 in chunks of 128): 3.9 255+384 / 255+16 -> 247 / 200; 3.6 -> 243 / 255, no stack.
+#:   fp16 likewise (3.9 247 / 200, 3.6 241 / 255). The compile gate's ``-H1024-full-noproj``.
+#: * H1016 B16 (one sub-tile, read whole): 3.9 255+112 / 255+88 -> 221 / 194; 3.6 -> 242 / 255.
+#: * H760 B16: 3.9 255+168 / 188 -> 254 / 190; 3.6 -> 255 / 255, no stack.
+#: * H760 B20: 3.9 255+456 / 255+96 -> 255+48 / 254; 3.6 -> 255+16 / 252: the forward's frame is
+#:   not gone (chunks of 16: 64 B on 3.9, 16 on 3.6).
+#:
+#: Tried on the way (3.9 unless said): forward chunks of 64 at H1016 B16 8 B, of 128 200 B, of 256
+#: 888 B; 32-row forward sub-tiles in chunks of 32 208 B; backward chunks of 64 clean on 3.9 but
+#: 16-24 B on 3.6 at B20, of 32 3,424 B on 3.6. Left as it was: the unidirectional H1016 (8-unit
+#: slices, ``512 + 512``, H not a multiple of 16) forward spills 208 B as planned (64 B with these
+#: chunks, its backward 254 -> 201 registers: this rule gives it the chunks too); an A100 (sm_80)
+#: plans 32-unit slices of 256 KB at H1016 bidirectional, whose forward needs 270-279 KB of shared
+#: memory (over its 166,912 B) before and after.
+NARROW_FWD_CHUNK = 32
+NARROW_BWD_CHUNK = 128
 #: The projecting LSTM's 16-bit backward's likewise, on the same cards: its partial of ``dh_{t-1}``
 #: (``P`` wide) formed in chunks of this many units of the head part wherever that part is wider.
 #: Measured at the A100 plans (sm_80, bf16, bidirectional, lengths, every option; stack bytes on
@@ -478,7 +505,9 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     partial of ``dh`` in chunks of :data:`BWD_NARROW_CHUNK` where the head part is wider (L1, L3,
     L4). A 16-bit forward of one sub-tile per product reads its slice in chunks of
     :data:`FWD_CHUNK`, with ``maxnreg``, where reading it whole would leave less than
-    :data:`FWD_WHOLE_SHARED_HEADROOM` of the card's shared memory (an A100's H1024 B16). Neither
+    :data:`FWD_WHOLE_SHARED_HEADROOM` of the card's shared memory (an A100's H1024 B16). At
+    ``BLOCK_K`` 1024, bidirectional or ``H`` not a multiple of 16: 16-row sub-tiles in both and the
+    chunks of :data:`NARROW_FWD_CHUNK` / :data:`NARROW_BWD_CHUNK` instead (issue #12). Neither
     when ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``,
     the partial of ``dm_t``: ``H x BLOCK_B``) are not streamed, and at H1024 32-row sub-tiles
     spilled 0.5-1.3 KB on sm_90 where 16-row ones compile clean; only a 16-bit projecting backward
@@ -542,6 +571,8 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
             wide[1], wide[4] = min(FWD_CHUNK, head), REGISTER_BUDGET
         if narrow_card and head > BWD_NARROW_CHUNK:  # 16-row sub-tiles (bwd_block_b 0: block_b), the partial in chunks
             wide[3] = BWD_NARROW_CHUNK
+        if dtype != torch.float32 and block_k >= 1024 and (directions > 1 or hidden % 16):  # NARROW_FWD_CHUNK
+            wide = [0, min(NARROW_FWD_CHUNK, head), 0, min(NARROW_BWD_CHUNK, head), wide[4]]
     elif gates in WALKING_GATES and proj and narrow_card and dtype != torch.float32:
         if reduction_split(proj, rows)[0] > PROJECTING_BWD_NARROW_CHUNK:  # the partial of dh_{t-1} in chunks
             wide[3] = PROJECTING_BWD_NARROW_CHUNK
