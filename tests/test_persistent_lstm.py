@@ -350,6 +350,30 @@ def test_l4_plan_gives_each_direction_its_sub_tiles():
     assert tiling(projecting.constexprs(forward=True)) == (16, 1, 0)
 
 
+def test_wide_bidirectional_and_odd_plans_keep_narrow_sub_tiles():
+    """Issue #12: 16-bit, no projection, ``BLOCK_K`` 1024, bidirectional or H not a multiple of 16
+    (H1016 B20 bidirectional spilled 384 B on sm_90 in 32-row sub-tiles): 16-row sub-tiles in both
+    kernels, ``h`` in chunks of ``NARROW_FWD_CHUNK`` forward and ``NARROW_BWD_CHUNK`` backward; the
+    GPU matrix's L1 and L4 (unidirectional, H a multiple of 16), a projecting layer and H504 keep
+    their plans."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    def tiling(constexprs):
+        return constexprs["BLOCK_B"], constexprs["GROUP_TILES"], constexprs["BLOCK_KC"]
+
+    narrow_fwd, narrow_bwd = persistent_ops.NARROW_FWD_CHUNK, persistent_ops.NARROW_BWD_CHUNK
+    for hidden, batch, directions, tiles in ((1016, 20, 2, 2), (1024, 20, 2, 2), (760, 16, 2, 1), (1016, 16, 1, 1)):
+        p = persistent_ops.persistent_plan(4, hidden, batch, directions, torch.bfloat16, 132, 232_448)
+        assert tiling(p.constexprs(forward=True)) == (16, tiles, narrow_fwd), (hidden, batch, directions)
+        assert tiling(p.constexprs()) == (16, tiles, narrow_bwd), (hidden, batch, directions)
+    projecting = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 132, 232_448, proj=508)
+    assert tiling(projecting.constexprs(forward=True))[2] == tiling(projecting.constexprs())[2] == 0
+    h504 = persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, 132, 232_448)
+    assert tiling(h504.constexprs(forward=True))[2] == 0
+    l4 = persistent_ops.persistent_plan(4, 1024, 256, 1, torch.bfloat16, 132, 232_448)
+    assert tiling(l4.constexprs(forward=True)) == (32, 4, 64) and tiling(l4.constexprs()) == (64, 2, 128)
+
+
 def test_a100_projecting_plan_fits_its_shared_memory():
     """The projecting bf16 forward keeps both weight slices in shared memory
     (``projecting_fwd_shared_bytes``, the compile's figures): at H1016 P508 bidirectional B20 (the
