@@ -191,6 +191,30 @@ def test_split_reduction_and_walked_batch_group(monkeypatch, case, mode):
     assert counts == expected_launches(L)
 
 
+def test_narrow_plan_forward_reads_h_as_one_padded_part(monkeypatch):
+    """The plan ``NARROW_FWD_CHUNK`` gives (issue #12), at a tiny size: the forward reads ``h`` (48
+    units) as one part padded to 64 (``fwd_head``: ``BLOCK_HOUT`` 64, no tail, where the backward
+    holds 32 + 16) in chunks of 16, both kernels walk the 20-row group in 2 sub-tiles of 16, the
+    backward's partial of ``dh`` in chunks of 16; bidirectional, packed, per step."""
+    import dataclasses
+
+    from fastrnn.ops import persistent as persistent_ops
+
+    T, B, H, L = 3, 20, 48, 1
+    planned = persistent_ops.persistent_plan
+
+    def narrow(*args, **kwargs):
+        p = planned(*args, **kwargs)
+        return dataclasses.replace(p, group_tiles=2, batch_groups=1, fwd_block_b=0, fwd_chunk=16, bwd_block_b=0, bwd_chunk=16, fwd_head=64)
+
+    monkeypatch.setattr(persistent_ops, "persistent_plan", narrow)
+    plan = persistent_ops.persistent_plan(4, H, B, 2, torch.bfloat16)
+    forward = plan.constexprs(forward=True)
+    assert (forward["BLOCK_HOUT"], forward["BLOCK_HTAIL"], forward["BLOCK_KC"], forward["GROUP_TILES"]) == (64, 0, 16, 2)
+    counts = check_against_float64(T, B, H, 0, L, torch.bfloat16, 5e-2, within=persistent(monkeypatch, "per_step", 8))
+    assert counts == expected_launches(L)
+
+
 @pytest.mark.parametrize("P", [0, 5], ids=["no_proj", "proj"])
 def test_never_arriving_program_raises(monkeypatch, P):
     """Program 0 of every group never arrives (test-only fault): every wait runs out of its
@@ -348,6 +372,38 @@ def test_l4_plan_gives_each_direction_its_sub_tiles():
     assert h1024[108].constexprs(forward=True)["maxnreg"] == persistent_ops.REGISTER_BUDGET
     projecting = persistent_ops.persistent_plan(4, 1024, 16, 1, torch.bfloat16, 108, 166_912, projecting=True)
     assert tiling(projecting.constexprs(forward=True)) == (16, 1, 0)
+
+
+def test_wide_bidirectional_and_odd_plans_keep_narrow_sub_tiles():
+    """Issue #12: 16-bit, no projection, ``BLOCK_K`` 1024, bidirectional or H not a multiple of 16
+    (H1016 B20 bidirectional spilled 384 B on sm_90 in 32-row sub-tiles): 16-row sub-tiles in both
+    kernels, ``h`` in chunks of ``NARROW_FWD_CHUNK`` forward and ``NARROW_BWD_CHUNK`` backward; the
+    GPU matrix's L1 and L4 (unidirectional, H a multiple of 16), a projecting layer and H504 keep
+    their plans."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    def tiling(constexprs):
+        return constexprs["BLOCK_B"], constexprs["GROUP_TILES"], constexprs["BLOCK_KC"]
+
+    narrow_fwd, narrow_bwd = persistent_ops.NARROW_FWD_CHUNK, persistent_ops.NARROW_BWD_CHUNK
+    for hidden, batch, tiles in ((1016, 20, 2), (1024, 20, 2), (760, 16, 1), (760, 20, 2)):
+        p = persistent_ops.persistent_plan(4, hidden, batch, 2, torch.bfloat16, 132, 232_448)
+        forward = p.constexprs(forward=True)
+        assert tiling(forward) == (16, tiles, narrow_fwd) and "maxnreg" not in forward, (hidden, batch)
+        assert tiling(p.constexprs()) == (16, tiles, narrow_bwd), (hidden, batch)
+        # the forward reads h as one part (H760: 1024, not the backward's 512 + 256)
+        assert ((forward["BLOCK_HOUT"], forward["BLOCK_HTAIL"]) == (1024, 0)) if hidden == 760 else ("BLOCK_HOUT" not in forward)
+    # one direction, H not a multiple of 16 (8-unit slices): the forward only, as one part in chunks, with maxnreg
+    odd = persistent_ops.persistent_plan(4, 1016, 16, 1, torch.bfloat16, 132, 232_448)
+    forward = odd.constexprs(forward=True)
+    assert odd.slice == 8 and tiling(forward) == (16, 1, narrow_fwd) and forward["maxnreg"] == persistent_ops.REGISTER_BUDGET
+    assert (forward["BLOCK_HOUT"], forward["BLOCK_HTAIL"]) == (1024, 0) and tiling(odd.constexprs()) == (16, 1, 0)
+    projecting = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 132, 232_448, proj=508)
+    assert tiling(projecting.constexprs(forward=True))[2] == tiling(projecting.constexprs())[2] == 0
+    h504 = persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, 132, 232_448)
+    assert tiling(h504.constexprs(forward=True))[2] == 0
+    l4 = persistent_ops.persistent_plan(4, 1024, 256, 1, torch.bfloat16, 132, 232_448)
+    assert tiling(l4.constexprs(forward=True)) == (32, 4, 64) and tiling(l4.constexprs()) == (64, 2, 128)
 
 
 def test_a100_projecting_plan_fits_its_shared_memory():

@@ -34,8 +34,8 @@ How it works
   (``persistent-barrier``, ``persistent512-8w-barrier``; on a CPU the launcher runs per step): for
   RNN and GRU at every size the plan gives them, one class per warp count (``persistent512-8w``); past
   :data:`PERSISTENT_GATE_HIDDEN`, the cells of :data:`PERSISTENT_GATE_CELLS` get one persistent class
-  per hidden size (``persistent-H1024``) and the GPU matrix's rows by shape
-  (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, the fused
+  per hidden size (``persistent-H1024``; past :data:`PERSISTENT_NOPROJ_HIDDEN` also the full form without
+  projection, ``-full-noproj``) and the GPU matrix's rows by shape (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, the fused
   generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
   full, and the zoneout forms (``*-zoneout-full``: LSTM and GRU at their largest resident class
   and at their largest persistent class in barrier mode; the GRU's bf16 also in eval, the LSTM's
@@ -259,11 +259,21 @@ PERSISTENT_GATE_HIDDEN = 256
 #: L4 B256 H1024, whose plans split the reduction and walk batch groups in sub-tiles).
 PERSISTENT_GATE_CELLS = {"lstm": {"L1": (768, 16), "L4": (1024, 256)}}
 #: The persistent LSTM class the zoneout gate compiles without projection, where not the largest.
-#: In 16-bit the persistent kernels' full form without projection (bidirectional, lengths, B20; the
-#: gate's own full forms project) spills past H512 with or without zoneout, a defect outside this
-#: gate: sm_90, Triton 3.9, no zoneout, forward/backward stack 384/16 B at H1016, 456/96 B at H760
-#: (at B16 112/88 and 168/0 B); at H504 214/200 registers and none.
+#: In 16-bit the persistent kernels' full form without projection (bidirectional, lengths, B20) spilled
+#: past H512 (issue #12: sm_90, Triton 3.9, no zoneout, forward/backward stack 384/16 B at H1016, 456/96 B
+#: at H760); planned in 16-row sub-tiles and chunks (``fastrnn.ops.persistent.NARROW_FWD_CHUNK``) the
+#: H1016 form compiles clean without zoneout (``-H1024-full-noproj``), but with zoneout its forward
+#: still keeps a stack frame (sm_90, H1016 B20, train: 255 registers and 40 B on Triton 3.9, 16 B on
+#: 3.6; the backward 200 / 255 registers, no stack), so
+#: this gate stays at H512 (H504: clean).
 ZONEOUT_NOPROJ_CLASS = {torch.bfloat16: "persistent-H512"}
+#: The LSTM's persistent classes past this hidden size also compile the ``full`` form without
+#: projection (``-full-noproj``: bidirectional, lengths, ``grad_clip``, the gradient-flow record, H
+#: not divisible by 16): the other full forms project (``K = P``, half the reduction), and this one
+#: spilled on sm_90 where they compiled clean (issue #12: forward/backward 384/16 B of stack at H1016
+#: B20, Triton 3.9; ``fastrnn.ops.persistent.NARROW_FWD_CHUNK``).
+PERSISTENT_NOPROJ_HIDDEN = 512
+FULL_NOPROJ = dict(bidirectional=True, lengths=True, grad_clip=1.0, record_flow=True)
 #: Batch rows of each form: a multiple of 16, not one, and a single row (folded to 1).
 FORM_BATCH = {"plain": 16, "full": 20, "batch1": 1}
 
@@ -525,6 +535,11 @@ def workloads() -> dict[str, Callable[[], None]]:
             classes = size_classes(cell, dtype)
             out |= _class_workloads(cell, dtype, classes)
             if cell in PERSISTENT_GATE_CELLS and dtype != torch.float32:
+                for size_class, hidden in classes.items():  # the full form without projection past H512
+                    if size_class.startswith("persistent-H") and hidden > PERSISTENT_NOPROJ_HIDDEN:
+                        out[f"{cell}-{_dtype_name(dtype)}-{size_class.replace('persistent', 'persistent-barrier', 1)}-full-noproj"] = _forced(
+                            "FASTRNN_PERSISTENT_MODE", "barrier",
+                            lambda c=cell, d=dtype, h=hidden - 8: layer_workload(c, d, h, FORM_BATCH["full"], **FULL_NOPROJ))
                 for row, (hidden, batch) in PERSISTENT_GATE_CELLS[cell].items():
                     out[f"{cell}-{_dtype_name(dtype)}-persistent-barrier-{row}"] = _forced(
                         "FASTRNN_PERSISTENT_MODE", "barrier", lambda c=cell, d=dtype, h=hidden, b=batch: layer_workload(c, d, h, b))

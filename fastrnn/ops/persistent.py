@@ -214,6 +214,40 @@ BWD_WIDE_SHARED_BYTES = 200 * 1024
 #: none on both (128: 242 / 254, none; 64: 408 B; 512: 8 B on 3.9); L3 (H512 B1, head 512) clean
 #: either way (224 / 191 registers whole, 231 / 191 in chunks of 256).
 BWD_NARROW_CHUNK = 256
+#: The walking cells' 16-bit forward and backward without projection where one program holds a
+#: 1024-wide reduction (``BLOCK_K`` 1024: H 513-1024) and the binary is not one of the GPU matrix's
+#: unidirectional ones with ``H`` a multiple of 16 (L1, L4: clean at their plans, unchanged): a
+#: bidirectional layer, or ``H`` not divisible by 16 (issue #12). Their sub-tiles stay 16 rows
+#: (``fwd_block_b``, ``bwd_block_b`` 0); the forward reads ``h`` in chunks of :data:`NARROW_FWD_CHUNK`
+#: units, as one part padded to ``BLOCK_K`` where :func:`reduction_split` would give it a tail
+#: (``fwd_head``: H760's 512 + 256 read as 1024; the padded chunks are masked), and on a card with
+#: :data:`BWD_WIDE_SHARED_BYTES` the backward forms its partial of ``dh`` in chunks of
+#: :data:`NARROW_BWD_CHUNK` (an A100's backward as it was: 16-row sub-tiles, :data:`BWD_NARROW_CHUNK`).
+#: With 8-unit slices (one direction, 32 weight rows) only the forward changes, and takes the whole
+#: register budget (``fwd_maxnreg``: without it Triton 3.6 stops at 128 registers and 24 B of stack).
+#: The weights stay on chip (shared memory). Measured (ahead-of-time compiles, sm_90, bf16, lengths,
+#: ``grad_clip``, the gradient-flow record, bidirectional unless said; forward / backward registers,
+#: ``+N`` bytes of stack; Triton 3.9, then 3.6), before -> with it:
+#:
+#: * H1016 B20 (64 slices of 16, one group of two sub-tiles; before: forward 32 rows in chunks of 64,
+#:   backward 32 in chunks of 128): 3.9 255+384 / 255+16 -> 247 / 200; 3.6 -> 243 / 255, no stack.
+#:   fp16 likewise (3.9 247 / 200, 3.6 241 / 255). The compile gate's ``-H1024-full-noproj``.
+#: * H1016 B16 (one sub-tile, read whole): 3.9 255+112 / 255+88 -> 221 / 194; 3.6 -> 242 / 255.
+#: * H760 B20: 3.9 255+456 / 255+96 -> 247 / 254; 3.6 -> 243 / 252 (in two parts forward: 255+48 /
+#:   255+16). H760 B16: 3.9 255+168 / 188 -> 221 / 190; 3.6 -> 242 / 246.
+#: * One direction, H1016 B16 (8-unit slices): forward 3.9 255+208 (with lengths 255+64) -> 255, no
+#:   stack, on both; its backward unchanged (3.9 254, with lengths and ``grad_clip`` 255+24; 3.6
+#:   255+48: chunks of 64 / 128 / 256 gave 3.6 144 / 56 / 64 B, so it keeps the whole product).
+#:
+#: On an A100 (sm_80, 3.9) no worse: H760 B20 forward 255+120 -> 128+8 (135,168 B of shared memory), B16
+#: 255+64 -> 127, no stack; at H1016 bidirectional its 108 SMs give 32-unit slices of 256 KB whose
+#: forward needs 270,336-278,528 B of shared memory (over its 166,912) before and after: not fixed.
+#: Tried on the way (sm_90, 3.9 unless said): forward chunks of 64 at H1016 B16 8 B, of 128 200 B, of
+#: 256 888 B, of 16 at H760 B20 (two parts) 64 B; 32-row forward sub-tiles in chunks of 32 208 B; the
+#: forward with ``maxnreg`` at 64 weight rows 255+8 to 255+40 on both; backward chunks of 64 clean on
+#: 3.9 but 16-24 B on 3.6 at B20, of 32 3,424 B on 3.6.
+NARROW_FWD_CHUNK = 32
+NARROW_BWD_CHUNK = 128
 #: The projecting LSTM's 16-bit backward's likewise, on the same cards: its partial of ``dh_{t-1}``
 #: (``P`` wide) formed in chunks of this many units of the head part wherever that part is wider.
 #: Measured at the A100 plans (sm_80, bf16, bidirectional, lengths, every option; stack bytes on
@@ -288,6 +322,10 @@ class PersistentPlan:
     # The forward's maxnreg (0: none): REGISTER_BUDGET where it reads its slice in chunks of
     # FWD_CHUNK for lack of shared memory to read it whole (:data:`FWD_WHOLE_SHARED_HEADROOM`)
     fwd_maxnreg: int = 0
+    # The forward's BLOCK_HOUT where it reads h as one part (BLOCK_HTAIL 0), padded to BLOCK_K, in
+    # chunks of fwd_chunk, instead of the two parts of reduction_split (0: as reduction_split parts
+    # it); the backward keeps the split. See :data:`NARROW_FWD_CHUNK`.
+    fwd_head: int = 0
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -332,6 +370,8 @@ class PersistentPlan:
                 walk = dict(GROUP_TILES=self.fwd_tiles, BLOCK_KC=self.fwd_chunk)
                 if self.fwd_maxnreg:
                     walk["maxnreg"] = self.fwd_maxnreg
+                if self.fwd_head:
+                    walk |= dict(BLOCK_HOUT=self.fwd_head, BLOCK_HTAIL=0)
             else:
                 block_b = self.bwd_block_b or self.block_b
                 walk = dict(GROUP_TILES=self.bwd_tiles, BLOCK_KC=self.bwd_chunk)
@@ -478,7 +518,9 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     partial of ``dh`` in chunks of :data:`BWD_NARROW_CHUNK` where the head part is wider (L1, L3,
     L4). A 16-bit forward of one sub-tile per product reads its slice in chunks of
     :data:`FWD_CHUNK`, with ``maxnreg``, where reading it whole would leave less than
-    :data:`FWD_WHOLE_SHARED_HEADROOM` of the card's shared memory (an A100's H1024 B16). Neither
+    :data:`FWD_WHOLE_SHARED_HEADROOM` of the card's shared memory (an A100's H1024 B16). At
+    ``BLOCK_K`` 1024, bidirectional or ``H`` not a multiple of 16: 16-row sub-tiles in both and the
+    chunks of :data:`NARROW_FWD_CHUNK` / :data:`NARROW_BWD_CHUNK` instead (issue #12). Neither
     when ``projecting`` (``proj_size``): the projection's operands (all of ``m_t``,
     the partial of ``dm_t``: ``H x BLOCK_B``) are not streamed, and at H1024 32-row sub-tiles
     spilled 0.5-1.3 KB on sm_90 where 16-row ones compile clean; only a 16-bit projecting backward
@@ -529,6 +571,7 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     weight_bytes = gates * gate_units * block_k * (4 if dtype == torch.float32 else 2)
     num_warps = 8 if dtype == torch.float32 or weight_bytes > 16 * 1024 else 4
     wide = [0, 0, 0, 0, 0]  # fwd_block_b, fwd_chunk, bwd_block_b, bwd_chunk, fwd_maxnreg
+    fwd_head = 0
     narrow_card = shared < BWD_WIDE_SHARED_BYTES
     if gates in WALKING_GATES and not projecting:
         head = reduction_split(hidden, rows)[0]
@@ -542,10 +585,18 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
             wide[1], wide[4] = min(FWD_CHUNK, head), REGISTER_BUDGET
         if narrow_card and head > BWD_NARROW_CHUNK:  # 16-row sub-tiles (bwd_block_b 0: block_b), the partial in chunks
             wide[3] = BWD_NARROW_CHUNK
+        if dtype != torch.float32 and block_k >= 1024 and (directions > 1 or hidden % 16):  # NARROW_FWD_CHUNK
+            if reduction_split(hidden, rows)[1]:  # the forward's h as one padded part (H760: 1024, not 512 + 256)
+                fwd_head = block_k
+            if rows <= 32:  # an 8-unit slice (one direction): the forward's chunks with the whole register budget
+                wide[:2], wide[4] = [0, min(NARROW_FWD_CHUNK, fwd_head or head)], REGISTER_BUDGET
+            else:
+                # an A100's backward as it was (16-row sub-tiles, BWD_NARROW_CHUNK)
+                wide = [0, min(NARROW_FWD_CHUNK, head), 0, wide[3] if narrow_card else min(NARROW_BWD_CHUNK, head), wide[4]]
     elif gates in WALKING_GATES and proj and narrow_card and dtype != torch.float32:
         if reduction_split(proj, rows)[0] > PROJECTING_BWD_NARROW_CHUNK:  # the partial of dh_{t-1} in chunks
             wide[3] = PROJECTING_BWD_NARROW_CHUNK
-    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide)
+    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide, fwd_head)
 
 
 def launch_plan(gates: int, H: int, B: int, D: int, dtype: torch.dtype, device, proj: int = 0) -> PersistentPlan:
