@@ -1128,6 +1128,57 @@ def stats_wait(flags, n_slices, target, error_ptr, max_spins, BARRIER: tl.conste
             wait(flags, n_slices, target, error_ptr, max_spins, BLOCK_FLAGS, FAULT)
 
 
+@triton.jit
+def slice_and_batch_tile(w_hh_ptr, gain_hh_ptr, gain_c_ptr, bias_c_ptr, lengths_ptr, flags_ptr,
+                         piece, group, d64, n_slices, T, B, H, HAS_LENGTHS: tl.constexpr, SLICE: tl.constexpr,
+                         S_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_FLAGS: tl.constexpr):
+    """What program ``(piece, group, direction)`` of the persistent LayerNormLSTM kernels (forward
+    and backward: the same partition) holds for the whole launch; ``d64`` its direction (int64),
+    ``n_slices`` the programs per group. Pointers as the kernels take them: ``w_hh (D, 4H, H)``,
+    ``gain_hh (D, 4H)``, ``gain_c``, ``bias_c (D, H)``, ``lengths (B,)`` int32, ``flags (D,
+    batch_groups, n_slices)`` int32.
+    ``S_TILE = max(SLICE, 4)``, so that ``4 * S_TILE >= 16`` (``tl.dot``'s smallest M). Returns:
+
+    * ``units``, ``unit_ok (S_TILE,)`` the slice's units (``< H``, and ``< SLICE`` within the
+      tile); ``w_rows``, ``r_ok (4*S_TILE,)`` their rows of ``W_hh``, gate-major (row ``q*S_TILE +
+      u`` is ``W_hh`` row ``q*H + units[u]``); ``cols_k``, ``k_ok (BLOCK_K,)`` the columns of
+      ``W_hh`` (``< H``);
+    * ``w (4*S_TILE, BLOCK_K)`` the weight slice (``fastrnn.kernels.lstm.load_weight_slice``, whole);
+      ``gain_rows (4*S_TILE, 1)``, ``gain_c``, ``bias_c (S_TILE, 1)`` fp32 (zero outside the slice);
+    * ``flags``, ``own_flag``: the group's flags and this program's (``group_flags``); ``lanes
+      (BLOCK_FLAGS,)``;
+    * the batch tile (``fastrnn.kernels.lstm.batch_tile``): ``rows``, ``row_ok (BLOCK_B,)``,
+      ``state_rows (1, BLOCK_B)`` int64, ``tile_ok (S_TILE, BLOCK_B)``; ``rows_ok (4*S_TILE,
+      BLOCK_B)`` its mask of the slice's rows; ``length (BLOCK_B,)`` the rows' lengths;
+    * offsets of this program's part of a ``(D, B, H)`` buffer (``own (S_TILE, BLOCK_B)``) and of a
+      ``(D, B, 4H)`` one (``(4*S_TILE, BLOCK_B)``); ``moments_at (1, BLOCK_B)`` its slots in a
+      ``(D, B, n_slices, 2)`` moments exchange (whose base each kernel offsets by direction itself:
+      done in here, the changed order of those two offsets changed the backward's PTX)."""
+    S: tl.constexpr = SLICE
+    units = piece * S + tl.arange(0, S_TILE)
+    unit_ok = (tl.arange(0, S_TILE) < S) & (units < H)
+    r = tl.arange(0, 4 * S_TILE)
+    r_unit = r % S_TILE
+    w_rows = (r // S_TILE) * H + piece * S + r_unit
+    r_ok = (r_unit < S) & (piece * S + r_unit < H)
+    cols_k = tl.arange(0, BLOCK_K)
+    k_ok = cols_k < H
+    w, _no_tail = load_weight_slice(w_hh_ptr + d64 * 4 * H * H, w_rows, r_ok, H, cols_k, k_ok, cols_k, k_ok, BLOCK_K, 0, 0)
+    gain_rows = tl.load(gain_hh_ptr + d64 * 4 * H + w_rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    gain_c = tl.load(gain_c_ptr + d64 * H + units, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    bias_c = tl.load(bias_c_ptr + d64 * H + units, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
+    flags, own_flag = group_flags(flags_ptr, n_slices, BLOCK_FLAGS)
+    lanes = tl.arange(0, BLOCK_FLAGS)
+    rows, row_ok, state_rows, tile_ok = batch_tile(group * BLOCK_B, 0, B, d64, unit_ok, BLOCK_B)
+    rows_ok = r_ok[:, None] & row_ok[None, :]
+    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
+    own = state_rows * H + units[:, None]
+    own_rows = state_rows * (4 * H) + w_rows[:, None]
+    moments_at = ((d64 * B + rows.to(tl.int64)) * n_slices + piece)[None, :] * 2
+    return (units, unit_ok, w_rows, r_ok, cols_k, k_ok, w, gain_rows, gain_c, bias_c, flags, own_flag, lanes,
+            rows, row_ok, state_rows, tile_ok, rows_ok, length, own, own_rows, moments_at)
+
+
 @triton.jit(do_not_specialize=["phase_begin", "phase_end", "T"])
 def layer_norm_lstm_fwd_persistent_kernel(
     ax_ptr, w_hh_ptr, gain_hh_ptr, gain_c_ptr, bias_c_ptr, h0_ptr, c0_ptr, lengths_ptr, keep_ptr,
@@ -1187,26 +1238,10 @@ def layer_norm_lstm_fwd_persistent_kernel(
     direction = tl.program_id(2)
     n_slices = tl.num_programs(0)
     d64 = direction.to(tl.int64)
-    units = piece * S + tl.arange(0, S_TILE)
-    unit_ok = (tl.arange(0, S_TILE) < S) & (units < H)
-    r = tl.arange(0, 4 * S_TILE)  # gate-major: row q*S_TILE + u is W_hh row q*H + units[u]
-    r_unit = r % S_TILE
-    w_rows = (r // S_TILE) * H + piece * S + r_unit
-    r_ok = (r_unit < S) & (piece * S + r_unit < H)
-    cols_k = tl.arange(0, BLOCK_K)
-    k_ok = cols_k < H
-    w, _no_tail = load_weight_slice(w_hh_ptr + d64 * 4 * H * H, w_rows, r_ok, H, cols_k, k_ok, cols_k, k_ok, BLOCK_K, 0, 0)
-    gain_rows = tl.load(gain_hh_ptr + d64 * 4 * H + w_rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-    gain_c = tl.load(gain_c_ptr + d64 * H + units, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
-    bias_c = tl.load(bias_c_ptr + d64 * H + units, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
-    flags, own_flag = group_flags(flags_ptr, n_slices, BLOCK_FLAGS)
-    lanes = tl.arange(0, BLOCK_FLAGS)
-    rows, row_ok, state_rows, tile_ok = batch_tile(group * BLOCK_B, 0, B, d64, unit_ok, BLOCK_B)
-    rows_ok = r_ok[:, None] & row_ok[None, :]
-    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
-    own = state_rows * H + units[:, None]  # this program's units x rows of a (D, B, H) buffer
-    own_pre = state_rows * (4 * H) + w_rows[:, None]  # ... and of a (D, B, 4H) one
-    moments_at = ((d64 * B + rows.to(tl.int64)) * n_slices + piece)[None, :] * 2  # (1, BLOCK_B)
+    (units, unit_ok, w_rows, r_ok, cols_k, k_ok, w, gain_rows, gain_c, bias_c, flags, own_flag, lanes,
+     rows, row_ok, state_rows, tile_ok, rows_ok, length, own, own_pre, moments_at) = slice_and_batch_tile(
+        w_hh_ptr, gain_hh_ptr, gain_c_ptr, bias_c_ptr, lengths_ptr, flags_ptr,
+        piece, group, d64, n_slices, T, B, H, HAS_LENGTHS, SLICE, S_TILE, BLOCK_K, BLOCK_B, BLOCK_FLAGS)
     r_moments = r_moments_ptr + d64 * B * n_slices * 2
     c_moments = c_moments_ptr + d64 * B * n_slices * 2
     h_slot = D * B * H
@@ -1343,26 +1378,10 @@ def layer_norm_lstm_bwd_persistent_kernel(
     direction = tl.program_id(2)
     n_slices = tl.num_programs(0)
     d64 = direction.to(tl.int64)
-    units = piece * S + tl.arange(0, S_TILE)
-    unit_ok = (tl.arange(0, S_TILE) < S) & (units < H)
-    r = tl.arange(0, 4 * S_TILE)
-    r_unit = r % S_TILE
-    w_rows = (r // S_TILE) * H + piece * S + r_unit
-    r_ok = (r_unit < S) & (piece * S + r_unit < H)
-    cols_k = tl.arange(0, BLOCK_K)
-    k_ok = cols_k < H
-    w, _no_tail = load_weight_slice(w_hh_ptr + d64 * 4 * H * H, w_rows, r_ok, H, cols_k, k_ok, cols_k, k_ok, BLOCK_K, 0, 0)
-    gain_rows = tl.load(gain_hh_ptr + d64 * 4 * H + w_rows, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-    gain_c = tl.load(gain_c_ptr + d64 * H + units, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
-    bias_c = tl.load(bias_c_ptr + d64 * H + units, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
-    flags, own_flag = group_flags(flags_ptr, n_slices, BLOCK_FLAGS)
-    lanes = tl.arange(0, BLOCK_FLAGS)
-    rows, row_ok, state_rows, tile_ok = batch_tile(group * BLOCK_B, 0, B, d64, unit_ok, BLOCK_B)
-    rows_ok = r_ok[:, None] & row_ok[None, :]
-    length = row_lengths(lengths_ptr, rows, row_ok, T, HAS_LENGTHS)
-    own = state_rows * H + units[:, None]
-    own_rows = state_rows * (4 * H) + w_rows[:, None]
-    moments_at = ((d64 * B + rows.to(tl.int64)) * n_slices + piece)[None, :] * 2
+    (units, unit_ok, w_rows, r_ok, cols_k, k_ok, w, gain_rows, gain_c, bias_c, flags, own_flag, lanes,
+     rows, row_ok, state_rows, tile_ok, rows_ok, length, own, own_rows, moments_at) = slice_and_batch_tile(
+        w_hh_ptr, gain_hh_ptr, gain_c_ptr, bias_c_ptr, lengths_ptr, flags_ptr,
+        piece, group, d64, n_slices, T, B, H, HAS_LENGTHS, SLICE, S_TILE, BLOCK_K, BLOCK_B, BLOCK_FLAGS)
     c_moments = c_moments_ptr + d64 * B * n_slices * 2
     r_moments = r_moments_ptr + d64 * B * n_slices * 2
     norm_plane = d_norm_ptr + ((direction * tl.num_programs(1) + group) * 6).to(tl.int64) * H
@@ -1447,7 +1466,7 @@ def layer_norm_lstm_bwd_persistent_kernel(
             dgates = join_gates(di, df, dg, do, S_TILE, BLOCK_B)
             r_hat = tl.load(r_hat_ptr + step * (D * 4 * H) + direction * 4 * H + w_rows[:, None], mask=rows_ok, other=0.0).to(tl.float32)
             gain_sums = tl.sum(dgates * r_hat, axis=1)  # (4*S_TILE,): the rows' gain_hh sums
-            accumulate(norm_plane + (r // S_TILE) * H + piece * S + r_unit, gain_sums, r_ok)
+            accumulate(norm_plane + w_rows, gain_sums, r_ok)
             e = tl.where(rows_ok, dgates * gain_rows, 0.0)
             tl.store(e_ptr + own_rows, e, mask=rows_ok)
             tl.store(r_moments_ptr + moments_at + 1, tl.sum(e * r_hat, axis=0)[None, :], mask=row_ok[None, :])

@@ -43,6 +43,8 @@ PERSISTENT_CASES = {
     "bidir-packed-zoneout-clip": ("lstm", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 32),
     "eval-zoneout-two-groups-narrow-slice": ("lstm", dict(zoneout=0.25), False, False, 17, 20),
     "packed-zoneout-clip": ("lstm", dict(zoneout=0.3, grad_clip=0.05), True, True, 3, 32),  # the mutation check's: 4 programs
+    # 19 rows: groups of 16 and 3 (sorted lengths 5 5 5 5 5 4 4 4 4 4 3 3 3 2 2 2 | 2 2 1), 3 slices (8 8 4)
+    "packed-zoneout-two-groups-narrow-slice": ("lstm", dict(zoneout=0.3), True, True, 19, 20),
 }
 
 
@@ -80,6 +82,40 @@ def test_barrier_matches_float64_equations(persistent_case):
     with harness("barrier", seed=3):
         names, actual, expected, counts, _ = run_case(name, torch.float32)
     assert counts == {"layer_norm_lstm_fwd_persistent": 1, "layer_norm_lstm_bwd_persistent": 1}
+    check(names, actual, expected)
+
+
+class GridRecorder:
+    """Stands in for a kernel: records the grid of every launch (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+@interpreted
+def test_barrier_two_batch_groups_match_float64_equations(persistent_case, monkeypatch):
+    """Two batch groups (16 rows and 3, lengths mixed within each) x 3 slices (the last of 4 units)
+    in barrier mode, one launch each way: each group waits on its own flags and exchanges its own
+    rows' moments. Measured: flags shared across the groups (the group index dropped from
+    ``group_flags``' offset) in the forward alone, or in the backward alone, fails this test and no
+    other of this file's."""
+    name = persistent_case("packed-zoneout-two-groups-narrow-slice", "barrier")
+    assert persistent.persistent_plan(4, 20, 19, 1, torch.float32).grid == (3, 2, 1)
+    grids = {}
+    for way in ("fwd", "bwd"):
+        attr = f"layer_norm_lstm_{way}_persistent_kernel"
+        monkeypatch.setattr(kernels, attr, GridRecorder(getattr(kernels, attr), grids.setdefault(way, [])))
+    with harness("barrier", seed=5):
+        names, actual, expected, counts, _ = run_case(name, torch.float32)
+    assert counts == {"layer_norm_lstm_fwd_persistent": 1, "layer_norm_lstm_bwd_persistent": 1}
+    assert grids == {"fwd": [(3, 2, 1)], "bwd": [(3, 2, 1)]}  # one barrier-mode launch each, 2 groups
     check(names, actual, expected)
 
 
