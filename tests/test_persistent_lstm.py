@@ -406,6 +406,23 @@ def test_wide_bidirectional_and_odd_plans_keep_narrow_sub_tiles():
     assert tiling(l4.constexprs(forward=True)) == (32, 4, 64) and tiling(l4.constexprs()) == (64, 2, 128)
 
 
+def test_a100_slice_that_fits_shared_memory_runs_per_step():
+    """16-bit, no projection, on an A100 (108 SMs, 166,912 B per block): at H1016 bidirectional the
+    slice that keeps every program resident (32 units: 128 rows x 1024 x 2 B = 256 KB of W_hh, a
+    forward of 270-279 KB that could not load) halves to 16 units (128 KB, the compile: 135,168 B),
+    and the 128 programs exceed the 108 SMs: the launch runs per step. An H100/H200 plans 16 units
+    for it anyway, and where one slice of 32 stays within MAX_SLICE_WEIGHT_BYTES (H512) it stays."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    a100 = (108, 166_912)
+    for batch in (16, 20):
+        p = persistent_ops.persistent_plan(4, 1016, batch, 2, torch.bfloat16, *a100)
+        slice_bytes = 4 * p.slice * p.block_k * 2
+        assert p.slice == 16 and slice_bytes <= persistent_ops.MAX_SLICE_WEIGHT_BYTES and p.programs == 128 > a100[0], p
+        assert persistent_ops.persistent_plan(4, 1016, batch, 2, torch.bfloat16, 132, 232_448).slice == 16
+    assert persistent_ops.persistent_plan(4, 512, 64, 2, torch.bfloat16, *a100).slice == 32
+
+
 def test_a100_projecting_plan_fits_its_shared_memory():
     """The projecting bf16 forward keeps both weight slices in shared memory
     (``projecting_fwd_shared_bytes``, the compile's figures): at H1016 P508 bidirectional B20 (the

@@ -538,7 +538,11 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     and would die at launch with OutOfResources). The cost model (``fastrnn.ops.cost_model``, H100
     figures, forward / backward us per step): per_step at slice 16 4.5 / 6.7 (twice that for the
     projection's second phase, and the 128 programs run in two waves of 108), barrier at slice 32
-    3.2 / 4.5 were it to fit, the tiled strategy 321 / 318: per step it is."""
+    3.2 / 4.5 were it to fit, the tiled strategy 321 / 318: per step it is. Without projection (16-bit,
+    walking cells) a slice past :data:`MAX_SLICE_WEIGHT_BYTES` with no batch group left to widen
+    halves likewise: an A100 at H1016 bidirectional plans 16-unit slices (128 KB; the forward's
+    binary 135,168 B, sm_80, Triton 3.9) instead of 32 (256 KB, a forward of 270-279 KB that could
+    not load), 128 programs, per step."""
     projecting = projecting or proj > 0
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(max(1, batch))))
     tiles = triton.cdiv(max(1, batch), block_b)
@@ -562,6 +566,14 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
             size //= 2
         rows = max(16, gates * size)
         slice_bytes = rows * sum(reduction_split(hidden, rows)) * 2
+    elif gates in WALKING_GATES and forced is None and dtype != torch.float32:
+        # the slice in shared memory: past MAX_SLICE_WEIGHT_BYTES with no batch group left to widen (an
+        # A100's 108 SMs at H1016 bidirectional: 32-unit slices of 256 KB, over its 166,912 B), halve it;
+        # the grid then exceeds ``sms`` and runs per step, as the projecting forward's does
+        while size > MIN_SLICE and slice_bytes > MAX_SLICE_WEIGHT_BYTES:
+            size //= 2
+            rows = max(16, gates * size)
+            slice_bytes = rows * sum(reduction_split(hidden, rows)) * 2
     slices = triton.cdiv(hidden, size)
     gate_units = max(16, size)  # BLOCK_S of a slice's gates (projecting: of its projected units, below)
     block_s = projected_block(proj, slices) if proj else gate_units
