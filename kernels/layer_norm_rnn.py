@@ -25,12 +25,14 @@ as the resident kernels of ``fastrnn.kernels.lstm`` / ``gru``) and the state in 
 ``*_tiled_kernel`` (any ``H``): ``W_hh`` re-read every step (from L2) in ``BLOCK_H x REDUCE_TILE``
 tiles, the fp32 state and the raw products in scratch, block barriers between the phases of a step
 (their docstrings); they take the resident kernels' arguments, then their scratch.
-``layer_norm_lstm_{fwd,bwd}_persistent_kernel`` (the LSTM, any ``H``): the plain LSTM's
-persistent partition (``fastrnn.ops.persistent``: each program a slice of units with their rows
-of ``W_hh`` on chip), a row's moments (backward: means, and the partials of ``dh``) combined from
-every program's partials through the flags of ``fastrnn.kernels.sync``: three exchange rounds per
-step each way (their docstrings); they read and write what the resident kernels save, so a
-persistent forward feeds a tiled backward and the other way round. The cell step math is the plain cells' (``lstm_cell``, ``gru_gates``, ``gru_gates_grad``);
+``layer_norm_lstm_{fwd,bwd}_persistent_kernel`` and ``layer_norm_gru_{fwd,bwd}_persistent_kernel``
+(any ``H``): the plain cell's persistent partition (``fastrnn.ops.persistent``: each program a
+slice of units with their rows of ``W_hh`` on chip), a row's moments (backward: means, and the
+partials of ``dh`` or ``d_r``) combined from every program's partials through the flags of
+``fastrnn.kernels.sync``: three exchange rounds per step each way for the LSTM (``h``, the recurrent
+norm's moments, the cell norm's), two for the GRU (no cell norm; their docstrings); they read and
+write what the resident kernels save, so a persistent forward feeds a tiled backward and the other
+way round. The cell step math is the plain cells' (``lstm_cell``, ``gru_gates``, ``gru_gates_grad``);
 the layer-norm step pieces are the ``@triton.jit`` helpers below, shared by both strategies and
 both directions of the walk (the resident ones first, then the tiled kernels' phases), so a kernel
 reads as prologue, loop of step pieces, epilogue.
@@ -1067,8 +1069,9 @@ def layer_norm_gru_bwd_tiled_kernel(
 
 # -------------------------------------------------------------------- LayerNormLSTM, persistent
 #: A test-only fault (``fastrnn.kernels.sync``'s convention; never set in a real launch): the
-#: persistent LayerNormLSTM forward skips the two waits before it combines the statistics'
-#: partials (the wait for ``h_{t-1}`` stays), so the harness tests can prove they catch it.
+#: persistent LayerNorm kernels (LSTM and GRU, forward and backward) skip the waits before they
+#: combine the statistics' partials (the wait for ``h_{t-1}`` / ``dh_t`` stays), so the harness
+#: tests can prove they catch it.
 FAULT_NO_STATS_WAIT = tl.constexpr(5)
 
 

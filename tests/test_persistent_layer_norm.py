@@ -170,10 +170,11 @@ PTX_SCRIPT = r"""
 import json, re, sys
 from fastrnn.ops import aot
 out = {}
-# The GPU row's launches as the launcher makes them in barrier mode (forced: on a CPU the launcher
+# The workloads' launches as the launcher makes them in barrier mode (forced: on a CPU the launcher
 # runs per step): the compile gate's binaries (tests/test_kernel_compile.py), from Triton's cache.
 with aot.capture_launches(90) as launches:
-    aot.workloads()["layer-norm-lstm-bf16-persistent-barrier-plain"]()
+    for name in sys.argv[1:]:
+        aot.workloads()[name]()
 for launch in launches:
     if launch.name.endswith("_persistent_kernel") and launch.name not in out:
         ptx = aot.compile_binary(launch).asm["ptx"]
@@ -191,7 +192,9 @@ def ordering_ops():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRNN_STRATEGY", "FASTRNN_PERSISTENT_SLICE")}
-    done = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True)
+    # the LayerNormLSTM's GPU row and the LayerNormGRU's compile-gate plan, in one subprocess
+    workloads = ["layer-norm-lstm-bf16-persistent-barrier-plain", "layer-norm-gru-bf16-persistent-barrier-plain"]
+    done = subprocess.run([sys.executable, "-c", PTX_SCRIPT, *workloads], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -370,28 +373,11 @@ def test_gru_16bit_plans_the_persistent_kernels_by_itself():
     assert "persistent" not in narrower and "re-read per step in tiles" in narrower, narrower
 
 
-@pytest.fixture(scope="module")
-def gru_ordering_ops():
-    """:func:`ordering_ops` for the persistent LayerNormGRU kernels (their compile-gate workload)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    lstm_workload = "layer-norm-lstm-bf16-persistent-barrier-plain"
-    assert lstm_workload in PTX_SCRIPT
-    script = PTX_SCRIPT.replace(lstm_workload, "layer-norm-gru-bf16-persistent-barrier-plain")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRNN_STRATEGY", "FASTRNN_PERSISTENT_SLICE")}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
-
-
 @pytest.mark.parametrize("kernel", ["layer_norm_gru_fwd", "layer_norm_gru_bwd"])
-def test_gru_ptx_orders_the_exchanges(gru_ordering_ops, kernel):
+def test_gru_ptx_orders_the_exchanges(ordering_ops, kernel):
     """sm_90 PTX of the persistent LayerNormGRU kernels (bf16, barrier mode, the compile gate's
     plan): acquire reads in the waits, a release atomic at each of the two arrives, no volatile spin."""
-    ops = gru_ordering_ops[f"{kernel}_persistent_kernel"]
+    ops = ordering_ops[f"{kernel}_persistent_kernel"]
     assert any(".acquire" in op and ("atom." in op or "ld." in op or "fence." in op) for op in ops), ops
     assert sum(".release" in op and ("atom." in op or "red." in op) for op in ops) >= 2, ops
     assert not any("volatile" in op for op in ops), ops
