@@ -443,6 +443,32 @@ def gru_bwd_tiled_kernel(
     copy_rows(final, dh0_ptr + state_rows, row_ok, H, BLOCK_H)
 
 
+@triton.jit
+def gru_slice_weights(w_base, H, units, unit_ok, ks, k_ok, COLUMNS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """A persistent program's part of direction ``d``'s ``W_hh`` (``w_base``: its ``(3H, H)``
+    block), one tile per gate (r, z, n), loaded once for the whole launch, in the forms of the
+    persistent kernels (this module's and ``fastrnn.kernels.layer_norm_rnn``'s): the forward's (``COLUMNS`` False) the rows of its ``units``, ``w[k, i] =
+    W_hh[d, q*H + units[i], k]``; the backward's (``COLUMNS``) their columns, ``w[n, i] = W_hh[d,
+    q*H + n, units[i]]``; each ``(BLOCK_K, BLOCK_S)``, or with ``SPLIT_K`` cut into ``(SPLIT, CHUNK,
+    BLOCK_S)`` (``load_weight_split``)."""
+    if COLUMNS:
+        k_stride, unit_stride = H, 1
+    else:
+        k_stride, unit_stride = 1, H
+    if SPLIT_K:
+        w_r = load_weight_split(w_base, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
+        w_z = load_weight_split(w_base + H * H, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
+        w_n = load_weight_split(w_base + 2 * H * H, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
+    else:
+        w_offs = ks[:, None] * k_stride + units[None, :] * unit_stride
+        w_ok = k_ok[:, None] & unit_ok[None, :]
+        w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
+        w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
+        w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    return w_r, w_z, w_n
+
+
 @triton.jit(do_not_specialize=["T", "phase_begin", "phase_end"])
 def gru_fwd_persistent_kernel(
     gx_ptr, w_hh_ptr, b_hh_ptr, h0_ptr, lengths_ptr, y_ptr, h_n_ptr, saved_ptr,
@@ -479,17 +505,8 @@ def gru_fwd_persistent_kernel(
     CHUNK: tl.constexpr = BLOCK_K // SPLIT
     # w_g[c, k, i] (split) or w_g[k, i] = W_hh[d, g*H + units[i], c*CHUNK + k] for the gates r, z, n:
     # on chip for the whole launch.
-    w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
-    if SPLIT_K:
-        w_r = load_weight_split(w_base, 1, H, H, units, unit_ok, SPLIT, CHUNK)
-        w_z = load_weight_split(w_base + H * H, 1, H, H, units, unit_ok, SPLIT, CHUNK)
-        w_n = load_weight_split(w_base + 2 * H * H, 1, H, H, units, unit_ok, SPLIT, CHUNK)
-    else:
-        w_offs = ks[:, None] + units[None, :] * H
-        w_ok = k_ok[:, None] & unit_ok[None, :]
-        w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-        w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-        w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    w_r, w_z, w_n = gru_slice_weights(w_hh_ptr + direction.to(tl.int64) * 3 * H * H, H, units, unit_ok, ks, k_ok, False,
+                                      SPLIT_K, SPLIT, CHUNK)
     if HAS_BIAS:
         b_base = b_hh_ptr + direction * 3 * H + units
         b_r = tl.load(b_base, mask=unit_ok, other=0.0).to(tl.float32)[:, None]
@@ -610,17 +627,8 @@ def gru_bwd_persistent_kernel(
     # columns of each gate's block.
     SPLIT: tl.constexpr = 8 if BLOCK_K >= 128 else BLOCK_K // 16
     CHUNK: tl.constexpr = BLOCK_K // SPLIT
-    w_base = w_hh_ptr + direction.to(tl.int64) * 3 * H * H
-    if SPLIT_K:
-        w_r = load_weight_split(w_base, H, 1, H, units, unit_ok, SPLIT, CHUNK)
-        w_z = load_weight_split(w_base + H * H, H, 1, H, units, unit_ok, SPLIT, CHUNK)
-        w_n = load_weight_split(w_base + 2 * H * H, H, 1, H, units, unit_ok, SPLIT, CHUNK)
-    else:
-        w_offs = ks[:, None] * H + units[None, :]
-        w_ok = k_ok[:, None] & unit_ok[None, :]
-        w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-        w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-        w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
+    w_r, w_z, w_n = gru_slice_weights(w_hh_ptr + direction.to(tl.int64) * 3 * H * H, H, units, unit_ok, ks, k_ok, True,
+                                      SPLIT_K, SPLIT, CHUNK)
 
     state_offs = (direction * B + rows64)[None, :] * H + units[:, None]
     h0 = tl.load(h0_ptr + state_offs, mask=tile_ok, other=0.0).to(tl.float32)

@@ -77,14 +77,14 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.activations import tanh
-from fastrnn.kernels.gru import _previous_time, gru_gates, gru_gates_grad
+from fastrnn.kernels.gru import _previous_time, gru_gates, gru_gates_grad, gru_slice_weights
 from fastrnn.kernels.lstm import (
     REDUCE_TILE, batch_tile, gather_partials, join_gates, load_weight_slice, lstm_cell, publish, split_gates,
 )
 from fastrnn.kernels.precision import weight_product
 from fastrnn.kernels.recurrence import (
-    advance_state, clamp_grad, copy_rows, feature_offsets, group_flags, live_rows, load_gate, program_tile, row_lengths,
-    squared_row_norm, step_grad, step_time, store_gate,
+    advance_state, clamp_grad, copy_rows, feature_offsets, gather_rows, group_flags, live_rows, load_gate, persistent_tile,
+    program_tile, row_lengths, slice_product, squared_row_norm, step_grad, step_time, store_gate,
 )
 from fastrnn.kernels.sync import wait
 from fastrnn.kernels.zoneout import zoneout_keep
@@ -1489,35 +1489,6 @@ def layer_norm_lstm_bwd_persistent_kernel(
 
 
 # --------------------------------------------------------------------- LayerNormGRU, persistent
-# (imported here, not with the imports above, so this section merges apart from edits to the LSTM's)
-from fastrnn.kernels.recurrence import gather_rows, load_weight_split, persistent_tile, slice_product  # noqa: E402
-
-
-@triton.jit
-def gru_slice_weights(w_base, H, units, unit_ok, ks, k_ok, COLUMNS: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT: tl.constexpr,
-                      CHUNK: tl.constexpr):
-    """A persistent program's part of direction ``d``'s ``W_hh`` (``w_base``: its ``(3H, H)``
-    block), one tile per gate (r, z, n), loaded once for the whole launch, in the forms of the
-    plain GRU's persistent kernels (``fastrnn.kernels.gru``, which spell the same loads inline and
-    could call this): the forward's (``COLUMNS`` False) the rows of its ``units``, ``w[k, i] =
-    W_hh[d, q*H + units[i], k]``; the backward's (``COLUMNS``) their columns, ``w[n, i] = W_hh[d,
-    q*H + n, units[i]]``; each ``(BLOCK_K, BLOCK_S)``, or with ``SPLIT_K`` cut into ``(SPLIT, CHUNK,
-    BLOCK_S)`` (``load_weight_split``)."""
-    if COLUMNS:
-        k_stride, unit_stride = H, 1
-    else:
-        k_stride, unit_stride = 1, H
-    if SPLIT_K:
-        w_r = load_weight_split(w_base, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
-        w_z = load_weight_split(w_base + H * H, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
-        w_n = load_weight_split(w_base + 2 * H * H, k_stride, unit_stride, H, units, unit_ok, SPLIT, CHUNK)
-    else:
-        w_offs = ks[:, None] * k_stride + units[None, :] * unit_stride
-        w_ok = k_ok[:, None] & unit_ok[None, :]
-        w_r = tl.load(w_base + w_offs, mask=w_ok, other=0.0)
-        w_z = tl.load(w_base + H * H + w_offs, mask=w_ok, other=0.0)
-        w_n = tl.load(w_base + 2 * H * H + w_offs, mask=w_ok, other=0.0)
-    return w_r, w_z, w_n
 
 
 @triton.jit

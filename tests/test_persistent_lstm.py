@@ -470,8 +470,8 @@ def test_a_binary_the_gpu_cannot_load_falls_back_or_raises_a_named_error(monkeyp
 
     monkeypatch.setattr(persistent_ops, "_loaded", refuse)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _FakeProps())
-    plan = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 108, 166_912)  # slice 32, 64 programs: fits the SMs
+    plan = persistent_ops.persistent_plan(4, 1016, 20, 1, torch.bfloat16, 108, 166_912)  # slice 16, 64 programs: fits the SMs
     assert plan.programs <= _FakeProps.multi_processor_count
     assert persistent_ops._fits_one_per_sm(None, [], {}, plan, "cuda:0") is False
-    with pytest.raises(RuntimeError, match=r"lstm_fwd: grid \(32, 1, 2\) .*slice 32, 64 programs, per_step.*shared memory.*229376"):
+    with pytest.raises(RuntimeError, match=r"lstm_fwd: grid \(64, 1, 1\) .*slice 16, 64 programs, per_step.*shared memory.*229376"):
         persistent_ops._check_loads("lstm_fwd", None, [], {}, plan)
