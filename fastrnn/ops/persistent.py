@@ -244,8 +244,8 @@ BWD_NARROW_CHUNK = 256
 #:   two parts: whole 255+24 / 255+48 (3.9 / 3.6), chunks of 32 255+392 / 255+480, of 256 250 /
 #:   255+32 (3.6 earlier: of 64 / 128 144 / 56 B); one padded part: whole 255+24 / 255+88, chunks of
 #:   256 234 / 255+8.
-#:   H760 B16 (two parts 512 + 256: 191 / 254, clean) -> 160 / 235. At B20 (16-unit slices) clean as
-#:   planned before (187 / 255).
+#:   H760 B16 (two parts 512 + 256: 191 / 254, clean) -> 160 / 235; fp16 H1016 B16 -> 170 / 246.
+#:   At B20 (16-unit slices) clean as planned before (187 / 255).
 #:
 #: On an A100 (sm_80, 3.9) no worse: H760 B20 forward 255+120 -> 128+8 (135,168 B of shared memory), B16
 #: 255+64 -> 127, no stack; at H1016 bidirectional its 108 SMs give 32-unit slices of 256 KB whose
@@ -266,7 +266,8 @@ NARROW_BWD_CHUNK = 128
 #: sub-tile) clean with 32 or 64 (3.9 222 / 255, 3.6 255 / 255), so it keeps 32. Eval (``ZONEOUT`` 2,
 #: the scalar ``p``) at H1016 B20: 32 255+40 / 255+16, 64 255 / 250. The compile gate's
 #: ``-H1024-zoneout-noproj-full``. Without zoneout the forward keeps :data:`NARROW_FWD_CHUNK` (its
-#: binaries unchanged); with 8-unit slices (one direction) zoneout keeps it too (not measured).
+#: binaries unchanged); with 8-unit slices (one direction) zoneout keeps it too: H1016 B16 (no
+#: lengths) forward 255 / 255, backward (``bwd_head``, chunks of 128) 155 / 249, no stack.
 NARROW_ZONEOUT_FWD_CHUNK = 64
 #: The projecting LSTM's 16-bit backward's likewise, on the same cards: its partial of ``dh_{t-1}``
 #: (``P`` wide) formed in chunks of this many units of the head part wherever that part is wider.
