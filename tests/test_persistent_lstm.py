@@ -193,9 +193,11 @@ def test_split_reduction_and_walked_batch_group(monkeypatch, case, mode):
 
 def test_narrow_plan_forward_reads_h_as_one_padded_part(monkeypatch):
     """The plan ``NARROW_FWD_CHUNK`` gives (issue #12), at a tiny size: the forward reads ``h`` (48
-    units) as one part padded to 64 (``fwd_head``: ``BLOCK_HOUT`` 64, no tail, where the backward
-    holds 32 + 16) in chunks of 16, both kernels walk the 20-row group in 2 sub-tiles of 16, the
-    backward's partial of ``dh`` in chunks of 16; bidirectional, packed, per step."""
+    units) as one part padded to 64 (``fwd_head``: ``BLOCK_HOUT`` 64, no tail, where
+    ``reduction_split`` gives 32 + 16) in chunks of 16, and so does the backward (``bwd_head``, as
+    one direction's 8-unit slices plan it: its partial of ``dh`` in chunks of 16; the two parts
+    are ``test_split_reduction_and_walked_batch_group``'s); both kernels walk the 20-row group in 2
+    sub-tiles of 16; bidirectional, packed, per step."""
     import dataclasses
 
     from fastrnn.ops import persistent as persistent_ops
@@ -205,12 +207,14 @@ def test_narrow_plan_forward_reads_h_as_one_padded_part(monkeypatch):
 
     def narrow(*args, **kwargs):
         p = planned(*args, **kwargs)
-        return dataclasses.replace(p, group_tiles=2, batch_groups=1, fwd_block_b=0, fwd_chunk=16, bwd_block_b=0, bwd_chunk=16, fwd_head=64)
+        return dataclasses.replace(p, group_tiles=2, batch_groups=1, fwd_block_b=0, fwd_chunk=16, bwd_block_b=0, bwd_chunk=16, fwd_head=64,
+                                   bwd_head=64)
 
     monkeypatch.setattr(persistent_ops, "persistent_plan", narrow)
     plan = persistent_ops.persistent_plan(4, H, B, 2, torch.bfloat16)
-    forward = plan.constexprs(forward=True)
+    forward, backward = plan.constexprs(forward=True), plan.constexprs()
     assert (forward["BLOCK_HOUT"], forward["BLOCK_HTAIL"], forward["BLOCK_KC"], forward["GROUP_TILES"]) == (64, 0, 16, 2)
+    assert (backward["BLOCK_HOUT"], backward["BLOCK_HTAIL"], backward["BLOCK_KC"], backward["GROUP_TILES"]) == (64, 0, 16, 2)
     counts = check_against_float64(T, B, H, 0, L, torch.bfloat16, 5e-2, within=persistent(monkeypatch, "per_step", 8))
     assert counts == expected_launches(L)
 
@@ -397,13 +401,39 @@ def test_wide_bidirectional_and_odd_plans_keep_narrow_sub_tiles():
     odd = persistent_ops.persistent_plan(4, 1016, 16, 1, torch.bfloat16, 132, 232_448)
     forward = odd.constexprs(forward=True)
     assert odd.slice == 8 and tiling(forward) == (16, 1, narrow_fwd) and forward["maxnreg"] == persistent_ops.REGISTER_BUDGET
-    assert (forward["BLOCK_HOUT"], forward["BLOCK_HTAIL"]) == (1024, 0) and tiling(odd.constexprs()) == (16, 1, 0)
+    backward = odd.constexprs()  # and the backward likewise, in chunks of NARROW_BWD_CHUNK (test_narrow_zoneout_and_one_direction_plans)
+    assert (forward["BLOCK_HOUT"], forward["BLOCK_HTAIL"]) == (backward["BLOCK_HOUT"], backward["BLOCK_HTAIL"]) == (1024, 0)
+    assert tiling(backward) == (16, 1, narrow_bwd) and "maxnreg" not in backward
     projecting = persistent_ops.persistent_plan(4, 1016, 20, 2, torch.bfloat16, 132, 232_448, proj=508)
     assert tiling(projecting.constexprs(forward=True))[2] == tiling(projecting.constexprs())[2] == 0
     h504 = persistent_ops.persistent_plan(4, 504, 20, 2, torch.bfloat16, 132, 232_448)
     assert tiling(h504.constexprs(forward=True))[2] == 0
     l4 = persistent_ops.persistent_plan(4, 1024, 256, 1, torch.bfloat16, 132, 232_448)
     assert tiling(l4.constexprs(forward=True)) == (32, 4, 64) and tiling(l4.constexprs()) == (64, 2, 128)
+
+
+def test_narrow_zoneout_and_one_direction_plans():
+    """Issue #12's last sm_90 frames, plan side: with zoneout the bidirectional forward of several
+    sub-tiles (H1016 and H760 B20) reads ``h`` in chunks of ``NARROW_ZONEOUT_FWD_CHUNK`` (64), without
+    it in ``NARROW_FWD_CHUNK``'s (32), one sub-tile (B16) in 32 either way; one direction with 8-unit
+    slices (H1016, H760 B16) the backward reads ``h`` as one part padded to 1024 (``bwd_head``) in
+    chunks of ``NARROW_BWD_CHUNK``, on an H100/H200 only (an A100's as it was: at H1016 16-unit
+    slices, two parts, its partial in chunks of ``BWD_NARROW_CHUNK``)."""
+    from fastrnn.ops import persistent as persistent_ops
+
+    hopper, ampere = (132, 232_448), (108, 166_912)
+    for hidden, batch, zoned in ((1016, 20, 64), (760, 20, 64), (1016, 16, 32)):
+        p = persistent_ops.persistent_plan(4, hidden, batch, 2, torch.bfloat16, *hopper)
+        assert p.constexprs(forward=True, zoneout=True)["BLOCK_KC"] == zoned, (hidden, batch)
+        assert p.constexprs(forward=True)["BLOCK_KC"] == persistent_ops.NARROW_FWD_CHUNK == 32
+        assert p.constexprs(zoneout=True) == p.constexprs()  # the backward keeps its own (ZONEOUT_KC)
+    for hidden in (1016, 760):
+        p = persistent_ops.persistent_plan(4, hidden, 16, 1, torch.bfloat16, *hopper)
+        backward = p.constexprs()
+        assert p.slice == 8 and (backward["BLOCK_HOUT"], backward["BLOCK_HTAIL"], backward["BLOCK_KC"]) == (1024, 0, 128), hidden
+        assert p.constexprs(forward=True, zoneout=True) == p.constexprs(forward=True)
+    a100 = persistent_ops.persistent_plan(4, 1016, 16, 1, torch.bfloat16, *ampere).constexprs()
+    assert a100["SLICE"] == 16 and "BLOCK_HOUT" not in a100 and a100["BLOCK_KC"] == persistent_ops.BWD_NARROW_CHUNK
 
 
 def test_a100_slice_that_fits_shared_memory_runs_per_step():

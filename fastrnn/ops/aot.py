@@ -35,7 +35,8 @@ How it works
   RNN and GRU at every size the plan gives them, one class per warp count (``persistent512-8w``); past
   :data:`PERSISTENT_GATE_HIDDEN`, the cells of :data:`PERSISTENT_GATE_CELLS` get one persistent class
   per hidden size (``persistent-H1024``; past :data:`PERSISTENT_NOPROJ_HIDDEN` also the full form without
-  projection, ``-full-noproj``) and the GPU matrix's rows by shape (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, the fused
+  projection, ``-full-noproj``, and at the largest one direction of it, ``-uni-noproj``) and the GPU
+  matrix's rows by shape (``lstm-bf16-persistent-barrier-L4``). Then IndRNN, the fused
   generation kernels at the corners of :func:`fastrnn.ops.feedback.compile_corners`, plain and
   full, and the zoneout forms (``*-zoneout-full``: LSTM and GRU at their largest resident class
   and at their largest persistent class in barrier mode; the GRU's bf16 also in eval, the LSTM's
@@ -258,15 +259,6 @@ PERSISTENT_GATE_HIDDEN = 256
 #: at the GPU matrix's persistent LSTM rows beyond it by shape (``bench/matrix.py``: L1 B16 H768,
 #: L4 B256 H1024, whose plans split the reduction and walk batch groups in sub-tiles).
 PERSISTENT_GATE_CELLS = {"lstm": {"L1": (768, 16), "L4": (1024, 256)}}
-#: The persistent LSTM class the zoneout gate compiles without projection, where not the largest.
-#: In 16-bit the persistent kernels' full form without projection (bidirectional, lengths, B20) spilled
-#: past H512 (issue #12: sm_90, Triton 3.9, no zoneout, forward/backward stack 384/16 B at H1016, 456/96 B
-#: at H760); planned in 16-row sub-tiles and chunks (``fastrnn.ops.persistent.NARROW_FWD_CHUNK``) the
-#: H1016 form compiles clean without zoneout (``-H1024-full-noproj``), but with zoneout its forward
-#: still keeps a stack frame (sm_90, H1016 B20, train: 255 registers and 40 B on Triton 3.9, 16 B on
-#: 3.6; the backward 200 / 255 registers, no stack), so
-#: this gate stays at H512 (H504: clean).
-ZONEOUT_NOPROJ_CLASS = {torch.bfloat16: "persistent-H512"}
 #: The LSTM's persistent classes past this hidden size also compile the ``full`` form without
 #: projection (``-full-noproj``: bidirectional, lengths, ``grad_clip``, the gradient-flow record, H
 #: not divisible by 16): the other full forms project (``K = P``, half the reduction), and this one
@@ -274,6 +266,10 @@ ZONEOUT_NOPROJ_CLASS = {torch.bfloat16: "persistent-H512"}
 #: B20, Triton 3.9; ``fastrnn.ops.persistent.NARROW_FWD_CHUNK``).
 PERSISTENT_NOPROJ_HIDDEN = 512
 FULL_NOPROJ = dict(bidirectional=True, lengths=True, grad_clip=1.0, record_flow=True)
+#: The largest persistent LSTM class also compiles that form in one direction (``-uni-noproj``, B16:
+#: 8-unit slices, ``H`` not divisible by 16; ``fastrnn.ops.persistent.NARROW_BWD_CHUNK``), whose
+#: backward spilled on sm_90 (issue #12: 255+24 B of stack on Triton 3.9, 255+48 on 3.6 at H1016).
+UNI_NOPROJ = dict(lengths=True, grad_clip=1.0, record_flow=True)
 #: Batch rows of each form: a multiple of 16, not one, and a single row (folded to 1).
 FORM_BATCH = {"plain": 16, "full": 20, "batch1": 1}
 
@@ -540,6 +536,10 @@ def workloads() -> dict[str, Callable[[], None]]:
                         out[f"{cell}-{_dtype_name(dtype)}-{size_class.replace('persistent', 'persistent-barrier', 1)}-full-noproj"] = _forced(
                             "FASTRNN_PERSISTENT_MODE", "barrier",
                             lambda c=cell, d=dtype, h=hidden - 8: layer_workload(c, d, h, FORM_BATCH["full"], **FULL_NOPROJ))
+                size_class, hidden = max(((n, h) for n, h in classes.items() if n.startswith("persistent")), key=lambda item: item[1])
+                out[f"{cell}-{_dtype_name(dtype)}-{size_class.replace('persistent', 'persistent-barrier', 1)}-uni-noproj"] = _forced(
+                    "FASTRNN_PERSISTENT_MODE", "barrier",
+                    lambda c=cell, d=dtype, h=hidden - 8: layer_workload(c, d, h, FORM_BATCH["plain"], **UNI_NOPROJ))
                 for row, (hidden, batch) in PERSISTENT_GATE_CELLS[cell].items():
                     out[f"{cell}-{_dtype_name(dtype)}-persistent-barrier-{row}"] = _forced(
                         "FASTRNN_PERSISTENT_MODE", "barrier", lambda c=cell, d=dtype, h=hidden, b=batch: layer_workload(c, d, h, b))
@@ -607,13 +607,13 @@ def workloads() -> dict[str, Callable[[], None]]:
                 "FASTRNN_PERSISTENT_MODE", "barrier",
                 lambda d=dtype, h=hidden - 8: zoneout_workload("gru", d, h, FORM_BATCH["full"], train=False))
     # and on the LSTM's persistent kernels, barrier form: projecting at their largest class (bf16 in eval too:
-    # its forward takes 255 registers, the mask's 254); without projection at the largest class whose
-    # full form compiles clean without zoneout (ZONEOUT_NOPROJ_CLASS)
+    # its forward takes 255 registers, the mask's 254), and without projection (bf16: the forward's chunks
+    # with zoneout, fastrnn.ops.persistent.NARROW_ZONEOUT_FWD_CHUNK)
     for dtype in (torch.bfloat16, torch.float32):
         classes = {name: h for name, h in size_classes("lstm", dtype).items() if name.startswith("persistent")}
         largest = max(classes, key=classes.get)
         forms = [(largest, "", True, True)] + [(largest, "-eval", True, False)] * (dtype != torch.float32)
-        forms.append((ZONEOUT_NOPROJ_CLASS.get(dtype, largest), "-noproj", False, True))
+        forms.append((largest, "-noproj", False, True))
         for size_class, suffix, projecting, train in forms:
             barrier = size_class.replace("persistent", "persistent-barrier", 1)
             out[f"lstm-{_dtype_name(dtype)}-{barrier}-zoneout{suffix}-full"] = _forced(

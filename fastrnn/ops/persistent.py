@@ -223,8 +223,11 @@ BWD_NARROW_CHUNK = 256
 #: (``fwd_head``: H760's 512 + 256 read as 1024; the padded chunks are masked), and on a card with
 #: :data:`BWD_WIDE_SHARED_BYTES` the backward forms its partial of ``dh`` in chunks of
 #: :data:`NARROW_BWD_CHUNK` (an A100's backward as it was: 16-row sub-tiles, :data:`BWD_NARROW_CHUNK`).
-#: With 8-unit slices (one direction, 32 weight rows) only the forward changes, and takes the whole
-#: register budget (``fwd_maxnreg``: without it Triton 3.6 stops at 128 registers and 24 B of stack).
+#: With 8-unit slices (one direction, 32 weight rows) the forward takes the whole register budget
+#: (``fwd_maxnreg``: without it Triton 3.6 stops at 128 registers and 24 B of stack), and on a card
+#: with :data:`BWD_WIDE_SHARED_BYTES` the backward too reads ``h`` as one part padded to ``BLOCK_K``
+#: (``bwd_head``; 1016's 512 + 512 is 1024 either way) with its partial in chunks of
+#: :data:`NARROW_BWD_CHUNK` (an A100's as it was).
 #: The weights stay on chip (shared memory). Measured (ahead-of-time compiles, sm_90, bf16, lengths,
 #: ``grad_clip``, the gradient-flow record, bidirectional unless said; forward / backward registers,
 #: ``+N`` bytes of stack; Triton 3.9, then 3.6), before -> with it:
@@ -236,8 +239,13 @@ BWD_NARROW_CHUNK = 256
 #: * H760 B20: 3.9 255+456 / 255+96 -> 247 / 254; 3.6 -> 243 / 252 (in two parts forward: 255+48 /
 #:   255+16). H760 B16: 3.9 255+168 / 188 -> 221 / 190; 3.6 -> 242 / 246.
 #: * One direction, H1016 B16 (8-unit slices): forward 3.9 255+208 (with lengths 255+64) -> 255, no
-#:   stack, on both; its backward unchanged (3.9 254, with lengths and ``grad_clip`` 255+24; 3.6
-#:   255+48: chunks of 64 / 128 / 256 gave 3.6 144 / 56 / 64 B, so it keeps the whole product).
+#:   stack, on both; its backward with lengths and ``grad_clip`` (and the flow record) 3.9 255+24
+#:   -> 160 (170), 3.6 255+48 -> 235 (229), no stack (the compile gate's ``-H1024-uni-noproj``). In
+#:   two parts: whole 255+24 / 255+48 (3.9 / 3.6), chunks of 32 255+392 / 255+480, of 256 250 /
+#:   255+32 (3.6 earlier: of 64 / 128 144 / 56 B); one padded part: whole 255+24 / 255+88, chunks of
+#:   256 234 / 255+8.
+#:   H760 B16 (two parts 512 + 256: 191 / 254, clean) -> 160 / 235; fp16 H1016 B16 -> 170 / 246.
+#:   At B20 (16-unit slices) clean as planned before (187 / 255).
 #:
 #: On an A100 (sm_80, 3.9) no worse: H760 B20 forward 255+120 -> 128+8 (135,168 B of shared memory), B16
 #: 255+64 -> 127, no stack; at H1016 bidirectional its 108 SMs give 32-unit slices of 256 KB whose
@@ -248,6 +256,19 @@ BWD_NARROW_CHUNK = 256
 #: 3.9 but 16-24 B on 3.6 at B20, of 32 3,424 B on 3.6.
 NARROW_FWD_CHUNK = 32
 NARROW_BWD_CHUNK = 128
+#: The forward's chunk of ``h`` with zoneout (``ZONEOUT`` 1 or 2) where :data:`NARROW_FWD_CHUNK`
+#: applies to a bidirectional layer of 16-unit slices (64 weight rows; ``fwd_zoneout_chunk``): the
+#: zoned ``c`` and ``h`` of the slice (the mask, ``h_{t-1}``'s own units) kept a stack frame with
+#: chunks of 32 (issue #12). Measured (ahead-of-time compiles, sm_90, bf16, bidirectional, lengths,
+#: ``grad_clip``, the gradient-flow record, training mask; forward registers ``+N`` bytes of stack,
+#: Triton 3.9 / 3.6): H1016 B20 (two sub-tiles) chunks of 32 255+40 / 255+16, of 64 254 / 250, of
+#: 16 255+136 / 255+16; H760 B20 (the same binary: ``h`` as one padded part) likewise; H1016 B16 (one
+#: sub-tile) clean with 32 or 64 (3.9 222 / 255, 3.6 255 / 255), so it keeps 32. Eval (``ZONEOUT`` 2,
+#: the scalar ``p``) at H1016 B20: 32 255+40 / 255+16, 64 255 / 250. The compile gate's
+#: ``-H1024-zoneout-noproj-full``. Without zoneout the forward keeps :data:`NARROW_FWD_CHUNK` (its
+#: binaries unchanged); with 8-unit slices (one direction) zoneout keeps it too: H1016 B16 (no
+#: lengths) forward 255 / 255, backward (``bwd_head``, chunks of 128) 155 / 249, no stack.
+NARROW_ZONEOUT_FWD_CHUNK = 64
 #: The projecting LSTM's 16-bit backward's likewise, on the same cards: its partial of ``dh_{t-1}``
 #: (``P`` wide) formed in chunks of this many units of the head part wherever that part is wider.
 #: Measured at the A100 plans (sm_80, bf16, bidirectional, lengths, every option; stack bytes on
@@ -326,6 +347,11 @@ class PersistentPlan:
     # chunks of fwd_chunk, instead of the two parts of reduction_split (0: as reduction_split parts
     # it); the backward keeps the split. See :data:`NARROW_FWD_CHUNK`.
     fwd_head: int = 0
+    # The forward's BLOCK_KC with zoneout (0: fwd_chunk): :data:`NARROW_ZONEOUT_FWD_CHUNK`
+    fwd_zoneout_chunk: int = 0
+    # The backward's BLOCK_HOUT where it reads h as one padded part (BLOCK_HTAIL 0), as fwd_head
+    # (0: the parts of reduction_split). See :data:`NARROW_BWD_CHUNK`.
+    bwd_head: int = 0
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -360,14 +386,15 @@ class PersistentPlan:
         """Sub-tiles the backward walks its group in: ``group_rows / bwd_block_b``."""
         return self.group_rows // (self.bwd_block_b or self.block_b)
 
-    def constexprs(self, forward: bool = False) -> dict:
+    def constexprs(self, forward: bool = False, zoneout: bool = False) -> dict:
         """The plan's constexprs of the cell's backward kernel, or (``forward``) of its forward
-        kernel: the walking cells' kernels take their own ``BLOCK_B``, ``GROUP_TILES``, ``BLOCK_KC``."""
+        kernel: the walking cells' kernels take their own ``BLOCK_B``, ``GROUP_TILES``, ``BLOCK_KC``
+        (the forward's with ``zoneout``: ``fwd_zoneout_chunk`` where set)."""
         block_b, walk = self.block_b, {}
         if self.gates in WALKING_GATES:
             if forward:
                 block_b = self.fwd_block_b or self.block_b
-                walk = dict(GROUP_TILES=self.fwd_tiles, BLOCK_KC=self.fwd_chunk)
+                walk = dict(GROUP_TILES=self.fwd_tiles, BLOCK_KC=(zoneout and self.fwd_zoneout_chunk) or self.fwd_chunk)
                 if self.fwd_maxnreg:
                     walk["maxnreg"] = self.fwd_maxnreg
                 if self.fwd_head:
@@ -375,6 +402,8 @@ class PersistentPlan:
             else:
                 block_b = self.bwd_block_b or self.block_b
                 walk = dict(GROUP_TILES=self.bwd_tiles, BLOCK_KC=self.bwd_chunk)
+                if self.bwd_head:
+                    walk |= dict(BLOCK_HOUT=self.bwd_head, BLOCK_HTAIL=0)
         return dict(SLICE=self.slice, BLOCK_S=self.block_s, BLOCK_K=self.block_k, BLOCK_B=block_b,
                     BLOCK_FLAGS=self.block_flags, num_warps=self.num_warps, **walk)
 
@@ -583,7 +612,7 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
     weight_bytes = gates * gate_units * block_k * (4 if dtype == torch.float32 else 2)
     num_warps = 8 if dtype == torch.float32 or weight_bytes > 16 * 1024 else 4
     wide = [0, 0, 0, 0, 0]  # fwd_block_b, fwd_chunk, bwd_block_b, bwd_chunk, fwd_maxnreg
-    fwd_head = 0
+    fwd_head = fwd_zoneout_chunk = bwd_head = 0
     narrow_card = shared < BWD_WIDE_SHARED_BYTES
     if gates in WALKING_GATES and not projecting:
         head = reduction_split(hidden, rows)[0]
@@ -602,13 +631,17 @@ def persistent_plan(gates: int, hidden: int, batch: int, directions: int, dtype:
                 fwd_head = block_k
             if rows <= 32:  # an 8-unit slice (one direction): the forward's chunks with the whole register budget
                 wide[:2], wide[4] = [0, min(NARROW_FWD_CHUNK, fwd_head or head)], REGISTER_BUDGET
+                if not narrow_card:  # and the backward's h as one padded part in chunks (an A100's as it was)
+                    bwd_head, wide[3] = block_k, min(NARROW_BWD_CHUNK, block_k)
             else:
                 # an A100's backward as it was (16-row sub-tiles, BWD_NARROW_CHUNK)
                 wide = [0, min(NARROW_FWD_CHUNK, head), 0, wide[3] if narrow_card else min(NARROW_BWD_CHUNK, head), wide[4]]
+                if group_tiles > 1:  # with zoneout, several sub-tiles: NARROW_ZONEOUT_FWD_CHUNK
+                    fwd_zoneout_chunk = min(NARROW_ZONEOUT_FWD_CHUNK, fwd_head or head)
     elif gates in WALKING_GATES and proj and narrow_card and dtype != torch.float32:
         if reduction_split(proj, rows)[0] > PROJECTING_BWD_NARROW_CHUNK:  # the partial of dh_{t-1} in chunks
             wide[3] = PROJECTING_BWD_NARROW_CHUNK
-    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide, fwd_head)
+    return PersistentPlan(size, block_s, block_k, block_b, slices, groups, directions, gates, num_warps, group_tiles, *wide, fwd_head, fwd_zoneout_chunk, bwd_head)
 
 
 def launch_plan(gates: int, H: int, B: int, D: int, dtype: torch.dtype, device, proj: int = 0) -> PersistentPlan:
@@ -701,7 +734,7 @@ def launch(
 
     on_gpu = torch.device(device).type == "cuda" and not backend.triton_interpreting()
     max_spins = MAX_SPINS["gpu" if on_gpu else "interpreter"]
-    meta = dict(meta, **plan.constexprs(forward), FAULT=FAULT)
+    meta = dict(meta, **plan.constexprs(forward, zoneout=bool(meta.get("ZONEOUT", 0))), FAULT=FAULT)
 
     asked = mode()
     run_barrier = asked == "barrier" or (asked == "auto" and on_gpu)
