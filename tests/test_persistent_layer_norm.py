@@ -45,6 +45,12 @@ PERSISTENT_CASES = {
     "packed-zoneout-clip": ("lstm", dict(zoneout=0.3, grad_clip=0.05), True, True, 3, 32),  # the mutation check's: 4 programs
     # 19 rows: groups of 16 and 3 (sorted lengths 5 5 5 5 5 4 4 4 4 4 3 3 3 2 2 2 | 2 2 1), 3 slices (8 8 4)
     "packed-zoneout-two-groups-narrow-slice": ("lstm", dict(zoneout=0.3), True, True, 19, 20),
+    # the persistent LayerNormGRU's (its section below): 3 programs per direction, the last 4 units wide (the moments' counts differ per program)
+    "gru-bidir-packed-zoneout-clip-narrow-slice": ("gru", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 20),
+    "gru-eval-zoneout-two-groups": ("gru", dict(zoneout=0.25), False, False, 17, 20),
+    # barrier mode: 4 programs x 2 batch groups
+    "gru-packed-zoneout-two-groups": ("gru", dict(zoneout=0.3), True, True, 17, 32),
+    "gru-packed-zoneout-clip": ("gru", dict(zoneout=0.3, grad_clip=0.05), True, True, 3, 32),  # the mutation check's: 4 programs
 }
 
 
@@ -120,13 +126,16 @@ def test_barrier_two_batch_groups_match_float64_equations(persistent_case, monke
 
 
 @interpreted
-def test_missing_moments_wait_is_caught(persistent_case, monkeypatch):
-    """The kernels without their waits before combining the norms' statistics (the waits for
-    ``h_{t-1}`` and for the partials of ``dh`` kept) give wrong numbers under the harness in one of
-    up to FAULT_RUNS runs. Measured (one direction, 4 programs, the fault harness setting): caught
-    in the first run 3 of 3 times, as are sync's no-wait, off-by-one and arrive-early faults; the
-    correct kernels passed 4 of 4 runs at that setting (5 of 5 bidirectional)."""
-    name = persistent_case("packed-zoneout-clip", "barrier")
+@pytest.mark.parametrize("case", ["packed-zoneout-clip", "gru-packed-zoneout-clip"], ids=["lstm", "gru"])
+def test_missing_moments_wait_is_caught(persistent_case, monkeypatch, case):
+    """The kernels without their waits before combining the norms' statistics
+    (``FAULT_NO_STATS_WAIT``; the waits for ``h_{t-1}`` and for the partials of ``dh`` / ``d_r``
+    kept) give wrong numbers under the harness in one of up to FAULT_RUNS runs. Measured (one
+    direction, 4 programs, the fault harness setting): the LayerNormLSTM's caught in the first run
+    3 of 3 times, as are sync's no-wait, off-by-one and arrive-early faults, the correct kernels
+    passing 4 of 4 runs at that setting (5 of 5 bidirectional); the LayerNormGRU's caught in the
+    first run, as are sync's three faults, the correct kernels passing 4 of 4 runs."""
+    name = persistent_case(case, "barrier")
     if unsupported_reason():
         pytest.skip(unsupported_reason())
     monkeypatch.setattr(persistent, "FAULT", int(kernels.FAULT_NO_STATS_WAIT))
@@ -207,22 +216,25 @@ def ordering_ops():
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("kernel", ["layer_norm_lstm_fwd", "layer_norm_lstm_bwd"])
-def test_ptx_orders_the_exchanges(ordering_ops, kernel):
-    """sm_90 PTX of the GPU row's kernels (bf16, barrier mode): acquire reads in the waits, release
-    atomics at the arrives (one per round), no volatile spin. (Per step the barrier is compiled out
-    by the constexpr ``BARRIER``, as in the plain cells' kernels, whose PTX test checks that form.)"""
+@pytest.mark.parametrize(("kernel", "rounds"), [("layer_norm_lstm_fwd", 3), ("layer_norm_lstm_bwd", 3),
+                                               ("layer_norm_gru_fwd", 2), ("layer_norm_gru_bwd", 2)])
+def test_ptx_orders_the_exchanges(ordering_ops, kernel, rounds):
+    """sm_90 PTX of the LayerNormLSTM GPU row's kernels and the LayerNormGRU's at the compile gate's
+    plan (bf16, barrier mode): acquire reads in the waits, release atomics at the arrives (one per
+    exchange round: 3 LSTM, 2 GRU), no volatile spin. (Per step the barrier is compiled out by the
+    constexpr ``BARRIER``, as in the plain cells' kernels, whose PTX test checks that form.)"""
     ops = ordering_ops[f"{kernel}_persistent_kernel"]
     assert any(".acquire" in op and ("atom." in op or "ld." in op or "fence." in op) for op in ops), ops
-    assert sum(".release" in op and ("atom." in op or "red." in op) for op in ops) >= 3, ops
+    assert sum(".release" in op and ("atom." in op or "red." in op) for op in ops) >= rounds, ops
     assert not any("volatile" in op for op in ops), ops
 
 
 # ---------------------------------------------------------------------------------- CUDA
 def cuda_against_float64(module, batch, steps, bidirectional, device="cuda"):
-    """Outputs, final states and every gradient of ``module`` (on ``device``) against a float64 copy of it
-    on the reference path (CPU): relative error (norm of the difference over the norm) per tensor.
-    Unsorted packed lengths, zoneout in eval (no mask to draw: the same on both devices)."""
+    """Outputs, final states and every gradient of ``module`` (a LayerNormLSTM, or a LayerNormGRU:
+    state ``h`` alone; on ``device``) against a float64 copy of it on the reference path (CPU):
+    relative error (norm of the difference over the norm) per tensor. Unsorted packed lengths,
+    zoneout in eval (no mask to draw: the same on both devices)."""
     import copy
 
     from torch.nn.utils.rnn import pack_sequence
@@ -233,18 +245,20 @@ def cuda_against_float64(module, batch, steps, bidirectional, device="cuda"):
     D = 2 if bidirectional else 1
     lengths = [steps, 1] + [int(n) for n in torch.randint(1, steps + 1, (batch - 2,))]
     xs = [torch.randn(n, module.input_size) for n in lengths]
-    h0, c0 = torch.randn(D, batch, module.hidden_size), torch.randn(D, batch, module.hidden_size)
+    lstm = isinstance(module, fastrnn.LayerNormLSTM)
+    initial = [torch.randn(D, batch, module.hidden_size) for _ in range(2 if lstm else 1)]  # h0 (, c0)
     results = {}
     for path, m, device, dtype in (("triton", module, device, module.weight_hh_l0.dtype),
                                    ("reference", copy.deepcopy(module).cpu().double(), "cpu", torch.float64)):
         x = pack_sequence([v.to(device, dtype) for v in xs], enforce_sorted=False)
-        state = [v.to(device, dtype, copy=True).requires_grad_() for v in (h0, c0)]
+        state = [v.to(device, dtype, copy=True).requires_grad_() for v in initial]
         m.zero_grad()
         with fastrnn.use_backend(path):
-            y, (h_n, c_n) = m(x, tuple(state))
+            y, final = m(x, tuple(state) if lstm else state[0])
+            final = final if lstm else (final,)
             weights = torch.linspace(-1, 1, y.data.numel(), device=device, dtype=dtype).view_as(y.data)
-            ((y.data * weights).sum() + h_n.square().sum() + c_n.sum()).backward()
-        results[path] = dict(y=y.data, h_n=h_n, c_n=c_n, dh0=state[0].grad, dc0=state[1].grad,
+            ((y.data * weights).sum() + final[0].square().sum() + sum(c.sum() for c in final[1:])).backward()
+        results[path] = dict(y=y.data, **dict(zip(("h_n", "c_n"), final)), **dict(zip(("dh0", "dc0"), (v.grad for v in state))),
                              **{f"d{n}": p.grad for n, p in m.named_parameters()})
     missing = [f"{path} {k}" for path, r in results.items() for k, v in r.items() if v is None]
     assert not missing, missing
@@ -253,12 +267,14 @@ def cuda_against_float64(module, batch, steps, bidirectional, device="cuda"):
 
 
 @on_cuda
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize(("mode", "dtype"), [("barrier", torch.float32), ("per_step", torch.bfloat16)],
                          ids=["barrier-fp32", "per_step-bf16"])
-def test_cuda_matches_float64(mode, dtype, monkeypatch):
-    """4 programs per direction (H 32, 8 units each), bidirectional, forced. Two of the four
-    (mode, dtype) pairs: each is two compiles on the GPU (bench/gpu_check.sh's tests share 120 s);
-    the GPU row's test adds bf16 in barrier mode."""
+def test_cuda_matches_float64(mode, dtype, cell, monkeypatch):
+    """The persistent LayerNormLSTM / LayerNormGRU kernels on CUDA, forced: 4 programs per direction
+    (H 32, 8 units each), bidirectional, zoneout in eval, ``grad_clip``, unsorted packed lengths.
+    Two of the four (mode, dtype) pairs: each is two compiles on the GPU (bench/gpu_check.sh's tests
+    share 120 s); the own-plan test adds bf16 in barrier mode."""
     import fastrnn
     from fastrnn.ops.recurrence import LAUNCHES
 
@@ -266,27 +282,32 @@ def test_cuda_matches_float64(mode, dtype, monkeypatch):
     monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(SLICE))
     monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
     torch.manual_seed(0)
-    module = fastrnn.LayerNormLSTM(6, 32, bidirectional=True, zoneout=0.25, grad_clip=0.5).eval().to("cuda", dtype)
+    layer = {"lstm": fastrnn.LayerNormLSTM, "gru": fastrnn.LayerNormGRU}[cell]
+    module = layer(6, 32, bidirectional=True, zoneout=0.25, grad_clip=0.5).eval().to("cuda", dtype)
     before = dict(LAUNCHES)
     errors = cuda_against_float64(module, 5, 7, True)
-    assert LAUNCHES.get("layer_norm_lstm_bwd_persistent", 0) > before.get("layer_norm_lstm_bwd_persistent", 0)
+    for way in ("fwd", "bwd"):
+        key = f"layer_norm_{cell}_{way}_persistent"
+        assert LAUNCHES.get(key, 0) > before.get(key, 0), (key, LAUNCHES)
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     assert max(errors.values()) < tolerance, errors
 
 
 @on_cuda
-def test_cuda_gpu_row_plan_matches_float64():
-    """The GPU row's shape (LayerNormLSTM H256 B64 bf16, a few steps) on its own plan: 32 slices of
-    8 units x 4 batch groups, barrier mode where the card fits it (a cooperative launch)."""
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_own_plan_matches_float64(cell):
+    """The LayerNormLSTM GPU row's shape (H256 B64 bf16, a few steps; the LayerNormGRU's compile-gate
+    shape is the same) on its own plan: 32 slices of 8 units x 4 batch groups on an H100/H200,
+    barrier mode where the card fits it (a cooperative launch)."""
     import fastrnn
     from fastrnn.ops.recurrence import LAUNCHES
 
     torch.manual_seed(0)
-    module = fastrnn.LayerNormLSTM(16, 256).to("cuda", torch.bfloat16)
+    module = {"lstm": fastrnn.LayerNormLSTM, "gru": fastrnn.LayerNormGRU}[cell](16, 256).to("cuda", torch.bfloat16)
     before = dict(LAUNCHES)
     errors = cuda_against_float64(module, 64, 6, False)
     for way in ("fwd", "bwd"):
-        key = f"layer_norm_lstm_{way}_persistent"
+        key = f"layer_norm_{cell}_{way}_persistent"
         assert LAUNCHES.get(key, 0) == before.get(key, 0) + 1, (key, LAUNCHES)
     assert max(errors.values()) < 5e-2, errors
 
@@ -294,42 +315,21 @@ def test_cuda_gpu_row_plan_matches_float64():
 # ------------------------------------------------------------------ the persistent LayerNormGRU
 #: The persistent LayerNormGRU kernels (``layer_norm_gru_{fwd,bwd}_persistent_kernel``, two exchange
 #: rounds per step each way: forward the recurrent norm's moments, then ``h``; backward the norm's
-#: means, then ``d_r``), against the same float64 equations: outputs, final state, every gradient.
-#: id -> run_case's (cell, options, training, packed, batch, hidden)
-GRU_PERSISTENT_CASES = {
-    # 3 programs per direction, the last 4 units wide (the moments' counts differ per program)
-    "gru-bidir-packed-zoneout-clip-narrow-slice": ("gru", dict(bidirectional=True, zoneout=0.3, grad_clip=0.05), True, True, 3, 20),
-    "gru-eval-zoneout-two-groups": ("gru", dict(zoneout=0.25), False, False, 17, 20),
-    # barrier mode: 4 programs x 2 batch groups
-    "gru-packed-zoneout-two-groups": ("gru", dict(zoneout=0.3), True, True, 17, 32),
-    "gru-packed-zoneout-clip": ("gru", dict(zoneout=0.3, grad_clip=0.05), True, True, 3, 32),  # the mutation check's: 4 programs
-}
+#: means, then ``d_r``), against the same float64 equations: outputs, final state, every gradient
+#: (their cases: ``gru-*`` of :data:`PERSISTENT_CASES`).
 GRU_COUNTS = {"layer_norm_gru_fwd_persistent": 1, "layer_norm_gru_bwd_persistent": 1}
-
-
-@pytest.fixture
-def gru_persistent_case(monkeypatch):
-    """:func:`persistent_case` for :data:`GRU_PERSISTENT_CASES`."""
-    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
-    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(SLICE))
-
-    def setup(name, mode):
-        monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
-        monkeypatch.setitem(CASES, name, GRU_PERSISTENT_CASES[name])
-        return name
-    return setup
 
 
 @interpreted
 @pytest.mark.parametrize(("name", "dtype"), [("gru-bidir-packed-zoneout-clip-narrow-slice", torch.bfloat16),
                                              ("gru-eval-zoneout-two-groups", torch.float32)], ids=["bf16", "fp32"])
-def test_gru_per_step_matches_float64_equations(gru_persistent_case, name, dtype):
+def test_gru_per_step_matches_float64_equations(persistent_case, name, dtype):
     """Bidirectional with unsorted lengths, zoneout in training and ``grad_clip`` in bf16 (the
     16-bit form: products split over ``k``, ``SPLIT_K``; tolerances as
     ``tests/test_layer_norm_kernels.py``'s bf16 cases); zoneout in eval with two batch groups in fp32."""
     from tests.test_layer_norm_kernels import TOLERANCE
 
-    names, actual, expected, counts, _ = run_case(gru_persistent_case(name, "per_step"), dtype)
+    names, actual, expected, counts, _ = run_case(persistent_case(name, "per_step"), dtype)
     assert counts == GRU_COUNTS
     if dtype == torch.float32:
         check(names, actual, expected)
@@ -342,29 +342,13 @@ def test_gru_per_step_matches_float64_equations(gru_persistent_case, name, dtype
 
 
 @interpreted
-def test_gru_barrier_matches_float64_equations(gru_persistent_case):
-    name = gru_persistent_case("gru-packed-zoneout-two-groups", "barrier")
+def test_gru_barrier_matches_float64_equations(persistent_case):
+    name = persistent_case("gru-packed-zoneout-two-groups", "barrier")
     assert persistent.persistent_plan(3, 32, 17, 1, torch.float32).grid == (4, 2, 1)
     with harness("barrier", seed=3):
         names, actual, expected, counts, _ = run_case(name, torch.float32)
     assert counts == GRU_COUNTS
     check(names, actual, expected)
-
-
-@interpreted
-def test_gru_missing_moments_wait_is_caught(gru_persistent_case, monkeypatch):
-    """The persistent LayerNormGRU kernels without their waits before combining the norm's
-    statistics (``FAULT_NO_STATS_WAIT``; the waits for ``h_{t-1}`` and ``d_r`` kept) give wrong
-    numbers under the harness in one of up to FAULT_RUNS runs. Measured (4 programs, the fault
-    harness setting): caught in the first run, as are sync's no-wait, off-by-one and arrive-early
-    faults; the correct kernels passed 4 of 4 runs at that setting."""
-    name = gru_persistent_case("gru-packed-zoneout-clip", "barrier")
-    if unsupported_reason():
-        pytest.skip(unsupported_reason())
-    monkeypatch.setattr(persistent, "FAULT", int(kernels.FAULT_NO_STATS_WAIT))
-    caught = first_run_caught(lambda: run_case(name, torch.float32)[:3], lambda result: check(*result),
-                              FAULT_RUNS, FAULT_CHAOS, FAULT_JITTER_S)
-    assert caught, f"the missing moments wait went unnoticed in {FAULT_RUNS} runs"
 
 
 @interpreted
@@ -381,91 +365,11 @@ def test_gru_16bit_plans_the_persistent_kernels_by_itself():
     assert "persistent" not in narrower and "re-read per step in tiles" in narrower, narrower
 
 
-@pytest.mark.parametrize("kernel", ["layer_norm_gru_fwd", "layer_norm_gru_bwd"])
-def test_gru_ptx_orders_the_exchanges(ordering_ops, kernel):
-    """sm_90 PTX of the persistent LayerNormGRU kernels (bf16, barrier mode, the compile gate's
-    plan): acquire reads in the waits, a release atomic at each of the two arrives, no volatile spin."""
-    ops = ordering_ops[f"{kernel}_persistent_kernel"]
-    assert any(".acquire" in op and ("atom." in op or "ld." in op or "fence." in op) for op in ops), ops
-    assert sum(".release" in op and ("atom." in op or "red." in op) for op in ops) >= 2, ops
-    assert not any("volatile" in op for op in ops), ops
-
-
 @interpreted
-def test_gru_gradient_flow_record_matches_the_loop(gru_persistent_case):
+def test_gru_gradient_flow_record_matches_the_loop(persistent_case):
     """The persistent LayerNormGRU backward's per-program shares of ``||dL/dh_t||^2``, summed on the
     host, against the reference loop's record (3 programs, the last narrower)."""
     import fastrnn
 
-    gru_persistent_case("gru-bidir-packed-zoneout-clip-narrow-slice", "per_step")
+    persistent_case("gru-bidir-packed-zoneout-clip-narrow-slice", "per_step")
     flow_record_matches_the_loop(fastrnn.LayerNormGRU)
-
-
-def gru_cuda_against_float64(module, batch, steps, bidirectional, device="cuda"):
-    """:func:`cuda_against_float64` for a LayerNormGRU (state ``h`` alone): relative error per tensor."""
-    import copy
-
-    from torch.nn.utils.rnn import pack_sequence
-
-    import fastrnn
-
-    torch.manual_seed(1)
-    D = 2 if bidirectional else 1
-    lengths = [steps, 1] + [int(n) for n in torch.randint(1, steps + 1, (batch - 2,))]
-    xs = [torch.randn(n, module.input_size) for n in lengths]
-    h0 = torch.randn(D, batch, module.hidden_size)
-    results = {}
-    for path, m, device, dtype in (("triton", module, device, module.weight_hh_l0.dtype),
-                                   ("reference", copy.deepcopy(module).cpu().double(), "cpu", torch.float64)):
-        x = pack_sequence([v.to(device, dtype) for v in xs], enforce_sorted=False)
-        state = h0.to(device, dtype, copy=True).requires_grad_()
-        m.zero_grad()
-        with fastrnn.use_backend(path):
-            y, h_n = m(x, state)
-            weights = torch.linspace(-1, 1, y.data.numel(), device=device, dtype=dtype).view_as(y.data)
-            ((y.data * weights).sum() + h_n.square().sum()).backward()
-        results[path] = dict(y=y.data, h_n=h_n, dh0=state.grad, **{f"d{n}": p.grad for n, p in m.named_parameters()})
-    missing = [f"{path} {k}" for path, r in results.items() for k, v in r.items() if v is None]
-    assert not missing, missing
-    return {k: ((v.double().cpu() - results["reference"][k]).norm() / results["reference"][k].norm()).item()
-            for k, v in results["triton"].items()}
-
-
-@on_cuda
-@pytest.mark.parametrize(("mode", "dtype"), [("barrier", torch.float32), ("per_step", torch.bfloat16)],
-                         ids=["barrier-fp32", "per_step-bf16"])
-def test_gru_cuda_matches_float64(mode, dtype, monkeypatch):
-    """The persistent LayerNormGRU kernels on CUDA, forced: 4 programs per direction (H 32, 8 units
-    each), bidirectional, zoneout in eval, ``grad_clip``, unsorted packed lengths."""
-    import fastrnn
-    from fastrnn.ops.recurrence import LAUNCHES
-
-    monkeypatch.setenv("FASTRNN_STRATEGY", "persistent")
-    monkeypatch.setenv("FASTRNN_PERSISTENT_SLICE", str(SLICE))
-    monkeypatch.setenv("FASTRNN_PERSISTENT_MODE", mode)
-    torch.manual_seed(0)
-    module = fastrnn.LayerNormGRU(6, 32, bidirectional=True, zoneout=0.25, grad_clip=0.5).eval().to("cuda", dtype)
-    before = dict(LAUNCHES)
-    errors = gru_cuda_against_float64(module, 5, 7, True)
-    for way in ("fwd", "bwd"):
-        key = f"layer_norm_gru_{way}_persistent"
-        assert LAUNCHES.get(key, 0) > before.get(key, 0), (key, LAUNCHES)
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    assert max(errors.values()) < tolerance, errors
-
-
-@on_cuda
-def test_gru_cuda_own_plan_matches_float64():
-    """The compile gate's shape (LayerNormGRU H256 B64 bf16, a few steps) on its own plan: 32 slices
-    of 8 units x 4 batch groups on an H100/H200, barrier mode where the card fits it."""
-    import fastrnn
-    from fastrnn.ops.recurrence import LAUNCHES
-
-    torch.manual_seed(0)
-    module = fastrnn.LayerNormGRU(16, 256).to("cuda", torch.bfloat16)
-    before = dict(LAUNCHES)
-    errors = gru_cuda_against_float64(module, 64, 6, False)
-    for way in ("fwd", "bwd"):
-        key = f"layer_norm_gru_{way}_persistent"
-        assert LAUNCHES.get(key, 0) == before.get(key, 0) + 1, (key, LAUNCHES)
-    assert max(errors.values()) < 5e-2, errors
