@@ -27,7 +27,7 @@ from fastrnn.backend import triton_interpreting
 from fastrnn.kernels import layer_norm_rnn as kernels
 from fastrnn.ops import persistent
 from tests.conftest import assert_close
-from tests.test_layer_norm_kernels import CASES, run_case
+from tests.test_layer_norm_kernels import CASES, flow_record_matches_the_loop, run_case
 from tests.test_persistent import FAULT_CHAOS, FAULT_JITTER_S, FAULT_RUNS, harness
 
 ON_CUDA = torch.cuda.is_available()
@@ -161,25 +161,7 @@ def test_gradient_flow_record_matches_the_loop(persistent_case):
     import fastrnn
 
     persistent_case("bidir-packed-zoneout-clip", "per_step")
-    flow_record_matches_the_loop(fastrnn.LayerNormLSTM)
-
-
-def flow_record_matches_the_loop(cell) -> None:
-    """``cell(3, 20)``'s gradient-flow record on the kernels (as the calling test's fixture forces
-    them) against the reference loop's, one backward from the last step."""
-    import fastrnn
-
-    torch.manual_seed(0)
-    module = cell(3, 20)
-    x = torch.randn(4, 2, 3)
-    norms = {}
-    for path in ("reference", "triton"):
-        with fastrnn.use_backend(path), fastrnn.record_gradient_flow() as flow:
-            y, _ = module(x)
-            y[-1].sum().backward()
-        norms[path] = flow.norms()
-    assert (norms["triton"][0] > 0).all()
-    assert_close(norms["triton"], norms["reference"], atol=1e-5, rtol=1e-5)
+    flow_record_matches_the_loop(lambda: fastrnn.LayerNormLSTM(3, 20))
 
 
 # ---------------------------------------------------------------------------------- PTX
@@ -372,4 +354,4 @@ def test_gru_gradient_flow_record_matches_the_loop(persistent_case):
     import fastrnn
 
     persistent_case("gru-bidir-packed-zoneout-clip-narrow-slice", "per_step")
-    flow_record_matches_the_loop(fastrnn.LayerNormGRU)
+    flow_record_matches_the_loop(lambda: fastrnn.LayerNormGRU(3, 20))
